@@ -1,0 +1,1 @@
+"""Fast paths for the BoxCaseg losses: Triton kernels, a fused torch path, one dispatcher."""
