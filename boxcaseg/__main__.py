@@ -1,0 +1,5 @@
+"""``python -m boxcaseg`` (and ``torchrun ... -m boxcaseg``): the CLI."""
+
+from boxcaseg.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""CLI commands. Each module exposes ``register(app)``; heavy imports stay inside the commands."""

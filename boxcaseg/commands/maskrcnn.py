@@ -1,0 +1,9 @@
+"""`boxcaseg maskrcnn` (not yet implemented)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's command(s) to the main app."""

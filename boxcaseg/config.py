@@ -1,0 +1,197 @@
+"""TOML configs mapped onto dataclasses, with ``${ENV}`` expansion and dotted overrides.
+
+A config file has one table per section (``[model]``, ``[data]``, ``[train]``); any
+field can be overridden as ``section.field=value`` (the value parsed as TOML, falling
+back to a plain string). ``${NAME}`` in string values expands from the environment;
+``${BOXCASEG_DATA}`` defaults to ``../shared/data`` relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from boxcaseg.errors import BoxcasegError
+
+T = TypeVar("T")
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def default_data_root() -> Path:
+    """``$BOXCASEG_DATA``, default ``../shared/data`` (relative to the working directory)."""
+    env = os.environ.get("BOXCASEG_DATA")
+    return Path(env) if env else (Path.cwd().parent / "shared" / "data")
+
+
+def expand_env(value: str, source: str = "config") -> str:
+    def repl(m: re.Match) -> str:
+        name = m.group(1)
+        if name in os.environ:
+            return os.environ[name]
+        if name == "BOXCASEG_DATA":
+            return str(default_data_root())
+        raise BoxcasegError(f"{source}: environment variable ${{{name}}} is not set")
+
+    return _ENV_RE.sub(repl, value)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "hrnet_w48"           # any timm model name (features_only=True)
+    pretrained: bool = False              # timm's ordinary pretrained download (online users)
+    backbone_weights: str = ""            # a local weight file for the backbone (offline)
+    out_indices: list[int] = field(default_factory=list)  # feature levels; [] = all at stride >= 4
+    head_channels: int = 0                # hidden width of each head; 0 = backbone concat width
+    transfer_hidden: int = 0              # hidden width of the weight-transfer MLPs; 0 = input width
+    alpha: float = 0.7                    # fused = alpha*salient + (1-alpha)*transferred
+    infer_size: int = 320                 # proxy-mask inference size S
+
+
+@dataclass
+class DataConfig:
+    box_ann: str = ""                     # COCO instances json (boxes)
+    box_images: str = ""                  # its image folder
+    salient_dir: str = ""                 # folder with images/ and masks/
+    patch_size: int = 288
+    salient_resize: int = 320
+    box_per_batch: int = 9
+    salient_per_batch: int = 7
+    jitter_shift: float = 0.25
+    jitter_scale_min: float = 0.5
+    jitter_scale_max: float = 1.5
+    hflip_box: bool = False               # horizontal flip of box patches too
+    workers: int = 2
+    skip_bad: bool = False
+    strict: bool = False
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 40000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    seed: int = 0
+    ckpt_every: int = 500
+    backend: str = "auto"                 # loss backend: auto | triton | torch | reference
+    device: str = "auto"                  # auto | cpu | cuda
+    amp: bool = True                      # bf16 autocast on CUDA
+    sync_bn: bool = False                 # SyncBatchNorm under DDP on GPU
+    threads: int = 0                      # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise BoxcasegError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, inner, where) for v in value]
+    if tp in (int, float, bool, str) and not isinstance(value, tp):
+        raise BoxcasegError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise BoxcasegError(f"{where}: expected int, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise BoxcasegError."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise BoxcasegError(f"{source}: unknown key {key!r} in [{cls.__name__}] (known: {sorted(known)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise BoxcasegError(f"{source}: [{key}] must be a table")
+            kwargs[key] = from_dict(tp, value, source)
+        else:
+            if isinstance(value, str):
+                value = expand_env(value, source)
+            kwargs[key] = _coerce(value, tp, f"{source}: {key}")
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: T, overrides: dict[str, Any] | list[str] | None) -> T:
+    """Apply ``{"train.lr": 0.1}`` or ``["train.lr=0.1"]`` to a config dataclass in place."""
+    if not overrides:
+        return cfg
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if isinstance(overrides, list):
+        parsed = []
+        for item in overrides:
+            if "=" not in item:
+                raise BoxcasegError(f"override {item!r}: expected section.field=value")
+            k, v = item.split("=", 1)
+            parsed.append((k.strip(), _parse_value(v.strip())))
+        items = parsed
+    for key, value in items:
+        if value is None:
+            continue
+        obj = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not hasattr(obj, p):
+                raise BoxcasegError(f"override {key!r}: unknown section {p!r}")
+            obj = getattr(obj, p)
+        name = parts[-1]
+        if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+            raise BoxcasegError(f"override {key!r}: unknown field")
+        tp = typing.get_type_hints(type(obj))[name]
+        if isinstance(value, str):
+            value = expand_env(value, f"override {key}")
+        setattr(obj, name, _coerce(value, tp, f"override {key}"))
+    return cfg
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BoxcasegError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise BoxcasegError(f"{path}: malformed TOML ({e})") from e
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=None, cls: type[T] = Config) -> T:
+    """Load ``cls`` from a TOML file (or defaults when ``path`` is None) plus overrides."""
+    cfg = from_dict(cls, load_toml(path), str(path)) if path else cls()
+    return apply_overrides(cfg, overrides)
