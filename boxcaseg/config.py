@@ -50,6 +50,7 @@ class ModelConfig:
     pretrained: bool = False              # timm's ordinary pretrained download (online users)
     backbone_weights: str = ""            # a local weight file for the backbone (offline)
     out_indices: list[int] = field(default_factory=list)  # feature levels; [] = all at stride >= 4
+    backbone_kwargs: dict = field(default_factory=dict)   # extra timm.create_model arguments
     head_channels: int = 0                # hidden width of each head; 0 = backbone concat width
     transfer_hidden: int = 0              # hidden width of the weight-transfer MLPs; 0 = input width
     alpha: float = 0.7                    # fused = alpha*salient + (1-alpha)*transferred
@@ -110,6 +111,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise BoxcasegError(f"{where}: expected a table, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise BoxcasegError(f"{where}: expected a list, got {value!r}")

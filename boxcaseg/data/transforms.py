@@ -1,0 +1,58 @@
+"""Image loading and the one normalisation used for both domains (ImageNet mean/std)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from boxcaseg.errors import BoxcasegError
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+MEAN_RGB255 = tuple(int(round(m * 255)) for m in MEAN)  # fill colour for padding
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode (L, LA, P, CMYK, RGBA, I;16, I, F ...) -> RGB (alpha dropped)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        scale = 255.0 / hi if hi > 255 else 1.0
+        arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return img.convert("RGBA").convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path, what: str = "image") -> Image.Image:
+    """Decode an image file to RGB; a missing or corrupt file raises BoxcasegError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError as e:
+        raise BoxcasegError(f"{path}: {what} not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BoxcasegError(f"{path}: unreadable {what} ({e})") from e
+
+
+def normalize(img: np.ndarray | Image.Image) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> [3, H, W] float32, ImageNet mean/std."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def normalize_batch_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] uint8 (or float in 0..255) -> normalised float32 (torch ops)."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255.0
+    return (x.float() - mean) / std

@@ -1,0 +1,96 @@
+"""Backbone adapter: any timm model with ``features_only=True``, HRNetV2-style fusion.
+
+All selected feature levels are bilinearly upsampled to the stride-4 level and
+concatenated (the HRNetV2 representation head).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from boxcaseg.errors import BoxcasegError
+
+log = logging.getLogger(__name__)
+
+# timm's HRNet gives the classification "incre" features by default; the HRNetV2 head
+# uses the raw branch outputs.
+_DEFAULT_KWARGS = {"hrnet": {"feature_location": ""}}
+
+
+class TimmBackbone(nn.Module):
+    """x: [N, 3, H, W] -> features [N, C, ceil(H/4), ceil(W/4)] (concat of all levels)."""
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        weights: str = "",
+        out_indices: list[int] | None = None,
+        extra_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        kwargs = {}
+        for prefix, kw in _DEFAULT_KWARGS.items():
+            if name.startswith(prefix):
+                kwargs.update(kw)
+        kwargs.update(extra_kwargs or {})
+        if out_indices:
+            kwargs["out_indices"] = tuple(out_indices)
+        try:
+            self.body = timm.create_model(name, features_only=True, pretrained=pretrained, **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e) or "Unknown" in str(e):
+                raise BoxcasegError(f"backbone {name!r}: not a timm model ({e})") from e
+            raise
+        except Exception as e:
+            if pretrained:
+                raise BoxcasegError(
+                    f"backbone {name!r}: timm could not fetch pretrained weights ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}); offline, set model.pretrained=false and "
+                    "model.backbone_weights=FILE"
+                ) from e
+            raise
+        reductions = self.body.feature_info.reduction()
+        channels = self.body.feature_info.channels()
+        if not out_indices:
+            keep = [i for i, r in enumerate(reductions) if r >= 4]
+            if not keep:
+                raise BoxcasegError(f"backbone {name!r}: no feature level at stride >= 4")
+        else:
+            keep = list(range(len(reductions)))
+        self.keep = keep
+        self.out_channels = int(sum(channels[i] for i in keep))
+        self.stride = int(min(reductions[i] for i in keep))
+        if weights:
+            self.load_weights(weights)
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a local backbone weight file (timm naming, classification or features model)."""
+        from boxcaseg.model.weights import load_backbone_state
+
+        state = load_backbone_state(path)
+        own = self.body.state_dict()
+        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not matched:
+            raise BoxcasegError(f"{path}: no tensor matches the backbone's parameters (wrong model or naming?)")
+        missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
+        self.body.load_state_dict(matched, strict=False)
+        log.info("backbone weights %s: %d tensors loaded, %d missing", path, len(matched), len(missing))
+        if missing:
+            log.warning("backbone weights %s: %d backbone tensors not in the file (e.g. %s)", path, len(missing), missing[:3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.body(x)
+        feats = [feats[i] for i in self.keep]
+        size = feats[0].shape[-2:]
+        for f in feats[1:]:
+            if f.shape[-2] > size[0]:
+                size = f.shape[-2:]
+        up = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
+        return torch.cat(up, dim=1)
