@@ -1,0 +1,217 @@
+"""COCO instances json -> box patches for MIL training.
+
+One sample per non-crowd annotation with a usable box. The GT box is jittered (centre
+shift U(-s, s) * w and * h, width and height scaled by U(a, b) independently), the
+jittered region is cropped (padding with the mean colour where it leaves the image, so
+the box stays where the label says) and resized to ``patch_size``; the label is the GT
+box drawn as a binary mask in patch coordinates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from boxcaseg.boxes import degenerate_reason, xywh_to_xyxy
+from boxcaseg.data.transforms import MEAN_RGB255, normalize, open_rgb
+from boxcaseg.errors import BoxcasegError
+from boxcaseg.io import load_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CocoIndex:
+    """What a COCO instances json says about images and usable boxes."""
+
+    images: dict[int, dict]                 # image id -> image record
+    boxes: list[tuple[int, int, tuple]]     # (annotation id, image id, xywh)
+    n_crowd: int
+    n_degenerate: int
+    n_bad_image: int
+
+
+def _check_image_file(path: Path, image_id) -> str | None:
+    if not path.is_file():
+        return f"{path}: image file not found (image id {image_id})"
+    try:
+        with Image.open(path) as im:
+            im.size  # header only
+    except Exception as e:  # PIL raises several types for corrupt headers
+        return f"{path}: unreadable image (image id {image_id}: {type(e).__name__})"
+    return None
+
+
+def read_coco_boxes(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    skip_bad: bool = False,
+    strict: bool = False,
+    check_images: bool = True,
+) -> CocoIndex:
+    """Parse a COCO json and validate it.
+
+    Errors (raised as BoxcasegError naming the file / image id / annotation id; with
+    ``skip_bad`` skipped and counted instead): malformed json, an annotation pointing at
+    an unknown image, a missing or unreadable image file. Degenerate boxes
+    (non-finite, non-positive size, entirely outside the image) are skipped and counted
+    in one warning line (``strict``: an error).
+    """
+    ann_file = Path(ann_file)
+    image_dir = Path(image_dir)
+    data = load_json(ann_file, "COCO annotation")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise BoxcasegError(f"{ann_file}: malformed COCO json (needs 'images' and 'annotations' lists)")
+    if not image_dir.is_dir():
+        raise BoxcasegError(f"{image_dir}: image folder not found")
+    images: dict[int, dict] = {}
+    for rec in data["images"]:
+        if not isinstance(rec, dict) or "id" not in rec or "file_name" not in rec:
+            raise BoxcasegError(f"{ann_file}: malformed image record {str(rec)[:80]}")
+        images[rec["id"]] = rec
+    bad_images: set = set()
+    boxes = []
+    n_crowd = n_degenerate = 0
+    degenerate_examples = []
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or "id" not in ann:
+            raise BoxcasegError(f"{ann_file}: malformed annotation record {str(ann)[:80]}")
+        aid = ann["id"]
+        if ann.get("iscrowd", 0):
+            n_crowd += 1
+            continue
+        img = images.get(ann.get("image_id"))
+        if img is None:
+            msg = f"{ann_file}: annotation {aid} points at unknown image id {ann.get('image_id')}"
+            if skip_bad:
+                bad_images.add(("unknown", ann.get("image_id")))
+                continue
+            raise BoxcasegError(msg)
+        w, h = img.get("width"), img.get("height")
+        reason = degenerate_reason(ann.get("bbox"), w if w else math.inf, h if h else math.inf)
+        if reason is None and float(ann.get("area", 1) or 0) <= 0 and "area" in ann:
+            reason = "non-positive area"
+        if reason is not None:
+            if strict:
+                raise BoxcasegError(f"{ann_file}: annotation {aid} (image id {img['id']}): {reason}")
+            n_degenerate += 1
+            if len(degenerate_examples) < 3:
+                degenerate_examples.append(f"{aid} ({reason})")
+            continue
+        boxes.append((aid, img["id"], tuple(float(v) for v in ann["bbox"])))
+    if check_images:
+        used = sorted({b[1] for b in boxes})
+        for iid in used:
+            err = _check_image_file(image_dir / images[iid]["file_name"], iid)
+            if err:
+                if not skip_bad:
+                    raise BoxcasegError(err)
+                bad_images.add(iid)
+        if bad_images:
+            before = len(boxes)
+            boxes = [b for b in boxes if b[1] not in bad_images]
+            log.warning("%s: skipped %d bad image(s) / references and their %d annotation(s) (--skip-bad)",
+                        ann_file, len(bad_images), before - len(boxes))
+    if n_degenerate:
+        log.warning("%s: skipped %d annotation(s) with degenerate boxes, e.g. %s (--strict makes this an error)",
+                    ann_file, n_degenerate, ", ".join(degenerate_examples))
+    if not boxes:
+        raise BoxcasegError(f"{ann_file}: no usable (non-crowd, non-degenerate) box annotation")
+    return CocoIndex(images, boxes, n_crowd, n_degenerate, len(bad_images))
+
+
+def jitter_box(xyxy: tuple, rng: np.random.Generator, shift: float, smin: float, smax: float) -> tuple:
+    """Paper jitter: centre += U(-shift, shift) * (w, h); w, h *= U(smin, smax) each."""
+    x0, y0, x1, y1 = xyxy
+    w, h = x1 - x0, y1 - y0
+    cx = (x0 + x1) / 2 + rng.uniform(-shift, shift) * w
+    cy = (y0 + y1) / 2 + rng.uniform(-shift, shift) * h
+    nw = w * rng.uniform(smin, smax)
+    nh = h * rng.uniform(smin, smax)
+    return cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2
+
+
+def crop_resize(img: Image.Image, region: tuple, size: int, resample=Image.BILINEAR) -> Image.Image:
+    """Crop float ``xyxy`` region (padding outside the image) and resize to size x size."""
+    return img.transform((size, size), Image.EXTENT, data=tuple(float(v) for v in region),
+                         resample=resample, fillcolor=MEAN_RGB255)
+
+
+def box_label(gt: tuple, region: tuple, size: int) -> np.ndarray:
+    """GT ``xyxy`` box drawn as a {0,1} mask in the patch of ``region`` resized to size.
+
+    A patch pixel (i, j) is inside when its centre maps inside the GT box. A box that
+    is smaller than a pixel still marks the pixel containing its centre.
+    """
+    rx0, ry0, rx1, ry1 = region
+    sx = size / (rx1 - rx0)
+    sy = size / (ry1 - ry0)
+    gx0, gy0 = (gt[0] - rx0) * sx, (gt[1] - ry0) * sy
+    gx1, gy1 = (gt[2] - rx0) * sx, (gt[3] - ry0) * sy
+    c0 = int(np.clip(math.ceil(gx0 - 0.5), 0, size))
+    c1 = int(np.clip(math.ceil(gx1 - 0.5), 0, size))
+    r0 = int(np.clip(math.ceil(gy0 - 0.5), 0, size))
+    r1 = int(np.clip(math.ceil(gy1 - 0.5), 0, size))
+    if c1 <= c0:
+        cx = int(np.clip(math.floor((gx0 + gx1) / 2), 0, size - 1))
+        c0, c1 = cx, cx + 1
+    if r1 <= r0:
+        cy = int(np.clip(math.floor((gy0 + gy1) / 2), 0, size - 1))
+        r0, r1 = cy, cy + 1
+    m = np.zeros((size, size), np.float32)
+    m[r0:r1, c0:c1] = 1.0
+    return m
+
+
+class BoxPatchDataset(torch.utils.data.Dataset):
+    """Box patches of a COCO json. Item key: ``(index, seed)`` or ``index``.
+
+    Returns (image [3, S, S] float32 normalised, label [1, S, S] float32, is_salient=False).
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        patch_size: int = 288,
+        shift: float = 0.25,
+        scale: tuple[float, float] = (0.5, 1.5),
+        hflip: bool = False,
+        skip_bad: bool = False,
+        strict: bool = False,
+    ):
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.index = read_coco_boxes(ann_file, image_dir, skip_bad=skip_bad, strict=strict)
+        self.patch_size = patch_size
+        self.shift = shift
+        self.scale = scale
+        self.hflip = hflip
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.index.boxes)
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / self.index.images[image_id]["file_name"]
+
+    def __getitem__(self, key):
+        idx, seed = key if isinstance(key, tuple) else (key, key)
+        rng = np.random.default_rng(seed)
+        aid, iid, xywh = self.index.boxes[idx]
+        img = open_rgb(self.image_path(iid), f"image (image id {iid}, annotation {aid})")
+        gt = xywh_to_xyxy(xywh)
+        region = jitter_box(gt, rng, self.shift, *self.scale)
+        patch = crop_resize(img, region, self.patch_size)
+        label = box_label(gt, region, self.patch_size)
+        arr = np.asarray(patch)
+        if self.hflip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+            label = label[:, ::-1]
+        return normalize(arr), torch.from_numpy(np.ascontiguousarray(label))[None], False

@@ -1,0 +1,85 @@
+"""Salient-object pairs (DUTS layout: ``images/NAME.jpg`` + ``masks/NAME.png``).
+
+Resize to ``resize`` x ``resize``, random ``patch_size`` crop, random horizontal flip,
+mask binarised at 128.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from boxcaseg.data.transforms import normalize, open_rgb
+from boxcaseg.errors import BoxcasegError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def open_mask(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                hi = arr.max() if arr.size else 0
+                arr = arr * (255.0 / hi) if hi > 255 else arr
+                return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+            return im.convert("L")
+    except FileNotFoundError as e:
+        raise BoxcasegError(f"{path}: mask not found") from e
+    except Exception as e:
+        raise BoxcasegError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from e
+
+
+class SalientDataset(torch.utils.data.Dataset):
+    """Item key ``(index, seed)`` or ``index`` -> (image [3,S,S], mask [1,S,S] {0,1}, True)."""
+
+    def __init__(self, root: str | Path, resize: int = 320, patch_size: int = 288, skip_bad: bool = False):
+        root = Path(root)
+        img_dir, mask_dir = root / "images", root / "masks"
+        if not img_dir.is_dir() or not mask_dir.is_dir():
+            raise BoxcasegError(f"{root}: salient folder needs images/ and masks/ subfolders")
+        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+        pairs, missing = [], []
+        for p in sorted(img_dir.iterdir()):
+            if p.suffix.lower() not in IMAGE_EXTS:
+                continue
+            if p.stem in masks:
+                pairs.append((p, masks[p.stem]))
+            else:
+                missing.append(p.name)
+        if missing:
+            if not skip_bad:
+                raise BoxcasegError(f"{img_dir / missing[0]}: no matching mask in {mask_dir} ({len(missing)} image(s) without mask)")
+            log.warning("%s: %d image(s) without a mask skipped (--skip-bad)", root, len(missing))
+        if not pairs:
+            raise BoxcasegError(f"{root}: no image/mask pairs found")
+        self.pairs = pairs
+        self.resize = resize
+        self.patch_size = patch_size
+        if resize < patch_size:
+            raise BoxcasegError(f"salient resize {resize} is smaller than the patch size {patch_size}")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key):
+        idx, seed = key if isinstance(key, tuple) else (key, key)
+        rng = np.random.default_rng(seed)
+        ip, mp = self.pairs[idx]
+        img = open_rgb(ip, "salient image").resize((self.resize, self.resize), Image.BILINEAR)
+        mask = open_mask(mp)
+        mask = mask.resize((self.resize, self.resize), Image.BILINEAR)
+        top = int(rng.integers(0, self.resize - self.patch_size + 1))
+        left = int(rng.integers(0, self.resize - self.patch_size + 1))
+        s = self.patch_size
+        arr = np.asarray(img)[top:top + s, left:left + s]
+        m = (np.asarray(mask)[top:top + s, left:left + s] >= 128).astype(np.float32)
+        if rng.random() < 0.5:
+            arr, m = arr[:, ::-1], m[:, ::-1]
+        return normalize(arr), torch.from_numpy(np.ascontiguousarray(m))[None], True

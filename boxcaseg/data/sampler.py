@@ -1,0 +1,129 @@
+"""The mixed batch sampler: a fixed ratio of box to salient samples in every batch.
+
+An epoch is one pass over (this rank's slice of) the salient set; box samples are drawn
+at random without replacement from a stream of permutations that continues across
+epochs (the paper's answer to COCO's imbalance). Everything is a pure function of
+(seed, step, rank, world size), so the sampler's state is just the step number: a run
+resumed at step k draws exactly what an uninterrupted run draws.
+
+Keys yielded are ``(kind, index, sample_seed)`` with kind 0 = box, 1 = salient; the
+sample seed drives that sample's augmentation, independent of workers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+BOX, SALIENT = 0, 1
+
+
+def split_batch(batch_size: int, box_per_batch: int = 9, salient_per_batch: int = 7) -> tuple[int, int]:
+    """Scale a box:salient ratio to ``batch_size``, keeping at least one of each kind."""
+    total = box_per_batch + salient_per_batch
+    if box_per_batch == 0 or salient_per_batch == 0 or batch_size < 2:
+        return (batch_size, 0) if salient_per_batch == 0 else (0, batch_size) if box_per_batch == 0 else (batch_size, 0)
+    ns = int(round(batch_size * salient_per_batch / total))
+    ns = min(max(ns, 1), batch_size - 1)
+    return batch_size - ns, ns
+
+
+def _sample_seed(seed: int, step: int, rank: int, j: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank, j]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class MixedBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``n_box`` box keys followed by ``n_salient`` salient keys.
+
+    n_box_items / n_salient_items: dataset sizes; steps ``start_step .. end_step - 1``.
+    """
+
+    def __init__(
+        self,
+        n_box_items: int,
+        n_salient_items: int,
+        n_box: int,
+        n_salient: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        end_step: int = 1000,
+    ):
+        if n_box and n_box_items <= 0:
+            raise ValueError("box samples requested but the box set is empty")
+        if n_salient and n_salient_items <= 0:
+            raise ValueError("salient samples requested but the salient set is empty")
+        self.n_box_items, self.n_salient_items = n_box_items, n_salient_items
+        self.n_box, self.n_salient = n_box, n_salient
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self.start_step, self.end_step = start_step, end_step
+
+    # -- permutations (same on every rank; each rank takes its own stride slice)
+    @lru_cache(maxsize=4)
+    def _salient_slice(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, 1, epoch]).permutation(self.n_salient_items)
+        return perm[self.rank::self.world] if len(perm) >= self.world else perm
+
+    @lru_cache(maxsize=4)
+    def _box_slice(self, cycle: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, 0, cycle]).permutation(self.n_box_items)
+        return perm[self.rank::self.world] if len(perm) >= self.world else perm
+
+    def steps_per_epoch(self) -> int:
+        if self.n_salient:
+            return max(1, len(self._salient_slice(0)) // self.n_salient)
+        return max(1, len(self._box_slice(0)) // max(self.n_box, 1))
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch()
+
+    def _box_draws(self, step: int) -> list[int]:
+        per_cycle = len(self._box_slice(0))
+        out = []
+        for pos in range(step * self.n_box, (step + 1) * self.n_box):
+            cycle, off = divmod(pos, per_cycle)
+            sl = self._box_slice(cycle)
+            out.append(int(sl[off % len(sl)]))
+        return out
+
+    def _salient_draws(self, step: int) -> list[int]:
+        spe = self.steps_per_epoch()
+        epoch, i = divmod(step, spe)
+        sl = self._salient_slice(epoch)
+        return [int(sl[(i * self.n_salient + j) % len(sl)]) for j in range(self.n_salient)]
+
+    def batch(self, step: int) -> list[tuple[int, int, int]]:
+        keys = [(BOX, b, 0) for b in self._box_draws(step)] + [(SALIENT, s, 0) for s in self._salient_draws(step)]
+        return [(k, i, _sample_seed(self.seed, step, self.rank, j)) for j, (k, i, _) in enumerate(keys)]
+
+    def __iter__(self):
+        for step in range(self.start_step, self.end_step):
+            yield self.batch(step)
+
+    def __len__(self) -> int:
+        return max(0, self.end_step - self.start_step)
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Routes ``(kind, index, seed)`` keys to the box or the salient dataset."""
+
+    def __init__(self, box_ds, salient_ds):
+        self.box_ds, self.salient_ds = box_ds, salient_ds
+
+    def __len__(self) -> int:
+        return (len(self.box_ds) if self.box_ds else 0) + (len(self.salient_ds) if self.salient_ds else 0)
+
+    def __getitem__(self, key):
+        kind, idx, seed = key
+        ds = self.box_ds if kind == BOX else self.salient_ds
+        return ds[(idx, seed)]
+
+
+def collate(batch):
+    images = torch.stack([b[0] for b in batch])
+    targets = torch.stack([b[1] for b in batch])
+    is_salient = torch.tensor([bool(b[2]) for b in batch])
+    return images, targets, is_salient
