@@ -30,6 +30,13 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Box-supervised class-agnostic object segmentation (BoxCaseg)."""
+
+
 for _module in (train, export, proxy, evaluate, maskrcnn, visualize, data, demo):
     _module.register(app)
 

@@ -1,9 +1,61 @@
-"""`boxcaseg train` (not yet implemented)."""
+"""``boxcaseg train``: joint BoxCaseg training."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def train_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config (configs/*.toml); paths may use ${ENV}."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: last.pt (checkpoint) and metrics.jsonl."),
+    box_ann: Optional[str] = typer.Option(None, help="COCO instances json with the training boxes (data.box_ann)."),
+    box_images: Optional[str] = typer.Option(None, help="Image folder of --box-ann (data.box_images)."),
+    salient_dir: Optional[str] = typer.Option(None, help="Salient folder with images/ and masks/ (data.salient_dir)."),
+    max_iters: Optional[int] = typer.Option(None, help="Iterations of the poly schedule (train.max_iters)."),
+    batch_size: Optional[int] = typer.Option(None, help="Patches per batch per process; the box:salient ratio of the config is kept."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate (train.lr)."),
+    workers: Optional[int] = typer.Option(None, help="Data loader worker processes (data.workers)."),
+    backend: Optional[str] = typer.Option(None, help="Loss backend: auto | triton | torch | reference."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/last.pt."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad images/annotations instead of stopping."),
+    strict: bool = typer.Option(False, "--strict", help="Degenerate boxes are errors instead of skipped with a warning."),
+    stop_at: Optional[int] = typer.Option(None, help="Stop after this iteration (with a checkpoint); the schedule still runs to max-iters.", hidden=True),
+    set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.field=value (repeatable)."),
+) -> None:
+    """Jointly train the BoxCaseg network on box patches and salient patches.
+
+    Example: boxcaseg train --config configs/cpu.toml --out runs/cpu --max-iters 40
+    """
+    from rich.console import Console
+
+    from boxcaseg import dist
+    from boxcaseg.config import apply_overrides, load_config
+    from boxcaseg.data.sampler import split_batch
+    from boxcaseg.train import train
+
+    overrides = {
+        "data.box_ann": box_ann, "data.box_images": box_images, "data.salient_dir": salient_dir,
+        "train.max_iters": max_iters, "train.lr": lr, "data.workers": workers, "train.backend": backend,
+    }
+    cfg = load_config(config, overrides)
+    apply_overrides(cfg, list(set_))
+    if skip_bad:
+        cfg.data.skip_bad = True
+    if strict:
+        cfg.data.strict = True
+    if batch_size is not None:
+        cfg.data.box_per_batch, cfg.data.salient_per_batch = split_batch(
+            batch_size, cfg.data.box_per_batch, cfg.data.salient_per_batch)
+    res = train(cfg, out, resume=resume, stop_at=stop_at)
+    if dist.is_main():
+        Console().print(
+            f"[green]done[/]: {res.iters} iterations, loss {res.first_loss:.4f} -> {res.last_loss:.4f}, "
+            f"{res.images_per_s:.1f} img/s; checkpoint {res.out_dir / 'last.pt'}, metrics {res.out_dir / 'metrics.jsonl'}")
+    dist.cleanup()
+
+
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the main app."""
+    app.command("train")(train_command)

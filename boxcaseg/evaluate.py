@@ -1,0 +1,499 @@
+"""Evaluation: class-agnostic mask quality given GT boxes, COCO AP, VOC instance AP@k.
+
+Three evaluations, all on COCO-format inputs and all through the one mask-IoU
+function :func:`boxcaseg.masks.mask_iou`:
+
+- :func:`mask_quality` -- the class-agnostic stage (paper Tab. 2-4): every non-crowd GT
+  annotation is compared with the predicted mask that carries the *same annotation id*
+  (a proxy json, or any COCO json); a missing prediction counts as IoU 0. Reports
+  mIoU* (mean IoU per category, then the mean over the categories present), the mean
+  IoU over instances, IoU@50 / IoU@75 (share of instances with IoU >= 0.5 / 0.75),
+  each also split by COCO object size (small < 32^2 <= medium < 96^2 <= large, by the
+  GT annotation's ``area``).
+- :func:`coco_eval` -- COCOeval (pycocotools) ``segm`` and ``bbox`` on a results list.
+- :func:`voc_instance_ap` -- instance AP at mask IoU 0.25 / 0.5 / 0.7 / 0.75 by the
+  SDS protocol (Hariharan et al. 2014, used by BBTP and the paper's Tab. 1).
+
+All metric values are fractions in [0, 1] (tables print them as percentages). A value
+that is undefined (no instance in a size bucket) is ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from boxcaseg.errors import BoxcasegError
+from boxcaseg.io import load_json
+from boxcaseg.masks import area as rle_area
+from boxcaseg.masks import encode, mask_iou, to_rle
+
+log = logging.getLogger(__name__)
+
+SMALL_MAX = 32**2   # COCO: small < 32^2
+MEDIUM_MAX = 96**2  # COCO: medium < 96^2 <= large
+SIZE_NAMES = ("small", "medium", "large")
+VOC_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)
+
+
+# --------------------------------------------------------------------------- COCO files
+
+
+@dataclass
+class CocoData:
+    """A COCO instances json (or a results list) with the indexes evaluation needs.
+
+    ``images``: id -> image entry (``height``, ``width``, ``file_name``);
+    ``anns``: the annotation / result entries in file order;
+    ``categories``: id -> category entry (empty for a bare results list).
+    """
+
+    source: str
+    images: dict[int, dict]
+    anns: list[dict]
+    categories: dict[int, dict]
+    by_image: dict[int, list[dict]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.by_image:
+            by_image: dict[int, list[dict]] = defaultdict(list)
+            for a in self.anns:
+                by_image[a["image_id"]].append(a)
+            self.by_image = dict(by_image)
+
+    def image_hw(self, image_id: int, ann_id: Any = None) -> tuple[int, int]:
+        img = self.images.get(image_id)
+        if img is None:
+            raise BoxcasegError(f"{self.source}: annotation {ann_id} refers to unknown image id {image_id}")
+        return int(img["height"]), int(img["width"])
+
+    def rle(self, ann: dict, hw: tuple[int, int] | None = None) -> dict:
+        """The annotation's mask as compressed RLE (bytes counts), checked against its image size."""
+        h, w = hw if hw is not None else self.image_hw(ann["image_id"], ann.get("id"))
+        if "segmentation" not in ann:
+            raise BoxcasegError(f"{self.source}: annotation {ann.get('id')} has no segmentation")
+        rle = to_rle(ann["segmentation"], h, w, ann_id=ann.get("id"))
+        size = [int(s) for s in rle["size"]]
+        if size != [h, w]:
+            raise BoxcasegError(
+                f"{self.source}: annotation {ann.get('id')}: mask size {size[0]}x{size[1]} differs from "
+                f"image {ann['image_id']} size {h}x{w}"
+            )
+        return rle
+
+
+def load_coco(src: str | os.PathLike | dict | list, what: str = "annotation", images_from: CocoData | None = None) -> CocoData:
+    """Read a COCO instances json (path or dict) or a results list.
+
+    A results list has no ``images``: pass ``images_from`` (the GT) to take image sizes
+    from there. Malformed entries raise BoxcasegError naming the file and annotation id.
+    """
+    source = str(src) if isinstance(src, (str, os.PathLike)) else f"<{what}>"
+    data = load_json(src, what) if isinstance(src, (str, os.PathLike)) else src
+    if isinstance(data, list):
+        data = {"annotations": data}
+    if not isinstance(data, dict) or not isinstance(data.get("annotations", []), list):
+        raise BoxcasegError(f"{source}: not a COCO {what} json (expected an object with 'annotations' or a list)")
+    images: dict[int, dict] = {}
+    for img in data.get("images", []) or []:
+        try:
+            images[int(img["id"])] = img
+            int(img["height"]), int(img["width"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BoxcasegError(f"{source}: image entry {img.get('id') if isinstance(img, dict) else img!r} "
+                                f"lacks id/height/width ({e})") from e
+    if not images and images_from is not None:
+        images = images_from.images
+    categories = {int(c["id"]): c for c in data.get("categories", []) or []}
+    anns = data.get("annotations", []) or []
+    for a in anns:
+        if not isinstance(a, dict) or "image_id" not in a:
+            aid = a.get("id") if isinstance(a, dict) else None
+            raise BoxcasegError(f"{source}: annotation {aid} has no image_id")
+    return CocoData(source, images, anns, categories)
+
+
+def _coco_size(area: float) -> str:
+    if area < SMALL_MAX:
+        return "small"
+    if area < MEDIUM_MAX:
+        return "medium"
+    return "large"
+
+
+# --------------------------------------------------------------------------- mask quality
+
+
+@dataclass
+class InstanceIoU:
+    """IoU of one GT instance with the predicted mask of the same annotation id."""
+
+    ann_id: int
+    image_id: int
+    category_id: int
+    area: float          # the GT annotation's area (COCO size split)
+    iou: float           # 0 when the prediction is missing
+    found: bool          # a prediction with this id exists
+    ignored: bool = False  # the prediction is flagged ``ignore_mask`` (proxy json)
+
+
+def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list) -> list[InstanceIoU]:
+    """IoU of every non-crowd GT annotation with the prediction of the same annotation id.
+
+    ``pred`` may be a full COCO instances json (a proxy json) or a list of annotations
+    carrying ``id``. Image sizes come from the GT json.
+    """
+    gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
+    if not isinstance(pred, CocoData):
+        pred = load_coco(pred, "prediction", images_from=gt)
+    by_id: dict[int, dict] = {}
+    for a in pred.anns:
+        if "id" not in a:
+            raise BoxcasegError(f"{pred.source}: a prediction on image {a.get('image_id')} has no annotation id "
+                                "(mask quality matches predictions to GT by annotation id)")
+        aid = int(a["id"])
+        if aid in by_id:
+            raise BoxcasegError(f"{pred.source}: annotation id {aid} appears twice")
+        by_id[aid] = a
+
+    out: list[InstanceIoU] = []
+    for image_id, anns in gt.by_image.items():
+        anns = [a for a in anns if not a.get("iscrowd", 0)]
+        if not anns:
+            continue
+        hw = gt.image_hw(image_id, anns[0].get("id"))
+        gt_rles, pred_rles, slots = [], [], []
+        for a in anns:
+            p = by_id.get(int(a["id"]))
+            if p is not None:
+                if int(p["image_id"]) != int(image_id):
+                    raise BoxcasegError(f"{pred.source}: annotation {a['id']} is on image {p['image_id']}, "
+                                        f"the GT on image {image_id}")
+                gt_rles.append(gt.rle(a, hw))
+                pred_rles.append(pred.rle(p, hw))
+                slots.append(len(out))
+            area = float(a["area"]) if a.get("area") is not None else float(rle_area([gt.rle(a, hw)])[0])
+            out.append(InstanceIoU(int(a["id"]), int(image_id), int(a.get("category_id", 0)), area, 0.0,
+                                   p is not None, bool(p.get("ignore_mask", False)) if p is not None else False))
+        if slots:
+            ious = np.diagonal(mask_iou(gt_rles, pred_rles))
+            for slot, v in zip(slots, ious):
+                out[slot].iou = float(v)
+    return out
+
+
+def summarize_ious(records: Sequence[InstanceIoU]) -> dict:
+    """``{miou_star, miou, iou50, iou75, n}`` over ``records`` (values None when n == 0).
+
+    mIoU*: the mean IoU of each category present in ``records``, then the mean over
+    those categories (categories with no instance do not count).
+    """
+    n = len(records)
+    if n == 0:
+        return {"miou_star": None, "miou": None, "iou50": None, "iou75": None, "n": 0}
+    ious = np.array([r.iou for r in records], dtype=np.float64)
+    per_cat: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        per_cat[r.category_id].append(r.iou)
+    return {
+        "miou_star": float(np.mean([np.mean(v) for v in per_cat.values()])),
+        "miou": float(ious.mean()),
+        "iou50": float((ious >= 0.5).mean()),
+        "iou75": float((ious >= 0.75).mean()),
+        "n": n,
+    }
+
+
+def mask_quality(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list) -> dict:
+    """Class-agnostic mask quality given GT boxes; see the module docstring.
+
+    Returns ``{miou_star, miou, iou50, iou75, n, missing, small: {...}, medium: {...},
+    large: {...}}`` where each size object has the same five keys.
+    """
+    records = instance_ious(gt, pred)
+    result = summarize_ious(records)
+    result["missing"] = sum(1 for r in records if not r.found)
+    for size in SIZE_NAMES:
+        result[size] = summarize_ious([r for r in records if _coco_size(r.area) == size])
+    return result
+
+
+# --------------------------------------------------------------------------- COCO AP
+
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _results_list(pred: CocoData, gt: CocoData) -> list[dict]:
+    """Normalise detections: RLE (str counts) masks at the GT image size, a score, known ids."""
+    out = []
+    for a in pred.anns:
+        image_id = int(a["image_id"])
+        if image_id not in gt.images:
+            raise BoxcasegError(f"{pred.source}: detection on image id {image_id}, which the GT json lacks")
+        cat = int(a.get("category_id", -1))
+        if gt.categories and cat not in gt.categories:
+            raise BoxcasegError(f"{pred.source}: detection on image {image_id} has category_id {cat}, "
+                                "which the GT json lacks")
+        r = {"image_id": image_id, "category_id": cat, "score": float(a.get("score", 1.0))}
+        if "segmentation" in a and a["segmentation"] is not None:
+            rle = pred.rle(a, gt.image_hw(image_id, a.get("id")))
+            r["segmentation"] = {"size": [int(s) for s in rle["size"]],
+                                 "counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes)
+                                 else rle["counts"]}
+        if a.get("bbox"):
+            r["bbox"] = [float(v) for v in a["bbox"]]
+        out.append(r)
+    return out
+
+
+def _coco_api(gt: CocoData):
+    from pycocotools.coco import COCO
+
+    anns = []
+    for a in gt.anns:
+        a = dict(a)
+        a.setdefault("iscrowd", 0)
+        if a.get("area") is None:
+            a["area"] = float(rle_area([gt.rle(a)])[0]) if "segmentation" in a else float(a["bbox"][2] * a["bbox"][3])
+        anns.append(a)
+    api = COCO()
+    api.dataset = {"images": list(gt.images.values()), "annotations": anns,
+                   "categories": list(gt.categories.values()) or [{"id": c} for c in sorted({a["category_id"] for a in anns})]}
+    with contextlib.redirect_stdout(_io.StringIO()):
+        api.createIndex()
+    return api
+
+
+def coco_eval(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list,
+              iou_types: Iterable[str] = ("segm", "bbox")) -> dict[str, dict[str, float] | None]:
+    """COCOeval on a results list (or a COCO json whose annotations carry ``score``).
+
+    Returns ``{iou_type: {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}}``;
+    an iou type the results cannot be scored on (``segm`` without masks) maps to None.
+    Empty results score 0 everywhere. Masks are evaluated with their own area and tight
+    box (the segm pass sees no ``bbox``), boxes with theirs (the bbox pass sees no mask).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
+    if not isinstance(pred, CocoData):
+        pred = load_coco(pred, "results", images_from=gt)
+    results = _results_list(pred, gt)
+    api = _coco_api(gt)
+    out: dict[str, dict[str, float] | None] = {}
+    for iou_type in iou_types:
+        if iou_type not in ("segm", "bbox"):
+            raise BoxcasegError(f"unknown COCO iou type {iou_type!r} (segm, bbox)")
+        key = "segmentation" if iou_type == "segm" else "bbox"
+        if results and not all(key in r for r in results):
+            if iou_type == "bbox" and all("segmentation" in r for r in results):
+                pass  # boxes come from the masks
+            else:
+                out[iou_type] = None
+                continue
+        if not results:
+            out[iou_type] = {k: 0.0 for k in COCO_STAT_NAMES}
+            continue
+        if iou_type == "segm":
+            dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        else:
+            dets = []
+            for r in results:
+                d = {k: v for k, v in r.items() if k != "segmentation"}
+                if "bbox" not in d:
+                    from pycocotools import mask as mask_utils
+
+                    seg = dict(r["segmentation"], counts=r["segmentation"]["counts"].encode("ascii"))
+                    d["bbox"] = [float(v) for v in mask_utils.toBbox(seg)]
+                dets.append(d)
+        with contextlib.redirect_stdout(_io.StringIO()):
+            dt = api.loadRes(dets)
+            ev = COCOeval(api, dt, iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        # COCOeval reports -1 where nothing can be measured (no GT in a size range)
+        out[iou_type] = {k: float(v) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
+    return out
+
+
+# --------------------------------------------------------------------------- VOC instance AP
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """All-point interpolated AP (VOC 2010+): area under the monotone precision envelope.
+
+    ``recall``, ``precision``: [K] cumulative values along the score-sorted detections.
+    """
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    idx = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
+
+
+def _sds_labels(scores: np.ndarray, ious: np.ndarray, crowd_ious: np.ndarray, thr: float) -> np.ndarray:
+    """TP (1) / FP (0) / ignored (-1) labels of one image's detections of one class.
+
+    ``scores``: [D]; ``ious``: [G, D] with the image's non-crowd GT of the class;
+    ``crowd_ious``: [C, D] with its crowd regions of the class.
+
+    SDS: each detection is assigned to the GT it overlaps most; going down the
+    score-ranked list, it is a true positive when that overlap reaches ``thr`` and its
+    GT is not covered yet (the GT becomes covered), otherwise a false positive. Crowd
+    regions (VOC's "difficult") are not counted as GT; a detection that is not a true
+    positive but overlaps a crowd region by ``thr`` is ignored instead of counted false.
+    """
+    labels = np.zeros(scores.shape[0], dtype=np.int8)
+    if ious.shape[0]:
+        assigned = ious.argmax(axis=0)
+        best = ious.max(axis=0)
+    else:
+        assigned = np.zeros(scores.shape[0], dtype=np.int64)
+        best = np.zeros(scores.shape[0])
+    covered = np.zeros(ious.shape[0], dtype=bool)
+    for i in np.argsort(-scores, kind="stable"):
+        if ious.shape[0] and best[i] >= thr and not covered[assigned[i]]:
+            covered[assigned[i]] = True
+            labels[i] = 1
+        elif crowd_ious.shape[0] and crowd_ious[:, i].max() >= thr:
+            labels[i] = -1
+    return labels
+
+
+def voc_instance_ap(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list,
+                    thresholds: Sequence[float] = VOC_THRESHOLDS) -> dict:
+    """Instance AP at mask IoU ``thresholds`` by the SDS protocol, on COCO-format inputs.
+
+    Per class: all detections of the class sorted by score, matched per image (see
+    :func:`_sds_labels`), precision/recall along the ranked list, all-point interpolated
+    AP; then the mean over the classes that have at least one non-crowd GT instance (a
+    class with GT but no detections has AP 0). Returns ``{"ap25": .., "ap50": ..,
+    "ap70": .., "ap75": .., "per_class": {category_id: {"ap25": .., ...}}, "n_gt": ..,
+    "n_det": ..}`` (keys ``ap{round(100*t)}``).
+    """
+    gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
+    if not isinstance(pred, CocoData):
+        pred = load_coco(pred, "results", images_from=gt)
+    results = _results_list(pred, gt)
+    if any("segmentation" not in r for r in results):
+        raise BoxcasegError(f"{pred.source}: VOC instance AP needs a mask (segmentation) on every detection")
+    keys = [f"ap{round(100 * t)}" for t in thresholds]
+
+    gt_by: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for a in gt.anns:
+        gt_by[(int(a["image_id"]), int(a["category_id"]))].append(a)
+    det_by: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for r in results:
+        det_by[(r["image_id"], r["category_id"])].append(r)
+
+    classes = sorted({c for (_, c), anns in gt_by.items() if any(not a.get("iscrowd", 0) for a in anns)})
+    npos = defaultdict(int)
+    for (_, c), anns in gt_by.items():
+        npos[c] += sum(1 for a in anns if not a.get("iscrowd", 0))
+
+    # per class: (score, label) pairs for every threshold
+    scored: dict[int, list[tuple[np.ndarray, list[np.ndarray]]]] = defaultdict(list)
+    for (image_id, c), dets in det_by.items():
+        hw = gt.image_hw(image_id)
+        anns = gt_by.get((image_id, c), [])
+        normal = [gt.rle(a, hw) for a in anns if not a.get("iscrowd", 0)]
+        crowd = [gt.rle(a, hw) for a in anns if a.get("iscrowd", 0)]
+        det_rles = [to_rle(d["segmentation"], *hw) for d in dets]
+        ious = np.asarray(mask_iou(normal, det_rles)).reshape(len(normal), len(dets))
+        crowd_ious = np.asarray(mask_iou(crowd, det_rles)).reshape(len(crowd), len(dets))
+        scores = np.array([d["score"] for d in dets], dtype=np.float64)
+        scored[c].append((scores, [_sds_labels(scores, ious, crowd_ious, t) for t in thresholds]))
+
+    per_class: dict[int, dict[str, float]] = {}
+    for c in classes:
+        per_class[c] = {}
+        chunks = scored.get(c, [])
+        for ti, key in enumerate(keys):
+            if not chunks:
+                per_class[c][key] = 0.0
+                continue
+            scores = np.concatenate([s for s, _ in chunks])
+            labels = np.concatenate([lab[ti] for _, lab in chunks])
+            keep = labels >= 0
+            scores, labels = scores[keep], labels[keep]
+            order = np.argsort(-scores, kind="stable")
+            tp = np.cumsum(labels[order] == 1)
+            fp = np.cumsum(labels[order] == 0)
+            rec = tp / npos[c]
+            prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+            per_class[c][key] = voc_ap(rec, prec) if len(order) else 0.0
+    out: dict[str, Any] = {}
+    for key in keys:
+        out[key] = float(np.mean([per_class[c][key] for c in classes])) if classes else None
+    out["per_class"] = per_class
+    out["n_gt"] = int(sum(npos[c] for c in classes))
+    out["n_det"] = len(results)
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def mask_quality_table(result: dict):
+    """A rich Table of :func:`mask_quality`'s result (percentages)."""
+    from rich.table import Table
+
+    t = Table(title="Mask quality given GT boxes (class-agnostic)")
+    for col in ("subset", "n", "mIoU*", "mIoU", "IoU@50", "IoU@75"):
+        t.add_column(col, justify="right" if col != "subset" else "left")
+    for name, r in [("all", result)] + [(s, result[s]) for s in SIZE_NAMES]:
+        t.add_row(name, str(r["n"]), _pct(r["miou_star"]), _pct(r["miou"]), _pct(r["iou50"]), _pct(r["iou75"]))
+    if result.get("missing"):
+        t.caption = f"{result['missing']} GT instance(s) without a prediction counted as IoU 0"
+    return t
+
+
+def coco_eval_table(result: dict):
+    from rich.table import Table
+
+    t = Table(title="COCO AP (pycocotools)")
+    t.add_column("type")
+    for k in COCO_STAT_NAMES:
+        t.add_column(k, justify="right")
+    for iou_type, stats in result.items():
+        if stats is None:
+            t.add_row(iou_type, *(["n/a"] * len(COCO_STAT_NAMES)))
+        else:
+            t.add_row(iou_type, *(_pct(v) if v >= 0 else "-" for v in stats.values()))
+    return t
+
+
+def voc_ap_table(result: dict, categories: dict[int, dict] | None = None):
+    from rich.table import Table
+
+    keys = [k for k in result if k.startswith("ap")]
+    t = Table(title="VOC instance AP (SDS protocol)")
+    t.add_column("class")
+    for k in keys:
+        t.add_column(f"AP@{int(k[2:]) / 100:g}", justify="right")
+    for c, aps in result["per_class"].items():
+        name = (categories or {}).get(c, {}).get("name", str(c))
+        t.add_row(name, *(_pct(aps[k]) for k in keys))
+    t.add_row("[bold]mean[/bold]", *(_pct(result[k]) for k in keys))
+    return t
+
+
+__all__ = [
+    "CocoData", "InstanceIoU", "load_coco", "instance_ious", "summarize_ious", "mask_quality",
+    "coco_eval", "voc_ap", "voc_instance_ap", "mask_quality_table", "coco_eval_table", "voc_ap_table",
+    "encode",
+]
