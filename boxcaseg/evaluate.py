@@ -34,7 +34,7 @@ import numpy as np
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import load_json
 from boxcaseg.masks import area as rle_area
-from boxcaseg.masks import encode, mask_iou, to_rle
+from boxcaseg.masks import mask_iou, to_rle
 
 log = logging.getLogger(__name__)
 
@@ -495,5 +495,4 @@ def voc_ap_table(result: dict, categories: dict[int, dict] | None = None):
 __all__ = [
     "CocoData", "InstanceIoU", "load_coco", "instance_ious", "summarize_ious", "mask_quality",
     "coco_eval", "voc_ap", "voc_instance_ap", "mask_quality_table", "coco_eval_table", "voc_ap_table",
-    "encode",
 ]

@@ -1,9 +1,74 @@
-"""`boxcaseg evaluate` (not yet implemented)."""
+"""`boxcaseg evaluate masks | coco | voc`: mask quality given GT boxes, COCO AP, VOC instance AP."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+GT_HELP = "Ground-truth COCO instances json (RLE or polygon masks)."
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the main app."""
+    """Add the `evaluate` command group to the main app."""
+    ev = typer.Typer(
+        help="Score masks and detections against a COCO ground truth (one mask-IoU function for all).",
+        no_args_is_help=True,
+    )
+
+    @ev.command("masks")
+    def masks(
+        gt: Path = typer.Option(..., "--gt", help=GT_HELP),
+        pred: Path = typer.Option(..., "--pred", help="Predicted masks: a COCO json (e.g. a proxy json) whose "
+                                  "annotation ids match the GT's."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    ) -> None:
+        """Class-agnostic mask quality given GT boxes: mIoU*, mIoU, IoU@50, IoU@75, by COCO size.
+
+        Each non-crowd GT annotation is compared with the predicted mask of the same
+        annotation id (missing = IoU 0). Values are fractions in JSON, percentages in the table.
+        """
+        from boxcaseg.evaluate import mask_quality, mask_quality_table
+
+        result = mask_quality(gt, pred)
+        _emit(result, as_json, lambda: mask_quality_table(result))
+
+    @ev.command("coco")
+    def coco(
+        gt: Path = typer.Option(..., "--gt", help=GT_HELP),
+        pred: Path = typer.Option(..., "--pred", help="COCO results json (list of detections with score, "
+                                  "RLE/polygon masks and/or boxes)."),
+        iou_type: list[str] = typer.Option(["segm", "bbox"], "--type", help="segm and/or bbox."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    ) -> None:
+        """COCO AP (pycocotools COCOeval) for masks and boxes."""
+        from boxcaseg.evaluate import coco_eval, coco_eval_table
+
+        result = coco_eval(gt, pred, iou_type)
+        _emit(result, as_json, lambda: coco_eval_table(result))
+
+    @ev.command("voc")
+    def voc(
+        gt: Path = typer.Option(..., "--gt", help=GT_HELP),
+        pred: Path = typer.Option(..., "--pred", help="COCO results json with masks and scores."),
+        thresholds: list[float] = typer.Option([0.25, 0.5, 0.7, 0.75], "--iou", help="Mask IoU thresholds."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    ) -> None:
+        """Instance AP at mask IoU 0.25/0.5/0.7/0.75 by the SDS protocol (the paper's Table 1)."""
+        from boxcaseg.evaluate import load_coco, voc_ap_table, voc_instance_ap
+
+        gt_data = load_coco(gt, "ground-truth")
+        result = voc_instance_ap(gt_data, pred, thresholds)
+        _emit(result, as_json, lambda: voc_ap_table(result, gt_data.categories))
+
+    app.add_typer(ev, name="evaluate")
+
+
+def _emit(result: dict, as_json: bool, table) -> None:
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        from rich.console import Console
+
+        Console().print(table())
