@@ -463,17 +463,19 @@ def mask_quality_table(result: dict):
 
 
 def coco_eval_table(result: dict):
+    """A rich Table of :func:`coco_eval`'s result: one row per COCO statistic."""
     from rich.table import Table
 
     t = Table(title="COCO AP (pycocotools)")
-    t.add_column("type")
+    t.add_column("metric")
+    for iou_type in result:
+        t.add_column(iou_type, justify="right")
     for k in COCO_STAT_NAMES:
-        t.add_column(k, justify="right")
-    for iou_type, stats in result.items():
-        if stats is None:
-            t.add_row(iou_type, *(["n/a"] * len(COCO_STAT_NAMES)))
-        else:
-            t.add_row(iou_type, *(_pct(v) if v >= 0 else "-" for v in stats.values()))
+        row = []
+        for stats in result.values():
+            v = None if stats is None else stats[k]
+            row.append("n/a" if stats is None else ("-" if v < 0 else _pct(v)))
+        t.add_row(k, *row)
     return t
 
 
