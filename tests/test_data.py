@@ -1,0 +1,116 @@
+"""Box patches (jitter, crop with padding, label), salient patches, image modes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from boxcaseg.data.coco import BoxPatchDataset, box_label, crop_resize, jitter_box
+from boxcaseg.data.salient import SalientDataset
+from boxcaseg.data.transforms import MEAN, STD, open_rgb
+
+
+def test_jitter_statistics():
+    rng = np.random.default_rng(0)
+    gt = (100.0, 50.0, 180.0, 90.0)  # w=80, h=40, centre (140, 70)
+    n = 20000
+    res = np.array([jitter_box(gt, rng, 0.25, 0.5, 1.5) for _ in range(n)])
+    cx = (res[:, 0] + res[:, 2]) / 2
+    cy = (res[:, 1] + res[:, 3]) / 2
+    sw = (res[:, 2] - res[:, 0]) / 80
+    sh = (res[:, 3] - res[:, 1]) / 40
+    dx, dy = (cx - 140) / 80, (cy - 70) / 40
+    # U(-0.25, 0.25): mean 0, var 0.5^2/12; U(0.5, 1.5): mean 1, var 1/12
+    for u, lo, hi in ((dx, -0.25, 0.25), (dy, -0.25, 0.25), (sw, 0.5, 1.5), (sh, 0.5, 1.5)):
+        assert u.min() >= lo and u.max() <= hi
+        assert u.mean() == pytest.approx((lo + hi) / 2, abs=0.01)
+        assert u.var() == pytest.approx((hi - lo) ** 2 / 12, rel=0.05)
+        # uniform: each quarter of the range holds a quarter of the draws
+        counts = np.histogram(u, bins=4, range=(lo, hi))[0] / n
+        assert np.allclose(counts, 0.25, atol=0.02)
+    assert abs(np.corrcoef(sw, sh)[0, 1]) < 0.03  # width and height scaled independently
+
+
+def test_box_label_in_patch_coordinates():
+    # region twice the box, box centred: the label is the central half of the patch
+    lab = box_label((10, 10, 30, 30), (0, 0, 40, 40), 80)
+    assert lab.sum() == 40 * 40
+    assert lab[20:60, 20:60].all()
+    # box partly outside the region: clipped to the patch
+    lab = box_label((-10, 0, 20, 40), (0, 0, 40, 40), 40)
+    assert lab[:, :20].all() and not lab[:, 20:].any()
+    # sub-pixel box still marks one pixel
+    assert box_label((5.1, 5.1, 5.2, 5.2), (0, 0, 40, 40), 40).sum() == 1
+
+
+def test_crop_pads_outside_image():
+    img = Image.fromarray(np.full((20, 20, 3), 200, np.uint8))
+    patch = np.asarray(crop_resize(img, (-20, 0, 20, 20), 40))
+    assert (patch[:, 25:] == 200).all()
+    mean = np.round(np.array(MEAN) * 255)
+    assert np.abs(patch[:, :15].astype(float) - mean).max() <= 1
+
+
+def _write_coco(tmp_path, images, anns):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    recs = []
+    for i, (name, arr, mode) in enumerate(images, start=1):
+        im = Image.fromarray(arr) if mode is None else Image.fromarray(arr).convert(mode)
+        im.save(tmp_path / "img" / name)
+        recs.append({"id": i, "file_name": name, "width": arr.shape[1], "height": arr.shape[0]})
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({"images": recs, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    return ann_file, tmp_path / "img"
+
+
+def test_box_patch_label_matches_object(tmp_path):
+    """A bright square on black: the label marks exactly where the square is in the patch."""
+    arr = np.zeros((100, 120, 3), np.uint8)
+    arr[30:60, 40:90] = 255
+    ann, imgs = _write_coco(tmp_path, [("a.png", arr, None)],
+                            [{"id": 7, "image_id": 1, "bbox": [40, 30, 50, 30], "area": 1500, "iscrowd": 0, "category_id": 1}])
+    ds = BoxPatchDataset(ann, imgs, patch_size=64)
+    for seed in range(20):
+        x, label, is_sal = ds[(0, seed)]
+        assert x.shape == (3, 64, 64) and label.shape == (1, 64, 64) and is_sal is False
+        bright = (x[0] * STD[0] + MEAN[0]) > 0.9
+        inside = label[0] > 0
+        agree = (bright == inside).float().mean()
+        assert agree > 0.97, (seed, agree)
+
+
+def test_image_modes_become_rgb(tmp_path):
+    arr = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    for mode, ext in (("L", "png"), ("CMYK", "jpg"), ("RGBA", "png"), ("P", "png"), ("I;16", "png")):
+        p = tmp_path / f"im_{mode.replace(';', '')}.{ext}"
+        src = Image.fromarray(arr).convert("L").convert(mode) if mode == "I;16" else Image.fromarray(arr).convert(mode)
+        src.save(p)
+        im = open_rgb(p)
+        assert im.mode == "RGB" and im.size == (50, 40)
+
+
+def test_salient_patches(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(3):
+        Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / "images" / f"p{k}.jpg")
+        m = np.zeros((60, 80), np.uint8)
+        m[10:50, 20:60] = 200
+        m[0, 0] = 127  # below 128: background
+        Image.fromarray(m).save(tmp_path / "masks" / f"p{k}.png")
+    ds = SalientDataset(tmp_path, resize=40, patch_size=32)
+    flips = 0
+    for seed in range(30):
+        x, m, is_sal = ds[(seed % 3, seed)]
+        assert x.shape == (3, 32, 32) and m.shape == (1, 32, 32) and is_sal is True
+        assert set(np.unique(m.numpy())) <= {0.0, 1.0}
+        frac = float(m.mean())
+        assert 0.3 < frac < 0.75
+        # the mask's foreground columns start near 20/80*40 - crop offset, flip mirrors them
+        cols = np.flatnonzero(m[0].numpy().any(axis=0))
+        flips += cols[0] > 32 - 1 - cols[-1]
+    assert 3 < flips < 27  # both flipped and unflipped draws happen

@@ -1,0 +1,144 @@
+"""Training: exact resume, a falling loss on real data, bad-input messages, CLI help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from boxcaseg.cli import main
+from boxcaseg.config import Config
+from boxcaseg.data.synthetic import make_synthetic_dataset
+from boxcaseg.io import read_jsonl
+from boxcaseg.train import train
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), n_images=12, n_salient=12, image_size=(96, 72))
+
+
+def tiny_config(synth, max_iters=10) -> Config:
+    cfg = Config()
+    cfg.model.backbone = "test_efficientnet"
+    cfg.model.head_channels = 16
+    cfg.data.box_ann, cfg.data.box_images, cfg.data.salient_dir = str(synth.ann_file), str(synth.image_dir), str(synth.salient_dir)
+    cfg.data.patch_size, cfg.data.salient_resize = 48, 56
+    cfg.data.box_per_batch, cfg.data.salient_per_batch = 3, 2
+    cfg.data.workers = 0
+    cfg.train.max_iters, cfg.train.lr, cfg.train.ckpt_every = max_iters, 0.05, 3
+    return cfg
+
+
+def test_exact_resume(synth, tmp_path):
+    train(tiny_config(synth), tmp_path / "a", show_progress=False)
+    train(tiny_config(synth), tmp_path / "b", stop_at=5, show_progress=False)
+    assert [r["iter"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    cfg = tiny_config(synth)
+    cfg.data.workers = 1  # worker count does not change what is drawn
+    train(cfg, tmp_path / "b", resume=True, show_progress=False)
+    a = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["iter"] for r in b] == list(range(1, 11))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "loss_mil", "loss_smooth", "loss_pixel", "lr"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["iter"], k)
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_loss_falls_on_real_data(data_root, tmp_path):
+    cfg = Config()
+    cfg.model.backbone = "test_efficientnet"
+    cfg.model.head_channels = 32
+    cfg.data.box_ann = str(data_root / "coco-train" / "instances.json")
+    cfg.data.box_images = str(data_root / "coco-train" / "images")
+    cfg.data.salient_dir = str(data_root / "duts-tr")
+    cfg.data.patch_size, cfg.data.salient_resize = 96, 112
+    cfg.data.box_per_batch, cfg.data.salient_per_batch = 5, 3
+    cfg.data.workers = 2
+    cfg.train.max_iters, cfg.train.lr, cfg.train.ckpt_every = 40, 0.05, 0
+    res = train(cfg, tmp_path, show_progress=False)
+    losses = np.array([r["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl")])
+    assert len(losses) == 40 and res.iters == 40
+    assert losses[-10:].mean() < losses[:10].mean() - 0.05, losses
+
+
+def _run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+def _bad_coco(tmp_path, synth, mutate):
+    d = json.loads(synth.ann_file.read_text())
+    mutate(d)
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_bad_input_messages(synth, tmp_path, capsys):
+    base = ["train", "--out", str(tmp_path / "o"), "--box-images", str(synth.image_dir), "--max-iters", "1",
+            "--set", "model.backbone='test_efficientnet'", "--set", "data.workers=0"]
+    # malformed json
+    p = tmp_path / "broken.json"
+    p.write_text('{"images": [')
+    code, err = _run_cli(base + ["--box-ann", str(p)], capsys)
+    assert code == 2 and str(p) in err and "malformed" in err and len(err.splitlines()) == 1
+    # annotation pointing at an unknown image
+    ann_id = json.loads(synth.ann_file.read_text())["annotations"][0]["id"]
+    p = _bad_coco(tmp_path, synth, lambda d: d["annotations"][0].update(image_id=999999))
+    code, err = _run_cli(base + ["--box-ann", str(p)], capsys)
+    assert code == 2 and f"annotation {ann_id}" in err and "999999" in err and len(err.splitlines()) == 1
+    # missing image file
+    p = _bad_coco(tmp_path, synth, lambda d: d["images"][0].update(file_name="nope.png"))
+    code, err = _run_cli(base + ["--box-ann", str(p)], capsys)
+    assert code == 2 and "nope.png" in err and "image id 1" in err and len(err.splitlines()) == 1
+    # corrupt image file
+    bad_dir = tmp_path / "imgs"
+    bad_dir.mkdir()
+    for f in synth.image_dir.iterdir():
+        (bad_dir / f.name).write_bytes(f.read_bytes())
+    (bad_dir / "000000.png").write_bytes(b"not a png at all")
+    args = [a if a != str(synth.image_dir) else str(bad_dir) for a in base]
+    code, err = _run_cli(args + ["--box-ann", str(synth.ann_file)], capsys)
+    assert code == 2 and "000000.png" in err and len(err.splitlines()) == 1
+    # --skip-bad skips it and trains
+    code, err = _run_cli(args + ["--box-ann", str(synth.ann_file), "--salient-dir", str(synth.salient_dir),
+                                 "--skip-bad", "--set", "data.patch_size=32", "--set", "data.salient_resize=40"], capsys)
+    assert code in (0, None), err
+
+
+def test_degenerate_boxes_skipped_and_counted(synth, tmp_path, caplog):
+    def mutate(d):
+        d["annotations"][0]["bbox"] = [1, 1, 0, 5]
+        d["annotations"][1]["bbox"] = [float("nan"), 1, 3, 3]
+        d["annotations"][2]["bbox"] = [5000, 5000, 10, 10]
+    p = _bad_coco(tmp_path, synth, mutate)
+    from boxcaseg.data.coco import BoxPatchDataset
+    from boxcaseg.errors import BoxcasegError
+
+    n_all = len(json.loads(synth.ann_file.read_text())["annotations"])
+    with caplog.at_level("WARNING"):
+        ds = BoxPatchDataset(p, synth.image_dir)
+    assert len(ds) == n_all - 3 and ds.index.n_degenerate == 3
+    warnings = [r for r in caplog.records if "degenerate" in r.getMessage()]
+    assert len(warnings) == 1 and "3 annotation" in warnings[0].getMessage()
+    with pytest.raises(BoxcasegError, match="non-positive size"):
+        BoxPatchDataset(p, synth.image_dir, strict=True)
+
+
+def test_help_explains_options():
+    out = subprocess.run([sys.executable, "-m", "boxcaseg", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for opt in ("--config", "--out", "--box-ann", "--box-images", "--salient-dir", "--max-iters", "--batch-size", "--resume"):
+        assert opt in out.stdout
