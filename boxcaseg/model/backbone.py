@@ -74,8 +74,8 @@ class TimmBackbone(nn.Module):
         """Load a local backbone weight file (timm naming, classification or features model)."""
         from boxcaseg.model.weights import load_backbone_state
 
-        state = load_backbone_state(path)
         own = self.body.state_dict()
+        state = load_backbone_state(path, list(own))
         matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not matched:
             raise BoxcasegError(f"{path}: no tensor matches the backbone's parameters (wrong model or naming?)")
