@@ -1,0 +1,121 @@
+"""The export-only inference module: what `boxcaseg export` turns into ONNX / TensorRT.
+
+Built from a trained :class:`~boxcaseg.model.BoxCaseg` (it is never trained itself):
+
+- the weak head is dropped; the transferred head's conv weights are computed once
+  from the checkpoint (``model.transferred_weights()``) and baked in;
+- every BatchNorm is folded into its convolution (backbone and both heads);
+- the two heads' first 1x1 convs are one conv with 2M outputs; because a 1x1 conv
+  commutes with bilinear upsampling, it is applied to each feature level at the
+  level's own resolution and the results are upsampled and summed (the same numbers
+  as upsample-concat-conv, a fraction of the work);
+- alpha is folded into the second 1x1 conv: ``alpha*salient + (1-alpha)*transferred``
+  is one conv over the concatenated hidden maps;
+- ImageNet normalisation happens inside the graph, so callers feed raw RGB pixels;
+- sigmoid at the end.
+
+forward(x: [B, 3, S, S] float32 RGB in 0..255) -> probs [B, 1, ceil(S/4), ceil(S/4)]
+(or [B, 1, S, S] with ``full_resolution=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from boxcaseg.data.transforms import MEAN, STD
+from boxcaseg.export.fold import fold_batchnorms, fold_conv_bn_params
+
+
+class ProxyExportModel(nn.Module):
+    """Inference graph of BoxCaseg for proxy masks (see module doc).
+
+    x: [B, 3, S, S] float32 RGB 0..255 -> probs [B, 1, s, s] float32 in (0, 1),
+    s = ceil(S / stride) with stride 4 (1 when ``full_resolution``).
+    """
+
+    def __init__(self, model: nn.Module, infer_size: int = 320, full_resolution: bool = False):
+        super().__init__()
+        model = model.eval()
+        self.full_resolution = bool(full_resolution)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(STD).view(1, 3, 1, 1) * 255.0))
+
+        self.body = copy.deepcopy(model.backbone.body).eval()
+        self.keep = list(model.backbone.keep)
+        example = (torch.rand(1, 3, infer_size, infer_size) * 255 - self.mean) * self.inv_std
+        self.bn_folded, self.bn_left = fold_batchnorms(self.body, example)
+
+        with torch.no_grad():
+            sal = model.salient_head
+            ws1, bs1 = fold_conv_bn_params(sal.conv1.weight, sal.conv1.bias, sal.bn)
+            w1, w2 = model.transferred_weights()
+            th = model.transferred_head
+            wt1, bt1 = fold_conv_bn_params(w1.float(), th.bias1, th.bn)
+            weight1 = torch.cat([ws1, wt1], 0)  # [2M, C, 1, 1]
+            bias1 = torch.cat([bs1, bt1], 0)  # [2M]
+            alpha = float(model.alpha)
+            weight2 = torch.cat([alpha * sal.conv2.weight, (1.0 - alpha) * w2.float()], 1)  # [1, 2M, 1, 1]
+            bias2 = alpha * sal.conv2.bias + (1.0 - alpha) * th.bias2
+
+        channels = [self.body.feature_info.channels()[i] for i in self.keep]
+        self.level_convs = nn.ModuleList()
+        start = 0
+        for c in channels:
+            conv = nn.Conv2d(c, weight1.shape[0], 1, bias=False)
+            conv.weight.data.copy_(weight1[:, start:start + c])
+            self.level_convs.append(conv)
+            start += c
+        assert start == weight1.shape[1], "backbone channels do not match the head"
+        self.register_buffer("bias1", bias1.detach().view(1, -1, 1, 1).clone())
+        self.out_conv = nn.Conv2d(weight1.shape[0], 1, 1)
+        self.out_conv.weight.data.copy_(weight2)
+        self.out_conv.bias.data.copy_(bias2.detach())
+        self.alpha = alpha
+        self.stride = 1 if self.full_resolution else int(model.backbone.stride)
+        self.half_compute = False
+
+    def half_precision_copy(self) -> "ProxyExportModel":
+        """A copy computing in float16 between float32 input and output (TensorRT fp16)."""
+        twin = copy.deepcopy(self).half()
+        twin.mean.data, twin.inv_std.data = self.mean.data.clone(), self.inv_std.data.clone()
+        twin.half_compute = True
+        return twin.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean) * self.inv_std
+        feats = self.body(z.half() if self.half_compute else z)
+        feats = [feats[i] for i in self.keep]
+        size = feats[0].shape[-2:]
+        for f in feats[1:]:
+            if f.shape[-2] > size[0]:
+                size = f.shape[-2:]
+        hidden = None
+        for f, conv in zip(feats, self.level_convs):
+            y = conv(f)
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            hidden = y if hidden is None else hidden + y
+        logits = self.out_conv(F.relu(hidden + self.bias1))
+        if self.half_compute:
+            logits = logits.float()
+        if self.full_resolution:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits)
+
+
+def reference_probs(model: nn.Module, x: torch.Tensor, full_resolution: bool = False) -> torch.Tensor:
+    """The training model's answer for the same input: sigmoid(fused), [B, 1, s, s].
+
+    x: [B, 3, S, S] float32 RGB 0..255 (normalised here exactly as the pipeline does).
+    """
+    from boxcaseg.data.transforms import normalize_batch_uint8
+
+    with torch.no_grad():
+        fused = model.eval()(normalize_batch_uint8(x))["fused"]
+        if full_resolution:
+            fused = F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(fused)
