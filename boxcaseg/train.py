@@ -41,6 +41,7 @@ class TrainResult:
     last_loss: float
     seconds: float
     images_per_s: float
+    model: torch.nn.Module | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,7 +181,16 @@ def train(
         log.info("training %s for %d iterations (%d box + %d salient per batch, %d process(es), %s)",
                  cfg.model.backbone, t.max_iters, n_box, n_sal, world, device)
 
+    def sync_buffers() -> None:
+        """Average BN running statistics over ranks (DDP syncs only parameters)."""
+        if distributed:
+            for buf in model.buffers():
+                if buf.is_floating_point():
+                    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+                    buf.div_(world)
+
     def save(it: int) -> None:
+        sync_buffers()
         rng = _rng_state()
         if distributed:
             gathered = [None] * world
@@ -238,4 +248,4 @@ def train(
         metrics.close()
     seconds = time.perf_counter() - t0
     dist.barrier()
-    return TrainResult(out_dir, it, first_loss, last_loss, seconds, n_images / max(seconds, 1e-9))
+    return TrainResult(out_dir, it, first_loss, last_loss, seconds, n_images / max(seconds, 1e-9), model)
