@@ -13,9 +13,9 @@ from boxcaseg.masks import encode
 
 def test_box_fill_pixel_centres():
     m = box_fill_mask([1.2, 2.0, 3.0, 2.6], 8, 8)
-    # columns whose centre j+0.5 lies in [1.2, 4.2]: j = 1, 2, 3; rows in [2.0, 4.6]: i = 2, 3
+    # columns whose centre j+0.5 lies in [1.2, 4.2]: j = 1, 2, 3; rows in [2.0, 4.6]: i = 2, 3, 4
     expect = np.zeros((8, 8), np.uint8)
-    expect[2:4, 1:4] = 1
+    expect[2:5, 1:4] = 1
     np.testing.assert_array_equal(m, expect)
 
 
