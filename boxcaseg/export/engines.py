@@ -186,3 +186,30 @@ def load_engine(kind: str, path: str | Path, threads: int = 0, device: str | Non
     if kind == "trt":
         return TrtEngine(path)
     raise BoxcasegError(f"unknown engine {kind!r} (choose from {', '.join(ENGINE_KINDS)})")
+
+
+def read_model_info(kind: str, path: str | Path) -> int:
+    """The inference size S of a model file, without building the engine.
+
+    BoxcasegError in one line when the file is not a ``kind`` model of ours.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BoxcasegError(f"{path}: model file not found")
+    if kind == "onnx":
+        from boxcaseg.export.onnx_export import read_onnx_metadata
+
+        return int(read_onnx_metadata(path)["boxcaseg.infer_size"])
+    if kind == "trt":
+        from boxcaseg.export.tensorrt import read_trt_metadata
+
+        return int(read_trt_metadata(path)["boxcaseg.infer_size"])
+    if kind == "torch":
+        from boxcaseg.io import safe_torch_load
+
+        ckpt = safe_torch_load(path)
+        try:
+            return int(ckpt["config"]["model"].get("infer_size", 320))
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (no config.model)") from e
+    raise BoxcasegError(f"unknown engine {kind!r} (choose from {', '.join(ENGINE_KINDS)})")

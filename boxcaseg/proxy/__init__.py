@@ -1,0 +1,14 @@
+"""Step 2 of BoxCaseg: proxy masks for every box of a COCO json, merged and scored.
+
+- :func:`generate_proxy` (:class:`ProxyConfig` -> summary): the batched, sharded,
+  resumable pipeline; :func:`merge_shards` joins shard files;
+- :func:`merge_and_drop`: smaller-object-better merge and proxy box agreement (Numba,
+  box-local windows);
+- :func:`masks_from_probs`: probability maps -> box-local binary masks (Numba).
+"""
+
+from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
+from boxcaseg.proxy.pipeline import ProxyConfig, generate_proxy, merge_shards
+from boxcaseg.proxy.postprocess import masks_from_probs
+
+__all__ = ["ProxyConfig", "encode_window_fast", "generate_proxy", "masks_from_probs", "merge_and_drop", "merge_shards"]

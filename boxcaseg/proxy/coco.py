@@ -1,0 +1,147 @@
+"""COCO instances json for proxy masks: validation, the per-image work list, the output.
+
+The output is the input json with every non-crowd annotation's ``segmentation``
+replaced by a compressed RLE (``counts`` as str) and two fields added:
+``proxy_agreement`` (float) and ``ignore_mask`` (bool). Crowd annotations, images,
+categories and every other field are left as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boxcaseg.boxes import degenerate_reason
+from boxcaseg.errors import BoxcasegError
+from boxcaseg.proxy.geometry import box_window, clipped_box_xyxy, crop_window
+
+
+@dataclass
+class ImageTask:
+    """One image and its non-crowd annotations, in annotation-list order."""
+
+    index: int                      # position in the image-id order
+    image_id: Any
+    file_name: str
+    width: int
+    height: int
+    ann_ids: list = field(default_factory=list)
+    bboxes: list = field(default_factory=list)
+    reasons: list = field(default_factory=list)  # None = usable, else why it is flagged
+    boxes: np.ndarray | None = None              # [n, 4] int64 box windows (usable only)
+    crops: np.ndarray | None = None              # [n, 4] int64 crop windows (usable only)
+    gt_xyxy: np.ndarray | None = None            # [n, 4] float64 GT clipped to the image
+    areas: np.ndarray | None = None              # [n] float64 GT box areas (merge priority)
+
+    @property
+    def usable(self) -> list[int]:
+        return [i for i, r in enumerate(self.reasons) if r is None]
+
+
+def _is_crowd(ann: dict) -> bool:
+    return bool(ann.get("iscrowd", 0))
+
+
+def _int_size(img: dict, key: str, src: str) -> int:
+    v = img.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 or int(v) != v:
+        raise BoxcasegError(f"{src}: image id {img.get('id')!r} has no valid {key!r} ({v!r})")
+    return int(v)
+
+
+def validate_coco(data: Any, src: str | Path) -> None:
+    """Structure checks; a problem raises BoxcasegError naming the file and the id."""
+    src = str(src)
+    if not isinstance(data, dict):
+        raise BoxcasegError(f"{src}: malformed COCO json (top level is not an object)")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise BoxcasegError(f"{src}: malformed COCO json (no {key!r} list)")
+    seen = set()
+    for img in data["images"]:
+        if not isinstance(img, dict) or "id" not in img:
+            raise BoxcasegError(f"{src}: malformed COCO json (an image entry without 'id': {str(img)[:80]})")
+        if img["id"] in seen:
+            raise BoxcasegError(f"{src}: image id {img['id']!r} appears twice")
+        seen.add(img["id"])
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise BoxcasegError(f"{src}: image id {img['id']!r} has no 'file_name'")
+        _int_size(img, "width", src)
+        _int_size(img, "height", src)
+    ann_seen = set()
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or "id" not in ann:
+            raise BoxcasegError(f"{src}: malformed COCO json (an annotation without 'id': {str(ann)[:80]})")
+        if ann["id"] in ann_seen:
+            raise BoxcasegError(f"{src}: annotation id {ann['id']!r} appears twice")
+        ann_seen.add(ann["id"])
+        if ann.get("image_id") not in seen:
+            raise BoxcasegError(f"{src}: annotation id {ann['id']!r} points at unknown image id {ann.get('image_id')!r}")
+
+
+def build_tasks(data: dict, context: float, strict: bool, src: str | Path) -> list[ImageTask]:
+    """Every image (sorted by id) with its non-crowd annotations and their windows.
+
+    A box that is non-finite, has non-positive size or lies entirely outside its image
+    is flagged (``strict``: BoxcasegError naming the annotation).
+    """
+    images = sorted(data["images"], key=lambda im: (str(type(im["id"])), im["id"]))
+    by_id: dict[Any, ImageTask] = {}
+    tasks = []
+    for i, img in enumerate(images):
+        t = ImageTask(i, img["id"], img["file_name"], int(img["width"]), int(img["height"]))
+        by_id[img["id"]] = t
+        tasks.append(t)
+    for ann in data["annotations"]:
+        if _is_crowd(ann):
+            continue
+        t = by_id[ann["image_id"]]
+        bbox = ann.get("bbox")
+        reason = degenerate_reason(bbox, t.width, t.height)
+        if reason is not None:
+            if strict:
+                raise BoxcasegError(f"{src}: annotation id {ann['id']!r} (image id {t.image_id!r}): {reason} ({bbox!r})")
+            reason = f"degenerate box: {reason}"
+        t.ann_ids.append(ann["id"])
+        t.bboxes.append(bbox)
+        t.reasons.append(reason)
+    for t in tasks:
+        use = t.usable
+        t.boxes = np.array([box_window(t.bboxes[i], t.width, t.height) for i in use], np.int64).reshape(-1, 4)
+        t.crops = np.array([crop_window(t.bboxes[i], t.width, t.height, context) for i in use], np.int64).reshape(-1, 4)
+        t.gt_xyxy = np.array([clipped_box_xyxy(t.bboxes[i], t.width, t.height) for i in use], np.float64).reshape(-1, 4)
+        t.areas = np.array([float(t.bboxes[i][2]) * float(t.bboxes[i][3]) for i in use], np.float64)
+    return tasks
+
+
+def apply_results(data: dict, results: dict) -> dict:
+    """The output json: ``data`` with ``results[ann_id] = (rle, agreement, ignore)`` applied.
+
+    Every non-crowd annotation must have a result (nothing is dropped silently).
+    """
+    out = dict(data)
+    anns = []
+    for ann in data["annotations"]:
+        if _is_crowd(ann):
+            anns.append(ann)
+            continue
+        res = results.get(_key(ann["id"]))
+        if res is None:
+            raise BoxcasegError(f"annotation id {ann['id']!r}: no proxy mask was produced for it (incomplete shards?)")
+        rle, agreement, ignore = res
+        new = dict(ann)
+        new["segmentation"] = rle
+        new["proxy_agreement"] = float(agreement)
+        new["ignore_mask"] = bool(ignore)
+        anns.append(new)
+    out["annotations"] = anns
+    return out
+
+
+def _key(ann_id: Any) -> str:
+    """Annotation ids as JSON object keys (ints and strings kept apart)."""
+    return f"{type(ann_id).__name__}:{ann_id}"
