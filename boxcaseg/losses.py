@@ -83,9 +83,11 @@ def pixel_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
     """MIL loss (see module docstring), computed by ``backend``.
 
-    backend: ``"reference"`` (this module), ``"torch"`` (fused eager/compiled torch path),
-    ``"triton"`` (Triton kernel; CPU tensors only under ``TRITON_INTERPRET=1``) or
-    ``"auto"`` (Triton on CUDA, torch elsewhere).
+    backend: ``"reference"`` (this module), ``"torch"`` (plain torch: max over one axis),
+    ``"numba"`` (fused CPU kernel), ``"triton"`` (fused Triton kernel; CPU tensors only
+    under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA, Numba on CPU, torch
+    elsewhere). See :mod:`boxcaseg.kernels.dispatch`. On an exact tie of a bag's maximum
+    the fast paths send the gradient to its first position (the reference splits it).
     """
     from boxcaseg.kernels import dispatch
 
@@ -118,8 +120,10 @@ def boxcaseg_loss(
     weak = weak_logits
     if weak.shape[-2:] != size:
         weak = F.interpolate(weak, size=size, mode="bilinear", align_corners=False)
-    l_mil = mil_loss(weak, target, backend=backend)
-    l_smooth = smoothness_loss(weak, backend=backend)
+    from boxcaseg.kernels import dispatch
+
+    # One fused pass for both weak-map terms (its gradient is made for this weighting).
+    l_mil, l_smooth = dispatch.mil_smooth_loss(weak, target, smooth_weight, backend)
     if bool(is_salient.any()):
         fused = fused_logits[is_salient]
         if fused.shape[-2:] != size:

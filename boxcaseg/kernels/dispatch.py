@@ -1,18 +1,169 @@
-"""Backend selection for the MIL and smoothness losses.
+"""One dispatcher for the MIL and smoothness losses.
 
-Placeholder dispatcher: only the reference backend is wired until the kernels land.
+Backends (keyword ``backend`` of :func:`boxcaseg.losses.mil_loss`,
+:func:`boxcaseg.losses.smoothness_loss` and :func:`boxcaseg.losses.boxcaseg_loss`):
+
+- ``"reference"``: :func:`boxcaseg.losses.mil_loss_reference` and
+  :func:`boxcaseg.losses.smoothness_loss_reference`, the definition.
+- ``"torch"``: plain torch with autograd (``max`` over one axis, shifted-slice
+  differences), :mod:`boxcaseg.kernels.torch_mil_smooth`; any device.
+- ``"numba"``: fused CPU kernel in one autograd.Function,
+  :mod:`boxcaseg.kernels.cpu_mil_smooth`; CPU tensors.
+- ``"triton"``: fused Triton kernels in one autograd.Function,
+  :mod:`boxcaseg.kernels.triton_mil_smooth`; CUDA tensors, or CPU tensors through
+  Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were
+  imported (tests); otherwise a clear error.
+- ``"auto"``: Triton on CUDA tensors (torch when Triton is missing), the fused Numba
+  kernel on CPU tensors (torch when Numba is missing), torch elsewhere.
+
+The first time each backend is chosen, ``logging.getLogger("boxcaseg.kernels")`` says
+so at INFO level (training uses ``"auto"``, so its log names the path that ran).
+All fast paths agree with the reference except on exact ties of a bag's maximum, where
+the gradient goes to the first position of the maximum (see
+:mod:`boxcaseg.kernels._common`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
+
 import torch
 
 from boxcaseg import losses as _losses
+from boxcaseg.errors import BoxcasegError
+
+logger = logging.getLogger("boxcaseg.kernels")
+
+BACKENDS = ("auto", "triton", "numba", "torch", "reference")
+
+_announced: set[str] = set()
+
+
+class BackendUnavailableError(BoxcasegError):
+    """The requested loss backend cannot run on these tensors in this process."""
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_problem(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on ``device``, or None when it can."""
+    if not _has_module("triton"):
+        return "Triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type != "cpu":
+        return f"Triton kernels do not run on {device.type} tensors"
+    if not _interpreter_requested():
+        return (
+            "backend='triton' got CPU tensors; Triton runs on CPU only in its interpreter: "
+            "set TRITON_INTERPRET=1 before the first import of triton / boxcaseg.kernels, "
+            "or use backend='auto' (Numba on CPU)"
+        )
+    from boxcaseg.kernels import triton_mil_smooth
+
+    if not triton_mil_smooth.INTERPRETED:
+        return (
+            "TRITON_INTERPRET=1 was set after boxcaseg.kernels.triton_mil_smooth had been "
+            "imported for GPU; set it before the first import"
+        )
+    return None
+
+
+def resolve_backend(tensor: torch.Tensor, backend: str = "auto") -> str:
+    """The backend that runs for ``tensor``: one of ``triton | numba | torch | reference``.
+
+    Raises :class:`BackendUnavailableError` when an explicit backend cannot run here.
+    Logs the choice the first time each backend is resolved.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dev = tensor.device
+    if backend == "auto":
+        if dev.type == "cuda" and _triton_problem(dev) is None:
+            chosen = "triton"
+        elif dev.type == "cpu" and _has_module("numba"):
+            chosen = "numba"
+        else:
+            chosen = "torch"
+    else:
+        chosen = backend
+        if chosen == "triton":
+            problem = _triton_problem(dev)
+            if problem is not None:
+                raise BackendUnavailableError(problem)
+        elif chosen == "numba":
+            if dev.type != "cpu":
+                raise BackendUnavailableError(f"backend='numba' runs on CPU tensors, got {dev}")
+            if not _has_module("numba"):
+                raise BackendUnavailableError("backend='numba' needs the numba package")
+    if chosen not in _announced:
+        _announced.add(chosen)
+        logger.info("MIL/smoothness loss backend: %s (requested %r, %s tensors)", chosen, backend, dev.type)
+    return chosen
+
+
+def _fused(chosen: str):
+    if chosen == "triton":
+        from boxcaseg.kernels.triton_mil_smooth import mil_smooth_loss_triton
+
+        return mil_smooth_loss_triton
+    from boxcaseg.kernels.cpu_mil_smooth import mil_smooth_loss_numba
+
+    return mil_smooth_loss_numba
+
+
+def mil_smooth_loss(
+    logits: torch.Tensor,
+    box_mask: torch.Tensor,
+    smooth_weight: float = _losses.SMOOTH_WEIGHT,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mil, smooth)`` of one weak map in one pass where the backend allows.
+
+    logits, box_mask: [N, 1, H, W]. ``smooth_weight`` is the weight the caller gives the
+    smoothness term (``loss = mil + smooth_weight * smooth``): the fused backends write
+    that combination's gradient in the forward pass, so the backward costs nothing; any
+    other use of the two outputs stays correct (the gradient is then recomputed).
+    Returns float32 scalars (float64 for float64 logits; the reference backend returns
+    the logits' dtype).
+    """
+    chosen = resolve_backend(logits, backend)
+    if chosen == "reference":
+        return _losses.mil_loss_reference(logits, box_mask), _losses.smoothness_loss_reference(logits)
+    if chosen == "torch":
+        from boxcaseg.kernels.torch_mil_smooth import mil_smooth_loss_torch
+
+        return mil_smooth_loss_torch(logits, box_mask)
+    return _fused(chosen)(logits, box_mask, True, True, (1.0, float(smooth_weight)))
 
 
 def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    return _losses.mil_loss_reference(logits, box_mask)
+    """MIL loss of logits [N, 1, H, W] against bags from box_mask [N, 1, H, W]."""
+    chosen = resolve_backend(logits, backend)
+    if chosen == "reference":
+        return _losses.mil_loss_reference(logits, box_mask)
+    if chosen == "torch":
+        from boxcaseg.kernels.torch_mil_smooth import mil_loss_torch
+
+        return mil_loss_torch(logits, box_mask)
+    return _fused(chosen)(logits, box_mask, True, False, (1.0, 0.0))[0]
 
 
 def smoothness_loss(logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    return _losses.smoothness_loss_reference(logits)
+    """8-neighbour smoothness loss of sigmoid(logits), logits [N, 1, H, W]."""
+    chosen = resolve_backend(logits, backend)
+    if chosen == "reference":
+        return _losses.smoothness_loss_reference(logits)
+    if chosen == "torch":
+        from boxcaseg.kernels.torch_mil_smooth import smoothness_loss_torch
+
+        return smoothness_loss_torch(logits)
+    return _fused(chosen)(logits, None, False, True, (0.0, 1.0))[1]

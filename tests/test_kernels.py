@@ -1,0 +1,347 @@
+"""Fast paths of the MIL + smoothness loss against the float64 reference.
+
+Every backend (plain torch, the fused Numba CPU kernel, the fused Triton kernels run by
+Triton's interpreter on CPU; conftest.py sets TRITON_INTERPRET=1 before Triton is
+imported) is compared with ``boxcaseg.losses.*_reference`` evaluated in float64 on fresh
+random inputs, values and gradients.
+
+Tolerances, relative to the largest magnitude of the reference (so an element whose
+gradient cancels to ~0 is judged against the map's scale): float32 1e-5, float64 1e-9,
+bfloat16 / float16 1e-2.
+
+Tie rule: on an exact tie of a bag's maximum the fast paths send the bag's gradient to
+the first position (lowest x of a row, lowest y of a column), as torch.argmax picks it;
+``torch.amax`` in the reference splits it evenly. Random float32/float64 maps have no
+ties (checked); for bfloat16 maps (ties happen) and the all-equal map the expected MIL
+gradient is built by hand with the first-position rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from boxcaseg import losses
+from boxcaseg.kernels import dispatch
+
+FAST = ["torch", "numba", "triton"]
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+W_SMOOTH = losses.SMOOTH_WEIGHT
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    actual = actual.detach().to(torch.float64)
+    expected = expected.detach().to(torch.float64)
+    assert actual.shape == expected.shape, what
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rtol, f"{what}: max |diff| / max |ref| = {float(err):.3g} > {rtol:g}"
+
+
+def random_box_mask(n: int, h: int, w: int, gen: torch.Generator, kind: str = "random") -> torch.Tensor:
+    """[N, 1, H, W] float {0, 1}: a random box per image, or a border-touching / empty / full one."""
+    m = torch.zeros(n, 1, h, w)
+    for i in range(n):
+        if kind == "empty":
+            continue
+        if kind == "full":
+            m[i] = 1
+            continue
+        y0, y1 = sorted(torch.randint(0, h + 1, (2,), generator=gen).tolist())
+        x0, x1 = sorted(torch.randint(0, w + 1, (2,), generator=gen).tolist())
+        if kind == "border":      # touches two borders, alternating corners
+            y0, x0 = (0, 0) if i % 2 == 0 else (y0, x0)
+            y1, x1 = (y1, x1) if i % 2 == 0 else (h, w)
+        y1, x1 = max(y1, y0 + 1), max(x1, x0 + 1)
+        m[i, 0, y0:y1, x0:x1] = 1
+    return m
+
+
+def reference(x64: torch.Tensor, m64: torch.Tensor) -> dict[str, torch.Tensor]:
+    """float64 reference values and the gradients of mil, smooth and mil + w*smooth."""
+    x = x64.detach().clone().requires_grad_(True)
+    mil = losses.mil_loss_reference(x, m64)
+    smooth = losses.smoothness_loss_reference(x)
+    g_mil, = torch.autograd.grad(mil, x, retain_graph=True)
+    g_smooth, = torch.autograd.grad(smooth, x)
+    return {"mil": mil.detach(), "smooth": smooth.detach(), "g_mil": g_mil, "g_smooth": g_smooth,
+            "g_total": g_mil + W_SMOOTH * g_smooth}
+
+
+def first_argmax_mil_grad(x64: torch.Tensor, m64: torch.Tensor) -> torch.Tensor:
+    """d mil / d logits with each bag's gradient at the first position of its maximum."""
+    n, _, h, w = x64.shape
+    x, m = x64[:, 0], m64[:, 0]
+    g = torch.zeros_like(x)
+    n_bags = n * (h + w)
+    r_max = x.amax(dim=2, keepdim=True)
+    r_arg = (x == r_max).to(torch.int8).argmax(dim=2)              # first True
+    r_coef = (torch.sigmoid(r_max[..., 0]) - m.amax(dim=2)) / n_bags
+    g.scatter_add_(2, r_arg[..., None], r_coef[..., None])
+    c_max = x.amax(dim=1, keepdim=True)
+    c_arg = (x == c_max).to(torch.int8).argmax(dim=1)
+    c_coef = (torch.sigmoid(c_max[:, 0]) - m.amax(dim=1)) / n_bags
+    g.scatter_add_(1, c_arg[:, None], c_coef[:, None])
+    return g[:, None]
+
+
+def has_ties(x: torch.Tensor) -> bool:
+    x = x[:, 0].to(torch.float64)
+    rows = (x == x.amax(dim=2, keepdim=True)).sum(dim=2)
+    cols = (x == x.amax(dim=1, keepdim=True)).sum(dim=1)
+    return bool((rows > 1).any() or (cols > 1).any())
+
+
+def run_backend(backend: str, x: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Values through the public functions and the three gradients, for one backend."""
+    xa = x.detach().clone().requires_grad_(True)
+    mil, smooth = dispatch.mil_smooth_loss(xa, m, W_SMOOTH, backend)
+    (mil + W_SMOOTH * smooth).backward()
+    g_total = xa.grad
+    xa.grad = None
+    mil_only = losses.mil_loss(xa, m, backend=backend)
+    g_mil, = torch.autograd.grad(mil_only, xa)
+    smooth_only = losses.smoothness_loss(xa, backend=backend)
+    g_smooth, = torch.autograd.grad(smooth_only, xa)
+    for t in (g_total, g_mil, g_smooth):
+        assert t.dtype == x.dtype and t.shape == x.shape
+    return {"mil": mil, "smooth": smooth, "mil_only": mil_only, "smooth_only": smooth_only,
+            "g_total": g_total, "g_mil": g_mil, "g_smooth": g_smooth}
+
+
+def check_against_reference(backend: str, x: torch.Tensor, m: torch.Tensor) -> None:
+    rtol = RTOL[x.dtype]
+    x64, m64 = x.detach().to(torch.float64), m.to(torch.float64)
+    ref = reference(x64, m64)
+    if has_ties(x):
+        assert x.dtype in (torch.bfloat16, torch.float16), "random float32/64 maps must not tie"
+        ref["g_mil"] = first_argmax_mil_grad(x64, m64)
+        ref["g_total"] = ref["g_mil"] + W_SMOOTH * ref["g_smooth"]
+    out = run_backend(backend, x, m)
+    for key, ref_key in [("mil", "mil"), ("mil_only", "mil"), ("smooth", "smooth"), ("smooth_only", "smooth"),
+                         ("g_total", "g_total"), ("g_mil", "g_mil"), ("g_smooth", "g_smooth")]:
+        expected = ref[ref_key]
+        if ref_key == "smooth" and float(expected) == 0.0:
+            assert float(out[key].detach()) == 0.0, f"{backend} {key}"
+            continue
+        assert_rel(out[key], expected, rtol, f"{backend} {key} {tuple(x.shape)} {x.dtype}")
+
+
+SHAPES = [(3, 1, 1), (3, 7, 13), (2, 288, 288), (2, 257, 320), (2, 1, 9), (2, 9, 1)]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float32_matches_float64_reference(backend, shape):
+    gen = torch.Generator().manual_seed(hash((backend, shape)) % 2**31)
+    n, h, w = shape
+    x = torch.randn(n, 1, h, w, generator=gen) * 3
+    m = random_box_mask(n, h, w, gen)
+    check_against_reference(backend, x, m)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_other_dtypes(backend, dtype):
+    gen = torch.Generator().manual_seed(7)
+    for n, h, w in [(2, 288, 288), (3, 7, 13)]:
+        x = (torch.randn(n, 1, h, w, generator=gen) * 3).to(dtype)
+        m = random_box_mask(n, h, w, gen).to(dtype)
+        check_against_reference(backend, x, m)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_float16_runs(backend):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 1, 17, 23, generator=gen) * 3).half()
+    check_against_reference(backend, x, random_box_mask(2, 17, 23, gen))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("kind", ["border", "empty", "full"])
+def test_border_empty_and_full_boxes(backend, kind):
+    gen = torch.Generator().manual_seed(11)
+    for n, h, w in [(4, 19, 31), (2, 288, 288)]:
+        x = torch.randn(n, 1, h, w, generator=gen) * 3
+        m = random_box_mask(n, h, w, gen, kind)
+        check_against_reference(backend, x, m)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_bool_and_uint8_masks(backend):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 1, 33, 21, generator=gen)
+    m = random_box_mask(3, 33, 21, gen)
+    ref = run_backend(backend, x, m)
+    for mm in (m.bool(), m.to(torch.uint8)):
+        out = run_backend(backend, x, mm)
+        for key in ("mil", "g_total", "g_mil"):
+            assert_rel(out[key], ref[key], 1e-6, f"{backend} {mm.dtype} {key}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_all_equal_map_ties_go_to_first_position(backend):
+    """Constant logits: every row bag's gradient lands on x = 0, every column's on y = 0."""
+    n, h, w, c = 2, 6, 9, 0.3
+    x = torch.full((n, 1, h, w), c, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    m = random_box_mask(n, h, w, gen)
+    n_bags = n * (h + w)
+    expected = torch.zeros(n, 1, h, w, dtype=torch.float64)
+    sig = torch.sigmoid(torch.tensor(c, dtype=torch.float64))
+    for i in range(n):
+        for y in range(h):
+            expected[i, 0, y, 0] += (sig - m[i, 0, y].max()) / n_bags
+        for xx in range(w):
+            expected[i, 0, 0, xx] += (sig - m[i, 0, :, xx].max()) / n_bags
+    ref = reference(x, m.double())
+    for dt in (torch.float64, torch.float32):
+        out = run_backend(backend, x.to(dt), m.to(dt))
+        assert_rel(out["mil"], ref["mil"], RTOL[dt], f"{backend} mil")
+        assert_rel(out["g_mil"], expected, RTOL[dt], f"{backend} tie gradient")
+        assert float(out["smooth"].detach()) == 0.0
+        assert float(out["g_smooth"].abs().max()) == 0.0
+    # the reference (torch.amax) spreads the same per-image total evenly over the ties
+    assert torch.allclose(ref["g_mil"].sum(dim=(2, 3)), expected.sum(dim=(2, 3)))
+    assert not torch.allclose(ref["g_mil"], expected)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_non_contiguous_views(backend):
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(3, 2, 80, 70, generator=gen) * 3
+    mbase = random_box_mask(3, 70, 80, gen).transpose(2, 3)           # [3, 1, 80, 70], strided
+    views = [
+        (base[:, 1:2, ::2, 3::2], mbase[:, :, ::2, 3::2]),            # channel slice + steps
+        (base[:, :1].transpose(2, 3), random_box_mask(3, 70, 80, gen)),  # transposed
+    ]
+    for x, m in views:
+        assert not x.is_contiguous()
+        check_against_reference(backend, x, m)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_many_images(backend):
+    gen = torch.Generator().manual_seed(2)
+    n = 2000 if backend != "triton" else 150      # the interpreter runs 2N programs, ~10 ms each
+    x = torch.randn(n, 1, 5, 7, generator=gen) * 3
+    check_against_reference(backend, x, random_box_mask(n, 5, 7, gen))
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_upstream_gradients_of_any_weighting(backend):
+    """The fused backward reuses the forward's gradient only for (1, w) * c; other
+    weightings recompute it. Both, and retain_graph reuse, match the reference."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 1, 40, 50, generator=gen) * 2
+    m = random_box_mask(3, 40, 50, gen)
+    ref = reference(x.double(), m.double())
+    for a, b in [(1.0, W_SMOOTH), (2.0, 2 * W_SMOOTH), (2.0, 3.0), (0.0, 1.0), (1.0, 0.0)]:
+        xa = x.clone().requires_grad_(True)
+        mil, smooth = dispatch.mil_smooth_loss(xa, m, W_SMOOTH, backend)
+        loss = a * mil + b * smooth
+        loss.backward(retain_graph=True)
+        first = xa.grad.clone()
+        xa.grad = None
+        loss.backward()
+        assert torch.equal(first, xa.grad)
+        assert_rel(xa.grad, a * ref["g_mil"] + b * ref["g_smooth"], 1e-5, f"{backend} ({a}, {b})")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_no_grad_forward(backend):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 1, 30, 20, generator=gen)
+    m = random_box_mask(2, 30, 20, gen)
+    with torch.no_grad():
+        mil, smooth = dispatch.mil_smooth_loss(x, m, W_SMOOTH, backend)
+    assert_rel(mil, losses.mil_loss_reference(x.double(), m.double()), 1e-5)
+    assert_rel(smooth, losses.smoothness_loss_reference(x.double()), 1e-5)
+
+
+def test_reference_backend_is_the_reference():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 1, 12, 10, generator=gen)
+    m = random_box_mask(2, 12, 10, gen)
+    assert torch.equal(losses.mil_loss(x, m, backend="reference"), losses.mil_loss_reference(x, m))
+    assert torch.equal(losses.smoothness_loss(x, backend="reference"), losses.smoothness_loss_reference(x))
+
+
+# ---------------------------------------------------------------- dispatcher
+
+def test_resolve_backend_and_log(caplog):
+    x = torch.zeros(1, 1, 2, 2)
+    dispatch._announced.clear()
+    with caplog.at_level(logging.INFO, logger="boxcaseg.kernels"):
+        assert dispatch.resolve_backend(x, "auto") == "numba"
+        assert dispatch.resolve_backend(x, "auto") == "numba"
+        assert dispatch.resolve_backend(x, "torch") == "torch"
+    msgs = [r.getMessage() for r in caplog.records if r.name == "boxcaseg.kernels"]
+    assert len(msgs) == 2 and "numba" in msgs[0] and "torch" in msgs[1]
+    assert dispatch.resolve_backend(x, "triton") == "triton"          # interpreter is on here
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.resolve_backend(x, "cuda")
+    meta = torch.zeros(1, 1, 2, 2, device="meta")
+    with pytest.raises(dispatch.BackendUnavailableError, match="numba"):
+        dispatch.resolve_backend(meta, "numba")
+    assert dispatch.resolve_backend(meta, "auto") == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = (
+        "import torch\n"
+        "from boxcaseg.losses import mil_loss\n"
+        "from boxcaseg.kernels.dispatch import BackendUnavailableError\n"
+        "x = torch.zeros(1, 1, 2, 2)\n"
+        "try:\n"
+        "    mil_loss(x, x, backend='triton')\n"
+        "except BackendUnavailableError as e:\n"
+        "    print('ERR', e)\n"
+        "print('auto', float(mil_loss(x, x, backend='auto')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+    assert "auto 0.69" in out.stdout
+
+
+# ---------------------------------------------------------------- training step
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, img):
+        out = self.conv(img)
+        return out[:, :1], out[:, 1:]
+
+
+def _one_step(backend: str) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    net = _TinyNet().double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(4, 3, 12, 12, generator=gen, dtype=torch.float64)
+    target = random_box_mask(4, 48, 48, gen).double()
+    is_sal = torch.tensor([True, False, False, True])
+    weak, fused = net(img)
+    out = losses.boxcaseg_loss(weak, fused, target, is_sal, backend=backend)
+    assert set(out) == {"loss", "loss_mil", "loss_smooth", "loss_pixel"}
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_training_step_is_the_same_with_every_backend():
+    ref = _one_step("reference")
+    for backend in ["auto", *FAST]:
+        for p, q in zip(_one_step(backend), ref):
+            assert_rel(p, q, 1e-9, backend)
