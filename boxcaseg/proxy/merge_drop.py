@@ -40,8 +40,7 @@ def merge_drop_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged,
         x0, y0, x1, y1 = windows[i, 0], windows[i, 1], windows[i, 2], windows[i, 3]
         w = x1 - x0
         off = offsets[i]
-        for k in range(offsets[i + 1] - off):
-            merged[off + k] = masks[off + k]
+        merged[off:offsets[i + 1]] = masks[off:offsets[i + 1]]
         for j in range(n):
             if j == i or not has_mask[j] or not _wins(areas, j, i):
                 continue
@@ -56,22 +55,29 @@ def merge_drop_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged,
                 for xx in range(ox0, ox1):
                     if masks[joff + (yy - jy0) * jw + (xx - jx0)] != 0:
                         merged[off + (yy - y0) * w + (xx - x0)] = 0
-        # tight box of the merged mask (pixel edges)
+        # tight box of the merged mask (pixel edges); rows scanned from both ends
         rmin, rmax, cmin, cmax = -1, -1, w, -1
         for r in range(y1 - y0):
-            row_any = False
             base = off + r * w
+            first = -1
             for c in range(w):
                 if merged[base + c] != 0:
-                    row_any = True
-                    if c < cmin:
-                        cmin = c
-                    if c > cmax:
-                        cmax = c
-            if row_any:
-                if rmin < 0:
-                    rmin = r
-                rmax = r
+                    first = c
+                    break
+            if first < 0:
+                continue
+            last = first
+            for c in range(w - 1, first, -1):
+                if merged[base + c] != 0:
+                    last = c
+                    break
+            if first < cmin:
+                cmin = first
+            if last > cmax:
+                cmax = last
+            if rmin < 0:
+                rmin = r
+            rmax = r
         if rmin < 0:
             continue
         a0, a1 = float(x0 + cmin), float(y0 + rmin)

@@ -1,0 +1,287 @@
+"""Proxy-mask throughput on real COCO images: the published-style pipeline vs ours.
+
+    python bench/proxy_throughput.py [--ckpt last.pt] [--limit-images N] [--json]
+
+(a) published-style, re-written here from DESIGN.md: the image re-read per annotation,
+    crop resized to S in float64 (skimage.transform.resize, as the published loader),
+    one loader worker, batched forward of the training model, then per instance and
+    serially: min-max normalise, PIL resize to the box, threshold, paste into a
+    full-image mask, RLE encode. (No merge/drop: that is bench/merge_drop.py.)
+(b) ours, --engine torch (the checkpoint run directly);
+(c) ours, --engine onnx (ONNX Runtime; CPU here);
+(d) ours, --engine trt when TensorRT and a GPU are there.
+Ours is the whole `generate_proxy` call: json load, decode, crop, inference, masks,
+merge/drop, RLE, progress files and the output json. Instances/s = masks produced /
+wall seconds. Without --ckpt, the CPU recipe's model (configs/cpu.toml:
+efficientnet_lite0, S = 320) is built with fixed random weights (speed does not
+depend on training). `--variants` also times the export choices (stride-4 vs full
+resolution output, normalisation in the graph vs in numpy). The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
+
+
+def make_checkpoint(path: Path, backbone: str | None) -> Path:
+    import torch
+
+    from boxcaseg.config import load_config
+    from boxcaseg.model import build_model
+
+    cfg = load_config(REPO / "configs" / "cpu.toml")
+    if backbone:
+        cfg.model.backbone = backbone
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    # BN statistics as a trained model has them (running stats = the activations' own
+    # statistics), so BN folding is exercised and the network stays well conditioned
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(8, 3, 160, 160, generator=g))
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, path)
+    return path
+
+
+def subset_json(ann: Path, limit: int | None, out: Path) -> Path:
+    if not limit:
+        return ann
+    data = json.loads(ann.read_text())
+    keep = {im["id"] for im in sorted(data["images"], key=lambda im: im["id"])[:limit]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    out.write_text(json.dumps(data))
+    return out
+
+
+# --------------------------------------------------------------------------- (a) published style
+
+
+class PublishedStyleDataset:
+    """One item per annotation: the image read again, the box crop resized in float64."""
+
+    def __init__(self, items, size):
+        self.items, self.size = items, size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        import torch
+        from PIL import Image
+        from skimage import transform
+
+        path, (x0, y0, x1, y1), _h, _w = self.items[i]
+        img = np.asarray(Image.open(path).convert("RGB"))
+        crop = img[y0:y1, x0:x1]
+        crop = transform.resize(crop, (self.size, self.size), mode="constant")  # float64 in [0, 1]
+        mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+        crop = (crop - mean) / std
+        return torch.from_numpy(crop.transpose(2, 0, 1).copy()), i
+
+
+def published_items(ann: Path, images: Path):
+    from boxcaseg.boxes import degenerate_reason
+
+    data = json.loads(ann.read_text())
+    imgs = {im["id"]: im for im in data["images"]}
+    items = []
+    for a in data["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        im = imgs[a["image_id"]]
+        if degenerate_reason(a.get("bbox"), im["width"], im["height"]):
+            continue
+        x, y, w, h = a["bbox"]
+        x0, y0 = max(0, int(x)), max(0, int(y))
+        x1, y1 = min(im["width"], max(x0 + 1, int(x + w))), min(im["height"], max(y0 + 1, int(y + h)))
+        items.append((str(images / im["file_name"]), (x0, y0, x1, y1), im["height"], im["width"]))
+    return items
+
+
+def run_published(ckpt: Path, ann: Path, images: Path, batch_size: int) -> dict:
+    import torch
+    from PIL import Image
+    from pycocotools import mask as mask_util
+    from torch.utils.data import DataLoader
+
+    from boxcaseg.model import load_checkpoint_model
+
+    model, cfg = load_checkpoint_model(str(ckpt))
+    size = cfg.model.infer_size
+    t0 = time.perf_counter()
+    items = published_items(ann, images)
+    loader = DataLoader(PublishedStyleDataset(items, size), batch_size=batch_size, num_workers=1, shuffle=False)
+    t_inf = t_post = 0.0
+    results = []
+    with torch.no_grad():
+        for x, idx in loader:
+            t1 = time.perf_counter()
+            pred = torch.sigmoid(model(x.float())["fused"])[:, 0]
+            mx = pred.flatten(1).max(1).values.view(-1, 1, 1)
+            mn = pred.flatten(1).min(1).values.view(-1, 1, 1)
+            pred = ((pred - mn) / (mx - mn)).numpy()
+            t2 = time.perf_counter()
+            for n, i in enumerate(idx.tolist()):
+                _, (x0, y0, x1, y1), h, w = items[i]
+                im = Image.fromarray(pred[n] * 255).convert("L")
+                imo = np.array(im.resize((x1 - x0, y1 - y0), resample=Image.BILINEAR)) / 255.0 > 0.5
+                mask = np.zeros((h, w), dtype=np.uint8)
+                mask[y0:y1, x0:x1] = imo.astype(np.uint8)
+                rle = mask_util.encode(np.array(mask[:, :, np.newaxis], order="F"))[0]
+                rle["counts"] = rle["counts"].decode("utf-8")
+                results.append(rle)
+            t3 = time.perf_counter()
+            t_inf += t2 - t1
+            t_post += t3 - t2
+    wall = time.perf_counter() - t0
+    return {"instances": len(results), "seconds": round(wall, 2), "instances_per_s": round(len(results) / wall, 2),
+            "inference_s": round(t_inf, 2), "post_s": round(t_post, 2),
+            "loader_wait_s": round(wall - t_inf - t_post, 2)}
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def run_ours(engine: str, model: Path, ann: Path, images: Path, out: Path, batch_size: int, workers: int) -> dict:
+    from boxcaseg.proxy import ProxyConfig, generate_proxy
+
+    t0 = time.perf_counter()
+    s = generate_proxy(ProxyConfig(ann=ann, images=images, out=out, model=model, engine=engine,
+                                   batch_size=batch_size, workers=workers, progress=False))
+    wall = time.perf_counter() - t0
+    t = s["timings"]
+    busy = t["decode"] + t["inference"] + t["post"]
+    return {"engine": s["engine"], "instances": s["masks"], "seconds": round(wall, 2),
+            "instances_per_s": round(s["masks"] / wall, 2),
+            "timings_s": t, "shares": {k: round(t[k] / busy, 3) for k in ("decode", "inference", "post")}}
+
+
+def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
+    """ONNX Runtime ms/instance: stride-4 output vs full resolution; normalisation in graph vs numpy."""
+    from boxcaseg.export import OnnxEngine, export_onnx
+    from boxcaseg.data.transforms import MEAN, STD
+
+    r4 = export_onnx(ckpt, tmp / "s4.onnx")
+    export_onnx(ckpt, tmp / "full.onnx", full_resolution=True)
+    size = r4.infer_size
+    x = np.random.default_rng(0).integers(0, 256, (batch_size, 3, size, size), dtype=np.uint8)
+    res = {}
+    for name in ("s4", "full"):
+        eng = OnnxEngine(tmp / f"{name}.onnx")
+        eng.predict(x)
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            eng.predict(x)
+            ts.append(time.perf_counter() - t0)
+        res[f"ort_ms_per_instance_{name}"] = round(min(ts) / batch_size * 1e3, 2)
+    mean = (np.array(MEAN, np.float32) * 255).reshape(1, 3, 1, 1)
+    std = (np.array(STD, np.float32) * 255).reshape(1, 3, 1, 1)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        x.astype(np.float32)
+    cast = (time.perf_counter() - t0) / 5
+    t0 = time.perf_counter()
+    for _ in range(5):
+        (x.astype(np.float32) - mean) / std
+    norm = (time.perf_counter() - t0) / 5
+    res["numpy_ms_per_instance_cast_only"] = round(cast / batch_size * 1e3, 3)
+    res["numpy_ms_per_instance_cast_and_normalise"] = round(norm / batch_size * 1e3, 3)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None, help="COCO folder with instances.json and images/ (default $BOXCASEG_DATA/coco-train)")
+    ap.add_argument("--ckpt", type=Path, default=None, help="a boxcaseg checkpoint (default: CPU recipe, random weights)")
+    ap.add_argument("--backbone", default=None, help="backbone of the generated checkpoint (default: configs/cpu.toml's)")
+    ap.add_argument("--limit-images", type=int, default=0, help="first N images only (0: all)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1, help="decode workers of our pipeline")
+    ap.add_argument("--engines", default="published,torch,onnx,trt")
+    ap.add_argument("--variants", action="store_true", help="also time the export variants")
+    ap.add_argument("--json", action="store_true", help="(kept for symmetry: the last line is always JSON)")
+    args = ap.parse_args()
+
+    folder = args.data or data_root() / "coco-train"
+    ann, images = folder / "instances.json", folder / "images"
+    if not ann.is_file():
+        sys.exit(f"no {ann}: set BOXCASEG_DATA (see ../shared/data/README.md)")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        ckpt = args.ckpt or make_checkpoint(tmp / "ckpt.pt", args.backbone)
+        ann_used = subset_json(ann, args.limit_images, tmp / "subset.json")
+        from boxcaseg.config import Config, from_dict
+        from boxcaseg.io import safe_torch_load
+
+        cfg = from_dict(Config, safe_torch_load(ckpt)["config"])
+        report = {"data": str(folder), "images": args.limit_images or "all", "backbone": cfg.model.backbone,
+                  "infer_size": cfg.model.infer_size, "batch_size": args.batch_size, "cpus": os.cpu_count(),
+                  "results": {}}
+        print(f"checkpoint: {cfg.model.backbone}, S={cfg.model.infer_size}; data {folder} ({args.limit_images or 'all'} images)")
+        res = report["results"]
+        if "published" in engines:
+            res["published"] = run_published(ckpt, ann_used, images, args.batch_size)
+            print("(a) published-style:", json.dumps(res["published"]))
+        if "torch" in engines:
+            res["torch"] = run_ours("torch", ckpt, ann_used, images, tmp / "out_torch.json", args.batch_size, args.workers)
+            print("(b) ours, torch engine:", json.dumps(res["torch"]))
+        onnx_path = None
+        if "onnx" in engines or "trt" in engines:
+            from boxcaseg.export import export_onnx
+
+            onnx_path = export_onnx(ckpt, tmp / "model.onnx").onnx_path
+        if "onnx" in engines:
+            res["onnx"] = run_ours("onnx", onnx_path, ann_used, images, tmp / "out_onnx.json", args.batch_size, args.workers)
+            print("(c) ours, onnx engine:", json.dumps(res["onnx"]))
+        if "trt" in engines:
+            from boxcaseg.export import trt_missing
+
+            missing = trt_missing()
+            if missing:
+                res["trt"] = {"skipped": "missing " + " and ".join(missing)}
+            else:
+                from boxcaseg.export import export_onnx
+
+                rep = export_onnx(ckpt, tmp / "trt.onnx", trt=True, fp16=True, max_batch=args.batch_size)
+                res["trt"] = run_ours("trt", rep.engine_path, ann_used, images, tmp / "out_trt.json", args.batch_size, args.workers)
+            print("(d) ours, trt engine:", json.dumps(res["trt"]))
+        base = res.get("published", {}).get("instances_per_s")
+        if base:
+            report["ratio_to_published"] = {k: round(v["instances_per_s"] / base, 2)
+                                            for k, v in res.items() if k != "published" and "instances_per_s" in v}
+            print("ratios to (a):", json.dumps(report["ratio_to_published"]))
+        if args.variants:
+            report["variants"] = run_variants(ckpt, tmp, args.batch_size)
+            print("export variants:", json.dumps(report["variants"]))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
