@@ -1,24 +1,31 @@
 """Fused CPU kernel of the MIL + smoothness loss (Numba), forward and backward.
 
-One pass over each map, in parallel over the images (``prange`` over N): the sigmoid of
-every pixel is computed once into a two-row rolling buffer; the same pass takes the row
-and column maxima with their first argmax, the bag labels from the box mask, the four
-directional sums of squared probability differences, and (when a gradient is needed)
-writes ``G = a * dmil/dx + b * dsmooth/dx`` row by row. The MIL part of G is added at
-the argmax positions once an image is done. The loss partial sums are kept per row in
-the compute dtype and summed in float64.
+One pass over each map: for every row the kernel takes the row max with its first
+argmax, updates the running column max/argmax, takes the bag labels from the box mask,
+adds the row's share of the four directional sums of squared probability differences,
+and (when a gradient is needed) writes ``G = b * dsmooth/dlogits`` of the row by
+gathering the 8 neighbours of each pixel from the rows above and below (no shifted
+copies, no accumulators). Once an image is done its bag losses are summed in float64
+and ``a * dmil/dlogits`` is added at the argmax positions. The sigmoid is computed
+beforehand by ``torch.sigmoid`` (vectorised; Numba's ``exp`` is scalar here).
+
+Images are processed in chunks on ``torch.get_num_threads()`` threads (the kernel
+releases the GIL; the threads pull chunks in turn, which keeps a shared machine's load
+from stalling them). No OpenMP threading layer is involved, so Numba's and torch's
+thread pools do not fight.
 
 Layout follows Liger-Kernel: kernel, the :func:`mil_smooth_forward` launcher (the
-backward reruns it with the actual upstream weights when needed) and :class:`NumbaMilSmoothFunction` side by side.
-Float32 and float64 are computed natively, half types in float32. Compiled lazily on
-first use with ``cache=True`` (a few seconds per dtype combination, then cached on disk).
+backward reuses the gradient made in the forward pass, or reruns the launcher with the
+actual upstream weights) and :class:`NumbaMilSmoothFunction` side by side. Float32 and
+float64 are computed natively, half types in float32. Compiled lazily on first use with
+``cache=True`` (about 2 s per dtype combination, then loaded from the on-disk cache).
 """
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 import torch
 from numba import njit
@@ -81,18 +88,51 @@ def _row_max_first_arg(row):  # pragma: no cover - numba
     return m, a
 
 
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _row_max(row):  # pragma: no cover - numba
+    """max of a 1-D array; eight independent lanes for ILP."""
+    w = row.shape[0]
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    w8 = w - w % 8
+    for i in range(0, w8, 8):
+        m0 = max(m0, row[i])
+        m1 = max(m1, row[i + 1])
+        m2 = max(m2, row[i + 2])
+        m3 = max(m3, row[i + 3])
+        m4 = max(m4, row[i + 4])
+        m5 = max(m5, row[i + 5])
+        m6 = max(m6, row[i + 6])
+        m7 = max(m7, row[i + 7])
+    m = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for i in range(w8, w):
+        m = max(m, row[i])
+    return m
+
+
+@njit(fastmath=_FASTMATH, cache=True, inline="always")
+def _edge_grad(pc, pu, pdn, i, wh, wvu, wvd, wdu, wdd, one):  # pragma: no cover - numba
+    """Smoothness gradient of pixel i of a row at the left or right border."""
+    w = pc.shape[0]
+    c = pc[i]
+    t = wvu * (c - pu[i]) + wvd * (c - pdn[i])
+    if i > 0:
+        t += wh * (c - pc[i - 1]) + wdu * (c - pu[i - 1]) + wdd * (c - pdn[i - 1])
+    if i + 1 < w:
+        t += wh * (c - pc[i + 1]) + wdu * (c - pu[i + 1]) + wdd * (c - pdn[i + 1])
+    return t * c * (one - c)
+
+
 @njit(fastmath=_FASTMATH, cache=True, nogil=True)
 def _mil_smooth_kernel(x, p, mask, has_mil, has_smooth, write_grad, grad, sums, wh, wv, wd, mil_coef, n_start, n_stop):  # pragma: no cover - numba
     """x: [N, H, W] f32/f64 logits; p: sigmoid(x) (unused without smoothness);
     mask: [N, H, W] u8 or x's dtype (unused without MIL); grad: [N, H, W] like x
     (unused unless write_grad); sums: [N, 6] f64 out. wh, wv, wd: gradient weight per
-    neighbour (2 * b * loss weight), x's dtype; mil_coef: a / (N * (H + W)), float64."""
-    n_img, h, w = x.shape
+    neighbour (2 * b * loss weight), x's dtype; mil_coef: a / (N * (H + W)), float64.
+    Processes images [n_start, n_stop)."""
+    _, h, w = x.shape
     zero = np.zeros(1, x.dtype)[0]
     one = np.ones(1, x.dtype)[0]
     for n in range(n_start, n_stop):
-        gc = np.zeros(w, x.dtype)     # d smooth / d p of the current row
-        gd = np.zeros(w, x.dtype)     # ... of the next row, from pairs with the current one
         col_max = np.empty(w, x.dtype)
         col_arg = np.zeros(w, np.int32)
         col_lab = np.empty(w, mask.dtype)
@@ -118,52 +158,54 @@ def _mil_smooth_kernel(x, p, mask, has_mil, has_smooth, write_grad, grad, sums, 
                     col_max[i] = v if gt else col_max[i]
                     col_arg[i] = y if gt else col_arg[i]
                 mr = mask[n, y]
-                lab, _ = _row_max_first_arg(mr)
-                row_lab[y] = lab
+                row_lab[y] = _row_max(mr)
                 for i in range(w):
                     col_lab[i] = max(col_lab[i], mr[i])
             if has_smooth:
                 pc = p[n, y]
+                up = y > 0
+                dn = y + 1 < h
+                pu = p[n, y - 1] if up else pc      # a stand-in row when there is none,
+                pdn = p[n, y + 1] if dn else pc     # its weights are then 0
+                # loss: the pairs owned by row y (right, down, down-right, down-left)
                 acc_h = zero
                 for i in range(w - 1):
                     d = pc[i + 1] - pc[i]
                     acc_h += d * d
-                    gc[i] -= wh * d
-                for i in range(w - 1):
-                    gc[i + 1] += wh * (pc[i + 1] - pc[i])
                 s_h += acc_h
-                if y + 1 < h:
-                    pd = p[n, y + 1]
+                if dn:
                     acc_v = zero
                     for i in range(w):
-                        d = pd[i] - pc[i]
+                        d = pdn[i] - pc[i]
                         acc_v += d * d
-                        gc[i] -= wv * d
-                        gd[i] = wv * d
                     acc_1 = zero
                     acc_2 = zero
                     for i in range(w - 1):
-                        d1 = pd[i + 1] - pc[i]
-                        d2 = pd[i] - pc[i + 1]
+                        d1 = pdn[i + 1] - pc[i]
+                        d2 = pdn[i] - pc[i + 1]
                         acc_1 += d1 * d1
                         acc_2 += d2 * d2
-                        gc[i] -= wd * d1
-                        gd[i] += wd * d2
-                    for i in range(w - 1):
-                        gc[i + 1] -= wd * (pd[i] - pc[i + 1])
-                        gd[i + 1] += wd * (pd[i + 1] - pc[i])
                     s_v += acc_v
                     s_d1 += acc_1
                     s_d2 += acc_2
                 if write_grad:
+                    # d smooth / d p_i = sum over the 8 neighbours j of w_dir * (p_i - p_j)
+                    wvu = wv if up else zero
+                    wdu = wd if up else zero
+                    wvd = wv if dn else zero
+                    wdd = wd if dn else zero
                     gy = grad[n, y]
-                    for i in range(w):
-                        q = pc[i]
-                        gy[i] = gc[i] * q * (one - q)
-                tmp = gc
-                gc = gd
-                gd = tmp
-                gd[:] = zero
+                    for i in range(1, w - 1):
+                        c = pc[i]
+                        c2 = c + c
+                        t = (wh * (c2 - pc[i - 1] - pc[i + 1])
+                             + wvu * (c - pu[i]) + wvd * (c - pdn[i])
+                             + wdu * (c2 - pu[i - 1] - pu[i + 1])
+                             + wdd * (c2 - pdn[i - 1] - pdn[i + 1]))
+                        gy[i] = t * c * (one - c)
+                    gy[0] = _edge_grad(pc, pu, pdn, 0, wh, wvu, wvd, wdu, wdd, one)
+                    if w > 1:
+                        gy[w - 1] = _edge_grad(pc, pu, pdn, w - 1, wh, wvu, wvd, wdu, wdd, one)
             elif write_grad:
                 grad[n, y, :] = zero
         s_row = 0.0
@@ -208,11 +250,14 @@ def _as_arrays(logits: torch.Tensor, box_mask: torch.Tensor | None) -> tuple[np.
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _MIN_PIXELS_PER_THREAD = 1 << 15
+_CHUNKS_PER_THREAD = 4
 
 
 def _run_chunks(args: tuple, n: int, pixels_per_image: int) -> None:
-    """Run the kernel over images [0, n) split in contiguous chunks, one per thread
-    (``torch.get_num_threads()`` of them; the kernel releases the GIL)."""
+    """Run the kernel over images [0, n) on ``torch.get_num_threads()`` threads (the
+    kernel releases the GIL). The images are cut in a few chunks per thread that the
+    threads pull in turn, so a thread slowed down by other load on the machine does not
+    hold the others up."""
     global _POOL, _POOL_SIZE
     threads = max(1, min(torch.get_num_threads(), n, (n * pixels_per_image) // _MIN_PIXELS_PER_THREAD))
     if threads == 1:
@@ -221,9 +266,16 @@ def _run_chunks(args: tuple, n: int, pixels_per_image: int) -> None:
     if _POOL is None or _POOL_SIZE < threads - 1:
         _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="boxcaseg-mil")
         _POOL_SIZE = threads - 1
-    bounds = [n * i // threads for i in range(threads + 1)]
-    futures = [_POOL.submit(_mil_smooth_kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    _mil_smooth_kernel(*args, bounds[0], bounds[1])
+    n_chunks = min(n, threads * _CHUNKS_PER_THREAD)
+    bounds = [n * i // n_chunks for i in range(n_chunks + 1)]
+    ticket = itertools.count()          # next() is atomic under the GIL
+
+    def worker() -> None:
+        while (i := next(ticket)) < n_chunks:
+            _mil_smooth_kernel(*args, bounds[i], bounds[i + 1])
+
+    futures = [_POOL.submit(worker) for _ in range(threads - 1)]
+    worker()
     for f in futures:
         f.result()
 
@@ -314,6 +366,5 @@ __all__ = [
     "NumbaMilSmoothFunction",
     "mil_smooth_forward",
     "mil_smooth_loss_numba",
-    "numba",
     "warm_up",
 ]

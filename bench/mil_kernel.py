@@ -1,0 +1,228 @@
+"""Forward + backward of the weak-map loss ``MIL + 0.05 * smoothness`` at N x 1 x 288 x 288.
+
+    python bench/mil_kernel.py [--n 16 64] [--json] [--threads T] [--no-compile]
+
+Backends, all in one run so their ratios are comparable:
+
+- original   the published BoxCaseg formulation, re-written here from DESIGN.md:
+             MIL by ``max_pool2d`` with (1, W) and (H, 1) windows + ``BCEWithLogitsLoss``;
+             smoothness by eight separate fixed 3x3 convolutions whose weights are built
+             on every call, zero padding (so border pixels are compared with 0, as theirs);
+- reference  boxcaseg.losses.*_reference (the definition);
+- torch      boxcaseg.kernels.torch_mil_smooth (max over one axis, shifted slices);
+- compile    torch.compile of the torch path, the whole loss in one graph;
+- numba      the fused CPU kernel (what ``backend="auto"`` runs on CPU);
+- triton     the fused Triton kernels (CUDA only).
+
+CPU: warm-up, then interleaved rounds, median (bench/_timing.py). GPU: do_bench median;
+also the bytes the loss must move (read the logits once, write the gradient once), the
+achieved GB/s and its ratio to a measured device-to-device copy of the same bytes.
+``--json`` prints, as its last line,
+``{"device": ..., "rows": [{"backend", "n", "ms", "speedup_vs_original", "gbps"}], ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _timing import time_cpu_interleaved, time_cuda  # noqa: E402
+
+from boxcaseg import losses  # noqa: E402
+from boxcaseg.kernels.torch_mil_smooth import mil_smooth_loss_torch  # noqa: E402
+
+H = W = 288
+SMOOTH_WEIGHT = losses.SMOOTH_WEIGHT
+
+
+# ------------------------------------------------------------------ (a) the original
+
+def original_mil(logits: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+    h, w = logits.shape[-2:]
+    row_score = F.max_pool2d(logits, (1, w))          # [N, 1, H, 1]
+    col_score = F.max_pool2d(logits, (h, 1))          # [N, 1, 1, W]
+    row_label = F.max_pool2d(box_mask, (1, w))
+    col_label = F.max_pool2d(box_mask, (h, 1))
+    scores = torch.cat([row_score.flatten(1), col_score.flatten(1)], dim=1)
+    labels = torch.cat([row_label.flatten(1), col_label.flatten(1)], dim=1)
+    return torch.nn.BCEWithLogitsLoss()(scores, labels)
+
+
+def original_smoothness(logits: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    terms = []
+    for dy, dx in losses.NEIGHBOUR_OFFSETS:
+        weight = torch.zeros(1, 1, 3, 3, dtype=p.dtype, device=p.device)   # built on every call
+        weight[0, 0, 1, 1] = 1.0
+        weight[0, 0, 1 + dy, 1 + dx] = -1.0
+        diff = F.conv2d(p, weight, padding=1)                             # zero padding
+        terms.append((diff ** 2).mean())
+    return torch.stack(terms).mean()
+
+
+def original_loss(logits, box_mask):
+    return original_mil(logits, box_mask) + SMOOTH_WEIGHT * original_smoothness(logits)
+
+
+# ------------------------------------------------------------------ ours
+
+def reference_loss(logits, box_mask):
+    return losses.mil_loss_reference(logits, box_mask) + SMOOTH_WEIGHT * losses.smoothness_loss_reference(logits)
+
+
+def torch_loss(logits, box_mask):
+    mil, smooth = mil_smooth_loss_torch(logits, box_mask)
+    return mil + SMOOTH_WEIGHT * smooth
+
+
+def fused_loss(backend: str):
+    from boxcaseg.kernels import dispatch
+
+    def loss(logits, box_mask):
+        mil, smooth = dispatch.mil_smooth_loss(logits, box_mask, SMOOTH_WEIGHT, backend)
+        return mil + SMOOTH_WEIGHT * smooth
+
+    return loss
+
+
+def make_inputs(n: int, device: str):
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, 1, H, W, generator=gen) * 2).to(device).requires_grad_(True)
+    m = torch.zeros(n, 1, H, W)
+    for i in range(n):
+        y0, x0 = torch.randint(0, H // 2, (2,), generator=gen).tolist()
+        m[i, 0, y0:y0 + H // 3, x0:x0 + W // 3] = 1
+    return x, m.to(device)
+
+
+def step_fn(loss_fn, x, m):
+    def run():
+        x.grad = None
+        loss_fn(x, m).backward()
+
+    return run
+
+
+def first_call_in_fresh_process(backend: str, n: int, threads: int) -> float:
+    """Seconds of the first forward+backward in a new process (compile / cache load)."""
+    code = f"""
+import sys, time, torch
+sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'bench')!r})
+torch.set_num_threads({threads})
+import mil_kernel as b
+x, m = b.make_inputs({n}, "cpu")
+f = torch.compile(b.torch_loss) if {backend!r} == "compile" else b.fused_loss({backend!r})
+t = time.perf_counter(); f(x, m).backward(); print(time.perf_counter() - t)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (torch and Numba chunks)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--startup", action="store_true",
+                    help="also time the first call in fresh processes (numba cache load, torch.compile warm start)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    on_gpu = args.device.startswith("cuda")
+    device = (f"{torch.cuda.get_device_name()} (CUDA)" if on_gpu
+              else f"CPU: {args.threads} threads of {cpu_name()} ({os.cpu_count()} cores visible)")
+    print(f"device: {device}; torch {torch.__version__}; N x 1 x {H} x {W}, forward + backward of MIL + {SMOOTH_WEIGHT} * smoothness")
+
+    rows, extra = [], {}
+    for n in args.n:
+        x, m = make_inputs(n, args.device)
+        cands = {"original": original_loss, "reference": reference_loss, "torch": torch_loss}
+        if not args.no_compile:
+            compiled = torch.compile(torch_loss)
+            t0 = time.perf_counter()
+            step_fn(compiled, x, m)()
+            extra[f"compile_first_call_s_n{n}"] = round(time.perf_counter() - t0, 2)
+            cands["compile"] = compiled
+        if on_gpu:
+            cands["triton"] = fused_loss("triton")
+        else:
+            cands["numba"] = fused_loss("numba")
+        fns = {k: step_fn(f, x, m) for k, f in cands.items()}
+        if on_gpu:
+            timings = {k: time_cuda(fn) for k, fn in fns.items()}
+        else:
+            timings = time_cpu_interleaved(fns, rounds=args.rounds)
+        bytes_moved = 2 * x.numel() * x.element_size()       # read logits once, write the gradient once
+        copy_gbps = None
+        if on_gpu:
+            src = torch.empty_like(x, requires_grad=False)
+            dst = torch.empty_like(src)
+            copy_ms = time_cuda(lambda: dst.copy_(src)).median_ms
+            copy_gbps = bytes_moved / copy_ms / 1e6
+            extra[f"copy_gbps_n{n}"] = round(copy_gbps, 1)
+        base = timings["original"].median_ms
+        for k, t in timings.items():
+            gbps = bytes_moved / t.median_ms / 1e6
+            row = {"backend": k, "n": n, "ms": round(t.median_ms, 3),
+                   "speedup_vs_original": round(base / t.median_ms, 1), "gbps": round(gbps, 2)}
+            if copy_gbps:
+                row["frac_of_copy"] = round(gbps / copy_gbps, 3)
+            row["samples"] = len(t.samples_ms)
+            row["min_ms"] = round(t.min_ms, 3)
+            rows.append(row)
+
+    if args.startup and not on_gpu:
+        n0 = args.n[0]
+        extra[f"numba_first_call_fresh_process_s_n{n0}"] = round(first_call_in_fresh_process("numba", n0, args.threads), 2)
+        if not args.no_compile:
+            extra[f"compile_first_call_fresh_process_s_n{n0}"] = round(
+                first_call_in_fresh_process("compile", n0, args.threads), 2)
+
+    head = f"{'backend':<10} {'N':>4} {'ms (median)':>12} {'min ms':>9} {'samples':>8} {'x original':>11} {'GB/s*':>8}"
+    if on_gpu:
+        head += f" {'of copy':>8}"
+    print(head)
+    for r in rows:
+        line = (f"{r['backend']:<10} {r['n']:>4} {r['ms']:>12.3f} {r['min_ms']:>9.3f} {r['samples']:>8} "
+                f"{r['speedup_vs_original']:>11.1f} {r['gbps']:>8.2f}")
+        if on_gpu:
+            line += f" {r['frac_of_copy']:>8.1%}"
+        print(line)
+    print("* GB/s = (logits read once + gradient written once) / median time")
+    for k, v in extra.items():
+        print(f"{k}: {v}")
+    if args.json:
+        print(json.dumps({"device": device, "rows": [
+            {k: r[k] for k in ("backend", "n", "ms", "speedup_vs_original", "gbps")} for r in rows], **extra}))
+
+
+if __name__ == "__main__":
+    main()
