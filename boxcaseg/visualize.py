@@ -1,0 +1,232 @@
+"""PNG overlays of proxy masks: GT boxes, kept masks, flagged masks, the GT mask beside them.
+
+``visualize(ann, images, out_dir, gt=None, limit=None)`` writes one PNG per image of
+``ann`` (a proxy json or any COCO json with masks):
+
+- left panel: the image with each annotation's box (white outline), its mask filled in
+  a colour of its own, and masks flagged ``ignore_mask`` filled in red with a red box;
+- right panel (with ``gt``): the GT masks of the same annotation ids, in the same
+  colours, each labelled with its IoU to the proxy mask;
+- with ``gt``, also ``worst_iou.png``: a contact sheet of the instances with the lowest
+  IoU (proxy crop beside GT crop, annotation id and IoU under each pair).
+"""
+
+from __future__ import annotations
+
+import io as _io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from boxcaseg.errors import BoxcasegError
+from boxcaseg.evaluate import CocoData, instance_ious, load_coco
+from boxcaseg.io import atomic_write_bytes
+from boxcaseg.masks import decode
+
+log = logging.getLogger(__name__)
+
+FLAGGED = (230, 25, 25)
+BOX = (255, 255, 255)
+# tab10 without its red (kept masks never look flagged)
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+ALPHA = 0.45
+
+
+@dataclass
+class VisualizeResult:
+    overlays: list[Path]
+    sheet: Path | None
+
+
+def _colour(ann_id: int) -> tuple[int, int, int]:
+    return PALETTE[int(ann_id) % len(PALETTE)]
+
+
+def _boundary(m: np.ndarray) -> np.ndarray:
+    """Pixels of ``m`` [H, W] bool with a 4-neighbour outside it."""
+    inner = m.copy()
+    inner[1:] &= m[:-1]
+    inner[:-1] &= m[1:]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+
+def _paint(canvas: np.ndarray, m: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Blend ``colour`` into ``canvas`` [H, W, 3] uint8 where ``m``; solid outline."""
+    if not m.any():
+        return
+    c = np.asarray(colour, np.float32)
+    canvas[m] = (canvas[m].astype(np.float32) * (1 - ALPHA) + c * ALPHA).astype(np.uint8)
+    canvas[_boundary(m)] = colour
+
+
+def _read_rgb(path: Path, image_id) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise BoxcasegError(f"{path}: image file not found (image id {image_id})")
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise BoxcasegError(f"{path}: unreadable image (image id {image_id}): {e}") from e
+
+
+def _save_png(img, path: Path) -> None:
+    buf = _io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _draw_boxes(img, anns: list[dict], labels: dict[int, str] | None = None) -> None:
+    from PIL import ImageDraw
+
+    d = ImageDraw.Draw(img)
+    for a in anns:
+        if not a.get("bbox"):
+            continue
+        x, y, w, h = (float(v) for v in a["bbox"])
+        colour = FLAGGED if a.get("ignore_mask") else BOX
+        d.rectangle([x, y, x + w - 1, y + h - 1], outline=colour, width=2 if a.get("ignore_mask") else 1)
+        if labels and a.get("id") in labels:
+            d.text((x + 2, y + 1), labels[a["id"]], fill=colour)
+
+
+def render_overlay(rgb: np.ndarray, anns: list[dict], coco: CocoData, gt_anns: list[dict] | None = None,
+                   gt: CocoData | None = None, ious: dict[int, float] | None = None):
+    """The overlay of one image as a PIL image (see the module doc); ``rgb`` [H, W, 3] uint8."""
+    from PIL import Image, ImageDraw
+
+    h, w = rgb.shape[:2]
+    left = rgb.copy()
+    # flagged masks first, kept ones on top: a kept object stays readable where both overlap
+    for a in sorted(anns, key=lambda a: not a.get("ignore_mask", False)):
+        if a.get("segmentation") is None:
+            continue
+        m = decode(coco.rle(a, (h, w)), h, w, a.get("id")).astype(bool)
+        _paint(left, m, FLAGGED if a.get("ignore_mask") else _colour(a.get("id", 0)))
+    left_img = Image.fromarray(left)
+    labels = {k: f"{v:.2f}" for k, v in ious.items()} if ious else None
+    _draw_boxes(left_img, anns, labels)
+    d = ImageDraw.Draw(left_img)
+    n_flag = sum(1 for a in anns if a.get("ignore_mask"))
+    d.text((3, 2), f"proxy: {len(anns) - n_flag} kept, {n_flag} flagged", fill=(255, 255, 0))
+    if gt_anns is None or gt is None:
+        return left_img
+    right = rgb.copy()
+    for a in gt_anns:
+        if a.get("segmentation") is None or a.get("iscrowd", 0):
+            continue
+        m = decode(gt.rle(a, (h, w)), h, w, a.get("id")).astype(bool)
+        _paint(right, m, _colour(a.get("id", 0)))
+    right_img = Image.fromarray(right)
+    _draw_boxes(right_img, [dict(a, ignore_mask=False) for a in gt_anns if not a.get("iscrowd", 0)])
+    ImageDraw.Draw(right_img).text((3, 2), "GT", fill=(255, 255, 0))
+    both = Image.new("RGB", (2 * w + 4, h), (0, 0, 0))
+    both.paste(left_img, (0, 0))
+    both.paste(right_img, (w + 4, 0))
+    return both
+
+
+def _crop_tile(rgb: np.ndarray, m: np.ndarray, box, colour, tile: int):
+    """A ``tile`` x ``tile`` letterboxed crop around ``box`` (xywh, with a 15% margin) with ``m`` painted."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    x, y, bw, bh = (float(v) for v in box)
+    mx, my = 0.15 * bw + 2, 0.15 * bh + 2
+    x0, y0 = int(max(0, np.floor(x - mx))), int(max(0, np.floor(y - my)))
+    x1, y1 = int(min(w, np.ceil(x + bw + mx))), int(min(h, np.ceil(y + bh + my)))
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+    crop = rgb[y0:y1, x0:x1].copy()
+    _paint(crop, m[y0:y1, x0:x1], colour)
+    im = Image.fromarray(crop)
+    s = tile / max(im.width, im.height)
+    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.NEAREST)
+    out = Image.new("RGB", (tile, tile), (20, 20, 20))
+    out.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
+    return out
+
+
+def worst_iou_sheet(coco: CocoData, gt: CocoData, image_dir: Path, n: int = 24, tile: int = 112, cols: int = 4):
+    """Contact sheet (PIL image) of the ``n`` GT instances with the lowest proxy-mask IoU, or None."""
+    from PIL import Image, ImageDraw
+
+    records = sorted(instance_ious(gt, coco), key=lambda r: (r.iou, r.ann_id))[:n]
+    if not records:
+        return None
+    pred_by_id = {int(a["id"]): a for a in coco.anns if "id" in a}
+    gt_by_id = {int(a["id"]): a for a in gt.anns}
+    label_h = 14
+    cell_w, cell_h = 2 * tile + 2, tile + label_h
+    rows = (len(records) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (cell_w + 6), rows * (cell_h + 6)), (0, 0, 0))
+    d = ImageDraw.Draw(sheet)
+    cache: dict[int, np.ndarray] = {}
+    for i, r in enumerate(records):
+        img = gt.images[r.image_id]
+        if r.image_id not in cache:
+            cache = {r.image_id: _read_rgb(image_dir / img["file_name"], r.image_id)}
+        rgb = cache[r.image_id]
+        h, w = rgb.shape[:2]
+        g = gt_by_id[r.ann_id]
+        gm = decode(gt.rle(g, (h, w)), h, w, r.ann_id).astype(bool)
+        p = pred_by_id.get(r.ann_id)
+        pm = decode(coco.rle(p, (h, w)), h, w, r.ann_id).astype(bool) if p is not None else np.zeros_like(gm)
+        colour = FLAGGED if (p is not None and p.get("ignore_mask")) else _colour(r.ann_id)
+        box = g.get("bbox") or [0, 0, w, h]
+        cx, cy = (i % cols) * (cell_w + 6) + 3, (i // cols) * (cell_h + 6) + 3
+        sheet.paste(_crop_tile(rgb, pm, box, colour, tile), (cx, cy))
+        sheet.paste(_crop_tile(rgb, gm, box, (60, 200, 60), tile), (cx + tile + 2, cy))
+        flag = " flagged" if colour == FLAGGED else ("" if r.found else " missing")
+        d.text((cx, cy + tile + 1), f"ann {r.ann_id} IoU {r.iou:.2f}{flag}", fill=(255, 255, 255))
+    return sheet
+
+
+def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
+              gt: str | os.PathLike | None = None, limit: int | None = None, worst: int = 24) -> VisualizeResult:
+    """Write overlays of ``ann``'s masks for its images (at most ``limit``) into ``out_dir``;
+    with ``gt``, the GT panel and the worst-IoU contact sheet too (see the module doc)."""
+    image_dir = Path(images)
+    if not image_dir.is_dir():
+        raise BoxcasegError(f"{image_dir}: image folder not found")
+    out = Path(out_dir)
+    gt_data = load_coco(gt, "ground-truth") if gt is not None else None
+    coco = load_coco(ann, "annotation", images_from=gt_data)
+    if not coco.images:
+        raise BoxcasegError(f"{ann}: no images listed (give --gt for a bare results list)")
+    ids = [i for i in sorted(coco.images) if coco.by_image.get(i)]
+    if limit is not None:
+        ids = ids[:max(0, limit)]
+    ious: dict[int, float] = {}
+    if gt_data is not None and any("id" in a for a in coco.anns):
+        ious = {r.ann_id: r.iou for r in instance_ious(gt_data, coco)}
+    written = []
+    for image_id in ids:
+        img = coco.images[image_id]
+        rgb = _read_rgb(image_dir / img["file_name"], image_id)
+        if rgb.shape[:2] != (int(img["height"]), int(img["width"])):
+            raise BoxcasegError(f"{image_dir / img['file_name']}: image is {rgb.shape[0]}x{rgb.shape[1]}, its json "
+                                f"entry (image id {image_id}) says {img['height']}x{img['width']}")
+        anns = coco.by_image[image_id]
+        gt_anns = gt_data.by_image.get(image_id, []) if gt_data is not None else None
+        overlay = render_overlay(rgb, anns, coco, gt_anns, gt_data, {k: ious[k] for k in
+                                 (a.get("id") for a in anns) if k in ious})
+        path = out / f"{Path(img['file_name']).stem}.png"
+        if path in written or path.name == "worst_iou.png":
+            path = out / f"{Path(img['file_name']).stem}-{image_id}.png"
+        _save_png(overlay, path)
+        written.append(path)
+    sheet_path = None
+    if gt_data is not None and worst > 0 and ious:
+        sheet = worst_iou_sheet(coco, gt_data, image_dir, worst)
+        if sheet is not None:
+            sheet_path = out / "worst_iou.png"
+            _save_png(sheet, sheet_path)
+    log.info("visualize: %d overlay(s)%s in %s", len(written), " and worst_iou.png" if sheet_path else "", out)
+    return VisualizeResult(written, sheet_path)
