@@ -128,8 +128,8 @@ class TrtEngine:
 
         from boxcaseg.export.tensorrt import import_tensorrt, read_trt_metadata
 
-        meta = read_trt_metadata(path)
         trt = import_tensorrt()
+        meta = read_trt_metadata(path)
         self.metadata = meta
         self.infer_size = int(meta["boxcaseg.infer_size"])
         self.output_stride = int(meta.get("boxcaseg.output_stride", 4))
@@ -201,8 +201,11 @@ def read_model_info(kind: str, path: str | Path) -> int:
 
         return int(read_onnx_metadata(path)["boxcaseg.infer_size"])
     if kind == "trt":
-        from boxcaseg.export.tensorrt import read_trt_metadata
+        from boxcaseg.export.tensorrt import read_trt_metadata, trt_missing
 
+        missing = trt_missing()
+        if missing:
+            raise BoxcasegError("--engine trt: missing " + " and ".join(missing))
         return int(read_trt_metadata(path)["boxcaseg.infer_size"])
     if kind == "torch":
         from boxcaseg.io import safe_torch_load

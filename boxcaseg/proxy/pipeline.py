@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -36,6 +37,9 @@ from boxcaseg.proxy.shards import (
 )
 
 log = logging.getLogger(__name__)
+
+# seconds to sleep after each saved chunk; set by the kill-and-resume test only
+_TEST_CHUNK_DELAY = float(os.environ.get("BOXCASEG_PROXY_TEST_CHUNK_DELAY", "0") or 0)
 
 
 @dataclass
@@ -254,6 +258,8 @@ class _PostThread(threading.Thread):
         payload = {"chunk": c, "image_ids": [t.image_id for t in self.chunks[c]], "results": results, "stats": st}
         self.store.save(c, payload)
         self.on_done(not_inferred)
+        if _TEST_CHUNK_DELAY:
+            time.sleep(_TEST_CHUNK_DELAY)  # tests only: widens the window for kill-and-resume
 
 
 def _empty_stats() -> dict:

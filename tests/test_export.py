@@ -1,0 +1,153 @@
+"""Export: BN folding, the ONNX graph against PyTorch, engines, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from boxcaseg.config import Config
+from boxcaseg.errors import BoxcasegError
+from boxcaseg.export import OnnxEngine, ProxyExportModel, TorchEngine, export_onnx, load_engine, read_onnx_metadata
+from boxcaseg.export.fold import fold_batchnorms
+from boxcaseg.export.wrapper import reference_probs
+from boxcaseg.model import build_model, load_checkpoint_model
+
+S = 64
+TOL_F32 = 1e-4  # ONNX Runtime vs PyTorch, float32
+
+
+def tiny_checkpoint(path, infer_size: int = S, seed: int = 0):
+    """test_efficientnet (145k params) with non-trivial BN statistics, saved as `boxcaseg train` does."""
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.model.backbone = "test_efficientnet"
+    cfg.model.head_channels = 16
+    cfg.model.infer_size = infer_size
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_((torch.rand(m.running_mean.shape, generator=g) - 0.5) * 0.4)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.8 + 0.6)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.4)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "iter": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    ckpt = tiny_checkpoint(d / "last.pt")
+    report = export_onnx(ckpt, d / "model.onnx")
+    return ckpt, report
+
+
+def test_fold_batchnorms_removes_every_bn_and_keeps_outputs():
+    import timm
+
+    body = timm.create_model("test_efficientnet", features_only=True).eval()
+    for m in body.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ref = body(x)
+        folded, left = fold_batchnorms(body, x)
+        out = body(x)
+    assert folded > 0 and left == 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+
+
+def test_wrapper_matches_training_model(tmp_path):
+    model, _ = load_checkpoint_model(str(tiny_checkpoint(tmp_path / "c.pt")))
+    wrapper = ProxyExportModel(model, S).eval()
+    x = torch.rand(3, 3, S, S) * 255
+    with torch.no_grad():
+        got = wrapper(x)
+    ref = reference_probs(model, x)
+    assert got.shape == (3, 1, S // 4, S // 4)
+    assert float((got - ref).abs().max()) <= TOL_F32
+    assert not hasattr(wrapper, "weak_head")
+
+
+def test_onnx_export_checks_parity_and_metadata(exported):
+    ckpt, rep = exported
+    assert rep.max_abs_diff <= TOL_F32
+    assert rep.bn_folded > 0 and rep.bn_left == 0
+    proto = onnx.load(str(rep.onnx_path))
+    onnx.checker.check_model(proto)
+    ops = {n.op_type for n in proto.graph.node}
+    assert "BatchNormalization" not in ops and "Sigmoid" in ops
+    meta = read_onnx_metadata(rep.onnx_path)
+    assert meta["boxcaseg.infer_size"] == str(S)
+    assert meta["boxcaseg.output_stride"] == "4"
+    assert float(meta["boxcaseg.alpha"]) == pytest.approx(0.7)
+    assert meta["boxcaseg.normalization"].startswith("in graph")
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_ort_torch_parity_dynamic_batch(exported, batch):
+    ckpt, rep = exported
+    ort_engine = load_engine("onnx", rep.onnx_path)
+    torch_engine = load_engine("torch", ckpt, device="cpu")
+    assert isinstance(ort_engine, OnnxEngine) and isinstance(torch_engine, TorchEngine)
+    assert ort_engine.infer_size == torch_engine.infer_size == S
+    x = np.random.default_rng(batch).integers(0, 256, (batch, 3, S, S), dtype=np.uint8)
+    a, b = ort_engine.predict(x), torch_engine.predict(x)
+    assert a.shape == b.shape == (batch, 1, S // 4, S // 4)
+    assert float(np.abs(a - b).max()) <= TOL_F32
+    model, _ = load_checkpoint_model(str(ckpt))
+    ref = reference_probs(model, torch.from_numpy(x).float()).numpy()
+    assert float(np.abs(a - ref).max()) <= TOL_F32
+    # uint8 and float input give the same answer
+    assert np.array_equal(ort_engine.predict(x.astype(np.float32)), a)
+
+
+def run_cli(argv: list[str]) -> int:
+    """The CLI in-process; returns its exit status."""
+    from boxcaseg.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_export_cli_prints_difference_and_trt_needs_gpu(exported, tmp_path, capsys):
+    ckpt, _ = exported
+    assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "max abs diff" in out and (tmp_path / "m.onnx").is_file()
+    assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "t.onnx"), "--trt", "--fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "TensorRT" in err and "Traceback" not in err
+
+
+def test_bad_model_files_give_one_clear_line(exported, tmp_path):
+    ckpt, rep = exported
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 definitely not a protobuf \xff" * 10)
+    with pytest.raises(BoxcasegError, match="garbage.onnx"):
+        load_engine("onnx", garbage)
+    with pytest.raises(BoxcasegError, match="not a valid ONNX|not one written"):
+        load_engine("onnx", ckpt)  # a checkpoint is not an ONNX file
+    with pytest.raises(BoxcasegError, match="model.onnx"):
+        load_engine("torch", rep.onnx_path)  # an ONNX file is not a checkpoint
+    plain = tmp_path / "plain.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])), str(plain))
+    with pytest.raises(BoxcasegError, match="not one written by `boxcaseg export`"):
+        load_engine("onnx", plain)
+    with pytest.raises(BoxcasegError, match="TensorRT|boxcaseg export --trt"):
+        load_engine("trt", garbage)
+    with pytest.raises(BoxcasegError, match="not found"):
+        load_engine("onnx", tmp_path / "missing.onnx")
