@@ -162,6 +162,7 @@ def main() -> None:
     print(f"device: {device}; torch {torch.__version__}; N x 1 x {H} x {W}, forward + backward of MIL + {SMOOTH_WEIGHT} * smoothness")
 
     rows, extra = [], {}
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     for n in args.n:
         x, m = make_inputs(n, args.device)
         cands = {"original": original_loss, "reference": reference_loss, "torch": torch_loss}
@@ -205,6 +206,10 @@ def main() -> None:
         if not args.no_compile:
             extra[f"compile_first_call_fresh_process_s_n{n0}"] = round(
                 first_call_in_fresh_process("compile", n0, args.threads), 2)
+
+    if load_before is not None:
+        # others' jobs on a shared machine slow every backend down, torch's OpenMP loops most
+        extra["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
     head = f"{'backend':<10} {'N':>4} {'ms (median)':>12} {'min ms':>9} {'samples':>8} {'x original':>11} {'GB/s*':>8}"
     if on_gpu:

@@ -280,7 +280,7 @@ def mil_smooth_forward(
         2.0 * b * lwh, 2.0 * b * lwv, 2.0 * b * lwd,
         HAS_MIL=has_mil, HAS_SMOOTH=has_smooth, WRITE_GRAD=write_grad,
         CT=ct, BLOCK_H=bh, BLOCK_W=bw,
-        num_warps=4,
+        num_warps=8 if bh * bw >= 2048 else 4,
     )
     out_dt = ct_torch
     if has_smooth:
