@@ -173,6 +173,8 @@ def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pa
         gt_rles, pred_rles, slots = [], [], []
         for a in anns:
             p = by_id.get(int(a["id"]))
+            if p is not None and p.get("segmentation") is None:
+                p = None  # an annotation kept without a mask counts as missing
             if p is not None:
                 if int(p["image_id"]) != int(image_id):
                     raise BoxcasegError(f"{pred.source}: annotation {a['id']} is on image {p['image_id']}, "

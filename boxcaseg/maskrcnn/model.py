@@ -49,7 +49,7 @@ def _load_matching(module: nn.Module, path: str, what: str) -> None:
         log.warning("backbone weights %s: %d %s tensors not in the file (e.g. %s)", path, len(missing), what, missing[:3])
 
 
-def _resnet_fpn(m: MaskRCNNModelConfig) -> nn.Module:
+def _resnet_fpn(m: MaskRCNNModelConfig, load_weights: bool = True) -> nn.Module:
     from torchvision.models import resnet as tv_resnet
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops import misc as misc_nn_ops
@@ -57,7 +57,7 @@ def _resnet_fpn(m: MaskRCNNModelConfig) -> nn.Module:
     has_weights = bool(m.backbone_weights)
     norm = misc_nn_ops.FrozenBatchNorm2d if has_weights else nn.BatchNorm2d
     body = getattr(tv_resnet, m.backbone)(weights=None, norm_layer=norm)
-    if has_weights:
+    if has_weights and load_weights:
         _load_matching(body, m.backbone_weights, m.backbone)
     trainable = m.trainable_layers if m.trainable_layers >= 0 else (3 if has_weights else 5)
     if not 0 <= trainable <= 5:
@@ -81,7 +81,7 @@ class TimmFPN(nn.Module):
     """
 
     def __init__(self, name: str, out_channels: int = 256, pretrained: bool = False, weights: str = "",
-                 trainable_layers: int = -1):
+                 trainable_layers: int = -1, load_weights: bool = True):
         super().__init__()
         import timm
 
@@ -95,11 +95,12 @@ class TimmFPN(nn.Module):
             raise BoxcasegError(f"model.backbone='timm:{name}': needs features at strides 4, 8, 16, 32 "
                                 f"(it has {reductions})")
         try:
-            self.body = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=idx)
+            self.body = timm.create_model(name, pretrained=pretrained and load_weights, features_only=True,
+                                          out_indices=idx)
         except Exception as e:
             raise BoxcasegError(f"model.backbone='timm:{name}': cannot create it with pretrained={pretrained} "
                                 f"(offline? use model.backbone_weights) ({e})") from e
-        if weights:
+        if weights and load_weights:
             _load_matching(self.body, weights, name)
         if pretrained or weights:
             from timm.layers import freeze_batch_norm_2d
@@ -134,23 +135,26 @@ class TimmFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
-def build_backbone(m: MaskRCNNModelConfig) -> nn.Module:
+def build_backbone(m: MaskRCNNModelConfig, load_weights: bool = True) -> nn.Module:
+    """The FPN backbone of ``m``. ``load_weights=False`` builds the same modules (frozen
+    BatchNorm where weights are configured) without reading any weights: for checkpoints."""
     if m.backbone in RESNETS:
         if m.pretrained:
             raise BoxcasegError("model.pretrained is for timm backbones; give torchvision ResNet weights "
                                 "as a local file in model.backbone_weights")
-        return _resnet_fpn(m)
+        return _resnet_fpn(m, load_weights)
     if m.backbone.startswith("timm:"):
-        return TimmFPN(m.backbone[5:], m.fpn_channels, m.pretrained, m.backbone_weights, m.trainable_layers)
+        return TimmFPN(m.backbone[5:], m.fpn_channels, m.pretrained, m.backbone_weights, m.trainable_layers,
+                       load_weights)
     raise BoxcasegError(f"model.backbone={m.backbone!r}: expected one of {', '.join(RESNETS)} or 'timm:NAME'")
 
 
-def build_maskrcnn(m: MaskRCNNModelConfig, num_classes: int) -> MaskRCNN:
+def build_maskrcnn(m: MaskRCNNModelConfig, num_classes: int, load_weights: bool = True) -> MaskRCNN:
     """A Mask R-CNN for ``num_classes`` foreground classes (labels 1..num_classes, 0 = background)
     with the ignore-aware mask loss."""
     if num_classes < 1:
         raise BoxcasegError("Mask R-CNN needs at least one foreground class")
-    backbone = build_backbone(m)
+    backbone = build_backbone(m, load_weights)
     c = backbone.out_channels
     model = MaskRCNN(
         backbone,

@@ -109,9 +109,7 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint"):
     """(model in eval mode, its config, category ids) from a loaded checkpoint."""
     cfg = from_dict(MaskRCNNConfig, ckpt["config"], source)
     cats = [int(c) for c in ckpt["category_ids"]]
-    cfg.model.backbone_weights = ""  # the checkpoint holds the trained weights
-    cfg.model.pretrained = False
-    model = build_maskrcnn(cfg.model, len(cats))
+    model = build_maskrcnn(cfg.model, len(cats), load_weights=False)  # the checkpoint holds the weights
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, cats
 
@@ -201,6 +199,13 @@ def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None
     def save(it: int) -> None:
         rng = [rng_state()]
         if distributed:
+            # BatchNorm running statistics differ between ranks: save their mean (training
+            # uses batch statistics, so this changes no loss)
+            with torch.no_grad():
+                for buf in model.buffers():
+                    if buf.is_floating_point():
+                        torch.distributed.all_reduce(buf)
+                        buf /= world
             gathered: list = [None] * world
             torch.distributed.all_gather_object(gathered, rng[0])
             rng = gathered
