@@ -27,7 +27,6 @@ Sized for 2 CPU cores: see ``--mr-iters`` / ``--boxcaseg-iters`` and bench/RESUL
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
