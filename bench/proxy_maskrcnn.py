@@ -133,7 +133,8 @@ def maskrcnn_config(args, ann: Path, images: Path):
 
     cfg = load_config(REPO / "configs" / "maskrcnn-cpu.toml", cls=MaskRCNNConfig)
     m = cfg.model
-    m.backbone, m.backbone_weights = args.backbone, (LITE0 if args.backbone == "timm:efficientnet_lite0" else args.backbone_weights)
+    m.backbone = args.backbone
+    m.backbone_weights = LITE0 if args.backbone == "timm:efficientnet_lite0" and not args.backbone_weights else args.backbone_weights
     m.min_size, m.max_size = args.min_size, args.max_size
     cfg.data.ann, cfg.data.images, cfg.data.workers = str(ann), str(images), 1
     t = cfg.train

@@ -215,7 +215,7 @@ def test_cli_train_predict_evaluate_round_trip(synthetic, tmp_path, capsys):
 
     paths, proxy = synthetic
     out = tmp_path / "mr"
-    tiny = ["--set", "model.backbone=resnet18", "--set", "model.min_size=96", "--set", "model.max_size=128",
+    tiny = ["--set", "model.backbone=resnet18", "--set", 'model.backbone_weights=""', "--set", "model.min_size=96", "--set", "model.max_size=128",
             "--set", "model.fpn_channels=32", "--set", "model.box_head_dim=128",
             "--set", "model.mask_head_channels=32", "--set", "train.device=cpu", "--set", "train.steps=[]",
             "--set", "train.warmup_iters=1", "--set", "train.threads=1", "--workers", "0"]
@@ -300,3 +300,13 @@ def test_checkpoint_of_a_pretrained_backbone_rebuilds_without_the_weight_file(sy
     res = predict_maskrcnn(tmp_path / "run" / "last.pt", paths.image_dir, ann=paths.ann_file, image_ids=[1],
                            score_thresh=0.0, show_progress=False)
     assert all(r["image_id"] == 1 for r in res)
+
+
+@pytest.mark.parametrize("name", ["maskrcnn-cpu.toml", "maskrcnn-coco.toml"])
+def test_config_files_load(name, monkeypatch):
+    from boxcaseg.config import load_config
+
+    monkeypatch.setenv("BOXCASEG_DATA", "/data")
+    cfg = load_config(REPO / "configs" / name, ["train.max_iters=7"], cls=MaskRCNNConfig)
+    assert cfg.train.max_iters == 7 and cfg.model.min_size > 0
+    assert cfg.data.ann.startswith("/data/") or cfg.data.ann == ""  # ${BOXCASEG_DATA} expanded
