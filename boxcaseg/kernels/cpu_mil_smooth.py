@@ -6,13 +6,14 @@ adds the row's share of the four directional sums of squared probability differe
 and (when a gradient is needed) writes ``G = b * dsmooth/dlogits`` of the row by
 gathering the 8 neighbours of each pixel from the rows above and below (no shifted
 copies, no accumulators). Once an image is done its bag losses are summed in float64
-and ``a * dmil/dlogits`` is added at the argmax positions. The sigmoid is computed
-beforehand by ``torch.sigmoid`` (vectorised; Numba's ``exp`` is scalar here).
+and ``a * dmil/dlogits`` is added at the argmax positions. The image's sigmoid is made
+first into a per-thread buffer that stays in cache (a vectorised float32 exp, see
+:func:`_sigmoid_rows`).
 
 Images are processed in chunks on ``torch.get_num_threads()`` threads (the kernel
 releases the GIL; the threads pull chunks in turn, which keeps a shared machine's load
-from stalling them). No OpenMP threading layer is involved, so Numba's and torch's
-thread pools do not fight.
+from stalling them). No torch op runs in parallel on the way and no OpenMP threading
+layer is involved, so Numba's and torch's thread pools never spin against each other.
 
 Layout follows Liger-Kernel: kernel, the :func:`mil_smooth_forward` launcher (the
 backward reuses the gradient made in the forward pass, or reruns the launcher with the
@@ -47,14 +48,14 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "nnan"}
 _S_H, _S_V, _S_D1, _S_D2, _S_ROW, _S_COL = range(6)
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, inline="always")
 def _better(m, a, mk, ak):  # pragma: no cover - numba
     if mk > m or (mk == m and ak < a):
         return mk, ak
     return m, a
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, inline="always")
 def _row_max_first_arg(row):  # pragma: no cover - numba
     """(max, first index of the max) of a 1-D array; four independent lanes for ILP."""
     w = row.shape[0]
@@ -88,7 +89,7 @@ def _row_max_first_arg(row):  # pragma: no cover - numba
     return m, a
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, inline="always")
 def _row_max(row):  # pragma: no cover - numba
     """max of a 1-D array; eight independent lanes for ILP."""
     w = row.shape[0]
@@ -109,7 +110,42 @@ def _row_max(row):  # pragma: no cover - numba
     return m
 
 
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, inline="always")
+def _sigmoid_rows(src, dst, scale_bits, fast):  # pragma: no cover - numba
+    """dst = sigmoid(src) for [H, W] arrays.
+
+    fast (float32): exp(-v) = 2^k * e^r with |r| <= ln2/2, e^r by the Cephes expf
+    polynomial, 2^k put together in the exponent bits of a float32 (vectorises; Numba's
+    exp is a scalar libm call). |error| < 1e-7, as torch's float32 sigmoid. The argument
+    is clamped to [-87, 87], so exp(-v) stays a normal float. Otherwise: np.exp.
+    """
+    h, w = src.shape
+    scale = scale_bits.view(np.float32)
+    one = np.ones(1, dst.dtype)[0]
+    for y in range(h):
+        s = src[y]
+        d = dst[y]
+        if fast:
+            for i in range(w):
+                z = min(max(-s[i], np.float32(-87.0)), np.float32(87.0))
+                k = np.floor(z * np.float32(1.4426950408889634) + np.float32(0.5))
+                r = z - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+                q = np.float32(1.9875691500e-4)
+                q = q * r + np.float32(1.3981999507e-3)
+                q = q * r + np.float32(8.3334519073e-3)
+                q = q * r + np.float32(4.1665795894e-2)
+                q = q * r + np.float32(1.6666665459e-1)
+                q = q * r + np.float32(5.0000001201e-1)
+                d[i] = q * r * r + r + np.float32(1.0)
+                scale_bits[i] = (np.int32(k) + np.int32(127)) << np.int32(23)
+            for i in range(w):
+                d[i] = one / (one + d[i] * scale[i])
+        else:
+            for i in range(w):
+                d[i] = one / (one + np.exp(-s[i]))
+
+
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, inline="always")
 def _edge_grad(pc, pu, pdn, i, wh, wvu, wvd, wdu, wdd, one):  # pragma: no cover - numba
     """Smoothness gradient of pixel i of a row at the left or right border."""
     w = pc.shape[0]
@@ -122,9 +158,9 @@ def _edge_grad(pc, pu, pdn, i, wh, wvu, wvd, wdu, wdd, one):  # pragma: no cover
     return t * c * (one - c)
 
 
-@njit(fastmath=_FASTMATH, cache=True, nogil=True)
-def _mil_smooth_kernel(x, p, mask, has_mil, has_smooth, write_grad, grad, sums, wh, wv, wd, mil_coef, n_start, n_stop):  # pragma: no cover - numba
-    """x: [N, H, W] f32/f64 logits; p: sigmoid(x) (unused without smoothness);
+@njit(fastmath=_FASTMATH, error_model="numpy", cache=True, nogil=True)
+def _mil_smooth_kernel(x, mask, has_mil, has_smooth, write_grad, grad, sums, wh, wv, wd, mil_coef, fast_sigmoid, n_start, n_stop):  # pragma: no cover - numba
+    """x: [N, H, W] f32/f64 logits; fast_sigmoid: the float32 sigmoid (see _sigmoid_rows);
     mask: [N, H, W] u8 or x's dtype (unused without MIL); grad: [N, H, W] like x
     (unused unless write_grad); sums: [N, 6] f64 out. wh, wv, wd: gradient weight per
     neighbour (2 * b * loss weight), x's dtype; mil_coef: a / (N * (H + W)), float64.
@@ -132,7 +168,11 @@ def _mil_smooth_kernel(x, p, mask, has_mil, has_smooth, write_grad, grad, sums, 
     _, h, w = x.shape
     zero = np.zeros(1, x.dtype)[0]
     one = np.ones(1, x.dtype)[0]
+    p = np.empty((h, w), x.dtype)          # sigmoid of the current image
+    scale_bits = np.empty(w, np.int32)
     for n in range(n_start, n_stop):
+        if has_smooth:
+            _sigmoid_rows(x[n], p, scale_bits, fast_sigmoid)
         col_max = np.empty(w, x.dtype)
         col_arg = np.zeros(w, np.int32)
         col_lab = np.empty(w, mask.dtype)
@@ -162,11 +202,11 @@ def _mil_smooth_kernel(x, p, mask, has_mil, has_smooth, write_grad, grad, sums, 
                 for i in range(w):
                     col_lab[i] = max(col_lab[i], mr[i])
             if has_smooth:
-                pc = p[n, y]
+                pc = p[y]
                 up = y > 0
                 dn = y + 1 < h
-                pu = p[n, y - 1] if up else pc      # a stand-in row when there is none,
-                pdn = p[n, y + 1] if dn else pc     # its weights are then 0
+                pu = p[y - 1] if up else pc      # a stand-in row when there is none,
+                pdn = p[y + 1] if dn else pc     # its weights are then 0
                 # loss: the pairs owned by row y (right, down, down-right, down-left)
                 acc_h = zero
                 for i in range(w - 1):
@@ -305,12 +345,10 @@ def mil_smooth_forward(
     grad = np.empty(x.shape, x.dtype) if write_grad else np.empty((1, 1, 1), x.dtype)
     sums = np.zeros((n, 6), np.float64)
     lwh, lwv, lwd = smooth_weights(n, h, w)
-    # sigmoid by torch (vectorised, multithreaded); everything else in the kernel
-    p = torch.sigmoid(torch.from_numpy(x)).numpy() if has_smooth else x
     args = (
-        x, p, m, bool(has_mil), bool(has_smooth), write_grad, grad, sums,
+        x, m, bool(has_mil), bool(has_smooth), write_grad, grad, sums,
         np_dt(2.0 * b * lwh), np_dt(2.0 * b * lwv), np_dt(2.0 * b * lwd),
-        float(a) / mil_bag_count(n, h, w),
+        float(a) / mil_bag_count(n, h, w), x.dtype == np.float32,
     )
     _run_chunks(args, n, h * w)
     tot = sums.sum(axis=0)
