@@ -32,6 +32,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 
 def data_root() -> Path:
@@ -182,37 +183,37 @@ def run_ours(engine: str, model: Path, ann: Path, images: Path, out: Path, batch
 
 
 def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
-    """ONNX Runtime ms/instance: stride-4 output vs full resolution; normalisation in graph vs numpy."""
-    from boxcaseg.export import OnnxEngine, export_onnx
+    """Export choices, timed interleaved (bench/_timing.py) so machine load hits all alike.
+
+    ONNX Runtime ms/instance for a stride-4 output vs a full-resolution output (plus the
+    post-processing of each: map -> box mask for 128x128 boxes), and the numpy cost of
+    normalising outside the graph vs only casting (normalisation in the graph).
+    """
+    from _timing import time_cpu_interleaved
+
     from boxcaseg.data.transforms import MEAN, STD
+    from boxcaseg.export import OnnxEngine, export_onnx
+    from boxcaseg.proxy import masks_from_probs
 
     r4 = export_onnx(ckpt, tmp / "s4.onnx")
     export_onnx(ckpt, tmp / "full.onnx", full_resolution=True)
     size = r4.infer_size
     x = np.random.default_rng(0).integers(0, 256, (batch_size, 3, size, size), dtype=np.uint8)
-    res = {}
-    for name in ("s4", "full"):
-        eng = OnnxEngine(tmp / f"{name}.onnx")
-        eng.predict(x)
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            eng.predict(x)
-            ts.append(time.perf_counter() - t0)
-        res[f"ort_ms_per_instance_{name}"] = round(min(ts) / batch_size * 1e3, 2)
+    engines = {name: OnnxEngine(tmp / f"{name}.onnx") for name in ("s4", "full")}
+    probs = {name: e.predict(x) for name, e in engines.items()}
+    boxes = np.tile(np.array([[10, 10, 138, 138]]), (batch_size, 1))
     mean = (np.array(MEAN, np.float32) * 255).reshape(1, 3, 1, 1)
     std = (np.array(STD, np.float32) * 255).reshape(1, 3, 1, 1)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        x.astype(np.float32)
-    cast = (time.perf_counter() - t0) / 5
-    t0 = time.perf_counter()
-    for _ in range(5):
-        (x.astype(np.float32) - mean) / std
-    norm = (time.perf_counter() - t0) / 5
-    res["numpy_ms_per_instance_cast_only"] = round(cast / batch_size * 1e3, 3)
-    res["numpy_ms_per_instance_cast_and_normalise"] = round(norm / batch_size * 1e3, 3)
-    return res
+    fns = {
+        "ort_s4": lambda: engines["s4"].predict(x),
+        "ort_full": lambda: engines["full"].predict(x),
+        "post_s4": lambda: masks_from_probs(probs["s4"], boxes, boxes, 0.5, False, size, 4),
+        "post_full": lambda: masks_from_probs(probs["full"], boxes, boxes, 0.5, False, size, 1),
+        "cast_only": lambda: x.astype(np.float32),
+        "cast_and_normalise": lambda: (x.astype(np.float32) - mean) / std,
+    }
+    t = time_cpu_interleaved(fns, warmup=2, rounds=5, round_budget_s=0.5)
+    return {f"{k}_ms_per_instance": round(v.median_ms / batch_size, 3) for k, v in t.items()}
 
 
 def main() -> None:
@@ -222,7 +223,7 @@ def main() -> None:
     ap.add_argument("--backbone", default=None, help="backbone of the generated checkpoint (default: configs/cpu.toml's)")
     ap.add_argument("--limit-images", type=int, default=0, help="first N images only (0: all)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1, help="decode workers of our pipeline")
+    ap.add_argument("--workers", type=int, default=2, help="decode workers of our pipeline (the CLI default)")
     ap.add_argument("--engines", default="published,torch,onnx,trt")
     ap.add_argument("--variants", action="store_true", help="also time the export variants")
     ap.add_argument("--json", action="store_true", help="(kept for symmetry: the last line is always JSON)")
@@ -242,8 +243,8 @@ def main() -> None:
 
         cfg = from_dict(Config, safe_torch_load(ckpt)["config"])
         report = {"data": str(folder), "images": args.limit_images or "all", "backbone": cfg.model.backbone,
-                  "infer_size": cfg.model.infer_size, "batch_size": args.batch_size, "cpus": os.cpu_count(),
-                  "results": {}}
+                  "infer_size": cfg.model.infer_size, "batch_size": args.batch_size, "workers": args.workers,
+                  "cpus": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()], "results": {}}
         print(f"checkpoint: {cfg.model.backbone}, S={cfg.model.infer_size}; data {folder} ({args.limit_images or 'all'} images)")
         res = report["results"]
         if "published" in engines:
@@ -280,6 +281,7 @@ def main() -> None:
         if args.variants:
             report["variants"] = run_variants(ckpt, tmp, args.batch_size)
             print("export variants:", json.dumps(report["variants"]))
+    report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(report))
 
 

@@ -118,7 +118,8 @@ def to_onnx_proto(wrapper, infer_size: int, prefer_dynamo: bool = True):
     return _torch_export(wrapper, example, dynamo=False), "torchscript"
 
 
-def parity_check(onnx_bytes: bytes, model, infer_size: int, batch: int = 2, seed: int = 0) -> float:
+def parity_check(onnx_bytes: bytes, model, infer_size: int, batch: int = 2, seed: int = 0,
+                 full_resolution: bool = False) -> float:
     """Max abs difference between ONNX Runtime (CPU) and the PyTorch training model (float32).
 
     Random RGB input [batch, 3, S, S] in 0..255; the reference is sigmoid(fused) of
@@ -134,7 +135,7 @@ def parity_check(onnx_bytes: bytes, model, infer_size: int, batch: int = 2, seed
     x = torch.rand(batch, 3, infer_size, infer_size, generator=g) * 255.0
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-    ref = reference_probs(model, x).numpy()
+    ref = reference_probs(model, x, full_resolution).numpy()
     if got.shape != ref.shape:
         raise BoxcasegError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
     return float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
@@ -195,7 +196,7 @@ def export_onnx(
         entry.key, entry.value = k, v
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
-    diff = parity_check(data, model, size) if check else float("nan")
+    diff = parity_check(data, model, size, full_resolution=full_resolution) if check else float("nan")
     if check and not diff <= PARITY_TOL:
         raise BoxcasegError(f"{ckpt}: ONNX Runtime differs from PyTorch by {diff:.3g} (> {PARITY_TOL:g})")
     atomic_write_bytes(out, data)

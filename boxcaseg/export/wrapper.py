@@ -16,6 +16,13 @@ Built from a trained :class:`~boxcaseg.model.BoxCaseg` (it is never trained itse
 
 forward(x: [B, 3, S, S] float32 RGB in 0..255) -> probs [B, 1, ceil(S/4), ceil(S/4)]
 (or [B, 1, S, S] with ``full_resolution=True``).
+
+Both choices were measured (``python bench/proxy_throughput.py --variants``; numbers in
+bench/RESULTS.md): a full-resolution output costs more in the graph and moves 16x the
+data, while the post-processing (map -> box mask, O(box area)) costs the same from
+either map, so the graph ends at stride 4. Normalising in numpy before the engine costs
+the main process several times the plain uint8 -> float32 cast, so the normalisation
+lives in the graph (on a GPU it runs there too).
 """
 
 from __future__ import annotations
