@@ -7,7 +7,6 @@ knows S without the checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable

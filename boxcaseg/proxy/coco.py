@@ -129,7 +129,7 @@ def apply_results(data: dict, results: dict) -> dict:
         if _is_crowd(ann):
             anns.append(ann)
             continue
-        res = results.get(_key(ann["id"]))
+        res = results.get(ann_key(ann["id"]))
         if res is None:
             raise BoxcasegError(f"annotation id {ann['id']!r}: no proxy mask was produced for it (incomplete shards?)")
         rle, agreement, ignore = res
@@ -142,6 +142,6 @@ def apply_results(data: dict, results: dict) -> dict:
     return out
 
 
-def _key(ann_id: Any) -> str:
+def ann_key(ann_id: Any) -> str:
     """Annotation ids as JSON object keys (ints and strings kept apart)."""
     return f"{type(ann_id).__name__}:{ann_id}"

@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import atomic_write_json, load_json
 from boxcaseg.masks import empty_rle
-from boxcaseg.proxy.coco import ImageTask, _key, apply_results, build_tasks, validate_coco
+from boxcaseg.proxy.coco import ImageTask, ann_key, apply_results, build_tasks, validate_coco
 from boxcaseg.proxy.shards import (
     FORMAT, ProgressStore, Shard, common_fingerprint, find_shard_files, progress_dir, shard_file,
 )
@@ -353,7 +353,7 @@ def generate_proxy(cfg: ProxyConfig) -> dict:
         payload = store.load(c, [t.image_id for t in chunks[c]])
         stats = _add_stats(stats, payload["stats"])
         for ann_id, rle, agr, ignore in payload["results"]:
-            results[_key(ann_id)] = (rle, agr, ignore)
+            results[ann_key(ann_id)] = (rle, agr, ignore)
     seconds = time.perf_counter() - t_start
     summary = _summary(stats, len(mine), shard, chunks, pending, timers, seconds, data, engine_desc)
     if shard.count == 1:
