@@ -113,17 +113,17 @@ class _DecodeDataset:
         image_id, path, w, h, crops = self.items[i]
         try:
             img = open_rgb(path)
+            if img.size != (w, h):
+                raise BoxcasegError(f"{path} is {img.size[0]}x{img.size[1]} pixels, the json says {w}x{h}")
+            arr = np.empty((len(crops), 3, self.size, self.size), np.uint8)
+            for k, c in enumerate(crops):
+                arr[k] = crop_resize(img, tuple(int(v) for v in c), self.size).transpose(2, 0, 1)
         except BoxcasegError as e:
             return {"i": i, "error": f"image id {image_id!r}: {e.one_line()}", "t": time.perf_counter() - t0}
         except Exception as e:  # noqa: BLE001 - decompression bombs, truncated data ...
-            return {"i": i, "error": f"image id {image_id!r}: {path}: unreadable image ({type(e).__name__}: {e})",
+            msg = " ".join(str(e).split())[:200]
+            return {"i": i, "error": f"image id {image_id!r}: {path}: unreadable image ({type(e).__name__}: {msg})",
                     "t": time.perf_counter() - t0}
-        if img.size != (w, h):
-            return {"i": i, "error": f"image id {image_id!r}: {path} is {img.size[0]}x{img.size[1]} pixels, "
-                                     f"the json says {w}x{h}", "t": time.perf_counter() - t0}
-        arr = np.empty((len(crops), 3, self.size, self.size), np.uint8)
-        for k, c in enumerate(crops):
-            arr[k] = crop_resize(img, tuple(int(v) for v in c), self.size).transpose(2, 0, 1)
         return {"i": i, "crops": torch.from_numpy(arr), "t": time.perf_counter() - t0}
 
 
@@ -157,6 +157,7 @@ class _PostThread(threading.Thread):
         self.timers, self.on_done = timers, on_done
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
+        self.stop_now = False                  # set by the main thread when it gives up
         self.masks: dict[int, list] = {}       # task index -> masks per usable slot
         self.bad: dict[int, str] = {}          # task index -> why the image is unusable
 
@@ -174,7 +175,7 @@ class _PostThread(threading.Thread):
         try:
             while True:
                 item = self.q.get()
-                if item is None:
+                if item is None or self.stop_now:
                     return
                 t0 = time.perf_counter()
                 self._handle(item)
@@ -445,7 +446,7 @@ def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, l
             post.join()
     finally:
         if post.is_alive():
-            post.error = post.error or KeyboardInterrupt()
+            post.stop_now = True
             try:
                 post.q.put_nowait(None)
             except queue.Full:
