@@ -71,14 +71,22 @@ class TorchEngine:
             return self.module(x).float().cpu().numpy()
 
 
-def onnx_providers() -> list:
-    """ONNX Runtime providers to use, best first: TensorRT, CUDA, CPU (what is installed)."""
+def onnx_providers(cache_dir: str | Path | None = None) -> list:
+    """ONNX Runtime providers to use, best first: TensorRT, CUDA, CPU (what is installed).
+
+    ``onnxruntime-gpu`` brings the CUDA (and, with TensorRT libraries, the TensorRT)
+    provider; the plain ``onnxruntime`` package has the CPU provider only. The TensorRT
+    provider runs in fp16 and caches its engines in ``cache_dir``.
+    """
     import onnxruntime as ort
 
     avail = ort.get_available_providers()
     providers: list = []
     if "TensorrtExecutionProvider" in avail:
-        providers.append(("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True}))
+        opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True}
+        if cache_dir is not None:
+            opts["trt_engine_cache_path"] = str(cache_dir)
+        providers.append(("TensorrtExecutionProvider", opts))
     if "CUDAExecutionProvider" in avail:
         providers.append("CUDAExecutionProvider")
     providers.append("CPUExecutionProvider")
@@ -105,7 +113,8 @@ class OnnxEngine:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers or onnx_providers())
+            cache = Path(path).with_name(Path(path).stem + ".ort-trt-cache")
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers or onnx_providers(cache))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise BoxcasegError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from e
         self.input_name, self.output_name = INPUT_NAME, OUTPUT_NAME
@@ -186,6 +195,18 @@ def load_engine(kind: str, path: str | Path, threads: int = 0, device: str | Non
     if kind == "trt":
         return TrtEngine(path)
     raise BoxcasegError(f"unknown engine {kind!r} (choose from {', '.join(ENGINE_KINDS)})")
+
+
+def engine_device(kind: str, device: str | None = None) -> str:
+    """Where ``kind`` will run (part of a proxy run's fingerprint): a provider or a device."""
+    if kind == "onnx":
+        first = onnx_providers()[0]
+        return first[0] if isinstance(first, tuple) else first
+    if kind == "trt":
+        return "cuda"
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def read_model_info(kind: str, path: str | Path) -> int:

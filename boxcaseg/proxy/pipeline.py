@@ -276,6 +276,7 @@ def _add_stats(a: dict, b: dict) -> dict:
 
 
 def _fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
+    from boxcaseg.export.engines import engine_device
     from boxcaseg.export.onnx_export import file_sha256
 
     return {
@@ -283,6 +284,7 @@ def _fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
         "ann_sha256": file_sha256(cfg.ann),
         "model_sha256": file_sha256(cfg.model),
         "engine": cfg.engine,
+        "device": engine_device(cfg.engine, cfg.device),
         "infer_size": size,
         "context": float(cfg.context),
         "threshold": float(cfg.threshold),

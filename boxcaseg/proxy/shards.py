@@ -126,5 +126,6 @@ def find_shard_files(out: Path) -> tuple[int, dict[int, Path]]:
 
 
 def common_fingerprint(fp: dict) -> dict[str, Any]:
-    """The part of a fingerprint every shard of one run shares."""
-    return {k: v for k, v in fp.items() if k != "shard"}
+    """The part of a fingerprint every shard of one run shares (shards may run on
+    different devices: a CPU shard and a GPU shard of the same run can be joined)."""
+    return {k: v for k, v in fp.items() if k not in ("shard", "device")}
