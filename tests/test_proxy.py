@@ -292,3 +292,23 @@ def test_cli_bad_inputs_one_line_exit_2(setup, tmp_path, capsys):
         assert run_cli(base + extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (extra, err)
+
+
+def test_torchrun_two_ranks_equal_one_process(setup, single_run):
+    """`torchrun --nproc-per-node 2 -m boxcaseg proxy ...`: rank 0 merges; same bytes as one process."""
+    import socket
+
+    single, _ = single_run
+    out = setup["dir"] / "torchrun" / "proxy.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "boxcaseg", "proxy", "--engine", "onnx", "--model", str(setup["onnx"]),
+           "--ann", str(setup["ann"]), "--images", str(setup["images"]), "-o", str(out),
+           "--batch-size", "4", "--checkpoint-every", "3", "--workers", "0", "--threads", "1", "--no-progress"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 0 merged 2 shards" in res.stdout
+    assert out.read_bytes() == single.read_bytes()

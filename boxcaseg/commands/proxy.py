@@ -39,7 +39,8 @@ def proxy_command(
     from rich.console import Console
 
     from boxcaseg.errors import BoxcasegError
-    from boxcaseg.proxy import ProxyConfig, generate_proxy, merge_shards
+    from boxcaseg.dist import env_rank_world
+    from boxcaseg.proxy import ProxyConfig, generate_proxy_torchrun, merge_shards
 
     con = Console(highlight=False, soft_wrap=True, stderr=False)
     if merge:
@@ -53,9 +54,9 @@ def proxy_command(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
         relative=relative, drop_thresh=drop_thresh, batch_size=batch_size, workers=workers, threads=threads,
         shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
-        progress=not no_progress, device=device,
+        progress=not no_progress and env_rank_world()[0] == 0, device=device,
     )
-    s = generate_proxy(cfg)
+    s = generate_proxy_torchrun(cfg)
     t = s["timings"]
     busy = t["decode"] + t["inference"] + t["post"]
     shares = ", ".join(f"{k} {100 * t[k] / busy:.0f}%" for k in ("decode", "inference", "post")) if busy else "-"
@@ -66,6 +67,9 @@ def proxy_command(
         f"degenerate boxes: {s['degenerate']}, in {s['bad_images']} bad images: {s['bad_image_annotations']}); "
         f"empty masks {s['empty_masks']}; mean agreement {s['mean_agreement']:.3f}; crowd left as is {s['crowd']}")
     con.print(f"{speed} over {s['seconds']:.1f} s; time shares {shares}; resumed chunks {s['resumed_chunks']}/{s['chunks']}")
+    if "merged" in s:
+        m = s["merged"]
+        con.print(f"[green]rank 0 merged[/] {m['shards']} shards into {m['output']}")
     con.print(json.dumps(s))
 
 

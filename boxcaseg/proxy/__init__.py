@@ -2,13 +2,14 @@
 
 - :func:`generate_proxy` (:class:`ProxyConfig` -> summary): the batched, sharded,
   resumable pipeline; :func:`merge_shards` joins shard files;
+  :func:`generate_proxy_torchrun` runs one shard per torchrun rank and rank 0 joins them;
 - :func:`merge_and_drop`: smaller-object-better merge and proxy box agreement (Numba,
   box-local windows);
 - :func:`masks_from_probs`: probability maps -> box-local binary masks (Numba).
 """
 
 from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
-from boxcaseg.proxy.pipeline import ProxyConfig, generate_proxy, merge_shards
+from boxcaseg.proxy.pipeline import ProxyConfig, generate_proxy, generate_proxy_torchrun, merge_shards
 from boxcaseg.proxy.postprocess import masks_from_probs
 
-__all__ = ["ProxyConfig", "encode_window_fast", "generate_proxy", "masks_from_probs", "merge_and_drop", "merge_shards"]
+__all__ = ["ProxyConfig", "encode_window_fast", "generate_proxy", "generate_proxy_torchrun", "masks_from_probs", "merge_and_drop", "merge_shards"]

@@ -495,3 +495,23 @@ def merge_shards(ann: str | Path, out: str | Path) -> dict:
     s = _stats_summary(stats)
     s.update({"shards": n, "output": str(out)})
     return s
+
+
+def generate_proxy_torchrun(cfg: ProxyConfig) -> dict:
+    """:func:`generate_proxy`, and under torchrun (WORLD_SIZE > 1, no explicit shard) a
+    barrier after which rank 0 joins the shard files into ``cfg.out``.
+
+    Each rank processes shard RANK/WORLD_SIZE; the joined file equals a one-process run.
+    """
+    from boxcaseg import dist
+
+    summary = generate_proxy(cfg)
+    rank, world = dist.env_rank_world()
+    if cfg.shard is None and world > 1:
+        dist.init_from_env()
+        dist.barrier()
+        if rank == 0:
+            summary["merged"] = merge_shards(cfg.ann, cfg.out)
+        dist.barrier()
+        dist.cleanup()
+    return summary
