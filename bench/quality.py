@@ -1,0 +1,130 @@
+"""The CPU recipe end to end on real data: train -> export -> proxy -> evaluate.
+
+    python bench/quality.py                      # train configs/cpu.toml, then evaluate
+    python bench/quality.py --ckpt runs/x/last.pt  # evaluate an existing checkpoint
+
+Trains on ${BOXCASEG_DATA}/coco-train boxes + duts-tr salient pairs, exports to ONNX,
+makes proxy masks for ${BOXCASEG_DATA}/coco-val (GT boxes given) with the ONNX engine
+and compares mIoU* / IoU@75 with the classical floors measured on the same set in the
+same run (box-fill, inscribed ellipse, GrabCut). Prints the table and writes it into
+bench/RESULTS.md (section "quality"). A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GOAL = {"miou_star": 0.71, "iou75": 0.53}
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` markers in RESULTS.md."""
+    path = REPO / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "cpu.toml"))
+    ap.add_argument("--ckpt", help="evaluate this checkpoint instead of training")
+    ap.add_argument("--out", default=str(REPO / "runs" / "quality"))
+    ap.add_argument("--contexts", default="1.0,1.3,1.5", help="inference crop ratios to report")
+    ap.add_argument("--thresholds", default="0.4,0.5", help="probability thresholds to report")
+    ap.add_argument("--no-grabcut", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    ap.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    args = ap.parse_args()
+
+    import torch
+
+    from boxcaseg.baselines import box_fill_predictions, ellipse_predictions, grabcut_predictions
+    from boxcaseg.config import load_config
+    from boxcaseg.evaluate import mask_quality
+    from boxcaseg.export import export_onnx
+    from boxcaseg.proxy import ProxyConfig, generate_proxy
+    from boxcaseg.report import markdown_table
+    from boxcaseg.train import train
+
+    root = data_root()
+    val_ann, val_img = root / "coco-val" / "instances.json", root / "coco-val" / "images"
+    if not val_ann.is_file():
+        sys.exit(f"real data not found at {root} (set BOXCASEG_DATA)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows, notes = [], []
+    t = time.perf_counter()
+    floors = {"box-fill": box_fill_predictions(val_ann), "ellipse": ellipse_predictions(val_ann)}
+    if not args.no_grabcut:
+        floors["GrabCut (box init)"] = grabcut_predictions(val_ann, val_img)
+    for name, preds in floors.items():
+        q = mask_quality(val_ann, preds)
+        rows.append([name, q["miou_star"], q["miou"], q["iou50"], q["iou75"], q["small"]["miou"] or 0.0])
+    floor_s = time.perf_counter() - t
+
+    train_s = None
+    if args.ckpt:
+        ckpt = Path(args.ckpt)
+        cfg = None
+    else:
+        cfg = load_config(args.config, args.set)
+        t = time.perf_counter()
+        res = train(cfg, out / "train")
+        train_s = time.perf_counter() - t
+        ckpt = out / "train" / "last.pt"
+        notes.append(f"training: {cfg.model.backbone}, {res.iters} iterations, {train_s / 60:.1f} min, "
+                     f"{res.images_per_s:.1f} img/s, loss {res.first_loss:.3f} -> {res.last_loss:.3f}")
+    exp = export_onnx(ckpt, out / "model.onnx")
+    best = None
+    for ctx in (float(c) for c in args.contexts.split(",")):
+        for thr in (float(x) for x in args.thresholds.split(",")):
+            s = generate_proxy(ProxyConfig(ann=val_ann, images=val_img, out=out / f"proxy_c{ctx}_t{thr}.json",
+                                           model=out / "model.onnx", engine="onnx", context=ctx, threshold=thr,
+                                           workers=1, progress=False))
+            q = mask_quality(val_ann, out / f"proxy_c{ctx}_t{thr}.json")
+            rows.append([f"BoxCaseg, context {ctx}, threshold {thr}", q["miou_star"], q["miou"], q["iou50"], q["iou75"],
+                         q["small"]["miou"] or 0.0])
+            if best is None or q["miou_star"] > best[1]:
+                best = (rows[-1][0], q["miou_star"], q["iou75"], s["instances_per_s"])
+    table = markdown_table(["masks on coco-val (GT boxes given)", "mIoU*", "mIoU", "IoU@50", "IoU@75", "small mIoU"], rows)
+    met = best[1] >= GOAL["miou_star"] and best[2] >= GOAL["iou75"]
+    body = (
+        "## quality: the CPU recipe on real data (`python bench/quality.py`)\n\n"
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"Data: {root.name}/coco-train boxes + duts-tr pairs for training; coco-val for evaluation "
+        f"({int(mask_quality(val_ann, floors['box-fill'])['n'])} non-crowd instances).\n"
+        + "".join(f"- {n}\n" for n in notes)
+        + f"- ONNX export: max abs diff vs PyTorch {exp.max_abs_diff:.2e}\n"
+        f"- floors measured in the same run ({floor_s:.0f} s)\n\n{table}\n\n"
+        f"Best: {best[0]}: mIoU* {best[1]:.3f}, IoU@75 {best[2]:.3f} — goal mIoU* >= {GOAL['miou_star']}, "
+        f"IoU@75 >= {GOAL['iou75']}: {'met' if met else 'NOT met'}.\n"
+    )
+    print(body)
+    print(json.dumps({"rows": [dict(zip(["masks", "miou_star", "miou", "iou50", "iou75", "small_miou"], r)) for r in rows],
+                      "train_s": train_s, "goal_met": met}))
+    if not args.no_write:
+        write_section("quality", body)
+
+
+if __name__ == "__main__":
+    main()
