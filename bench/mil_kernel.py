@@ -29,6 +29,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def step_fn(loss_fn, x, m):
     return run
 
 
-def first_call_in_fresh_process(backend: str, n: int, threads: int) -> float:
+def first_call_in_fresh_process(backend: str, n: int, threads: int, env: dict | None = None) -> float:
     """Seconds of the first forward+backward in a new process (compile / cache load)."""
     code = f"""
 import sys, time, torch
@@ -127,7 +128,8 @@ x, m = b.make_inputs({n}, "cpu")
 f = torch.compile(b.torch_loss) if {backend!r} == "compile" else b.fused_loss({backend!r})
 t = time.perf_counter(); f(x, m).backward(); print(time.perf_counter() - t)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     return float(out.stdout.strip().splitlines()[-1])
@@ -151,7 +153,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--startup", action="store_true",
-                    help="also time the first call in fresh processes (numba cache load, torch.compile warm start)")
+                    help="also time the first call in fresh processes (Numba cache load; torch.compile "
+                         "with an empty and with the default inductor cache)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -202,9 +205,16 @@ def main() -> None:
 
     if args.startup and not on_gpu:
         n0 = args.n[0]
-        extra[f"numba_first_call_fresh_process_s_n{n0}"] = round(first_call_in_fresh_process("numba", n0, args.threads), 2)
+        with tempfile.TemporaryDirectory() as cache:          # empty Numba cache: compile
+            extra[f"numba_first_call_fresh_process_cold_cache_s_n{n0}"] = round(
+                first_call_in_fresh_process("numba", n0, args.threads, {"NUMBA_CACHE_DIR": cache}), 2)
+        extra[f"numba_first_call_fresh_process_warm_cache_s_n{n0}"] = round(
+            first_call_in_fresh_process("numba", n0, args.threads), 2)
         if not args.no_compile:
-            extra[f"compile_first_call_fresh_process_s_n{n0}"] = round(
+            with tempfile.TemporaryDirectory() as cache:      # empty inductor cache: a cold compile
+                extra[f"compile_first_call_fresh_process_cold_cache_s_n{n0}"] = round(
+                    first_call_in_fresh_process("compile", n0, args.threads, {"TORCHINDUCTOR_CACHE_DIR": cache}), 2)
+            extra[f"compile_first_call_fresh_process_warm_cache_s_n{n0}"] = round(
                 first_call_in_fresh_process("compile", n0, args.threads), 2)
 
     if load_before is not None:
