@@ -19,8 +19,12 @@ def demo_command(
     size: int = typer.Option(128, "--size", help="Training patch and inference size."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Run the whole method on synthetic data: generate shapes, train, export to ONNX,
-    make proxy masks (merge/drop), evaluate them beside box-fill, write a report folder."""
+    """Run the whole method on synthetic data: shapes -> train -> ONNX -> proxy masks -> evaluation and report.
+
+    Generates a synthetic COCO set and salient pairs, trains briefly on the CPU, exports to
+    ONNX, makes proxy masks with the ONNX engine (merge/drop), evaluates them beside
+    box-fill and writes a report folder (metrics.json, loss_curve.png, overlays, README.md).
+    """
     from boxcaseg.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=out, iters=iters, n_images=images, n_salient=salient, backbone=backbone,
