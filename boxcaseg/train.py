@@ -10,12 +10,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -27,6 +25,7 @@ from boxcaseg.data.sampler import MixedBatchSampler, MixedDataset, collate
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import JsonlWriter, atomic_torch_save, safe_torch_load
 from boxcaseg.losses import boxcaseg_loss
+from boxcaseg.loop import checkpoint_rng_and_buffers, progress_bar, set_rng_state, worker_init
 from boxcaseg.model import build_model
 
 log = logging.getLogger(__name__)
@@ -74,38 +73,6 @@ def poly_factor(step: int, max_iters: int, power: float, warmup: int = 0) -> flo
     if warmup and step < warmup:
         return (step + 1) / warmup
     return max(0.0, 1.0 - step / max(1, max_iters)) ** power
-
-
-def _rng_state() -> dict:
-    """RNG states in types that ``torch.load(weights_only=True)`` accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    ns = state["numpy"]
-    np.random.set_state((ns["name"], ns["keys"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["gauss"]))
-    random.setstate(state["python"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def train(
@@ -162,7 +129,7 @@ def train(
         scheduler.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["iter"])
         if ckpt.get("world_size", 1) == world and "rng" in ckpt:
-            _set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+            set_rng_state(ckpt["rng"][rank])
         log.info("resumed from %s at iteration %d", ckpt_path, step)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
 
@@ -172,7 +139,7 @@ def train(
     loader = torch.utils.data.DataLoader(
         MixedDataset(box_ds, sal_ds), batch_sampler=sampler, collate_fn=collate,
         num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if cfg.data.workers else None,
+        worker_init_fn=worker_init if cfg.data.workers else None,
         prefetch_factor=4 if cfg.data.workers else None,
     )
     use_amp = t.amp and device.type == "cuda"
@@ -181,21 +148,8 @@ def train(
         log.info("training %s for %d iterations (%d box + %d salient per batch, %d process(es), %s)",
                  cfg.model.backbone, t.max_iters, n_box, n_sal, world, device)
 
-    def sync_buffers() -> None:
-        """Average BN running statistics over ranks (DDP syncs only parameters)."""
-        if distributed:
-            for buf in model.buffers():
-                if buf.is_floating_point():
-                    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
-                    buf.div_(world)
-
     def save(it: int) -> None:
-        sync_buffers()
-        rng = _rng_state()
-        if distributed:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, rng)
-            rng = gathered
+        rng = checkpoint_rng_and_buffers(model, distributed, world)
         if is_main:
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -208,7 +162,7 @@ def train(
     n_images = 0
     net.train()
     it = step
-    with _progress(is_main and show_progress) as progress:
+    with progress_bar("train", is_main and show_progress) as progress:
         task = progress.add_task("train", total=t.max_iters, completed=step, stats="")
         t_last = time.perf_counter()
         for images, targets, is_sal in loader:

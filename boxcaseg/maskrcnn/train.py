@@ -14,18 +14,17 @@ import bisect
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from boxcaseg import dist
 from boxcaseg.config import from_dict
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import JsonlWriter, atomic_torch_save, safe_torch_load
+from boxcaseg.loop import checkpoint_rng_and_buffers, progress_bar, set_rng_state, worker_init
 from boxcaseg.maskrcnn.config import MaskRCNNConfig
 from boxcaseg.maskrcnn.data import CocoMaskDataset, IterationSampler, collate
 from boxcaseg.maskrcnn.model import build_maskrcnn
@@ -63,38 +62,6 @@ def lr_factor(step: int, warmup_iters: int, warmup_factor: float, steps: list[in
         alpha = step / warmup_iters
         f *= warmup_factor * (1 - alpha) + alpha
     return f
-
-
-def rng_state() -> dict:
-    """Every RNG state, in types ``torch.load(weights_only=True)`` accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-            "python_gauss": random.getstate()[2],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    ns = state["numpy"]
-    np.random.set_state((ns["name"], ns["keys"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["gauss"]))
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _worker_init(_) -> None:
-    torch.set_num_threads(1)
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]maskrcnn"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=not enabled)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -189,7 +156,7 @@ def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.workers,
         generator=torch.Generator().manual_seed(t.seed),  # leaves the global RNG alone
-        worker_init_fn=_worker_init if cfg.data.workers else None,
+        worker_init_fn=worker_init if cfg.data.workers else None,
     )
     metrics = JsonlWriter(out_dir / "metrics.jsonl", truncate_after_iter=step) if is_main else None
     if is_main:
@@ -197,18 +164,8 @@ def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None
                  cfg.model.backbone, len(dataset), cfg.data.ann, n_classes, t.max_iters, world, device)
 
     def save(it: int) -> None:
-        rng = [rng_state()]
-        if distributed:
-            # BatchNorm running statistics differ between ranks: save their mean (training
-            # uses batch statistics, so this changes no loss)
-            with torch.no_grad():
-                for buf in model.buffers():
-                    if buf.is_floating_point():
-                        torch.distributed.all_reduce(buf)
-                        buf /= world
-            gathered: list = [None] * world
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
+        # BN running statistics differ between ranks: the checkpoint holds their mean
+        rng = checkpoint_rng_and_buffers(model, distributed, world)
         if is_main:
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -221,7 +178,7 @@ def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None
     n_images = 0
     net.train()
     it = step
-    with _progress(is_main and show_progress) as progress:
+    with progress_bar("maskrcnn", is_main and show_progress) as progress:
         task = progress.add_task("maskrcnn", total=t.max_iters, completed=step, stats="")
         t_last = time.perf_counter()
         for images, targets in loader:

@@ -1,0 +1,63 @@
+"""Helpers shared by the training loops (BoxCaseg and Mask R-CNN).
+
+RNG states that survive ``torch.load(weights_only=True)``, per-rank RNG gathering and
+BN-statistics averaging for checkpoints, the data-worker initialiser and the rich
+progress bar.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    """Every RNG state, in types ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": list(py_state), "python_version": version, "python_gauss": py_gauss,
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    ns = state["numpy"]
+    np.random.set_state((ns["name"], ns["keys"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["gauss"]))
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_rng_and_buffers(model: torch.nn.Module, distributed: bool, world: int) -> list[dict]:
+    """Before a checkpoint: average floating buffers (BN running statistics, which DDP
+    does not synchronise) over ranks, and gather every rank's RNG state (rank order)."""
+    state = rng_state()
+    if not distributed:
+        return [state]
+    with torch.no_grad():
+        for buf in model.buffers():
+            if buf.is_floating_point():
+                torch.distributed.all_reduce(buf)
+                buf /= world
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def worker_init(_) -> None:
+    """DataLoader workers: one torch thread each (the main process owns the cores)."""
+    torch.set_num_threads(1)
+
+
+def progress_bar(label: str, enabled: bool):
+    """A rich progress bar with a ``stats`` text field (loss terms, lr, img/s) and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), disable=not enabled)
