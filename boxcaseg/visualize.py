@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import CocoData, instance_ious, load_coco
 from boxcaseg.io import atomic_write_bytes
@@ -63,18 +64,6 @@ def _paint(canvas: np.ndarray, m: np.ndarray, colour: tuple[int, int, int]) -> N
     c = np.asarray(colour, np.float32)
     canvas[m] = (canvas[m].astype(np.float32) * (1 - ALPHA) + c * ALPHA).astype(np.uint8)
     canvas[_boundary(m)] = colour
-
-
-def _read_rgb(path: Path, image_id) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise BoxcasegError(f"{path}: image file not found (image id {image_id})")
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise BoxcasegError(f"{path}: unreadable image (image id {image_id}): {e}") from e
 
 
 def _save_png(img, path: Path) -> None:
@@ -171,7 +160,7 @@ def worst_iou_sheet(coco: CocoData, gt: CocoData, image_dir: Path, n: int = 24, 
     for i, r in enumerate(records):
         img = gt.images[r.image_id]
         if r.image_id not in cache:
-            cache = {r.image_id: _read_rgb(image_dir / img["file_name"], r.image_id)}
+            cache = {r.image_id: read_rgb(image_dir / img["file_name"], r.image_id)}
         rgb = cache[r.image_id]
         h, w = rgb.shape[:2]
         g = gt_by_id[r.ann_id]
@@ -209,7 +198,7 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     written = []
     for image_id in ids:
         img = coco.images[image_id]
-        rgb = _read_rgb(image_dir / img["file_name"], image_id)
+        rgb = read_rgb(image_dir / img["file_name"], image_id)
         if rgb.shape[:2] != (int(img["height"]), int(img["width"])):
             raise BoxcasegError(f"{image_dir / img['file_name']}: image is {rgb.shape[0]}x{rgb.shape[1]}, its json "
                                 f"entry (image id {image_id}) says {img['height']}x{img['width']}")

@@ -39,9 +39,16 @@ def open_rgb(path: str | Path, what: str = "image") -> Image.Image:
             im.load()
             return to_rgb(im)
     except FileNotFoundError as e:
-        raise BoxcasegError(f"{path}: {what} not found") from e
+        raise BoxcasegError(f"{path}: {what} file not found") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BoxcasegError(f"{path}: unreadable {what} ({e})") from e
+
+
+def read_rgb(path: str | Path, image_id=None) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 RGB; errors name the file and the image id."""
+    if not Path(path).is_file():
+        raise BoxcasegError(f"{path}: image file not found (image id {image_id})")
+    return np.asarray(open_rgb(path, f"image (image id {image_id})" if image_id is not None else "image"))
 
 
 def normalize(img: np.ndarray | Image.Image) -> torch.Tensor:

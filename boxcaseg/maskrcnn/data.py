@@ -17,24 +17,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from boxcaseg.boxes import degenerate_reason
+from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import CocoData, load_coco
 from boxcaseg.masks import decode
 
 log = logging.getLogger(__name__)
-
-
-def read_rgb(path: Path, image_id=None) -> np.ndarray:
-    """An image file as [H, W, 3] uint8 RGB (grayscale and RGBA converted)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise BoxcasegError(f"{path}: image file not found (image id {image_id})")
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise BoxcasegError(f"{path}: unreadable image (image id {image_id}): {e}") from e
 
 
 class CocoMaskDataset(Dataset):

@@ -15,7 +15,7 @@ import torch
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import load_coco
 from boxcaseg.io import atomic_write_json
-from boxcaseg.maskrcnn.data import read_rgb
+from boxcaseg.data.transforms import read_rgb
 from boxcaseg.maskrcnn.train import load_checkpoint, model_from_checkpoint, resolve_device
 from boxcaseg.masks import encode
 
