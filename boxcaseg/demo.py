@@ -94,6 +94,8 @@ def run_demo(opt: DemoOptions, console=None) -> dict:
         ann=data.ann_file, images=data.image_dir, out=out / "proxy.json", model=out / "model.onnx",
         engine="onnx", context=opt.context, threshold=opt.threshold, workers=1, progress=opt.progress))
     timings["proxy_s"] = time.perf_counter() - t
+    con.print(f"    proxy masks: {summary['output']} ({summary['instances']} instances, "
+              f"{summary['flagged']} flagged ignore_mask, {summary['instances_per_s']:.0f} inst/s)")
 
     t = step("5/5 evaluate", "against the synthetic GT masks")
     ours = mask_quality(data.ann_file, out / "proxy.json")
