@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "triton", "torch", "reference"]
+Backend = Literal["auto", "triton", "numba", "torch", "reference"]
 
 SMOOTH_WEIGHT = 0.05
 NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = (
