@@ -26,3 +26,14 @@ def data_root() -> Path:
     if not (root / "coco-train" / "instances.json").is_file():
         pytest.skip(f"real data not found at {root} (set BOXCASEG_DATA)")
     return root
+
+
+def run_cli(argv: list[str]) -> int:
+    """Run the ``boxcaseg`` CLI in-process; its exit status (typer exits 0 through SystemExit)."""
+    from boxcaseg.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

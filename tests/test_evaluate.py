@@ -10,6 +10,7 @@ import pytest
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import coco_eval, mask_quality, voc_ap, voc_instance_ap
 from boxcaseg.masks import encode
+from conftest import run_cli  # noqa: E402
 
 
 def _mask(h, w, y0, y1, x0, x1):
@@ -205,15 +206,6 @@ def test_coco_eval_half_right():
 # --------------------------------------------------------------------------- CLI
 
 
-def run_cli(argv: list[str]) -> int:
-    """Run the CLI in-process; its exit status (typer exits 0 through SystemExit)."""
-    from boxcaseg.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_cli_evaluate_masks_json_and_errors(tmp_path, capsys):

@@ -13,6 +13,7 @@ from boxcaseg.export import OnnxEngine, ProxyExportModel, TorchEngine, export_on
 from boxcaseg.export.fold import fold_batchnorms
 from boxcaseg.export.wrapper import reference_probs
 from boxcaseg.model import build_model, load_checkpoint_model
+from conftest import run_cli  # noqa: E402
 
 S = 64
 TOL_F32 = 1e-4  # ONNX Runtime vs PyTorch, float32
@@ -109,15 +110,6 @@ def test_ort_torch_parity_dynamic_batch(exported, batch):
     assert np.array_equal(ort_engine.predict(x.astype(np.float32)), a)
 
 
-def run_cli(argv: list[str]) -> int:
-    """The CLI in-process; returns its exit status."""
-    from boxcaseg.cli import main
-
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_export_cli_prints_difference_and_trt_needs_gpu(exported, tmp_path, capsys):
