@@ -110,6 +110,33 @@ def test_ort_torch_parity_dynamic_batch(exported, batch):
     assert np.array_equal(ort_engine.predict(x.astype(np.float32)), a)
 
 
+def test_flip_tta_and_infer_size_override(exported, tmp_path, capsys):
+    """--tta flip --infer-size 48: the graph averages each crop with its mirror, at 48 px."""
+    ckpt, _ = exported
+    out = tmp_path / "flip.onnx"
+    assert run_cli(["export", str(ckpt), "-o", str(out), "--infer-size", "48", "--tta", "flip"]) == 0
+    assert "flip TTA" in capsys.readouterr().out
+    meta = read_onnx_metadata(out)
+    assert meta["boxcaseg.infer_size"] == "48" and meta["boxcaseg.tta"] == "hflip"
+    assert read_onnx_metadata(exported[1].onnx_path)["boxcaseg.tta"] == "none"
+    engine = load_engine("onnx", out)
+    assert engine.infer_size == 48
+    x = np.random.default_rng(7).integers(0, 256, (3, 3, 48, 48), dtype=np.uint8)
+    got = engine.predict(x)
+    assert got.shape == (3, 1, 12, 12)
+    model, _ = load_checkpoint_model(str(ckpt))
+    xt = torch.from_numpy(x).float()
+    plain = reference_probs(model, xt)
+    mirror = reference_probs(model, xt.flip(-1)).flip(-1)  # two separate passes, averaged here
+    assert float((mirror - plain).abs().max()) > 1e-3  # the model is not mirror-symmetric already
+    assert float(np.abs(got - (0.5 * (plain + mirror)).numpy()).max()) <= TOL_F32
+    # mirror-equivariant: the mirrored input gives the mirrored map
+    assert float(np.abs(engine.predict(x[..., ::-1].copy()) - got[..., ::-1]).max()) <= TOL_F32
+    with pytest.raises(BoxcasegError, match="multiple of the output stride 4"):
+        export_onnx(ckpt, tmp_path / "bad.onnx", infer_size=50)
+    assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "b.onnx"), "--tta", "rotate"]) == 2
+    assert "--tta" in capsys.readouterr().err
+
 
 
 def test_export_cli_prints_difference_and_trt_needs_gpu(exported, tmp_path, capsys):

@@ -15,6 +15,10 @@ def export_command(
     fp16: bool = typer.Option(False, "--fp16", help="TensorRT engine in half precision (with --trt)."),
     max_batch: int = typer.Option(64, "--max-batch", help="Largest batch of the TensorRT optimisation profile."),
     engine_out: Optional[Path] = typer.Option(None, "--engine-out", help="TensorRT plan path (default: OUT with suffix .engine)."),
+    infer_size: Optional[int] = typer.Option(
+        None, "--infer-size", help="Input size S of the graph (multiple of 4; default: the checkpoint's model.infer_size)."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation in the graph: none | flip "
+                            "(average with the mirrored crop; twice the inference work)."),
 ) -> None:
     """Export the proxy-mask inference graph: backbone + salient and transferred heads.
 
@@ -32,12 +36,16 @@ def export_command(
 
     if fp16 and not trt:
         raise BoxcasegError("--fp16 applies to the TensorRT engine: add --trt")
-    rep = export_onnx(ckpt, out, trt=trt, fp16=fp16, max_batch=max_batch, engine_out=engine_out)
+    if tta not in ("none", "flip"):
+        raise BoxcasegError(f"--tta {tta!r}: choose none or flip")
+    rep = export_onnx(ckpt, out, trt=trt, fp16=fp16, max_batch=max_batch, engine_out=engine_out,
+                      infer_size=infer_size, flip_tta=tta == "flip")
     con = Console(highlight=False, soft_wrap=True)
     con.print(f"onnx.checker: ok; ONNX Runtime vs PyTorch max abs diff {rep.max_abs_diff:.3g} (limit 1e-4, float32)")
     con.print(
         f"[green]wrote[/] {rep.onnx_path}: input image [B,3,{rep.infer_size},{rep.infer_size}] float32 RGB 0..255, "
         f"output probs at stride {rep.output_stride}; {rep.bn_folded} BatchNorm folded"
+        + ("; flip TTA" if tta == "flip" else "")
         + (f", {rep.bn_left} left" if rep.bn_left else "") + f"; exporter {rep.exporter}")
     if rep.engine_path:
         con.print(f"[green]wrote[/] {rep.engine_path} (TensorRT, batch 1..{max_batch}, fp16={fp16})")

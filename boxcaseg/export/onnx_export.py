@@ -52,10 +52,11 @@ class ExportReport:
     metadata: dict = field(default_factory=dict)
 
 
-def _metadata(cfg, wrapper, exporter: str, ckpt_sha: str) -> dict[str, str]:
+def _metadata(cfg, wrapper, exporter: str, ckpt_sha: str, size: int) -> dict[str, str]:
     return {
         "boxcaseg.format": FORMAT_VERSION,
-        "boxcaseg.infer_size": str(int(cfg.model.infer_size)),
+        "boxcaseg.infer_size": str(int(size)),
+        "boxcaseg.tta": "hflip" if wrapper.flip_tta else "none",
         "boxcaseg.alpha": repr(float(cfg.model.alpha)),
         "boxcaseg.backbone": cfg.model.backbone,
         "boxcaseg.input": "image: float32 [B,3,S,S] RGB 0..255 (raw pixels)",
@@ -119,7 +120,7 @@ def to_onnx_proto(wrapper, infer_size: int, prefer_dynamo: bool = True):
 
 
 def parity_check(onnx_bytes: bytes, model, infer_size: int, batch: int = 2, seed: int = 0,
-                 full_resolution: bool = False) -> float:
+                 full_resolution: bool = False, flip_tta: bool = False) -> float:
     """Max abs difference between ONNX Runtime (CPU) and the PyTorch training model (float32).
 
     Random RGB input [batch, 3, S, S] in 0..255; the reference is sigmoid(fused) of
@@ -135,7 +136,7 @@ def parity_check(onnx_bytes: bytes, model, infer_size: int, batch: int = 2, seed
     x = torch.rand(batch, 3, infer_size, infer_size, generator=g) * 255.0
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-    ref = reference_probs(model, x, full_resolution).numpy()
+    ref = reference_probs(model, x, full_resolution, flip_tta).numpy()
     if got.shape != ref.shape:
         raise BoxcasegError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
     return float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
@@ -152,6 +153,8 @@ def export_onnx(
     full_resolution: bool = False,
     prefer_dynamo: bool = True,
     check: bool = True,
+    infer_size: int | None = None,
+    flip_tta: bool = False,
 ) -> ExportReport:
     """Export a ``boxcaseg train`` checkpoint to ONNX (and optionally a TensorRT engine).
 
@@ -161,6 +164,11 @@ def export_onnx(
     ``full_resolution=True`` gives [B, 1, S, S], kept for the measurement in bench/).
     The file is checked with ``onnx.checker``, and ONNX Runtime is compared with the
     PyTorch model on random input: max abs difference <= 1e-4 or BoxcasegError.
+
+    infer_size: the input size S of the graph instead of the checkpoint's
+    ``model.infer_size`` (a multiple of the output stride, 4). flip_tta: average each
+    prediction with that of the mirrored crop (horizontal-flip test-time augmentation,
+    in the graph; twice the inference work). Both are recorded in the file's metadata.
 
     trt: also build a TensorRT engine (``engine_out``, default ``out`` with suffix
     ``.engine``) with an optimisation profile for batch 1..``max_batch``; ``fp16`` enables
@@ -183,20 +191,23 @@ def export_onnx(
         raise BoxcasegError(f"--max-batch must be >= 1 (got {max_batch})")
     ckpt, out = Path(ckpt), Path(out)
     model, cfg = load_checkpoint_model(str(ckpt))
-    size = int(cfg.model.infer_size)
+    size = int(infer_size if infer_size is not None else cfg.model.infer_size)
+    what = "--infer-size" if infer_size is not None else "model.infer_size"
     if size < 8:
-        raise BoxcasegError(f"{ckpt}: model.infer_size {size} is too small")
+        raise BoxcasegError(f"{ckpt}: {what} {size} is too small (at least 8)")
     with torch.no_grad():
-        wrapper = ProxyExportModel(model, size, full_resolution=full_resolution).eval()
+        wrapper = ProxyExportModel(model, size, full_resolution=full_resolution, flip_tta=flip_tta).eval()
+    if size % wrapper.stride:
+        raise BoxcasegError(f"{ckpt}: {what} {size} is not a multiple of the output stride {wrapper.stride}")
     proto, exporter = to_onnx_proto(wrapper, size, prefer_dynamo)
-    meta = _metadata(cfg, wrapper, exporter, file_sha256(ckpt))
+    meta = _metadata(cfg, wrapper, exporter, file_sha256(ckpt), size)
     del proto.metadata_props[:]
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
-    diff = parity_check(data, model, size, full_resolution=full_resolution) if check else float("nan")
+    diff = parity_check(data, model, size, full_resolution=full_resolution, flip_tta=flip_tta) if check else float("nan")
     if check and not diff <= PARITY_TOL:
         raise BoxcasegError(f"{ckpt}: ONNX Runtime differs from PyTorch by {diff:.3g} (> {PARITY_TOL:g})")
     atomic_write_bytes(out, data)

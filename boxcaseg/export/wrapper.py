@@ -12,7 +12,11 @@ Built from a trained :class:`~boxcaseg.model.BoxCaseg` (it is never trained itse
 - alpha is folded into the second 1x1 conv: ``alpha*salient + (1-alpha)*transferred``
   is one conv over the concatenated hidden maps;
 - ImageNet normalisation happens inside the graph, so callers feed raw RGB pixels;
-- sigmoid at the end.
+- sigmoid at the end;
+- optionally (``flip_tta=True``) a horizontal-flip test-time augmentation: the batch
+  and its mirror image go through the network together and the two probability maps
+  (the mirror's flipped back) are averaged. With S divisible by the stride the
+  stride-4 cells of the two passes cover the same pixels, so the maps align exactly.
 
 forward(x: [B, 3, S, S] float32 RGB in 0..255) -> probs [B, 1, ceil(S/4), ceil(S/4)]
 (or [B, 1, S, S] with ``full_resolution=True``).
@@ -44,10 +48,12 @@ class ProxyExportModel(nn.Module):
     s = ceil(S / stride) with stride 4 (1 when ``full_resolution``).
     """
 
-    def __init__(self, model: nn.Module, infer_size: int = 320, full_resolution: bool = False):
+    def __init__(self, model: nn.Module, infer_size: int = 320, full_resolution: bool = False,
+                 flip_tta: bool = False):
         super().__init__()
         model = model.eval()
         self.full_resolution = bool(full_resolution)
+        self.flip_tta = bool(flip_tta)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(STD).view(1, 3, 1, 1) * 255.0))
 
@@ -93,6 +99,13 @@ class ProxyExportModel(nn.Module):
         return twin.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.flip_tta:
+            return torch.sigmoid(self._logits(x))
+        n = x.shape[0]
+        probs = torch.sigmoid(self._logits(torch.cat([x, x.flip(-1)], 0)))
+        return 0.5 * (probs[:n] + probs[n:].flip(-1))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean) * self.inv_std
         feats = self.body(z.half() if self.half_compute else z)
         feats = [feats[i] for i in self.keep]
@@ -111,18 +124,26 @@ class ProxyExportModel(nn.Module):
             logits = logits.float()
         if self.full_resolution:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits)
+        return logits
 
 
-def reference_probs(model: nn.Module, x: torch.Tensor, full_resolution: bool = False) -> torch.Tensor:
+def reference_probs(model: nn.Module, x: torch.Tensor, full_resolution: bool = False,
+                    flip_tta: bool = False) -> torch.Tensor:
     """The training model's answer for the same input: sigmoid(fused), [B, 1, s, s].
 
     x: [B, 3, S, S] float32 RGB 0..255 (normalised here exactly as the pipeline does).
+    flip_tta: the mean of the answer for ``x`` and, flipped back, for its mirror image
+    (each computed on its own, unlike the export graph's single stacked pass).
     """
     from boxcaseg.data.transforms import normalize_batch_uint8
 
-    with torch.no_grad():
-        fused = model.eval()(normalize_batch_uint8(x))["fused"]
+    def one(inp: torch.Tensor) -> torch.Tensor:
+        fused = model.eval()(normalize_batch_uint8(inp))["fused"]
         if full_resolution:
-            fused = F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            fused = F.interpolate(fused, size=inp.shape[-2:], mode="bilinear", align_corners=False)
         return torch.sigmoid(fused)
+
+    with torch.no_grad():
+        if not flip_tta:
+            return one(x)
+        return 0.5 * (one(x) + one(x.flip(-1)).flip(-1))
