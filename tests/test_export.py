@@ -132,6 +132,16 @@ def test_flip_tta_and_infer_size_override(exported, tmp_path, capsys):
     assert float(np.abs(got - (0.5 * (plain + mirror)).numpy()).max()) <= TOL_F32
     # mirror-equivariant: the mirrored input gives the mirrored map
     assert float(np.abs(engine.predict(x[..., ::-1].copy()) - got[..., ::-1]).max()) <= TOL_F32
+    # --alpha 1: the salient head alone (the transferred head gets weight 0)
+    a1 = tmp_path / "a1.onnx"
+    assert run_cli(["export", str(ckpt), "-o", str(a1), "--alpha", "1"]) == 0
+    assert float(read_onnx_metadata(a1)["boxcaseg.alpha"]) == 1.0
+    x64 = np.random.default_rng(8).integers(0, 256, (2, 3, S, S), dtype=np.uint8)
+    from boxcaseg.data.transforms import normalize_batch_uint8
+    with torch.no_grad():
+        sal = torch.sigmoid(model.eval()(normalize_batch_uint8(torch.from_numpy(x64)))["salient"]).numpy()
+    assert float(np.abs(load_engine("onnx", a1).predict(x64) - sal).max()) <= TOL_F32
+    assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "a2.onnx"), "--alpha", "1.5"]) == 2
     with pytest.raises(BoxcasegError, match="multiple of the output stride 4"):
         export_onnx(ckpt, tmp_path / "bad.onnx", infer_size=50)
     assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "b.onnx"), "--tta", "rotate"]) == 2

@@ -19,6 +19,9 @@ def export_command(
         None, "--infer-size", help="Input size S of the graph (multiple of 4; default: the checkpoint's model.infer_size)."),
     tta: str = typer.Option("none", "--tta", help="Test-time augmentation in the graph: none | flip "
                             "(average with the mirrored crop; twice the inference work)."),
+    alpha: Optional[float] = typer.Option(
+        None, "--alpha", help="Fusion weight alpha*salient + (1-alpha)*transferred (default: the checkpoint's "
+        "model.alpha, 0.7 in the paper; 1 = salient head alone)."),
 ) -> None:
     """Export the proxy-mask inference graph: backbone + salient and transferred heads.
 
@@ -39,7 +42,7 @@ def export_command(
     if tta not in ("none", "flip"):
         raise BoxcasegError(f"--tta {tta!r}: choose none or flip")
     rep = export_onnx(ckpt, out, trt=trt, fp16=fp16, max_batch=max_batch, engine_out=engine_out,
-                      infer_size=infer_size, flip_tta=tta == "flip")
+                      infer_size=infer_size, flip_tta=tta == "flip", alpha=alpha)
     con = Console(highlight=False, soft_wrap=True)
     con.print(f"onnx.checker: ok; ONNX Runtime vs PyTorch max abs diff {rep.max_abs_diff:.3g} (limit 1e-4, float32)")
     con.print(

@@ -155,6 +155,7 @@ def export_onnx(
     check: bool = True,
     infer_size: int | None = None,
     flip_tta: bool = False,
+    alpha: float | None = None,
 ) -> ExportReport:
     """Export a ``boxcaseg train`` checkpoint to ONNX (and optionally a TensorRT engine).
 
@@ -168,7 +169,10 @@ def export_onnx(
     infer_size: the input size S of the graph instead of the checkpoint's
     ``model.infer_size`` (a multiple of the output stride, 4). flip_tta: average each
     prediction with that of the mirrored crop (horizontal-flip test-time augmentation,
-    in the graph; twice the inference work). Both are recorded in the file's metadata.
+    in the graph; twice the inference work). alpha: the fusion weight
+    ``alpha*salient + (1-alpha)*transferred`` instead of the checkpoint's ``model.alpha``
+    (1 = the salient head alone, 0 = the transferred head alone). All three are recorded
+    in the file's metadata.
 
     trt: also build a TensorRT engine (``engine_out``, default ``out`` with suffix
     ``.engine``) with an optimisation profile for batch 1..``max_batch``; ``fp16`` enables
@@ -191,6 +195,10 @@ def export_onnx(
         raise BoxcasegError(f"--max-batch must be >= 1 (got {max_batch})")
     ckpt, out = Path(ckpt), Path(out)
     model, cfg = load_checkpoint_model(str(ckpt))
+    if alpha is not None:
+        if not 0.0 <= alpha <= 1.0:
+            raise BoxcasegError(f"--alpha {alpha}: must lie in [0, 1]")
+        model.alpha = cfg.model.alpha = float(alpha)
     size = int(infer_size if infer_size is not None else cfg.model.infer_size)
     what = "--infer-size" if infer_size is not None else "model.infer_size"
     if size < 8:
