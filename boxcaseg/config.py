@@ -64,6 +64,7 @@ class DataConfig:
     salient_dir: str = ""                 # folder with images/ and masks/
     patch_size: int = 288
     salient_resize: int = 320
+    salient_box_crop: float = 0.0         # P(salient sample = its object's jittered box, as proxy sees it)
     box_per_batch: int = 9
     salient_per_batch: int = 7
     jitter_shift: float = 0.25

@@ -62,7 +62,8 @@ def build_datasets(cfg: Config):
         box_ds = BoxPatchDataset(d.box_ann, d.box_images, d.patch_size, d.jitter_shift,
                                  (d.jitter_scale_min, d.jitter_scale_max), d.hflip_box, d.skip_bad, d.strict)
     if d.salient_dir:
-        sal_ds = SalientDataset(d.salient_dir, d.salient_resize, d.patch_size, d.skip_bad)
+        sal_ds = SalientDataset(d.salient_dir, d.salient_resize, d.patch_size, d.skip_bad, d.salient_box_crop,
+                                d.jitter_shift, (d.jitter_scale_min, d.jitter_scale_max))
     if box_ds is None and sal_ds is None:
         raise BoxcasegError("no training data: set data.box_ann/data.box_images and/or data.salient_dir")
     return box_ds, sal_ds

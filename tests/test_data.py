@@ -11,6 +11,7 @@ from PIL import Image
 from boxcaseg.data.coco import BoxPatchDataset, box_label, crop_resize, jitter_box
 from boxcaseg.data.salient import SalientDataset
 from boxcaseg.data.transforms import MEAN, STD, open_rgb
+from boxcaseg.errors import BoxcasegError
 
 
 def test_jitter_statistics():
@@ -114,3 +115,38 @@ def test_salient_patches(tmp_path):
         cols = np.flatnonzero(m[0].numpy().any(axis=0))
         flips += cols[0] > 32 - 1 - cols[-1]
     assert 3 < flips < 27  # both flipped and unflipped draws happen
+
+
+def test_salient_box_crop(tmp_path):
+    """box_crop=1: the patch is the object's (jittered) box, as the proxy stage crops it."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    rng = np.random.default_rng(2)
+    img = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "images" / "a.png")
+    m = np.zeros((60, 80), np.uint8)
+    m[12:36, 20:68] = 255  # box x 20..68, y 12..36 (48 x 24)
+    m[20, 30] = 100        # below 128: ignored
+    Image.fromarray(m).save(tmp_path / "masks" / "a.png")
+    # no jitter: the crop is exactly the box, the object fills the patch
+    ds = SalientDataset(tmp_path, resize=40, patch_size=24, box_crop=1.0, shift=0.0, scale=(1.0, 1.0))
+    for seed in range(6):
+        x, mk, _ = ds[(0, seed)]
+        assert mk.shape == (1, 24, 24) and float(mk.mean()) == 1.0
+        # reference: nearest pixel of the box region, un-normalised, mirrored or not
+        ys = (12 + (np.arange(24) + 0.5) * 24 / 24).astype(int)
+        xs = (20 + (np.arange(24) + 0.5) * 48 / 24).astype(int)
+        ref = img[ys][:, xs].astype(np.float64) / 255.0
+        got = x.numpy().transpose(1, 2, 0) * np.asarray([0.229, 0.224, 0.225]) + np.asarray([0.485, 0.456, 0.406])
+        err = min(np.abs(got - ref).mean(), np.abs(got - ref[:, ::-1]).mean())
+        assert err < 0.2  # bilinear vs nearest on noise; a wrong region gives ~0.33
+    # sides doubled: the object sits in the central half of the patch
+    ds = SalientDataset(tmp_path, resize=40, patch_size=32, box_crop=1.0, shift=0.0, scale=(2.0, 2.0))
+    mk = ds[(0, 0)][1][0].numpy()
+    rows, cols = np.flatnonzero(mk.any(axis=1)), np.flatnonzero(mk.any(axis=0))
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (8, 23, 8, 23)
+    # box_crop=0 is the whole-image view; a bad probability is refused
+    ds0 = SalientDataset(tmp_path, resize=40, patch_size=32, box_crop=0.0)
+    assert float(ds0[(0, 0)][1].mean()) < 0.5
+    with pytest.raises(BoxcasegError, match="box-crop"):
+        SalientDataset(tmp_path, resize=40, patch_size=32, box_crop=1.5)

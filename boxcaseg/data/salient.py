@@ -1,7 +1,16 @@
 """Salient-object pairs (DUTS layout: ``images/NAME.jpg`` + ``masks/NAME.png``).
 
-Resize to ``resize`` x ``resize``, random ``patch_size`` crop, random horizontal flip,
-mask binarised at 128.
+Two views of a pair, chosen per sample:
+
+- *whole image* (the paper's): resize to ``resize`` x ``resize``, random ``patch_size``
+  crop;
+- *box crop* (with probability ``box_crop``): the object's bounding box (of the mask
+  binarised at 128) jittered like a box patch (centre shift U(-shift, shift) * w and *
+  h, sides scaled by U(a, b)), cropped (mean-colour padding outside the image) and
+  resized to ``patch_size`` -- the view the proxy stage gives the network, where the
+  crop is the box itself.
+
+Then a random horizontal flip; the mask is binarised at 128.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from boxcaseg.data.coco import crop_resize, jitter_box
 from boxcaseg.data.transforms import normalize, open_rgb
 from boxcaseg.errors import BoxcasegError
 
@@ -36,10 +46,28 @@ def open_mask(path: Path) -> Image.Image:
         raise BoxcasegError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from e
 
 
+def object_box(mask: Image.Image) -> tuple[float, float, float, float] | None:
+    """xyxy box (pixel edges) of the mask's pixels >= 128; None for an empty mask."""
+    m = np.asarray(mask) >= 128
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if rows.size == 0:
+        return None
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
 class SalientDataset(torch.utils.data.Dataset):
     """Item key ``(index, seed)`` or ``index`` -> (image [3,S,S], mask [1,S,S] {0,1}, True)."""
 
-    def __init__(self, root: str | Path, resize: int = 320, patch_size: int = 288, skip_bad: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        resize: int = 320,
+        patch_size: int = 288,
+        skip_bad: bool = False,
+        box_crop: float = 0.0,
+        shift: float = 0.25,
+        scale: tuple[float, float] = (0.5, 1.5),
+    ):
         root = Path(root)
         img_dir, mask_dir = root / "images", root / "masks"
         if not img_dir.is_dir() or not mask_dir.is_dir():
@@ -64,6 +92,11 @@ class SalientDataset(torch.utils.data.Dataset):
         self.patch_size = patch_size
         if resize < patch_size:
             raise BoxcasegError(f"salient resize {resize} is smaller than the patch size {patch_size}")
+        if not 0.0 <= box_crop <= 1.0:
+            raise BoxcasegError(f"salient box-crop probability {box_crop} is not in [0, 1]")
+        self.box_crop = box_crop
+        self.shift = shift
+        self.scale = scale
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -72,14 +105,24 @@ class SalientDataset(torch.utils.data.Dataset):
         idx, seed = key if isinstance(key, tuple) else (key, key)
         rng = np.random.default_rng(seed)
         ip, mp = self.pairs[idx]
-        img = open_rgb(ip, "salient image").resize((self.resize, self.resize), Image.BILINEAR)
-        mask = open_mask(mp)
-        mask = mask.resize((self.resize, self.resize), Image.BILINEAR)
-        top = int(rng.integers(0, self.resize - self.patch_size + 1))
-        left = int(rng.integers(0, self.resize - self.patch_size + 1))
-        s = self.patch_size
-        arr = np.asarray(img)[top:top + s, left:left + s]
-        m = (np.asarray(mask)[top:top + s, left:left + s] >= 128).astype(np.float32)
+        img, mask = open_rgb(ip, "salient image"), open_mask(mp)
+        if img.size != mask.size:
+            mask = mask.resize(img.size, Image.BILINEAR)
+        box = object_box(mask) if self.box_crop > 0 and rng.random() < self.box_crop else None
+        if box is not None:
+            region = jitter_box(box, rng, self.shift, *self.scale)
+            s = self.patch_size
+            arr = np.asarray(crop_resize(img, region, s))
+            m = (np.asarray(mask.transform((s, s), Image.EXTENT, data=tuple(float(v) for v in region),
+                                           resample=Image.BILINEAR, fillcolor=0)) >= 128).astype(np.float32)
+        else:
+            img = img.resize((self.resize, self.resize), Image.BILINEAR)
+            mask = mask.resize((self.resize, self.resize), Image.BILINEAR)
+            top = int(rng.integers(0, self.resize - self.patch_size + 1))
+            left = int(rng.integers(0, self.resize - self.patch_size + 1))
+            s = self.patch_size
+            arr = np.asarray(img)[top:top + s, left:left + s]
+            m = (np.asarray(mask)[top:top + s, left:left + s] >= 128).astype(np.float32)
         if rng.random() < 0.5:
             arr, m = arr[:, ::-1], m[:, ::-1]
         return normalize(arr), torch.from_numpy(np.ascontiguousarray(m))[None], True
