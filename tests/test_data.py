@@ -137,7 +137,7 @@ def test_salient_box_crop(tmp_path):
         ys = (12 + (np.arange(24) + 0.5) * 24 / 24).astype(int)
         xs = (20 + (np.arange(24) + 0.5) * 48 / 24).astype(int)
         ref = img[ys][:, xs].astype(np.float64) / 255.0
-        got = x.numpy().transpose(1, 2, 0) * np.asarray([0.229, 0.224, 0.225]) + np.asarray([0.485, 0.456, 0.406])
+        got = x.numpy().transpose(1, 2, 0) * np.asarray(STD) + np.asarray(MEAN)
         err = min(np.abs(got - ref).mean(), np.abs(got - ref[:, ::-1]).mean())
         assert err < 0.2  # bilinear vs nearest on noise; a wrong region gives ~0.33
     # sides doubled: the object sits in the central half of the patch
