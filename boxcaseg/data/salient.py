@@ -106,9 +106,11 @@ class SalientDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         ip, mp = self.pairs[idx]
         img, mask = open_rgb(ip, "salient image"), open_mask(mp)
-        if img.size != mask.size:
-            mask = mask.resize(img.size, Image.BILINEAR)
-        box = object_box(mask) if self.box_crop > 0 and rng.random() < self.box_crop else None
+        box = None
+        if self.box_crop > 0 and rng.random() < self.box_crop:
+            if img.size != mask.size:
+                mask = mask.resize(img.size, Image.BILINEAR)
+            box = object_box(mask)
         if box is not None:
             region = jitter_box(box, rng, self.shift, *self.scale)
             s = self.patch_size
