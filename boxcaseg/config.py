@@ -91,6 +91,12 @@ class TrainConfig:
     amp: bool = True                      # bf16 autocast on CUDA
     sync_bn: bool = False                 # SyncBatchNorm under DDP on GPU
     threads: int = 0                      # torch CPU threads; 0 = torch's default
+    # Not in the paper (off by default): extra losses on the *fused* map of box patches.
+    fused_mil_weight: float = 0.0         # MIL (row/column bags) on the fused map
+    pairwise_weight: float = 0.0          # BoxInst colour-gated pairwise loss on the fused map
+    pairwise_tau: float = 0.3             # Lab colour similarity a pair needs to count
+    pairwise_dilation: int = 2            # neighbour distance in map pixels
+    pairwise_ramp: int = 0                # iterations over which pairwise_weight ramps up from 0
 
 
 @dataclass

@@ -109,6 +109,12 @@ def train(
             raise BoxcasegError(f"{ckpt_path}: the checkpoint's [model] config differs from this run's")
         cfg.model = saved.model
 
+    for name in ("fused_mil_weight", "pairwise_weight", "pairwise_tau", "pairwise_ramp"):
+        v = getattr(t, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise BoxcasegError(f"train.{name}={v!r}: must be a finite number >= 0")
+    if t.pairwise_dilation < 1:
+        raise BoxcasegError(f"train.pairwise_dilation={t.pairwise_dilation}: must be >= 1")
     torch.manual_seed(t.seed)  # same initial weights on every rank
     box_ds, sal_ds = build_datasets(cfg)
     n_box = cfg.data.box_per_batch if box_ds is not None else 0
@@ -173,7 +179,10 @@ def train(
             is_sal = is_sal.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = net(images)
-            losses = boxcaseg_loss(out["weak"].float(), out["fused"].float(), targets, is_sal, backend=t.backend)
+            pw = t.pairwise_weight * (min(1.0, it / t.pairwise_ramp) if t.pairwise_ramp > 0 else 1.0)
+            losses = boxcaseg_loss(out["weak"].float(), out["fused"].float(), targets, is_sal, backend=t.backend,
+                                   images=images, fused_mil_weight=t.fused_mil_weight, pairwise_weight=pw,
+                                   pairwise_tau=t.pairwise_tau, pairwise_dilation=t.pairwise_dilation)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise BoxcasegError(f"loss became non-finite at iteration {it} (learning rate {scheduler.get_last_lr()[0]:.3g} too high?)")

@@ -133,3 +133,115 @@ def test_boxcaseg_loss_combines_terms():
     # no salient patch: the pixel term is exactly zero
     none = boxcaseg_loss(weak, fused, target, torch.zeros(4, dtype=torch.bool), backend="reference")
     assert none["loss_pixel"].item() == 0.0
+
+
+# --------------------------------------------------------------------------- pairwise colour loss
+
+
+def test_rgb_to_lab_matches_skimage():
+    from skimage.color import rgb2lab
+
+    from boxcaseg.losses import rgb_to_lab
+
+    gen = torch.Generator().manual_seed(5)
+    rgb = torch.rand(2, 3, 7, 9, dtype=torch.float64, generator=gen)
+    rgb[0, :, 0, 0] = 0.0  # black: the linear branch of f
+    rgb[0, :, 0, 1] = 0.002
+    lab = rgb_to_lab(rgb)
+    ref = torch.from_numpy(rgb2lab(rgb.permute(0, 2, 3, 1).numpy(), channel_axis=-1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(lab, ref, rtol=0, atol=2e-3)
+
+
+def pairwise_loop(logits, lab, box, tau, dilation) -> float:
+    n, _, h, w = logits.shape
+    total, count = 0.0, 0
+    for i in range(n):
+        for y in range(h):
+            for x in range(w):
+                if box[i, 0, y, x] < 0.5:
+                    continue
+                for dy, dx in NEIGHBOURS:
+                    yy, xx = y + dy * dilation, x + dx * dilation
+                    if not (0 <= yy < h and 0 <= xx < w):
+                        continue
+                    d = math.sqrt(sum((float(lab[i, c, y, x]) - float(lab[i, c, yy, xx])) ** 2 for c in range(3)))
+                    if math.exp(-0.5 * d) < tau:
+                        continue
+                    p = 1.0 / (1.0 + math.exp(-float(logits[i, 0, y, x])))
+                    q = 1.0 / (1.0 + math.exp(-float(logits[i, 0, yy, xx])))
+                    total -= math.log(p * q + (1 - p) * (1 - q))
+                    count += 1
+    return total / max(count, 1)
+
+
+NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_pairwise_color_loss_matches_loop(dilation):
+    from boxcaseg.losses import pairwise_color_loss
+
+    gen = torch.Generator().manual_seed(6 + dilation)
+    logits = (3 * torch.randn(2, 1, 6, 7, dtype=torch.float64, generator=gen)).requires_grad_(True)
+    # two flat colour regions plus noise: some pairs pass the colour gate, some do not
+    lab = torch.zeros(2, 3, 6, 7, dtype=torch.float64)
+    lab[:, 0, :, 4:] = 60.0
+    lab = lab + 2 * torch.rand(2, 3, 6, 7, dtype=torch.float64, generator=gen)
+    box = random_box_mask(2, 6, 7, gen)
+    val = pairwise_color_loss(logits, lab, box, tau=0.3, dilation=dilation)
+    assert val.item() == pytest.approx(pairwise_loop(logits.detach(), lab, box, 0.3, dilation), rel=1e-10)
+    # gradient: central differences of the loop
+    (g,) = torch.autograd.grad(val, logits)
+    eps = 1e-6
+    for idx in [(0, 0, 2, 3), (1, 0, 4, 5), (0, 0, 0, 0)]:
+        plus, minus = logits.detach().clone(), logits.detach().clone()
+        plus[idx] += eps
+        minus[idx] -= eps
+        num = (pairwise_loop(plus, lab, box, 0.3, dilation) - pairwise_loop(minus, lab, box, 0.3, dilation)) / (2 * eps)
+        assert g[idx].item() == pytest.approx(num, rel=1e-5, abs=1e-9)
+
+
+def test_pairwise_color_loss_no_pair_is_zero():
+    from boxcaseg.losses import pairwise_color_loss
+
+    logits = torch.randn(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    lab = torch.zeros(1, 3, 5, 5, dtype=torch.float64)
+    val = pairwise_color_loss(logits, lab, torch.zeros(1, 1, 5, 5), tau=0.3)
+    assert val.item() == 0.0
+    val.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_boxcaseg_loss_fused_box_terms():
+    from boxcaseg.data.transforms import MEAN, STD
+    from boxcaseg.losses import pairwise_color_loss, rgb_to_lab
+
+    gen = torch.Generator().manual_seed(8)
+    weak = torch.randn(4, 1, 6, 6, dtype=torch.float64, generator=gen)
+    fused = torch.randn(4, 1, 6, 6, dtype=torch.float64, generator=gen)
+    target = random_box_mask(4, 12, 12, gen)
+    is_sal = torch.tensor([False, True, False, True])
+    rgb = torch.rand(4, 3, 12, 12, dtype=torch.float64, generator=gen)
+    images = (rgb - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
+    base = boxcaseg_loss(weak, fused, target, is_sal, backend="reference")
+    out = boxcaseg_loss(weak, fused, target, is_sal, backend="reference", images=images,
+                        fused_mil_weight=0.5, pairwise_weight=2.0, pairwise_tau=0.05, pairwise_dilation=1)
+    box = ~is_sal
+    upf = torch.nn.functional.interpolate(fused[box], size=(12, 12), mode="bilinear", align_corners=False)
+    assert out["loss_fused_mil"].item() == pytest.approx(mil_loop(upf, target[box]), rel=1e-9)
+    # colours and box at map size by hand: 2x2 means of the RGB, box centre pixel rule
+    rgb_map = rgb[box].reshape(2, 3, 6, 2, 6, 2).mean(dim=(3, 5))
+    box_map = (target[box].reshape(2, 1, 6, 2, 6, 2).mean(dim=(3, 5)) >= 0.5).double()
+    expected_pair = pairwise_loop(fused[box], rgb_to_lab(rgb_map), box_map, 0.05, 1)
+    assert out["loss_pairwise"].item() == pytest.approx(expected_pair, rel=1e-6)
+    assert expected_pair > 0
+    assert out["loss"].item() == pytest.approx(
+        base["loss"].item() + 0.5 * out["loss_fused_mil"].item() + 2.0 * out["loss_pairwise"].item(), rel=1e-10)
+    torch.testing.assert_close(pairwise_color_loss(fused[box], rgb_to_lab(rgb_map), box_map, 0.05, 1),
+                               out["loss_pairwise"])
+    with pytest.raises(ValueError, match="images"):
+        boxcaseg_loss(weak, fused, target, is_sal, backend="reference", pairwise_weight=1.0)
+    # only salient patches: the extra terms are exactly zero
+    all_sal = boxcaseg_loss(weak, fused, target, torch.ones(4, dtype=torch.bool), backend="reference",
+                            images=images, fused_mil_weight=1.0, pairwise_weight=1.0)
+    assert all_sal["loss_fused_mil"].item() == 0.0 and all_sal["loss_pairwise"].item() == 0.0

@@ -13,6 +13,7 @@ import torch
 from boxcaseg.cli import main
 from boxcaseg.config import Config
 from boxcaseg.data.synthetic import make_synthetic_dataset
+from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import read_jsonl
 from boxcaseg.train import train
 
@@ -142,3 +143,22 @@ def test_help_explains_options():
     assert out.returncode == 0
     for opt in ("--config", "--out", "--box-ann", "--box-images", "--salient-dir", "--max-iters", "--batch-size", "--resume"):
         assert opt in out.stdout
+
+
+def test_fused_box_losses_train_and_validate(synth, tmp_path):
+    cfg = tiny_config(synth, max_iters=4)
+    cfg.train.fused_mil_weight, cfg.train.pairwise_weight, cfg.train.pairwise_ramp = 0.5, 1.0, 2
+    res = train(cfg, tmp_path / "p", show_progress=False)
+    recs = read_jsonl(tmp_path / "p" / "metrics.jsonl")
+    assert [r["iter"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        assert r["loss_pairwise"] > 0 and r["loss_fused_mil"] > 0
+        # the ramp: half the weight at iteration 1, all of it from iteration 2 on
+        w = 0.5 if r["iter"] == 1 else 1.0
+        expected = r["loss_mil"] + 0.05 * r["loss_smooth"] + r["loss_pixel"] + 0.5 * r["loss_fused_mil"] + w * r["loss_pairwise"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+    assert np.isfinite(res.last_loss)
+    bad = tiny_config(synth, max_iters=1)
+    bad.train.pairwise_weight = -1.0
+    with pytest.raises(BoxcasegError, match="train.pairwise_weight"):
+        train(bad, tmp_path / "bad", show_progress=False)
