@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.4,0.5", help="probability thresholds to report")
     ap.add_argument("--infer-sizes", default="", help="engine input sizes S to report (default: the checkpoint's)")
     ap.add_argument("--tta", default="none,flip", help="test-time augmentations to report: none, flip")
+    ap.add_argument("--prior-weights", default="0", help="box-shape prior blends to report (proxy --prior-weight)")
     ap.add_argument("--alphas", default="", help="fusion weights alpha to report (default: the checkpoint's)")
     ap.add_argument("--no-grabcut", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
@@ -114,13 +115,15 @@ def main() -> None:
         exp = export_onnx(ckpt, out / f"model_{tag}.onnx", infer_size=size, flip_tta=tta == "flip", alpha=alpha)
         diffs.append(exp.max_abs_diff)
         for ctx in (float(c) for c in args.contexts.split(",")):
-            for thr in (float(x) for x in args.thresholds.split(",")):
-                pj = out / f"proxy_{tag}_c{ctx}_t{thr}.json"
+            for thr, pw in ((float(x), float(w)) for x in args.thresholds.split(",")
+                            for w in args.prior_weights.split(",")):
+                pj = out / f"proxy_{tag}_c{ctx}_t{thr}_p{pw}.json"
                 stats = generate_proxy(ProxyConfig(ann=val_ann, images=val_img, out=pj, model=out / f"model_{tag}.onnx",
-                                                   engine="onnx", context=ctx, threshold=thr, workers=1, progress=False))
+                                                   engine="onnx", context=ctx, threshold=thr, prior_weight=pw,
+                                                   workers=1, progress=False))
                 q = mask_quality(val_ann, pj)
                 name = (f"BoxCaseg S={exp.infer_size}, alpha {exp.metadata['boxcaseg.alpha']}, TTA {tta}, "
-                        f"context {ctx}, threshold {thr}")
+                        f"context {ctx}, threshold {thr}" + (f", prior {pw}" if pw else ""))
                 rows.append([name, q["miou_star"], q["miou"], q["iou50"], q["iou75"], q["small"]["miou"] or 0.0])
                 print(f"{name}: mIoU* {q['miou_star']:.4f} IoU@75 {q['iou75']:.4f} "
                       f"({stats['instances_per_s']:.1f} inst/s)", flush=True)

@@ -146,3 +146,47 @@ def test_masks_from_probs_threshold_relative_and_confined_to_box():
     assert relative[:, 10:].all() and not relative[:, :9].any()
     const = masks_from_probs(np.full((1, 1, s, s), 0.2, np.float32), box, box, 0.5, True, 64, 4)[0]
     assert const.all()  # relative rule on a constant map: always a foreground
+
+
+def test_masks_from_probs_ellipse_prior_matches_loop():
+    """The shape prior against a float64 loop: bilinear sample (torch), blend, threshold."""
+    import math
+
+    rng = np.random.default_rng(11)
+    s, size = 16, 64
+    n = 5
+    probs = rng.random((n, 1, s, s)).astype(np.float32)
+    boxes, crops, gts = [], [], []
+    for _ in range(n):
+        x0, y0 = rng.integers(0, 30, 2)
+        w, h = rng.integers(3, 40, 2)
+        gx0, gy0 = x0 + rng.random() * 0.9, y0 + rng.random() * 0.9
+        gt = (gx0, gy0, gx0 + w - 1 + rng.random(), gy0 + h - 1 + rng.random())
+        box = (math.floor(gt[0]), math.floor(gt[1]), math.ceil(gt[2]), math.ceil(gt[3]))
+        pad = rng.integers(0, 6)
+        boxes.append(box)
+        crops.append((box[0] - pad, box[1] - pad, box[2] + pad, box[3] + 2 * pad))
+        gts.append(gt)
+    boxes, crops, gts = np.array(boxes), np.array(crops), np.array(gts)
+    for w_prior, thr in [(0.0, 0.5), (0.3, 0.45), (1.0, 0.5)]:
+        got = masks_from_probs(probs, crops, boxes, thr, False, size, 4, gts, w_prior)
+        for i in range(n):
+            cx0, cy0, cx1, cy1 = crops[i]
+            up = F.interpolate(torch.from_numpy(probs[i:i + 1]).double(), size=(int(cy1 - cy0), int(cx1 - cx0)),
+                               mode="bilinear", align_corners=False)[0, 0].numpy()
+            bx0, by0, bx1, by1 = boxes[i]
+            g = gts[i]
+            ref = np.zeros((by1 - by0, bx1 - bx0), np.uint8)
+            for r in range(by1 - by0):
+                for c in range(bx1 - bx0):
+                    v = up[by0 - cy0 + r, bx0 - cx0 + c]
+                    dx = (bx0 + c + 0.5 - (g[0] + g[2]) / 2) / ((g[2] - g[0]) / 2)
+                    dy = (by0 + r + 0.5 - (g[1] + g[3]) / 2) / ((g[3] - g[1]) / 2)
+                    e = 1.0 / (1.0 + math.exp(-4.0 * (1.0 - dx * dx - dy * dy)))
+                    ref[r, c] = (1 - w_prior) * v + w_prior * e > thr
+            # values within float32 rounding of the threshold may differ
+            assert (got[i] != ref).sum() <= max(1, ref.size // 500), (w_prior, i)
+            if w_prior == 1.0:  # the prior alone: the inscribed ellipse (rim at 0.5)
+                assert np.array_equal(got[i], ref)
+    with pytest.raises(ValueError, match="gt_xyxy"):
+        masks_from_probs(probs, crops, boxes, 0.5, False, size, 4, None, 0.3)

@@ -312,3 +312,23 @@ def test_torchrun_two_ranks_equal_one_process(setup, single_run):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rank 0 merged 2 shards" in res.stdout
     assert out.read_bytes() == single.read_bytes()
+
+
+def test_prior_weight_one_gives_the_inscribed_ellipse(setup, tmp_path):
+    from boxcaseg.baselines import ellipse_mask
+    from boxcaseg.errors import BoxcasegError
+
+    boxes = [[5.3, 4.7, 40.2, 30.9], [0.0, 0.0, 64.0, 48.0], [20.5, 10.25, 7.5, 21.0]]
+    imgs = [(f"{i}.png", rgb(seed=i)) for i in range(len(boxes))]
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+            for i, b in enumerate(boxes)]
+    ann, images = write_set(tmp_path, imgs, anns)
+    out = tmp_path / "proxy.json"
+    run(setup, ann, images, out, prior_weight=1.0, threshold=0.5)
+    res = json.loads(out.read_text())
+    for a in res["annotations"]:
+        m = decode(a["segmentation"], 48, 64)
+        ref = ellipse_mask(a["bbox"], 48, 64)
+        assert m.sum() > 0 and (m != ref).sum() <= 2, a["id"]  # rim pixels exactly at 0.5 may go either way
+    with pytest.raises(BoxcasegError, match="--prior-weight"):
+        run(setup, ann, images, tmp_path / "bad.json", prior_weight=1.5)

@@ -17,6 +17,7 @@ def proxy_command(
     context: float = typer.Option(1.0, "--context", help="Crop R x the box around its centre (1: exactly the box); masks stay inside the box."),
     threshold: float = typer.Option(0.5, "--threshold", help="Foreground threshold on the probability."),
     relative: bool = typer.Option(False, "--relative", help="Threshold the per-instance min-max normalised map (the published rule)."),
+    prior_weight: float = typer.Option(0.0, "--prior-weight", help="Blend w of a soft ellipse inscribed in the box into the probability before the threshold: (1-w) p + w ellipse (0: off, the paper)."),
     drop_thresh: float = typer.Option(0.95, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask."),
     batch_size: int = typer.Option(32, "--batch-size", help="Instances per inference batch."),
     workers: int = typer.Option(2, "--workers", help="Decode/crop worker processes (0: in the main process)."),
@@ -52,7 +53,7 @@ def proxy_command(
         raise BoxcasegError("--images and --model are required (except with --merge-shards)")
     cfg = ProxyConfig(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
-        relative=relative, drop_thresh=drop_thresh, batch_size=batch_size, workers=workers, threads=threads,
+        relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, batch_size=batch_size, workers=workers, threads=threads,
         shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
         progress=not no_progress and env_rank_world()[0] == 0, device=device,
     )

@@ -54,6 +54,7 @@ class ProxyConfig:
     context: float = 1.0             # crop R x the box around its centre (>= 1)
     threshold: float = 0.5           # on the probability (or min-max normalised with relative)
     relative: bool = False           # the published per-instance min-max normalisation
+    prior_weight: float = 0.0        # blend of a soft inscribed-ellipse prior before the threshold
     drop_thresh: float = 0.95        # agreement below -> ignore_mask
     batch_size: int = 32             # instances per inference batch (fixed; part of the fingerprint)
     workers: int = 2                 # decode/crop worker processes (0: in the main process)
@@ -74,6 +75,8 @@ class ProxyConfig:
             raise BoxcasegError(f"--context {self.context}: must be >= 1 (1 crops exactly the box)")
         if not 0.0 <= self.threshold <= 1.0:
             raise BoxcasegError(f"--threshold {self.threshold}: must be in [0, 1]")
+        if not (math.isfinite(self.prior_weight) and 0.0 <= self.prior_weight <= 1.0):
+            raise BoxcasegError(f"--prior-weight {self.prior_weight}: must be in [0, 1]")
         if not 0.0 <= self.drop_thresh <= 1.0:
             raise BoxcasegError(f"--drop-thresh {self.drop_thresh}: must be in [0, 1]")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.workers < 0:
@@ -197,7 +200,9 @@ class _PostThread(threading.Thread):
             _, probs, refs = item
             crops = np.stack([t.crops[s] for t, s in refs])
             boxes = np.stack([t.boxes[s] for t, s in refs])
-            masks = masks_from_probs(probs, crops, boxes, self.cfg.threshold, self.cfg.relative, self.size, self.stride)
+            gt = np.stack([t.gt_xyxy[s] for t, s in refs])
+            masks = masks_from_probs(probs, crops, boxes, self.cfg.threshold, self.cfg.relative, self.size, self.stride,
+                                     gt, self.cfg.prior_weight)
             for (t, s), m in zip(refs, masks):
                 self.masks.setdefault(t.index, [None] * len(t.crops))[s] = m
             self.on_done(len(refs))
@@ -288,6 +293,7 @@ def _fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
         "infer_size": size,
         "context": float(cfg.context),
         "threshold": float(cfg.threshold),
+        "prior_weight": float(cfg.prior_weight),
         "relative": bool(cfg.relative),
         "drop_thresh": float(cfg.drop_thresh),
         "batch_size": int(cfg.batch_size),

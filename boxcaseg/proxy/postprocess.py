@@ -5,12 +5,20 @@ For every pixel of the *box* window the map is sampled bilinearly (PyTorch's
 ``align_corners=False`` convention) at that pixel's place in the crop window, and
 compared with the threshold. Pixels outside the box window are never produced: the
 mask is confined to the box.
+
+Optional box-shape prior (``prior_weight`` w > 0; not in the paper): before the
+threshold the sampled probability p becomes ``(1 - w) p + w e`` where
+``e = sigmoid(PRIOR_SHARPNESS * (1 - r2))`` and ``r2 = ((x - cx) / rx)^2 + ((y - cy) / ry)^2``
+is the pixel centre's squared normalised distance in the ellipse inscribed in the GT
+box (``gt_xyxy``, continuous coordinates): a soft inscribed ellipse, 0.5 on its rim.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+PRIOR_SHARPNESS = 4.0
 
 
 @njit(cache=True, nogil=True)
@@ -42,13 +50,15 @@ def _sample(prob, y0, y1, ly, x0, x1, lx):
 
 
 @njit(cache=True, nogil=True)
-def resize_threshold_batch(probs, crops, boxes, offsets, threshold, relative, size, stride, out):
+def resize_threshold_batch(probs, crops, boxes, offsets, threshold, relative, size, stride, out,
+                           gt_xyxy, prior_weight, sharpness):
     """Box-local masks for a batch of instances, written into ``out``.
 
     probs: [N, s, s] float32; crops, boxes: [N, 4] int64 windows (x0, y0, x1, y1) in
     image pixels (the box window inside the crop window); offsets: [N + 1] int64 into
     ``out`` (uint8, row-major [h, w] per instance). ``relative``: the threshold applies
     to the map min-max normalised per instance (a constant map is all foreground).
+    gt_xyxy: [N, 4] float64 GT boxes for the shape prior (used when prior_weight > 0).
     """
     n, n_map_y, n_map_x = probs.shape
     for i in range(n):
@@ -74,9 +84,17 @@ def resize_threshold_batch(probs, crops, boxes, offsets, threshold, relative, si
         yi0, yi1, ly = _axis_weights(bh, by0 - cy0, cy1 - cy0, size, stride, n_map_y)
         xi0, xi1, lx = _axis_weights(bw, bx0 - cx0, cx1 - cx0, size, stride, n_map_x)
         off = offsets[i]
+        gx0, gy0, gx1, gy1 = gt_xyxy[i, 0], gt_xyxy[i, 1], gt_xyxy[i, 2], gt_xyxy[i, 3]
+        ecx, ecy = 0.5 * (gx0 + gx1), 0.5 * (gy0 + gy1)
+        erx, ery = max(0.5 * (gx1 - gx0), 1e-6), max(0.5 * (gy1 - gy0), 1e-6)
         for r in range(bh):
+            dy = (by0 + r + 0.5 - ecy) / ery
             for c in range(bw):
                 v = _sample(p, yi0[r], yi1[r], ly[r], xi0[c], xi1[c], lx[c])
+                if prior_weight > 0.0:
+                    dx = (bx0 + c + 0.5 - ecx) / erx
+                    e = 1.0 / (1.0 + np.exp(-sharpness * (1.0 - dx * dx - dy * dy)))
+                    v = (1.0 - prior_weight) * v + prior_weight * e
                 out[off + r * bw + c] = 1 if v > thr else 0
 
 
@@ -101,8 +119,13 @@ def masks_from_probs(
     relative: bool,
     size: int,
     stride: int,
+    gt_xyxy: np.ndarray | None = None,
+    prior_weight: float = 0.0,
 ) -> list[np.ndarray]:
-    """probs [N, 1 or none, s, s] -> N box-local uint8 masks [h_i, w_i] (views of one buffer)."""
+    """probs [N, 1 or none, s, s] -> N box-local uint8 masks [h_i, w_i] (views of one buffer).
+
+    ``prior_weight`` > 0 blends in the soft inscribed ellipse of ``gt_xyxy`` (module docstring).
+    """
     probs = np.ascontiguousarray(probs.reshape(probs.shape[0], probs.shape[-2], probs.shape[-1]), dtype=np.float32)
     crops = np.ascontiguousarray(crops, dtype=np.int64).reshape(-1, 4)
     boxes = np.ascontiguousarray(boxes, dtype=np.int64).reshape(-1, 4)
@@ -110,6 +133,11 @@ def masks_from_probs(
     offsets = np.zeros(len(boxes) + 1, np.int64)
     np.cumsum(sizes, out=offsets[1:])
     out = np.empty(int(offsets[-1]), np.uint8)
-    resize_threshold_batch(probs, crops, boxes, offsets, float(threshold), bool(relative), float(size), float(stride), out)
+    if prior_weight > 0 and gt_xyxy is None:
+        raise ValueError("prior_weight > 0 needs gt_xyxy")
+    gt = (np.zeros((len(boxes), 4)) if gt_xyxy is None
+          else np.ascontiguousarray(gt_xyxy, dtype=np.float64).reshape(-1, 4))
+    resize_threshold_batch(probs, crops, boxes, offsets, float(threshold), bool(relative), float(size), float(stride), out,
+                           gt, float(prior_weight), PRIOR_SHARPNESS)
     return [out[offsets[i]:offsets[i + 1]].reshape(boxes[i, 3] - boxes[i, 1], boxes[i, 2] - boxes[i, 0])
             for i in range(len(boxes))]
