@@ -133,6 +133,7 @@ def main() -> None:
     met = best[1] >= GOAL["miou_star"] and best[2] >= GOAL["iou75"]
     body = (
         "## quality: the CPU recipe on real data (`python bench/quality.py`)\n\n"
+        f"Command: `python bench/quality.py {' '.join(sys.argv[1:])}`\n\n"
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Data: {root.name}/coco-train boxes + duts-tr pairs for training; coco-val for evaluation "
         f"({int(mask_quality(val_ann, floors['box-fill'])['n'])} non-crowd instances).\n"
