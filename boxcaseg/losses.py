@@ -60,6 +60,15 @@ def mil_loss_reference(logits: torch.Tensor, box_mask: torch.Tensor) -> torch.Te
     return F.binary_cross_entropy_with_logits(scores, labels, reduction="mean")
 
 
+def _pairs(h: int, w: int, dy: int, dx: int) -> tuple[slice, slice, slice, slice] | None:
+    """Slices (centre y, centre x, neighbour y, neighbour x) of the pairs at offset (dy, dx)."""
+    ys, ye = max(0, -dy), h - max(0, dy)
+    xs, xe = max(0, -dx), w - max(0, dx)
+    if ye <= ys or xe <= xs:
+        return None
+    return slice(ys, ye), slice(xs, xe), slice(ys + dy, ye + dy), slice(xs + dx, xe + dx)
+
+
 def smoothness_loss_reference(logits: torch.Tensor) -> torch.Tensor:
     """8-neighbour smoothness of sigmoid probabilities, straightforward definition.
 
@@ -71,14 +80,12 @@ def smoothness_loss_reference(logits: torch.Tensor) -> torch.Tensor:
     h, w = p.shape[-2:]
     terms = []
     for dy, dx in NEIGHBOUR_OFFSETS:
-        ys, ye = max(0, -dy), h - max(0, dy)
-        xs, xe = max(0, -dx), w - max(0, dx)
-        if ye <= ys or xe <= xs:
+        sl = _pairs(h, w, dy, dx)
+        if sl is None:
             terms.append(p.sum() * 0.0)
             continue
-        centre = p[..., ys:ye, xs:xe]
-        neigh = p[..., ys + dy:ye + dy, xs + dx:xe + dx]
-        terms.append(((centre - neigh) ** 2).mean())
+        cy, cx, ny, nx = sl
+        terms.append(((p[..., cy, cx] - p[..., ny, nx]) ** 2).mean())
     return torch.stack(terms).mean()
 
 
@@ -101,15 +108,6 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     f = torch.where(xyz > eps, xyz.clamp(min=eps) ** (1.0 / 3.0), (24389.0 / 27.0 * xyz + 16.0) / 116.0)
     fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
     return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
-
-
-def _pairs(h: int, w: int, dy: int, dx: int) -> tuple[slice, slice, slice, slice] | None:
-    """Slices (centre y, centre x, neighbour y, neighbour x) of the pairs at offset (dy, dx)."""
-    ys, ye = max(0, -dy), h - max(0, dy)
-    xs, xe = max(0, -dx), w - max(0, dx)
-    if ye <= ys or xe <= xs:
-        return None
-    return slice(ys, ye), slice(xs, xe), slice(ys + dy, ye + dy), slice(xs + dx, xe + dx)
 
 
 def pairwise_color_loss(
