@@ -152,11 +152,9 @@ def map_colors_and_box(images: torch.Tensor, box_mask: torch.Tensor, size: tuple
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised network input [N, 3, H, W] and box mask [N, 1, H, W] -> Lab colours
     [N, 3, h, w] (area-averaged RGB) and the box mask [N, 1, h, w] at map size ``size``."""
-    from boxcaseg.data.transforms import MEAN, STD
+    from boxcaseg.data.transforms import denormalize_batch
 
-    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    rgb = F.adaptive_avg_pool2d(images.float() * std + mean, size)
+    rgb = F.adaptive_avg_pool2d(denormalize_batch(images), size)
     box = (F.adaptive_avg_pool2d(box_mask.float(), size) >= 0.5).float()
     return rgb_to_lab(rgb), box
 

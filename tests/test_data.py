@@ -150,3 +150,11 @@ def test_salient_box_crop(tmp_path):
     assert float(ds0[(0, 0)][1].mean()) < 0.5
     with pytest.raises(BoxcasegError, match="box-crop"):
         SalientDataset(tmp_path, resize=40, patch_size=32, box_crop=1.5)
+
+
+def test_denormalize_batch_inverts_normalize():
+    from boxcaseg.data.transforms import denormalize_batch, normalize
+
+    img = np.random.default_rng(21).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    back = denormalize_batch(normalize(img)[None])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(back, img / 255.0, atol=1e-6)

@@ -63,3 +63,10 @@ def normalize_batch_uint8(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255.0
     return (x.float() - mean) / std
+
+
+def denormalize_batch(x: torch.Tensor) -> torch.Tensor:
+    """Normalised [N, 3, H, W] (ImageNet mean/std) -> float32 RGB in 0..1 (the inverse)."""
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return x.float() * std + mean
