@@ -16,15 +16,18 @@ Two launches per call:
 2. ``_mil_bags_kernel``, grid ``(N,)``: reduces the per-tile row/column maxima to the
    bag scores (first argmax kept across tiles), sums the BCE-with-logits of the
    N*(H+W) bags and, with a gradient, adds ``a * dmil/dbag`` at each bag's argmax (a
-   read-modify-write of H + W values per image).
+   read-modify-write of H + W values per image) and keeps each bag's argmax index and
+   ``dmil/dbag`` (the sparse MIL gradient, for the backward).
 
 Bytes: the logits are read once from DRAM and the gradient written once; the partial
 row/column buffers are ``12 * N * (H * W_tiles + W * H_tiles)`` bytes.
 
 Launchers :func:`mil_smooth_forward` (loss, and the gradient for expected upstream
 weights in the same pass) and :class:`TritonMilSmoothFunction` follow Liger-Kernel:
-the backward hands back the gradient made in the forward, or reruns the launch with the
-actual upstream weights. Compute is float32 (float64 for float64 logits).
+the backward hands back the gradient made in the forward, scaled by the upstream
+gradient and corrected with the sparse MIL part, all on the device: no host sync (see
+the class). Float coefficients reach the kernels as a small device tensor in the compute
+dtype, float32 (float64 for float64 logits).
 
 On CPU tensors the kernels run in Triton's interpreter, which must be switched on with
 ``TRITON_INTERPRET=1`` *before* this module is imported; the launcher then defaults to
@@ -33,6 +36,7 @@ one tile per map so that the interpreter runs 2N programs.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,8 +46,6 @@ import triton.language as tl
 from boxcaseg.kernels._common import (
     check_inputs,
     compute_dtype,
-    fused_backward,
-    fused_forward,
     mil_bag_count,
     smooth_weights,
 )
@@ -76,12 +78,13 @@ def _mil_smooth_tile_kernel(
     rmax_ptr, rarg_ptr, rlab_ptr,
     cmax_ptr, carg_ptr, clab_ptr,
     H, W, n_rb, n_wb,
-    wh, wv, wd,
+    coef_ptr,
     HAS_MIL: tl.constexpr, HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr,
     CT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """One tile. x: [N, H, W] strided; g: [N, H, W] contiguous; sums: [N, n_rb, n_wb, 4]
-    in CT; rmax/rarg/rlab: [N, n_wb, H]; cmax/carg/clab: [N, n_rb, W]."""
+    in CT; rmax/rarg/rlab: [N, n_wb, H]; cmax/carg/clab: [N, n_rb, W]; coef: [5] in CT, the
+    smoothness gradient weights (horizontal, vertical, diagonal) at 0..2."""
     n = tl.program_id(0).to(tl.int64)
     rb = tl.program_id(1)
     wb = tl.program_id(2)
@@ -118,6 +121,9 @@ def _mil_smooth_tile_kernel(
             d_ul = tl.where(ok_ul, p_ul - p, 0.0)
             d_ur = tl.where(ok_ur, p_ur - p, 0.0)
             # d loss / d p_i = sum_j w_d * (p_i - p_j) = -sum_j w_d * (p_j - p_i)
+            wh = tl.load(coef_ptr + 0)
+            wv = tl.load(coef_ptr + 1)
+            wd = tl.load(coef_ptr + 2)
             gp = -(wh * (d_r + d_l) + wv * (d_d + d_u) + wd * (d_dr + d_dl + d_ul + d_ur))
             g = gp * p * (1.0 - p)
             tl.store(g_ptr + (n * H + rows) * W + cols, g.to(g_ptr.dtype.element_ty), mask=inside)
@@ -156,12 +162,15 @@ def _bce_with_logits(s, lab):
 
 @triton.jit
 def _reduce_bags(
-    n, g_ptr, max_ptr, arg_ptr, lab_ptr, bag_ptr,
-    L, n_part, mil_coef, g_stride_bag, g_stride_arg, g_img,
-    WRITE_GRAD: tl.constexpr, CT: tl.constexpr, P_PART: tl.constexpr, BLOCK: tl.constexpr,
+    n, g_ptr, max_ptr, arg_ptr, lab_ptr, bag_ptr, idx_ptr, d_ptr,
+    L, n_part, mil_coef, inv_bags, g_stride_bag, g_stride_arg, g_img,
+    WRITE_GRAD: tl.constexpr, ADD_GRAD: tl.constexpr, CT: tl.constexpr, P_PART: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Bags of one kind (rows or columns) of image n: partials [N, n_part, L] -> loss sum,
-    and the gradient at each bag's argmax, g[n, ...] at bag * g_stride_bag + arg * g_stride_arg."""
+    and the gradient at each bag's argmax, g[n, ...] at bag * g_stride_bag + arg * g_stride_arg.
+    With a gradient, also each bag's flat argmax index into g (idx, int64) and its
+    d mil / d score (d, CT): the sparse MIL gradient the backward needs; ADD_GRAD also
+    adds a * d into g."""
     k = tl.arange(0, P_PART)[:, None]
     acc = tl.zeros([BLOCK], dtype=CT)
     for l0 in range(0, L, BLOCK):
@@ -179,32 +188,44 @@ def _reduce_bags(
         lab = tl.where(l_ok, lab, 0.0)
         acc += tl.where(l_ok, _bce_with_logits(s, lab), 0.0)
         if WRITE_GRAD:
-            ptr = g_ptr + g_img + l1.to(tl.int64) * g_stride_bag + arg.to(tl.int64) * g_stride_arg
-            old = tl.load(ptr, mask=l_ok, other=0.0).to(CT)
+            flat = g_img + l1.to(tl.int64) * g_stride_bag + arg.to(tl.int64) * g_stride_arg
             # sigmoid(s) - lab, without the cancellation of a confident bag
-            new = old + ((1.0 - lab) * _sigmoid(s) - lab * _sigmoid(-s)) * mil_coef
-            tl.store(ptr, new.to(g_ptr.dtype.element_ty), mask=l_ok)
+            dbag = (1.0 - lab) * _sigmoid(s) - lab * _sigmoid(-s)
+            if ADD_GRAD:
+                ptr = g_ptr + flat
+                old = tl.load(ptr, mask=l_ok, other=0.0).to(CT)
+                tl.store(ptr, (old + dbag * mil_coef).to(g_ptr.dtype.element_ty), mask=l_ok)
+            tl.store(idx_ptr + l1, flat, mask=l_ok)
+            tl.store(d_ptr + l1, dbag * inv_bags, mask=l_ok)
     tl.store(bag_ptr, tl.sum(acc, axis=0))
 
 
 @triton.jit
 def _mil_bags_kernel(
-    g_ptr, bags_ptr,
+    g_ptr, bags_ptr, idx_ptr, d_ptr,
     rmax_ptr, rarg_ptr, rlab_ptr,
     cmax_ptr, carg_ptr, clab_ptr,
-    H, W, n_rb, n_wb, mil_coef,
-    WRITE_GRAD: tl.constexpr, CT: tl.constexpr,
+    H, W, n_rb, n_wb, coef_ptr,
+    WRITE_GRAD: tl.constexpr, ADD_GRAD: tl.constexpr, CT: tl.constexpr,
     P_WB: tl.constexpr, P_RB: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One image: row bags, then (after a barrier, as a row's and a column's argmax may
-    be the same pixel) column bags. bags: [N, 2] (row, column BCE sums)."""
+    be the same pixel) column bags. bags: [N, 2] (row, column BCE sums); idx, d:
+    [N, H + W] (rows, then columns); coef[3] = a / bags, coef[4] = 1 / bags."""
     n = tl.program_id(0).to(tl.int64)
     g_img = n * H * W
-    _reduce_bags(n, g_ptr, rmax_ptr, rarg_ptr, rlab_ptr, bags_ptr + n * 2,
-                 H, n_wb, mil_coef, W, 1, g_img, WRITE_GRAD, CT, P_WB, BLOCK)
+    mil_coef = tl.load(coef_ptr + 3)
+    inv_bags = tl.load(coef_ptr + 4)
+    b_img = n * (H + W)
+    _reduce_bags(n, g_ptr, rmax_ptr, rarg_ptr, rlab_ptr, bags_ptr + n * 2, idx_ptr + b_img, d_ptr + b_img,
+                 H, n_wb, mil_coef, inv_bags, W, 1, g_img, WRITE_GRAD, ADD_GRAD, CT, P_WB, BLOCK)
     tl.debug_barrier()
-    _reduce_bags(n, g_ptr, cmax_ptr, carg_ptr, clab_ptr, bags_ptr + n * 2 + 1,
-                 W, n_rb, mil_coef, 1, W, g_img, WRITE_GRAD, CT, P_RB, BLOCK)
+    _reduce_bags(n, g_ptr, cmax_ptr, carg_ptr, clab_ptr, bags_ptr + n * 2 + 1, idx_ptr + b_img + H, d_ptr + b_img + H,
+                 W, n_rb, mil_coef, inv_bags, 1, W, g_img, WRITE_GRAD, ADD_GRAD, CT, P_RB, BLOCK)
+
+
+# (block_h, block_w) used instead of the default tile shape when set (bench/mil_kernel.py's sweep)
+BLOCK_OVERRIDE: tuple[int, int] | None = None
 
 
 def _default_blocks(h: int, w: int, on_gpu: bool) -> tuple[int, int]:
@@ -219,6 +240,14 @@ def _default_blocks(h: int, w: int, on_gpu: bool) -> tuple[int, int]:
         bw = min(bw, 1024)
         bh = min(bh, max(1, (1 << 20) // bw))
     return bh, bw
+
+
+@functools.lru_cache(maxsize=256)
+def _coef_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernels' float coefficients as a device tensor in the compute dtype (Triton
+    passes Python floats as float32, too coarse for float64 maps). Cached: a training
+    loop asks for the same few, so the host-to-device copy (a sync) happens once each."""
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 def mil_smooth_forward(
@@ -237,6 +266,15 @@ def mil_smooth_forward(
     returns ``a * dmil/dlogits + b * dsmooth/dlogits`` ([N, 1, H, W], logits' dtype).
     ``block_h``/``block_w`` (powers of two) override the tile shape.
     """
+    mil, smooth, g, _ = _launch(logits, box_mask, has_mil, has_smooth, grad_weights, block_h, block_w)
+    return mil, smooth, g
+
+
+def _launch(logits, box_mask, has_mil, has_smooth, grad_weights, block_h=None, block_w=None, add_mil=True):
+    """:func:`mil_smooth_forward` plus, with a gradient and MIL, the sparse MIL gradient
+    ``(idx, d)``: ``dmil/dlogits`` is ``d`` scattered at the flat indices ``idx`` into
+    [N * H * W] (both [N, H + W]; rows first), else None. ``add_mil=False`` leaves the
+    MIL part out of the dense gradient (it is then ``b * dsmooth/dlogits`` only)."""
     if logits.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before "
@@ -254,12 +292,16 @@ def mil_smooth_forward(
     else:
         m = x
     bh, bw = _default_blocks(h, w, dev.type == "cuda" and not INTERPRETED)
+    if BLOCK_OVERRIDE is not None:
+        bh, bw = BLOCK_OVERRIDE
     bh, bw = block_h or bh, block_w or bw
     n_rb, n_wb = triton.cdiv(h, bh), triton.cdiv(w, bw)
     write_grad = grad_weights is not None
     a, b = grad_weights if write_grad else (0.0, 0.0)
     lwh, lwv, lwd = smooth_weights(n, h, w)
 
+    n_bags = mil_bag_count(n, h, w)
+    coef = _coef_tensor((2.0 * b * lwh, 2.0 * b * lwv, 2.0 * b * lwd, float(a) / n_bags, 1.0 / n_bags), ct_torch, dev)
     g = torch.empty((n, h, w), dtype=logits.dtype, device=dev) if write_grad else x
     sums = torch.zeros((n, n_rb, n_wb, 4), dtype=ct_torch, device=dev)
     dummy = sums
@@ -276,8 +318,7 @@ def mil_smooth_forward(
         x, x.stride(0), x.stride(1), x.stride(2),
         m, m.stride(0), m.stride(1), m.stride(2),
         g, sums, rmax, rarg, rlab, cmax, carg, clab,
-        h, w, n_rb, n_wb,
-        2.0 * b * lwh, 2.0 * b * lwv, 2.0 * b * lwd,
+        h, w, n_rb, n_wb, coef,
         HAS_MIL=has_mil, HAS_SMOOTH=has_smooth, WRITE_GRAD=write_grad,
         CT=ct, BLOCK_H=bh, BLOCK_W=bw,
         num_warps=8 if bh * bw >= 2048 else 4,
@@ -288,13 +329,17 @@ def mil_smooth_forward(
         smooth = (lwh * tot[0] + lwv * tot[1] + lwd * (tot[2] + tot[3])).to(out_dt)
     else:
         smooth = torch.zeros((), dtype=out_dt, device=dev)
+    sparse = None
     if has_mil:
         bags = torch.empty((n, 2), dtype=ct_torch, device=dev)
-        n_bags = mil_bag_count(n, h, w)
+        if write_grad:
+            sparse = (torch.empty((n, h + w), dtype=torch.int64, device=dev),
+                      torch.empty((n, h + w), dtype=ct_torch, device=dev))
+        idx, d = sparse if write_grad else (dummy, dummy)
         _mil_bags_kernel[(n,)](
-            g, bags, rmax, rarg, rlab, cmax, carg, clab,
-            h, w, n_rb, n_wb, float(a) / n_bags,
-            WRITE_GRAD=write_grad, CT=ct,
+            g, bags, idx, d, rmax, rarg, rlab, cmax, carg, clab,
+            h, w, n_rb, n_wb, coef,
+            WRITE_GRAD=write_grad, ADD_GRAD=write_grad and add_mil, CT=ct,
             P_WB=triton.next_power_of_2(n_wb), P_RB=triton.next_power_of_2(n_rb),
             BLOCK=min(triton.next_power_of_2(max(h, w)), 1024 if INTERPRETED else 128),
             num_warps=4,
@@ -302,22 +347,53 @@ def mil_smooth_forward(
         mil = (bags.to(torch.float64).sum() / n_bags).to(out_dt)
     else:
         mil = torch.zeros((), dtype=out_dt, device=dev)
-    return mil, smooth, (g.unsqueeze(1) if write_grad else None)
+    return mil, smooth, (g.unsqueeze(1) if write_grad else None), sparse
 
 
 class TritonMilSmoothFunction(torch.autograd.Function):
-    """(mil, smooth) = f(logits, box_mask) by the Triton kernels; the gradient for the
-    expected upstream weights ``grad_weights=(a, b)`` is made in the forward pass (see
-    :class:`boxcaseg.kernels.cpu_mil_smooth.NumbaMilSmoothFunction`)."""
+    """(mil, smooth) = f(logits, box_mask) by the Triton kernels, with a backward that
+    needs no device-to-host sync.
+
+    With both terms, the forward writes the dense smoothness gradient ``b * dsmooth``
+    (``grad_weights=(a, b)``, b the caller's smoothness weight) and keeps the MIL gradient
+    in sparse form (one value per bag, at its argmax). For any upstream ``(gm, gs)`` the
+    backward returns ``(gs / b) * G + gm * dmil`` (one pass over G plus a scatter of
+    N * (H + W) values), exact whatever the weighting. MIL alone keeps the MIL part in G
+    and returns ``(gm / a) * G``; smoothness alone ``(gs / b) * G``. A zero weight on a
+    term in use (b = 0 with smoothness) falls back to reading the upstream values (a sync)
+    and recomputing.
+    """
 
     @staticmethod
     def forward(ctx, logits, box_mask, has_mil, has_smooth, grad_weights):
-        return fused_forward(ctx, mil_smooth_forward, logits, box_mask, has_mil, has_smooth, grad_weights)
+        need_grad = ctx.needs_input_grad[0]
+        a, b = grad_weights
+        split = has_mil and has_smooth and b != 0.0      # dense smoothness + sparse MIL
+        mil, smooth, g, sparse = _launch(logits, box_mask, has_mil, has_smooth,
+                                         grad_weights if need_grad else None, add_mil=not split)
+        ctx.flags = (has_mil, has_smooth, grad_weights, split)
+        if need_grad:
+            idx, d = sparse if split else (None, None)
+            ctx.save_for_backward(logits, box_mask if has_mil else None, g, idx, d)
+        return mil, smooth
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mil, g_smooth):
-        return fused_backward(ctx, g_mil, g_smooth)
+        has_mil, has_smooth, (a, b), split = ctx.flags
+        logits, box_mask, g, idx, d = ctx.saved_tensors
+        if split:
+            out = g * (g_smooth / b)
+            out.view(-1).index_add_(0, idx.view(-1), (d * g_mil).view(-1).to(out.dtype))
+            return out, None, None, None, None
+        if has_smooth and not has_mil and b != 0.0:
+            return g * (g_smooth / b), None, None, None, None
+        if has_mil and not has_smooth and a != 0.0:
+            return g * (g_mil / a), None, None, None, None
+        # a zero weight on a term in use: read the upstream values (a sync) and recompute
+        gm = float(g_mil.item()) if has_mil else 0.0
+        gs = float(g_smooth.item()) if has_smooth else 0.0
+        return _launch(logits, box_mask, has_mil, has_smooth, (gm, gs))[2], None, None, None, None
 
 
 def mil_smooth_loss_triton(
