@@ -89,14 +89,34 @@ def torch_loss(logits, box_mask):
     return mil + SMOOTH_WEIGHT * smooth
 
 
-def fused_loss(backend: str):
+def fused_loss(backend: str, blocks: tuple[int, int] | None = None):
+    """The library's fused loss; ``blocks`` (Triton only) overrides the tile shape."""
     from boxcaseg.kernels import dispatch
 
     def loss(logits, box_mask):
         mil, smooth = dispatch.mil_smooth_loss(logits, box_mask, SMOOTH_WEIGHT, backend)
         return mil + SMOOTH_WEIGHT * smooth
 
-    return loss
+    if blocks is None:
+        return loss
+
+    from boxcaseg.kernels import triton_mil_smooth
+
+    def tiled(logits, box_mask):
+        saved = triton_mil_smooth.BLOCK_OVERRIDE
+        triton_mil_smooth.BLOCK_OVERRIDE = blocks
+        try:
+            return loss(logits, box_mask)
+        finally:
+            triton_mil_smooth.BLOCK_OVERRIDE = saved
+
+    return tiled
+
+
+def default_blocks(h: int, w: int) -> tuple[int, int]:
+    from boxcaseg.kernels import triton_mil_smooth
+
+    return triton_mil_smooth._default_blocks(h, w, True)
 
 
 def make_inputs(n: int, device: str):
@@ -115,6 +135,22 @@ def step_fn(loss_fn, x, m):
         loss_fn(x, m).backward()
 
     return run
+
+
+def graphed_step(loss_fn, x, m):
+    """The forward + backward captured once in a CUDA graph; returns its replay. Shows the
+    device time of the kernels without Python, autograd and launch overhead."""
+    xs = x.detach().clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                 # warm-up (compilation, caches) off the graph
+        for _ in range(3):
+            torch.autograd.grad(loss_fn(xs, m), xs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.autograd.grad(loss_fn(xs, m), xs)
+    return graph.replay
 
 
 def first_call_in_fresh_process(backend: str, n: int, threads: int, env: dict | None = None) -> float:
@@ -155,6 +191,12 @@ def main() -> None:
     ap.add_argument("--startup", action="store_true",
                     help="also time the first call in fresh processes (Numba cache load; torch.compile "
                          "with an empty and with the default inductor cache)")
+    ap.add_argument("--triton-blocks", default="",
+                    help="GPU only: also time the Triton kernels with these tile shapes, e.g. "
+                         "'8x128,16x128,32x64' (rows 'triton[BHxBW]'; the default shape is row 'triton')")
+    ap.add_argument("--graphs", action="store_true",
+                    help="GPU only: also time torch and Triton captured in a CUDA graph (rows 'X+graph': "
+                         "device time without Python / autograd / launch overhead)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -177,9 +219,18 @@ def main() -> None:
             cands["compile"] = compiled
         if on_gpu:
             cands["triton"] = fused_loss("triton")
+            for spec in filter(None, args.triton_blocks.split(",")):
+                bh, bw = (int(v) for v in spec.lower().split("x"))
+                cands[f"triton[{bh}x{bw}]"] = fused_loss("triton", (bh, bw))
         else:
             cands["numba"] = fused_loss("numba")
         fns = {k: step_fn(f, x, m) for k, f in cands.items()}
+        if on_gpu and args.graphs:
+            for k in ("torch", "triton"):
+                try:
+                    fns[f"{k}+graph"] = graphed_step(cands[k], x, m)
+                except Exception as e:  # noqa: BLE001 - report, keep the other rows
+                    extra[f"{k}+graph_n{n}"] = f"capture failed: {type(e).__name__}: {str(e)[:200]}"
         if on_gpu:
             timings = {k: time_cuda(fn) for k, fn in fns.items()}
         else:
@@ -202,6 +253,8 @@ def main() -> None:
             row["samples"] = len(t.samples_ms)
             row["min_ms"] = round(t.min_ms, 3)
             rows.append(row)
+        if on_gpu:
+            extra[f"triton_default_blocks_n{n}"] = "x".join(map(str, default_blocks(H, W)))
 
     if args.startup and not on_gpu:
         n0 = args.n[0]
@@ -221,12 +274,12 @@ def main() -> None:
         # others' jobs on a shared machine slow every backend down, torch's OpenMP loops most
         extra["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
-    head = f"{'backend':<10} {'N':>4} {'ms (median)':>12} {'min ms':>9} {'samples':>8} {'x original':>11} {'GB/s*':>8}"
+    head = f"{'backend':<14} {'N':>4} {'ms (median)':>12} {'min ms':>9} {'samples':>8} {'x original':>11} {'GB/s*':>8}"
     if on_gpu:
         head += f" {'of copy':>8}"
     print(head)
     for r in rows:
-        line = (f"{r['backend']:<10} {r['n']:>4} {r['ms']:>12.3f} {r['min_ms']:>9.3f} {r['samples']:>8} "
+        line = (f"{r['backend']:<14} {r['n']:>4} {r['ms']:>12.3f} {r['min_ms']:>9.3f} {r['samples']:>8} "
                 f"{r['speedup_vs_original']:>11.1f} {r['gbps']:>8.2f}")
         if on_gpu:
             line += f" {r['frac_of_copy']:>8.1%}"

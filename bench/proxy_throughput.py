@@ -48,6 +48,7 @@ def make_checkpoint(path: Path, backbone: str | None) -> Path:
     cfg = load_config(REPO / "configs" / "cpu.toml")
     if backbone:
         cfg.model.backbone = backbone
+    cfg.model.backbone_weights = ""          # random weights: speed does not depend on them
     torch.manual_seed(0)
     model = build_model(cfg)
     # BN statistics as a trained model has them (running stats = the activations' own
