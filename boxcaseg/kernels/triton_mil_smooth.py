@@ -367,7 +367,7 @@ class TritonMilSmoothFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, box_mask, has_mil, has_smooth, grad_weights):
         need_grad = ctx.needs_input_grad[0]
-        a, b = grad_weights
+        b = grad_weights[1]
         split = has_mil and has_smooth and b != 0.0      # dense smoothness + sparse MIL
         mil, smooth, g, sparse = _launch(logits, box_mask, has_mil, has_smooth,
                                          grad_weights if need_grad else None, add_mil=not split)
