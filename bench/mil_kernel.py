@@ -100,15 +100,11 @@ def fused_loss(backend: str, blocks: tuple[int, int] | None = None):
     if blocks is None:
         return loss
 
-    from boxcaseg.kernels import triton_mil_smooth
+    from boxcaseg.kernels.triton_mil_smooth import mil_smooth_loss_triton
 
     def tiled(logits, box_mask):
-        saved = triton_mil_smooth.BLOCK_OVERRIDE
-        triton_mil_smooth.BLOCK_OVERRIDE = blocks
-        try:
-            return loss(logits, box_mask)
-        finally:
-            triton_mil_smooth.BLOCK_OVERRIDE = saved
+        mil, smooth = mil_smooth_loss_triton(logits, box_mask, True, True, (1.0, SMOOTH_WEIGHT), blocks)
+        return mil + SMOOTH_WEIGHT * smooth
 
     return tiled
 

@@ -257,6 +257,25 @@ def test_triton_many_tiles(shape, block):
         assert_rel(g, ref["g_total"], RTOL[dtype], f"gradient {dtype}")
 
 
+def test_triton_tile_shape_through_autograd():
+    """``blocks`` of the autograd entry point (the benchmark's tile sweep) changes the
+    launch, not the result: loss and gradient against the reference, several tiles a map."""
+    from boxcaseg.kernels.triton_mil_smooth import mil_smooth_loss_triton
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 1, 37, 45, generator=gen) * 3
+    m = random_box_mask(2, 37, 45, gen, "border")
+    ref = reference(x.double(), m.double())
+    xa = x.clone().requires_grad_(True)
+    mil, smooth = mil_smooth_loss_triton(xa, m, True, True, (1.0, W_SMOOTH), blocks=(8, 16))
+    (mil + W_SMOOTH * smooth).backward()
+    assert_rel(mil, ref["mil"], 1e-5, "mil")
+    assert_rel(smooth, ref["smooth"], 1e-5, "smooth")
+    assert_rel(xa.grad, ref["g_total"], 1e-5, "gradient")
+    with pytest.raises(Exception, match="power of 2"):     # the shape does reach the launch
+        mil_smooth_loss_triton(xa, m, True, True, (1.0, W_SMOOTH), blocks=(3, 16))
+
+
 @pytest.mark.parametrize("backend", ["numba", "triton"])
 def test_upstream_gradients_of_any_weighting(backend):
     """The fused backward reuses the forward's gradient only for (1, w) * c; other

@@ -223,10 +223,6 @@ def _mil_bags_kernel(
                  W, n_rb, mil_coef, inv_bags, 1, W, g_img, WRITE_GRAD, ADD_GRAD, CT, P_RB, BLOCK)
 
 
-# (block_h, block_w) used instead of the default tile shape when set (bench/mil_kernel.py's sweep)
-BLOCK_OVERRIDE: tuple[int, int] | None = None
-
-
 def _default_blocks(h: int, w: int, on_gpu: bool) -> tuple[int, int]:
     """Tile shape. GPU: ~2K elements per program (untuned: no GPU measured yet).
     Interpreter: the whole map in one tile (up to 2**20 elements)."""
@@ -291,8 +287,6 @@ def _launch(logits, box_mask, has_mil, has_smooth, grad_weights, block_h=None, b
     else:
         m = x
     bh, bw = _default_blocks(h, w, dev.type == "cuda" and not INTERPRETED)
-    if BLOCK_OVERRIDE is not None:
-        bh, bw = BLOCK_OVERRIDE
     bh, bw = block_h or bh, block_w or bw
     n_rb, n_wb = triton.cdiv(h, bh), triton.cdiv(w, bw)
     write_grad = grad_weights is not None
@@ -364,12 +358,13 @@ class TritonMilSmoothFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, box_mask, has_mil, has_smooth, grad_weights):
+    def forward(ctx, logits, box_mask, has_mil, has_smooth, grad_weights, blocks):
         need_grad = ctx.needs_input_grad[0]
         b = grad_weights[1]
         split = has_mil and has_smooth and b != 0.0      # dense smoothness + sparse MIL
         mil, smooth, g, sparse = _launch(logits, box_mask, has_mil, has_smooth,
-                                         grad_weights if need_grad else None, add_mil=not split)
+                                         grad_weights if need_grad else None, *(blocks or (None, None)),
+                                         add_mil=not split)
         ctx.flags = (has_mil, has_smooth, grad_weights, split)
         if need_grad:
             idx, d = sparse if split else (None, None)
@@ -384,15 +379,15 @@ class TritonMilSmoothFunction(torch.autograd.Function):
         if split:
             out = g * (g_smooth / b)
             out.view(-1).index_add_(0, idx.view(-1), (d * g_mil).view(-1).to(out.dtype))
-            return out, None, None, None, None
+            return out, None, None, None, None, None
         if has_smooth and not has_mil and b != 0.0:
-            return g * (g_smooth / b), None, None, None, None
+            return g * (g_smooth / b), None, None, None, None, None
         if has_mil and not has_smooth and a != 0.0:
-            return g * (g_mil / a), None, None, None, None
+            return g * (g_mil / a), None, None, None, None, None
         # a zero weight on a term in use: read the upstream values (a sync) and recompute
         gm = float(g_mil.item()) if has_mil else 0.0
         gs = float(g_smooth.item()) if has_smooth else 0.0
-        return _launch(logits, box_mask, has_mil, has_smooth, (gm, gs))[2], None, None, None, None
+        return _launch(logits, box_mask, has_mil, has_smooth, (gm, gs))[2], None, None, None, None, None
 
 
 def mil_smooth_loss_triton(
@@ -401,7 +396,9 @@ def mil_smooth_loss_triton(
     has_mil: bool = True,
     has_smooth: bool = True,
     grad_weights: tuple[float, float] = (1.0, 1.0),
+    blocks: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mil, smooth) through :class:`TritonMilSmoothFunction`."""
+    """(mil, smooth) through :class:`TritonMilSmoothFunction`; ``blocks=(block_h, block_w)``
+    overrides the tile shape (bench/mil_kernel.py's sweep)."""
     check_inputs(logits, box_mask if has_mil else None)
-    return TritonMilSmoothFunction.apply(logits, box_mask, has_mil, has_smooth, tuple(map(float, grad_weights)))
+    return TritonMilSmoothFunction.apply(logits, box_mask, has_mil, has_smooth, tuple(map(float, grad_weights)), blocks)
