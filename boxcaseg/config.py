@@ -51,6 +51,8 @@ class ModelConfig:
     backbone_weights: str = ""            # a local weight file for the backbone (offline)
     out_indices: list[int] = field(default_factory=list)  # feature levels; [] = all at stride >= 4
     backbone_kwargs: dict = field(default_factory=dict)   # extra timm.create_model arguments
+    neck_channels: int = 0                # 0 = the paper's HRNetV2 concat; K > 0 = an FPN neck of width K
+    neck_convs: int = 1                   # 3x3 conv-BN-ReLU layers after the neck's stride-4 sum
     head_channels: int = 0                # hidden width of each head; 0 = backbone concat width
     transfer_hidden: int = 0              # hidden width of the weight-transfer MLPs; 0 = input width
     alpha: float = 0.7                    # fused = alpha*salient + (1-alpha)*transferred

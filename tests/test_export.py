@@ -19,12 +19,13 @@ S = 64
 TOL_F32 = 1e-4  # ONNX Runtime vs PyTorch, float32
 
 
-def tiny_checkpoint(path, infer_size: int = S, seed: int = 0):
+def tiny_checkpoint(path, infer_size: int = S, seed: int = 0, neck_channels: int = 0):
     """test_efficientnet (145k params) with non-trivial BN statistics, saved as `boxcaseg train` does."""
     torch.manual_seed(seed)
     cfg = Config()
     cfg.model.backbone = "test_efficientnet"
     cfg.model.head_channels = 16
+    cfg.model.neck_channels = neck_channels
     cfg.model.infer_size = infer_size
     model = build_model(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -90,6 +91,19 @@ def test_onnx_export_checks_parity_and_metadata(exported):
     assert meta["boxcaseg.output_stride"] == "4"
     assert float(meta["boxcaseg.alpha"]) == pytest.approx(0.7)
     assert meta["boxcaseg.normalization"].startswith("in graph")
+
+
+def test_onnx_export_with_fpn_neck(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "neck.pt", neck_channels=24, seed=3)
+    rep = export_onnx(ckpt, tmp_path / "neck.onnx")
+    assert rep.max_abs_diff <= TOL_F32
+    assert rep.bn_left == 0
+    model, _ = load_checkpoint_model(str(ckpt))
+    assert model.backbone.fpn is not None
+    x = np.random.default_rng(7).integers(0, 256, (2, 3, S, S), dtype=np.uint8)
+    got = load_engine("onnx", rep.onnx_path).predict(x)
+    ref = reference_probs(model, torch.from_numpy(x).float()).numpy()
+    assert float(np.abs(got - ref).max()) <= TOL_F32
 
 
 @pytest.mark.parametrize("batch", [1, 5])

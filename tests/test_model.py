@@ -53,3 +53,61 @@ def test_transferred_weights_follow_weak_head(model):
     assert not torch.allclose(w1, v1)
     with torch.no_grad():
         model.weak_head.conv1.weight.sub_(0.5)
+
+
+def _neck_reference(backbone, x):
+    """The FPN neck written out step by step in float64 (lateral 1x1, nearest top-down sum,
+    3x3 output convs, bilinear upsampling to the finest level, sum, 3x3 refinement)."""
+    import torch.nn.functional as F
+
+    def conv_bn(seq, t, relu=False):
+        conv, bn = seq[0], seq[1]
+        t = F.conv2d(t, conv.weight.double(), None if conv.bias is None else conv.bias.double(), padding=conv.padding)
+        t = (t - bn.running_mean.double()[:, None, None]) / torch.sqrt(bn.running_var.double()[:, None, None] + bn.eps)
+        t = t * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
+        return t.clamp_min(0) if relu else t
+
+    levels = backbone.body(x.float())
+    levels = [levels[i].double() for i in backbone.keep]
+    fpn = backbone.fpn
+    inner = conv_bn(fpn.inner_blocks[-1], levels[-1])
+    outs = [conv_bn(fpn.layer_blocks[-1], inner)]
+    for i in range(len(levels) - 2, -1, -1):
+        lat = conv_bn(fpn.inner_blocks[i], levels[i])
+        inner = lat + F.interpolate(inner, size=lat.shape[-2:], mode="nearest")
+        outs.insert(0, conv_bn(fpn.layer_blocks[i], inner))
+    size = outs[0].shape[-2:]
+    total = sum(F.interpolate(o, size=size, mode="bilinear", align_corners=False) if o.shape[-2:] != size else o for o in outs)
+    for block in backbone.refine:
+        total = conv_bn(block, total, relu=True)
+    return total
+
+
+@pytest.mark.parametrize("convs", [0, 2])
+def test_fpn_neck_shapes_and_reference(convs):
+    torch.manual_seed(1)
+    m = build_model(ModelConfig(backbone="test_efficientnet", head_channels=16, neck_channels=24, neck_convs=convs))
+    g = torch.Generator().manual_seed(2)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.copy_((torch.rand(mod.running_mean.shape, generator=g) - 0.5) * 0.4)
+            mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
+            mod.weight.data.uniform_(0.5, 1.5, generator=g)
+    m.eval()
+    assert m.backbone.out_channels == 24 and m.weak_head.conv1.in_channels == 24
+    assert len(m.backbone.refine) == convs
+    x = torch.randn(2, 3, 70, 54, generator=g)
+    with torch.no_grad():
+        feats = m.backbone(x)
+        out = m(x)
+    assert tuple(feats.shape) == (2, 24, 18, 14)
+    assert tuple(out["fused"].shape) == (2, 1, 18, 14)
+    ref = _neck_reference(m.backbone, x)
+    torch.testing.assert_close(feats.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_neck_rejects_negative_width():
+    from boxcaseg.errors import BoxcasegError
+
+    with pytest.raises(BoxcasegError, match="neck_channels"):
+        build_model(ModelConfig(backbone="test_efficientnet", neck_channels=-1))

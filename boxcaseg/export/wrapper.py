@@ -4,7 +4,7 @@ Built from a trained :class:`~boxcaseg.model.BoxCaseg` (it is never trained itse
 
 - the weak head is dropped; the transferred head's conv weights are computed once
   from the checkpoint (``model.transferred_weights()``) and baked in;
-- every BatchNorm is folded into its convolution (backbone and both heads);
+- every BatchNorm is folded into its convolution (backbone, FPN neck if any, both heads);
 - the two heads' first 1x1 convs are one conv with 2M outputs; because a 1x1 conv
   commutes with bilinear upsampling, it is applied to each feature level at the
   level's own resolution and the results are upsampled and summed (the same numbers
@@ -57,8 +57,11 @@ class ProxyExportModel(nn.Module):
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(STD).view(1, 3, 1, 1) * 255.0))
 
-        self.body = copy.deepcopy(model.backbone.body).eval()
-        self.keep = list(model.backbone.keep)
+        # With an FPN neck the whole adapter (body + neck) is the feature extractor and its
+        # single stride-4 output is the only "level"; without one, the body's levels are.
+        self.neck = model.backbone.fpn is not None
+        self.body = copy.deepcopy(model.backbone if self.neck else model.backbone.body).eval()
+        self.keep = [0] if self.neck else list(model.backbone.keep)
         example = (torch.rand(1, 3, infer_size, infer_size) * 255 - self.mean) * self.inv_std
         self.bn_folded, self.bn_left = fold_batchnorms(self.body, example)
 
@@ -74,7 +77,10 @@ class ProxyExportModel(nn.Module):
             weight2 = torch.cat([alpha * sal.conv2.weight, (1.0 - alpha) * w2.float()], 1)  # [1, 2M, 1, 1]
             bias2 = alpha * sal.conv2.bias + (1.0 - alpha) * th.bias2
 
-        channels = [self.body.feature_info.channels()[i] for i in self.keep]
+        if self.neck:
+            channels = [int(model.backbone.out_channels)]
+        else:
+            channels = [self.body.feature_info.channels()[i] for i in self.keep]
         self.level_convs = nn.ModuleList()
         start = 0
         for c in channels:
@@ -108,7 +114,7 @@ class ProxyExportModel(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean) * self.inv_std
         feats = self.body(z.half() if self.half_compute else z)
-        feats = [feats[i] for i in self.keep]
+        feats = [feats] if self.neck else [feats[i] for i in self.keep]
         size = feats[0].shape[-2:]
         for f in feats[1:]:
             if f.shape[-2] > size[0]:

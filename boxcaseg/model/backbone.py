@@ -1,7 +1,11 @@
 """Backbone adapter: any timm model with ``features_only=True``, HRNetV2-style fusion.
 
 All selected feature levels are bilinearly upsampled to the stride-4 level and
-concatenated (the HRNetV2 representation head).
+concatenated (the HRNetV2 representation head). With ``neck_channels=K`` the levels go
+through torchvision's FPN (K channels, BatchNorm) instead; its outputs are upsampled to
+the finest level, summed and refined by ``neck_convs`` 3x3 conv-BN-ReLU layers (a
+semantic-FPN style neck: not in the paper, for light backbones such as EfficientNet-Lite,
+whose concat is dominated by one coarse level and whose 1x1 heads see no neighbourhood).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class TimmBackbone(nn.Module):
         weights: str = "",
         out_indices: list[int] | None = None,
         extra_kwargs: dict | None = None,
+        neck_channels: int = 0,
+        neck_convs: int = 1,
     ):
         super().__init__()
         kwargs = {}
@@ -67,6 +73,18 @@ class TimmBackbone(nn.Module):
         self.keep = keep
         self.out_channels = int(sum(channels[i] for i in keep))
         self.stride = int(min(reductions[i] for i in keep))
+        self.fpn = None
+        if neck_channels < 0 or neck_convs < 0:
+            raise BoxcasegError(f"model.neck_channels={neck_channels}, neck_convs={neck_convs}: must be >= 0")
+        if neck_channels:
+            from torchvision.ops import FeaturePyramidNetwork
+            from torchvision.ops.misc import Conv2dNormActivation
+
+            self.fpn = FeaturePyramidNetwork([channels[i] for i in keep], neck_channels, norm_layer=nn.BatchNorm2d)
+            self.refine = nn.Sequential(
+                *[Conv2dNormActivation(neck_channels, neck_channels, 3, norm_layer=nn.BatchNorm2d) for _ in range(neck_convs)]
+            )
+            self.out_channels = int(neck_channels)
         if weights:
             self.load_weights(weights)
 
@@ -88,9 +106,13 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.body(x)
         feats = [feats[i] for i in self.keep]
+        if self.fpn is not None:
+            feats = list(self.fpn({str(i): f for i, f in enumerate(feats)}).values())
         size = feats[0].shape[-2:]
         for f in feats[1:]:
             if f.shape[-2] > size[0]:
                 size = f.shape[-2:]
         up = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
-        return torch.cat(up, dim=1)
+        if self.fpn is None:
+            return torch.cat(up, dim=1)
+        return self.refine(torch.stack(up).sum(0))

@@ -22,7 +22,8 @@ class BoxCaseg(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = TimmBackbone(
-            cfg.backbone, cfg.pretrained, cfg.backbone_weights, cfg.out_indices, cfg.backbone_kwargs
+            cfg.backbone, cfg.pretrained, cfg.backbone_weights, cfg.out_indices, cfg.backbone_kwargs,
+            neck_channels=cfg.neck_channels, neck_convs=cfg.neck_convs,
         )
         c = self.backbone.out_channels
         m = cfg.head_channels or c
