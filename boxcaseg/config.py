@@ -73,6 +73,7 @@ class DataConfig:
     jitter_scale_min: float = 0.5
     jitter_scale_max: float = 1.5
     hflip_box: bool = False               # horizontal flip of box patches too
+    pseudo_ann: str = ""                  # self-training: a `boxcaseg proxy` json of box_ann's annotations
     workers: int = 2
     skip_bad: bool = False
     strict: bool = False
@@ -99,6 +100,8 @@ class TrainConfig:
     pairwise_tau: float = 0.3             # Lab colour similarity a pair needs to count
     pairwise_dilation: int = 2            # neighbour distance in map pixels
     pairwise_ramp: int = 0                # iterations over which pairwise_weight ramps up from 0
+    pseudo_weight: float = 0.0            # soft BCE of the fused map of box patches vs data.pseudo_ann
+    init_from: str = ""                   # start from this checkpoint's weights (a new schedule; not --resume)
 
 
 @dataclass

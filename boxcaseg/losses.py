@@ -164,6 +164,15 @@ def pixel_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, mask.to(logits.dtype), reduction="mean")
 
 
+def soft_pixel_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits against a soft ``target`` in [0, 1], over the pixels where
+    ``target >= 0`` (negative = ignore); 0 (with a graph) when every pixel is ignored."""
+    valid = target >= 0
+    per = F.binary_cross_entropy_with_logits(logits, target.clamp_min(0).to(logits.dtype), reduction="none")
+    n = valid.sum()
+    return (per * valid).sum() / n.clamp_min(1)
+
+
 def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
     """MIL loss (see module docstring), computed by ``backend``.
 
@@ -197,6 +206,7 @@ def boxcaseg_loss(
     pairwise_weight: float = 0.0,
     pairwise_tau: float = 0.3,
     pairwise_dilation: int = 2,
+    pseudo_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """The joint training loss.
 
@@ -206,8 +216,12 @@ def boxcaseg_loss(
     ``loss_smooth``, ``loss_pixel``. ``fused_mil_weight`` / ``pairwise_weight`` > 0 add
     MIL and the colour pairwise loss (which needs ``images``, the normalised network
     input) on the fused map of the box patches; the dict then also has ``loss_fused_mil``
-    / ``loss_pairwise``.
+    / ``loss_pairwise``. ``target`` may carry a second channel, the soft proxy mask of
+    each box patch (-1 = ignore; self-training): ``pseudo_weight`` > 0 adds a soft BCE of
+    the fused map of the box patches against it (``loss_pseudo``).
     """
+    pseudo = target[:, 1:2] if target.shape[1] > 1 else None
+    target = target[:, :1]
     size = target.shape[-2:]
     weak = weak_logits
     if weak.shape[-2:] != size:
@@ -247,4 +261,15 @@ def boxcaseg_loss(
                 out["loss_fused_mil"] = zero
             if pairwise_weight > 0:
                 out["loss_pairwise"] = zero
+    if pseudo_weight > 0:
+        if pseudo is None:
+            raise ValueError("pseudo_weight > 0 needs targets with a pseudo-mask channel (data.pseudo_ann)")
+        if bool(is_box.any()):
+            fb = fused_logits[is_box]
+            if fb.shape[-2:] != size:
+                fb = F.interpolate(fb, size=size, mode="bilinear", align_corners=False)
+            out["loss_pseudo"] = soft_pixel_loss(fb, pseudo[is_box])
+        else:
+            out["loss_pseudo"] = fused_logits.sum() * 0.0
+        total = total + pseudo_weight * out["loss_pseudo"]
     return {"loss": total, **out}

@@ -60,7 +60,10 @@ def build_datasets(cfg: Config):
         if not d.box_images:
             raise BoxcasegError("data.box_ann is set but data.box_images (the image folder) is not")
         box_ds = BoxPatchDataset(d.box_ann, d.box_images, d.patch_size, d.jitter_shift,
-                                 (d.jitter_scale_min, d.jitter_scale_max), d.hflip_box, d.skip_bad, d.strict)
+                                 (d.jitter_scale_min, d.jitter_scale_max), d.hflip_box, d.skip_bad, d.strict,
+                                 pseudo_ann=d.pseudo_ann or None)
+    elif d.pseudo_ann:
+        raise BoxcasegError("data.pseudo_ann is set but data.box_ann (the boxes it belongs to) is not")
     if d.salient_dir:
         sal_ds = SalientDataset(d.salient_dir, d.salient_resize, d.patch_size, d.skip_bad, d.salient_box_crop,
                                 d.jitter_shift, (d.jitter_scale_min, d.jitter_scale_max))
@@ -109,10 +112,12 @@ def train(
             raise BoxcasegError(f"{ckpt_path}: the checkpoint's [model] config differs from this run's")
         cfg.model = saved.model
 
-    for name in ("fused_mil_weight", "pairwise_weight", "pairwise_tau", "pairwise_ramp"):
+    for name in ("fused_mil_weight", "pairwise_weight", "pairwise_tau", "pairwise_ramp", "pseudo_weight"):
         v = getattr(t, name)
         if not (math.isfinite(v) and v >= 0):
             raise BoxcasegError(f"train.{name}={v!r}: must be a finite number >= 0")
+    if t.pseudo_weight > 0 and not cfg.data.pseudo_ann:
+        raise BoxcasegError("train.pseudo_weight > 0 needs data.pseudo_ann (a `boxcaseg proxy` json of the box annotations)")
     if t.pairwise_dilation < 1:
         raise BoxcasegError(f"train.pairwise_dilation={t.pairwise_dilation}: must be >= 1")
     torch.manual_seed(t.seed)  # same initial weights on every rank
@@ -138,6 +143,14 @@ def train(
         if ckpt.get("world_size", 1) == world and "rng" in ckpt:
             set_rng_state(ckpt["rng"][rank])
         log.info("resumed from %s at iteration %d", ckpt_path, step)
+    elif t.init_from:
+        init = safe_torch_load(t.init_from)
+        if not isinstance(init, dict) or "model" not in init or "config" not in init:
+            raise BoxcasegError(f"{t.init_from}: not a boxcaseg checkpoint (train.init_from)")
+        if from_dict(Config, init["config"], str(t.init_from)).model != cfg.model:
+            raise BoxcasegError(f"{t.init_from}: its [model] config differs from this run's (train.init_from)")
+        model.load_state_dict(init["model"])
+        log.info("weights from %s (iteration %s); a new schedule starts", t.init_from, init.get("iter"))
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
 
     end = min(t.max_iters, stop_at) if stop_at else t.max_iters
@@ -182,7 +195,8 @@ def train(
             pw = t.pairwise_weight * (min(1.0, it / t.pairwise_ramp) if t.pairwise_ramp > 0 else 1.0)
             losses = boxcaseg_loss(out["weak"].float(), out["fused"].float(), targets, is_sal, backend=t.backend,
                                    images=images, fused_mil_weight=t.fused_mil_weight, pairwise_weight=pw,
-                                   pairwise_tau=t.pairwise_tau, pairwise_dilation=t.pairwise_dilation)
+                                   pairwise_tau=t.pairwise_tau, pairwise_dilation=t.pairwise_dilation,
+                                   pseudo_weight=t.pseudo_weight)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 raise BoxcasegError(f"loss became non-finite at iteration {it} (learning rate {scheduler.get_last_lr()[0]:.3g} too high?)")

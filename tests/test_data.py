@@ -158,3 +158,97 @@ def test_denormalize_batch_inverts_normalize():
     img = np.random.default_rng(21).integers(0, 256, (9, 7, 3), dtype=np.uint8)
     back = denormalize_batch(normalize(img)[None])[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(back, img / 255.0, atol=1e-6)
+
+
+def _rle(mask):
+    from pycocotools import mask as mask_utils
+
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    r["counts"] = r["counts"].decode()
+    return r
+
+
+def test_pseudo_mask_channel_follows_the_crop(tmp_path):
+    """Self-training labels: channel 1 is the proxy mask in patch coordinates (checked point by
+    point against the mask at each patch pixel's source position), flipped with the image;
+    an annotation marked ignore_mask (or absent) is -1 everywhere."""
+    rng = np.random.default_rng(0)
+    h, w = 90, 110
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    arr[..., 0] = np.round(xx * 2.0).astype(np.uint8)  # a ramp in x: shows where each patch pixel came from
+    blob = (((xx - 50) / 28.0) ** 2 + ((yy - 40) / 18.0) ** 2 <= 1).astype(np.uint8)  # an ellipse, not the box
+    anns = [{"id": 3, "image_id": 1, "bbox": [22, 22, 56, 36], "area": 900, "iscrowd": 0, "category_id": 1},
+            {"id": 4, "image_id": 1, "bbox": [5, 60, 30, 25], "area": 500, "iscrowd": 0, "category_id": 1},
+            {"id": 5, "image_id": 1, "bbox": [70, 5, 30, 30], "area": 500, "iscrowd": 0, "category_id": 1}]
+    ann, imgs = _write_coco(tmp_path, [("a.png", arr, None)], anns)
+    pseudo = tmp_path / "proxy.json"
+    panns = [dict(anns[0], segmentation=_rle(blob), ignore_mask=False),
+             dict(anns[1], segmentation=_rle(blob), ignore_mask=True)]  # id 5: absent
+    pseudo.write_text(json.dumps({"images": json.loads(ann.read_text())["images"], "annotations": panns}))
+    S = 64
+    ds = BoxPatchDataset(ann, imgs, patch_size=S, hflip=True, pseudo_ann=pseudo)
+    flipped_seen = 0
+    for seed in range(12):
+        x, label, _ = ds[(0, seed)]
+        assert label.shape == (2, S, S)
+        # the region this seed cropped, as the dataset drew it
+        r = np.random.default_rng(seed)
+        x0, y0, x1, y1 = jitter_box((22, 22, 78, 58), r, ds.shift, *ds.scale)
+        flip = r.random() < 0.5
+        flipped_seen += flip
+        lab = label.numpy()
+        if flip:
+            lab = lab[:, :, ::-1]
+        sx, sy = (x1 - x0) / S, (y1 - y0) / S
+        red = (x[0].numpy() * STD[0] + MEAN[0]) * 255
+        if flip:
+            red = red[:, ::-1]
+        checked = 0
+        for i in range(S):
+            for j in range(S):
+                px, py = x0 + (j + 0.5) * sx, y0 + (i + 0.5) * sy  # source point of the pixel's centre
+                if px < -1.5 or py < -1.5 or px > w + 1.5 or py > h + 1.5:
+                    assert lab[1, i, j] == 0.0  # outside the image: background
+                    continue
+                if not (1.5 < px < w - 1.5 and 1.5 < py < h - 1.5):
+                    continue
+                assert abs(red[i, j] - 2.0 * (px - 0.5)) < 3.0, (seed, i, j)  # the image moved with the label
+                # pixel k covers [k, k+1): its index is the point - 0.5 under bilinear sampling
+                d = ((px - 0.5 - 50) / 28.0) ** 2 + ((py - 0.5 - 40) / 18.0) ** 2
+                if abs(d - 1) < 0.35:  # near the edge the soft value is legitimately in between
+                    continue
+                assert lab[1, i, j] == pytest.approx(float(d < 1), abs=1e-6), (seed, i, j)
+                checked += 1
+        assert checked > S * S // 4
+    assert 0 < flipped_seen < 12
+    for idx in (1, 2):  # ignore_mask and absent
+        _, label, _ = ds[(idx, 0)]
+        assert (label[1] == -1).all() and label[0].sum() > 0
+
+
+def test_pseudo_json_errors_name_the_file(tmp_path):
+    arr = np.zeros((40, 40, 3), np.uint8)
+    ann, imgs = _write_coco(tmp_path, [("a.png", arr, None)],
+                            [{"id": 1, "image_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0, "category_id": 1}])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": [{"id": 1, "segmentation": 7}]}))
+    with pytest.raises(BoxcasegError, match="bad.json: annotation 1"):
+        BoxPatchDataset(ann, imgs, patch_size=32, pseudo_ann=bad)
+    none = tmp_path / "none.json"
+    none.write_text(json.dumps({"annotations": [{"id": 99, "segmentation": [[0, 0, 5, 0, 5, 5]]}]}))
+    with pytest.raises(BoxcasegError, match="none.json: no usable mask"):
+        BoxPatchDataset(ann, imgs, patch_size=32, pseudo_ann=none)
+
+
+def test_collate_pads_missing_label_channels_with_ignore():
+    import torch
+
+    from boxcaseg.data.sampler import collate
+
+    box = (torch.zeros(3, 8, 8), torch.stack([torch.ones(8, 8), torch.full((8, 8), 0.25)]), False)
+    sal = (torch.zeros(3, 8, 8), torch.ones(1, 8, 8), True)
+    images, targets, is_sal = collate([box, sal])
+    assert targets.shape == (2, 2, 8, 8)
+    assert (targets[1, 1] == -1).all() and (targets[1, 0] == 1).all() and (targets[0, 1] == 0.25).all()
+    assert is_sal.tolist() == [False, True]

@@ -245,3 +245,46 @@ def test_boxcaseg_loss_fused_box_terms():
     all_sal = boxcaseg_loss(weak, fused, target, torch.ones(4, dtype=torch.bool), backend="reference",
                             images=images, fused_mil_weight=1.0, pairwise_weight=1.0)
     assert all_sal["loss_fused_mil"].item() == 0.0 and all_sal["loss_pairwise"].item() == 0.0
+
+
+def test_soft_pixel_loss_matches_loop_with_ignore():
+    from boxcaseg.losses import soft_pixel_loss
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 1, 7, 9, generator=g, dtype=torch.float64)
+    target = torch.rand(3, 1, 7, 9, generator=g, dtype=torch.float64)
+    target[torch.rand(target.shape, generator=g) < 0.3] = -1.0
+    total, n = 0.0, 0
+    for v, t in zip(logits.flatten().tolist(), target.flatten().tolist()):
+        if t < 0:
+            continue
+        p = 1.0 / (1.0 + math.exp(-v))
+        total += -(t * math.log(p) + (1 - t) * math.log(1 - p))
+        n += 1
+    assert float(soft_pixel_loss(logits, target)) == pytest.approx(total / n, rel=1e-10)
+    assert float(soft_pixel_loss(logits, torch.full_like(target, -1.0))) == 0.0
+
+
+def test_joint_loss_adds_pseudo_term_on_box_patches_only():
+    from boxcaseg.losses import boxcaseg_loss, soft_pixel_loss
+
+    g = torch.Generator().manual_seed(5)
+    n, s = 4, 16
+    weak = torch.randn(n, 1, s // 4, s // 4, generator=g)
+    fused = torch.randn(n, 1, s // 4, s // 4, generator=g)
+    box = torch.zeros(n, 1, s, s)
+    box[:, :, 4:12, 3:13] = 1
+    pseudo = torch.rand(n, 1, s, s, generator=g)
+    is_sal = torch.tensor([False, True, False, True])
+    pseudo[is_sal] = -1.0
+    target = torch.cat([box, pseudo], 1)
+    base = boxcaseg_loss(weak, fused, box, is_sal, backend="torch")
+    both = boxcaseg_loss(weak, fused, target, is_sal, backend="torch", pseudo_weight=0.5)
+    up = torch.nn.functional.interpolate(fused[~is_sal], size=(s, s), mode="bilinear", align_corners=False)
+    ref = soft_pixel_loss(up, pseudo[~is_sal])
+    assert float(both["loss_pseudo"]) == pytest.approx(float(ref), rel=1e-6)
+    assert float(both["loss"]) == pytest.approx(float(base["loss"]) + 0.5 * float(ref), rel=1e-6)
+    for k in ("loss_mil", "loss_pixel"):
+        assert float(both[k]) == pytest.approx(float(base[k]), rel=1e-6)
+    with pytest.raises(ValueError, match="pseudo"):
+        boxcaseg_loss(weak, fused, box, is_sal, backend="torch", pseudo_weight=1.0)

@@ -176,3 +176,38 @@ def test_shipped_configs_load(name, monkeypatch, tmp_path):
     assert cfg.train.max_iters == 3 and cfg.model.backbone
     if name == "cpu.toml":
         assert cfg.train.pairwise_weight > 0 and cfg.data.box_ann.startswith(str(tmp_path))
+
+
+def test_self_training_stage_starts_from_weights_and_uses_pseudo_masks(synth, tmp_path):
+    """Stage 2 of self-training: weights from a checkpoint (a new schedule), pseudo masks
+    from a proxy json (here the synthetic GT masks) as a soft target of the box patches."""
+    first = tiny_config(synth, max_iters=2)
+    train(first, tmp_path / "s1", show_progress=False)
+    init = torch.load(tmp_path / "s1" / "last.pt", weights_only=True)
+
+    # lr 0: the weights after stage 2 are exactly stage 1's (BN statistics aside)
+    cfg = tiny_config(synth, max_iters=3)
+    cfg.data.pseudo_ann = str(synth.ann_file)  # the synthetic json carries GT masks
+    cfg.train.pseudo_weight, cfg.train.init_from, cfg.train.lr = 2.0, str(tmp_path / "s1" / "last.pt"), 0.0
+    train(cfg, tmp_path / "s2", show_progress=False)
+    after = torch.load(tmp_path / "s2" / "last.pt", weights_only=True)
+    assert after["iter"] == 3
+    for k, v in init["model"].items():
+        if "running_" in k or "num_batches" in k:
+            continue
+        torch.testing.assert_close(after["model"][k], v, rtol=0, atol=0, msg=k)
+    recs = read_jsonl(tmp_path / "s2" / "metrics.jsonl")
+    for r in recs:
+        assert r["loss_pseudo"] > 0
+        expected = r["loss_mil"] + 0.05 * r["loss_smooth"] + r["loss_pixel"] + 2.0 * r["loss_pseudo"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+
+    bad = tiny_config(synth, max_iters=1)
+    bad.train.pseudo_weight = 1.0
+    with pytest.raises(BoxcasegError, match="data.pseudo_ann"):
+        train(bad, tmp_path / "b1", show_progress=False)
+    other = tiny_config(synth, max_iters=1)
+    other.model.head_channels = 8
+    other.train.init_from = str(tmp_path / "s1" / "last.pt")
+    with pytest.raises(BoxcasegError, match="init_from"):
+        train(other, tmp_path / "b2", show_progress=False)

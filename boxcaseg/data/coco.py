@@ -5,6 +5,11 @@ shift U(-s, s) * w and * h, width and height scaled by U(a, b) independently), t
 jittered region is cropped (padding with the mean colour where it leaves the image, so
 the box stays where the label says) and resized to ``patch_size``; the label is the GT
 box drawn as a binary mask in patch coordinates.
+
+With ``pseudo_ann`` (a ``boxcaseg proxy`` output json for the same annotations: self-training)
+the label gets a second channel: the annotation's proxy mask, cropped and resized the same
+way (bilinear, so it is soft at its edges), or -1 (ignore) everywhere for an annotation the
+proxy json marks ``ignore_mask`` or lacks.
 """
 
 from __future__ import annotations
@@ -169,6 +174,44 @@ def box_label(gt: tuple, region: tuple, size: int) -> np.ndarray:
     return m
 
 
+def read_pseudo_masks(path: str | Path, index: CocoIndex) -> dict:
+    """annotation id -> RLE (pycocotools form) of a proxy-mask json, for the ids of ``index``.
+
+    Annotations marked ``ignore_mask`` (dropped by merge/drop) are left out (ignored in
+    training). Errors name the file and the annotation.
+    """
+    from pycocotools import mask as mask_utils
+
+    data = load_json(path, "pseudo-mask json")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise BoxcasegError(f"{path}: not a COCO json (no 'annotations' list)")
+    wanted = {aid: iid for aid, iid, _ in index.boxes}
+    out = {}
+    for ann in data["annotations"]:
+        aid = ann.get("id")
+        if aid not in wanted or ann.get("ignore_mask") or ann.get("iscrowd"):
+            continue
+        seg = ann.get("segmentation")
+        img = index.images[wanted[aid]]
+        h, w = int(img["height"]), int(img["width"])
+        try:
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            elif isinstance(seg, dict) and "counts" in seg:
+                rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else dict(seg)
+                if isinstance(rle.get("counts"), str):
+                    rle["counts"] = rle["counts"].encode()
+            else:
+                raise ValueError("no polygon or RLE")
+        except Exception as e:
+            raise BoxcasegError(f"{path}: annotation {aid}: unusable segmentation ({e})") from e
+        out[aid] = rle
+    if not out:
+        raise BoxcasegError(f"{path}: no usable mask for any annotation of the box json")
+    log.info("pseudo masks %s: %d of %d box annotations", path, len(out), len(wanted))
+    return out
+
+
 class BoxPatchDataset(torch.utils.data.Dataset):
     """Box patches of a COCO json. Item key: ``(index, seed)`` or ``index``.
 
@@ -185,6 +228,7 @@ class BoxPatchDataset(torch.utils.data.Dataset):
         hflip: bool = False,
         skip_bad: bool = False,
         strict: bool = False,
+        pseudo_ann: str | Path | None = None,
     ):
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
@@ -194,6 +238,10 @@ class BoxPatchDataset(torch.utils.data.Dataset):
         self.scale = scale
         self.hflip = hflip
         self.skip_bad = skip_bad
+        self.pseudo: dict | None = None
+        self.pseudo_file = Path(pseudo_ann) if pseudo_ann else None
+        if pseudo_ann:
+            self.pseudo = read_pseudo_masks(pseudo_ann, self.index)
 
     def __len__(self) -> int:
         return len(self.index.boxes)
@@ -209,9 +257,27 @@ class BoxPatchDataset(torch.utils.data.Dataset):
         gt = xywh_to_xyxy(xywh)
         region = jitter_box(gt, rng, self.shift, *self.scale)
         patch = crop_resize(img, region, self.patch_size)
-        label = box_label(gt, region, self.patch_size)
+        label = box_label(gt, region, self.patch_size)[None]
+        if self.pseudo is not None:
+            label = np.concatenate([label, self._pseudo_label(aid, img.size, region)[None]])
         arr = np.asarray(patch)
         if self.hflip and rng.random() < 0.5:
             arr = arr[:, ::-1]
-            label = label[:, ::-1]
-        return normalize(arr), torch.from_numpy(np.ascontiguousarray(label))[None], False
+            label = label[:, :, ::-1]
+        return normalize(arr), torch.from_numpy(np.ascontiguousarray(label)), False
+
+    def _pseudo_label(self, aid, image_size: tuple[int, int], region: tuple) -> np.ndarray:
+        seg = self.pseudo.get(aid)
+        if seg is None:
+            return np.full((self.patch_size, self.patch_size), -1.0, np.float32)
+        from pycocotools import mask as mask_utils
+
+        w, h = image_size
+        m = mask_utils.decode(seg)
+        if m.shape != (h, w):
+            raise BoxcasegError(f"{self.pseudo_file}: annotation {aid}: mask is {m.shape[1]}x{m.shape[0]}, "
+                                f"its image {w}x{h}")
+        im = Image.fromarray(m * np.uint8(255))
+        crop = im.transform((self.patch_size, self.patch_size), Image.EXTENT, data=tuple(float(v) for v in region),
+                            resample=Image.BILINEAR, fillcolor=0)
+        return np.asarray(crop, dtype=np.float32) / 255.0

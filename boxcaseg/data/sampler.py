@@ -123,7 +123,13 @@ class MixedDataset(torch.utils.data.Dataset):
 
 
 def collate(batch):
+    """(images [N,3,S,S], targets [N,C,S,S], is_salient [N]). Labels with fewer channels than
+    the widest (salient masks beside box labels that carry a pseudo mask) get -1 (ignore)
+    in the missing ones."""
     images = torch.stack([b[0] for b in batch])
-    targets = torch.stack([b[1] for b in batch])
+    c = max(b[1].shape[0] for b in batch)
+    targets = torch.stack([b[1] if b[1].shape[0] == c else
+                           torch.cat([b[1], b[1].new_full((c - b[1].shape[0], *b[1].shape[1:]), -1.0)])
+                           for b in batch])
     is_salient = torch.tensor([bool(b[2]) for b in batch])
     return images, targets, is_salient
