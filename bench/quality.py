@@ -63,6 +63,8 @@ def main() -> None:
                          "of ITERS iterations started from the first one's weights; the time counts all three")
     ap.add_argument("--pseudo-threshold", type=float, default=0.4)
     ap.add_argument("--pseudo-weight", type=float, default=1.0)
+    ap.add_argument("--pseudo-drop", type=float, default=0.95,
+                    help="proxy --drop-thresh for the pseudo masks (dropped ones are ignored in training)")
     ap.add_argument("--pseudo-prior", type=float, default=0.3, help="proxy --prior-weight for the pseudo masks")
     ap.add_argument("--self-train-lr", type=float, default=0.0, help="second training's lr (default: the config's)")
     args = ap.parse_args()
@@ -70,7 +72,7 @@ def main() -> None:
     import torch
 
     from boxcaseg.baselines import box_fill_predictions, ellipse_predictions, grabcut_predictions
-    from boxcaseg.config import load_config
+    from boxcaseg.config import apply_overrides, load_config
     from boxcaseg.evaluate import mask_quality
     from boxcaseg.export import export_onnx
     from boxcaseg.proxy import ProxyConfig, generate_proxy
@@ -106,34 +108,6 @@ def main() -> None:
         ckpt = out / "train" / "last.pt"
         notes.append(f"training: {cfg.model.backbone}, {res.iters} iterations, {train_s / 60:.1f} min, "
                      f"{res.images_per_s:.1f} img/s, loss {res.first_loss:.3f} -> {res.last_loss:.3f}")
-        if args.self_train:
-            import copy
-
-            t = time.perf_counter()
-            export_onnx(ckpt, out / "model_pseudo.onnx", flip_tta=True)
-            pseudo = out / "pseudo_train.json"
-            st = generate_proxy(ProxyConfig(ann=Path(cfg.data.box_ann), images=Path(cfg.data.box_images), out=pseudo,
-                                            model=out / "model_pseudo.onnx", engine="onnx",
-                                            threshold=args.pseudo_threshold, prior_weight=args.pseudo_prior,
-                                            workers=1, progress=False))
-            proxy_s = time.perf_counter() - t
-            cfg2 = copy.deepcopy(cfg)
-            cfg2.data.pseudo_ann = str(pseudo)
-            cfg2.train.pseudo_weight = args.pseudo_weight
-            cfg2.train.init_from = str(ckpt)
-            cfg2.train.max_iters = args.self_train
-            if args.self_train_lr:
-                cfg2.train.lr = args.self_train_lr
-            t = time.perf_counter()
-            res2 = train(cfg2, out / "train2")
-            t2 = time.perf_counter() - t
-            train_s += proxy_s + t2
-            ckpt = out / "train2" / "last.pt"
-            notes.append(f"self-training: proxy masks of the training boxes in {proxy_s:.0f} s "
-                         f"({st['instances_per_s'] or 0:.1f} inst/s, threshold {args.pseudo_threshold}, prior {args.pseudo_prior}, flip TTA), then "
-                         f"{res2.iters} iterations from those weights with pseudo weight {args.pseudo_weight} "
-                         f"(lr {cfg2.train.lr}) in {t2 / 60:.1f} min, loss {res2.first_loss:.3f} -> "
-                         f"{res2.last_loss:.3f}; training time in all {train_s / 60:.1f} min")
     if train_s is None:  # an existing checkpoint: its training time from its metrics.jsonl
         log = ckpt.parent / "metrics.jsonl"
         if log.is_file():
@@ -142,6 +116,42 @@ def main() -> None:
                 train_s = float(recs[-1]["time"])
                 notes.append(f"training ({ckpt}): {recs[-1]['iter']} iterations, {train_s / 60:.1f} min "
                              f"(from its metrics.jsonl), loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}")
+    if args.self_train:
+        if cfg is None:  # stage 1 = the given checkpoint; its config (data paths) drives stage 2
+            from boxcaseg.config import Config, from_dict
+            from boxcaseg.io import safe_torch_load
+
+            cfg = from_dict(Config, safe_torch_load(ckpt)["config"], str(ckpt))
+            apply_overrides(cfg, args.set)
+        import copy
+
+        t = time.perf_counter()
+        export_onnx(ckpt, out / "model_pseudo.onnx", flip_tta=True)
+        pseudo = out / "pseudo_train.json"
+        st = generate_proxy(ProxyConfig(ann=Path(cfg.data.box_ann), images=Path(cfg.data.box_images), out=pseudo,
+                                        model=out / "model_pseudo.onnx", engine="onnx",
+                                        threshold=args.pseudo_threshold, prior_weight=args.pseudo_prior,
+                                        drop_thresh=args.pseudo_drop,
+                                        workers=1, progress=False))
+        proxy_s = time.perf_counter() - t
+        cfg2 = copy.deepcopy(cfg)
+        cfg2.data.pseudo_ann = str(pseudo)
+        cfg2.train.pseudo_weight = args.pseudo_weight
+        cfg2.train.init_from = str(ckpt)
+        cfg2.train.max_iters = args.self_train
+        if args.self_train_lr:
+            cfg2.train.lr = args.self_train_lr
+        t = time.perf_counter()
+        res2 = train(cfg2, out / "train2")
+        t2 = time.perf_counter() - t
+        train_s += proxy_s + t2
+        ckpt = out / "train2" / "last.pt"
+        notes.append(f"self-training: proxy masks of the training boxes in {proxy_s:.0f} s "
+                     f"({st['instances_per_s'] or 0:.1f} inst/s, threshold {args.pseudo_threshold}, prior {args.pseudo_prior}, drop below {args.pseudo_drop}: "
+                     f"{st['flagged']} of {st['instances']} ignored, flip TTA), then "
+                     f"{res2.iters} iterations from those weights with pseudo weight {args.pseudo_weight} "
+                     f"(lr {cfg2.train.lr}) in {t2 / 60:.1f} min, loss {res2.first_loss:.3f} -> "
+                     f"{res2.last_loss:.3f}; training time in all {train_s / 60:.1f} min")
     sizes = [int(x) for x in args.infer_sizes.split(",") if x] or [None]
     best, diffs = None, []
     alphas = [float(x) for x in args.alphas.split(",") if x] or [None]
