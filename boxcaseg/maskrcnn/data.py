@@ -111,7 +111,7 @@ class CocoMaskDataset(Dataset):
             rgb = rgb[:, ::-1]
             masks = masks[:, :, ::-1]
             boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255)
+        image = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).div_(255)  # a writable copy
         target = {
             "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
             "masks": torch.from_numpy(np.ascontiguousarray(masks)), "ignore_mask": torch.from_numpy(ignore),

@@ -86,7 +86,7 @@ def predict_maskrcnn(
         task = progress.add_task("predict", total=len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            batch = [torch.from_numpy(read_rgb(path, image_id)).permute(2, 0, 1).float().div_(255).to(dev)
+            batch = [torch.from_numpy(np.array(read_rgb(path, image_id))).permute(2, 0, 1).float().div_(255).to(dev)
                      for image_id, path in chunk]
             outputs = model(batch)
             for (image_id, _), o in zip(chunk, outputs):
