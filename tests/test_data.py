@@ -233,7 +233,7 @@ def test_pseudo_json_errors_name_the_file(tmp_path):
                             [{"id": 1, "image_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0, "category_id": 1}])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"annotations": [{"id": 1, "segmentation": 7}]}))
-    with pytest.raises(BoxcasegError, match="bad.json: annotation 1"):
+    with pytest.raises(BoxcasegError, match="bad.json: annotation 1: segmentation is neither"):
         BoxPatchDataset(ann, imgs, patch_size=32, pseudo_ann=bad)
     none = tmp_path / "none.json"
     none.write_text(json.dumps({"annotations": [{"id": 99, "segmentation": [[0, 0, 5, 0, 5, 5]]}]}))

@@ -180,7 +180,7 @@ def read_pseudo_masks(path: str | Path, index: CocoIndex) -> dict:
     Annotations marked ``ignore_mask`` (dropped by merge/drop) are left out (ignored in
     training). Errors name the file and the annotation.
     """
-    from pycocotools import mask as mask_utils
+    from boxcaseg.masks import to_rle
 
     data = load_json(path, "pseudo-mask json")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
@@ -195,16 +195,9 @@ def read_pseudo_masks(path: str | Path, index: CocoIndex) -> dict:
         img = index.images[wanted[aid]]
         h, w = int(img["height"]), int(img["width"])
         try:
-            if isinstance(seg, list):
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-            elif isinstance(seg, dict) and "counts" in seg:
-                rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else dict(seg)
-                if isinstance(rle.get("counts"), str):
-                    rle["counts"] = rle["counts"].encode()
-            else:
-                raise ValueError("no polygon or RLE")
-        except Exception as e:
-            raise BoxcasegError(f"{path}: annotation {aid}: unusable segmentation ({e})") from e
+            rle = to_rle(seg, h, w, aid)
+        except BoxcasegError as e:
+            raise BoxcasegError(f"{path}: {e}") from e
         out[aid] = rle
     if not out:
         raise BoxcasegError(f"{path}: no usable mask for any annotation of the box json")
