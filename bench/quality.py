@@ -74,6 +74,7 @@ def main() -> None:
     from boxcaseg.baselines import box_fill_predictions, ellipse_predictions, grabcut_predictions
     from boxcaseg.config import apply_overrides, load_config
     from boxcaseg.evaluate import mask_quality
+    from boxcaseg.io import read_jsonl
     from boxcaseg.export import export_onnx
     from boxcaseg.proxy import ProxyConfig, generate_proxy
     from boxcaseg.report import markdown_table
@@ -111,7 +112,7 @@ def main() -> None:
     if train_s is None:  # an existing checkpoint: its training time from its metrics.jsonl
         log = ckpt.parent / "metrics.jsonl"
         if log.is_file():
-            recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            recs = read_jsonl(log)
             if recs:
                 train_s = float(recs[-1]["time"])
                 notes.append(f"training ({ckpt}): {recs[-1]['iter']} iterations, {train_s / 60:.1f} min "

@@ -33,7 +33,9 @@ from boxcaseg.config import load_config  # noqa: E402
 
 
 def steady_rate(metrics: Path, skip: int) -> tuple[float, int]:
-    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    from boxcaseg.io import read_jsonl
+
+    recs = read_jsonl(metrics)
     if len(recs) <= skip + 1:
         raise SystemExit(f"{metrics}: {len(recs)} iterations, need more than --skip {skip} + 1")
     a, b = recs[skip - 1] if skip else {"time": 0.0}, recs[-1]

@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ SHAPES = [(3, 1, 1), (3, 7, 13), (2, 288, 288), (2, 257, 320), (2, 1, 9), (2, 9,
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_float32_matches_float64_reference(backend, shape):
-    gen = torch.Generator().manual_seed(hash((backend, shape)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((backend, shape)).encode()))  # reproducible across runs
     n, h, w = shape
     x = torch.randn(n, 1, h, w, generator=gen) * 3
     m = random_box_mask(n, h, w, gen)

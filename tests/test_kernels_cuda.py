@@ -14,6 +14,7 @@ tests/test_kernels.py, whose helpers it uses.
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ BIG = [(16, 288, 288), (4, 513, 257), (64, 64, 64), (3, 1, 2000), (3, 2000, 1)]
 @pytest.mark.parametrize("shape", SHAPES + BIG, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_compiled_kernels_match_float64_reference(shape, dtype):
-    gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, str(dtype))).encode()))  # reproducible across runs
     n, h, w = shape
     x = (torch.randn(n, 1, h, w, generator=gen) * 3).to(dtype)
     m = random_box_mask(n, h, w, gen, "border" if n % 2 else "random")

@@ -25,8 +25,9 @@ row/column buffers are ``12 * N * (H * W_tiles + W * H_tiles)`` bytes.
 Launchers :func:`mil_smooth_forward` (loss, and the gradient for expected upstream
 weights in the same pass) and :class:`TritonMilSmoothFunction` follow Liger-Kernel:
 the forward makes the gradient, the backward scales it by the upstream gradient and
-adds the sparse MIL part, all on the device: no host sync (see the class). Float coefficients reach the kernels as a small device tensor in the compute
-dtype, float32 (float64 for float64 logits).
+adds the sparse MIL part, all on the device: no host sync (see the class). Float
+coefficients reach the kernels as a small device tensor in the compute dtype, float32
+(float64 for float64 logits).
 
 On CPU tensors the kernels run in Triton's interpreter, which must be switched on with
 ``TRITON_INTERPRET=1`` *before* this module is imported; the launcher then defaults to
