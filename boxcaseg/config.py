@@ -102,6 +102,11 @@ class TrainConfig:
     pairwise_ramp: int = 0                # iterations over which pairwise_weight ramps up from 0
     pseudo_weight: float = 0.0            # soft BCE of the fused map of box patches vs data.pseudo_ann
     init_from: str = ""                   # start from this checkpoint's weights (a new schedule; not --resume)
+    # Not in the paper (off by default): optimisation levers screened for the CPU recipe.
+    ema_decay: float = 0.0                # > 0: keep an exponential moving average of the weights; it is
+                                          # what last.pt's "model" holds (the live weights: "model_live")
+    backbone_lr_mult: float = 1.0         # the backbone's learning rate = lr x this (heads keep lr)
+    freeze_backbone_bn: bool = False      # backbone BatchNorm statistics stay the pretrained ones
 
 
 @dataclass

@@ -61,3 +61,41 @@ def progress_bar(label: str, enabled: bool):
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), disable=not enabled)
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights (parameters and buffers).
+
+    Update n (1-based) sets ``e = d_n * e + (1 - d_n) * w`` for every floating-point entry
+    of the state dict, with ``d_n = min(decay, (1 + n) / (10 + n))``: the warm-up keeps
+    the early average from clinging to the initial weights. Integer buffers (BatchNorm's
+    ``num_batches_tracked``) are copied.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay {decay!r} is not in (0, 1)")
+        self.decay = float(decay)
+        self.updates = 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def factor(self) -> float:
+        """The decay the next update uses."""
+        n = self.updates + 1
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = self.factor()
+        self.updates += 1
+        for k, v in model.state_dict().items():
+            e = self.state[k]
+            if e.is_floating_point():
+                e.mul_(d).add_(v.detach().to(e.dtype), alpha=1.0 - d)
+            else:
+                e.copy_(v)
+
+    def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for k, v in state.items():
+            self.state[k].copy_(v)
+        self.updates = int(updates)

@@ -25,7 +25,7 @@ from boxcaseg.data.sampler import MixedBatchSampler, MixedDataset, collate
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import JsonlWriter, atomic_torch_save, safe_torch_load
 from boxcaseg.losses import boxcaseg_loss
-from boxcaseg.loop import checkpoint_rng_and_buffers, progress_bar, set_rng_state, worker_init
+from boxcaseg.loop import WeightEMA, checkpoint_rng_and_buffers, progress_bar, set_rng_state, worker_init
 from boxcaseg.model import build_model
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,10 @@ def train(
             raise BoxcasegError(f"train.{name}={v!r}: must be a finite number >= 0")
     if t.pseudo_weight > 0 and not cfg.data.pseudo_ann:
         raise BoxcasegError("train.pseudo_weight > 0 needs data.pseudo_ann (a `boxcaseg proxy` json of the box annotations)")
+    if not (math.isfinite(t.ema_decay) and 0.0 <= t.ema_decay < 1.0):
+        raise BoxcasegError(f"train.ema_decay={t.ema_decay!r}: must be in [0, 1) (0 = no moving average)")
+    if not (math.isfinite(t.backbone_lr_mult) and t.backbone_lr_mult >= 0):
+        raise BoxcasegError(f"train.backbone_lr_mult={t.backbone_lr_mult!r}: must be a finite number >= 0")
     if t.pairwise_dilation < 1:
         raise BoxcasegError(f"train.pairwise_dilation={t.pairwise_dilation}: must be >= 1")
     torch.manual_seed(t.seed)  # same initial weights on every rank
@@ -131,12 +135,18 @@ def train(
     model = build_model(cfg.model).to(device)
     if distributed and device.type == "cuda" and t.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.backbone_lr_mult == 1.0:
+        groups = [{"params": list(model.parameters())}]
+    else:  # heads first: the lr logged is the heads' (the config's)
+        body = {id(p) for p in model.backbone.parameters()}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in body]},
+                  {"params": list(model.backbone.parameters()), "lr": t.lr * t.backbone_lr_mult}]
+    optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: poly_factor(s, t.max_iters, t.poly_power, t.warmup_iters))
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("model_live", ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["iter"])
@@ -151,6 +161,9 @@ def train(
             raise BoxcasegError(f"{t.init_from}: its [model] config differs from this run's (train.init_from)")
         model.load_state_dict(init["model"])
         log.info("weights from %s (iteration %s); a new schedule starts", t.init_from, init.get("iter"))
+    ema = WeightEMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    if ema is not None and ckpt is not None and "model_live" in ckpt:
+        ema.load(ckpt["model"], ckpt.get("ema_updates", 0))
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
 
     end = min(t.max_iters, stop_at) if stop_at else t.max_iters
@@ -171,8 +184,11 @@ def train(
     def save(it: int) -> None:
         rng = checkpoint_rng_and_buffers(model, distributed, world)
         if is_main:
+            state = {"model": model.state_dict()}
+            if ema is not None:  # the average is the deliverable; the live weights resume training
+                state = {"model": ema.state, "model_live": state["model"], "ema_updates": ema.updates}
             atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                **state, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "iter": it, "config": cfg.to_dict(),
                 "world_size": world, "rng": rng,
             }, ckpt_path)
@@ -181,6 +197,10 @@ def train(
     t0 = time.perf_counter()
     n_images = 0
     net.train()
+    if t.freeze_backbone_bn:  # eval-mode BN: the pretrained statistics, no updates (affine weights still learn)
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
     it = step
     with progress_bar("train", is_main and show_progress) as progress:
         task = progress.add_task("train", total=t.max_iters, completed=step, stats="")
@@ -203,6 +223,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             now = time.perf_counter()

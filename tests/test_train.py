@@ -211,3 +211,75 @@ def test_self_training_stage_starts_from_weights_and_uses_pseudo_masks(synth, tm
     other.train.init_from = str(tmp_path / "s1" / "last.pt")
     with pytest.raises(BoxcasegError, match="init_from"):
         train(other, tmp_path / "b2", show_progress=False)
+
+
+def test_weight_ema_matches_a_float64_loop():
+    from boxcaseg.loop import WeightEMA
+
+    g = torch.Generator().manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ref = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    ema = WeightEMA(model, decay=0.95)
+    for n in range(1, 41):
+        with torch.no_grad():
+            for v in model.state_dict().values():
+                if v.is_floating_point():
+                    v.add_(torch.randn(v.shape, generator=g))
+                else:
+                    v.add_(1)
+        ema.update(model)
+        d = min(0.95, (1 + n) / (10 + n))
+        for k, v in model.state_dict().items():
+            ref[k] = d * ref[k] + (1 - d) * v.double() if v.is_floating_point() else v.double()
+    assert ema.updates == 40
+    for k, v in ema.state.items():
+        torch.testing.assert_close(v.double(), ref[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert ema.state["1.num_batches_tracked"].item() == 40
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA(model, 1.0)
+
+
+def test_ema_checkpoint_holds_the_average_and_resumes_exactly(synth, tmp_path):
+    cfg = tiny_config(synth)
+    cfg.train.ema_decay = 0.9
+    train(cfg, tmp_path / "a", show_progress=False)
+    train(cfg, tmp_path / "b", stop_at=5, show_progress=False)
+    train(cfg, tmp_path / "b", resume=True, show_progress=False)
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["ema_updates"] == b["ema_updates"] == 10
+    for key in ("model", "model_live"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-5, atol=1e-6, msg=f"{key} {k}")
+    moved = [k for k, v in a["model"].items() if v.is_floating_point() and not torch.equal(v, a["model_live"][k])]
+    assert moved, "the average equals the live weights"
+    # export and proxy read "model": the average
+    from boxcaseg.model import load_checkpoint_model
+
+    m, _ = load_checkpoint_model(str(tmp_path / "a" / "last.pt"))
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, a["model"][k], rtol=0, atol=0)
+    bad = tiny_config(synth, max_iters=1)
+    bad.train.ema_decay = 1.5
+    with pytest.raises(BoxcasegError, match="train.ema_decay"):
+        train(bad, tmp_path / "bad", show_progress=False)
+
+
+def test_backbone_lr_mult_and_frozen_backbone_bn(synth, tmp_path):
+    train(tiny_config(synth, max_iters=2), tmp_path / "s1", show_progress=False)
+    init = torch.load(tmp_path / "s1" / "last.pt", weights_only=True)["model"]
+    cfg = tiny_config(synth, max_iters=3)
+    cfg.train.init_from = str(tmp_path / "s1" / "last.pt")
+    cfg.train.backbone_lr_mult, cfg.train.freeze_backbone_bn = 0.0, True
+    train(cfg, tmp_path / "s2", show_progress=False)
+    after = torch.load(tmp_path / "s2" / "last.pt", weights_only=True)["model"]
+    body = [k for k in init if k.startswith("backbone.")]
+    heads = [k for k in init if not k.startswith("backbone.") and init[k].is_floating_point()]
+    assert body and heads
+    for k in body:  # backbone weights (lr 0) and BN statistics (eval mode) are untouched
+        torch.testing.assert_close(after[k], init[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(after[k], init[k]) for k in heads), "the heads did not learn"
+    bad = tiny_config(synth, max_iters=1)
+    bad.train.backbone_lr_mult = -1.0
+    with pytest.raises(BoxcasegError, match="backbone_lr_mult"):
+        train(bad, tmp_path / "bad", show_progress=False)
