@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--no-grabcut", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     ap.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="ONNX Runtime threads of each proxy run (0: its default, all cores)")
     ap.add_argument("--self-train", type=int, default=0, metavar="ITERS",
                     help="self-training: after the first training, proxy masks of the training boxes "
                          "(flip TTA, --pseudo-threshold) become a soft pixel target of a second training "
@@ -167,7 +169,7 @@ def main() -> None:
                 pj = out / f"proxy_{tag}_c{ctx}_t{thr}_p{pw}.json"
                 stats = generate_proxy(ProxyConfig(ann=val_ann, images=val_img, out=pj, model=out / f"model_{tag}.onnx",
                                                    engine="onnx", context=ctx, threshold=thr, prior_weight=pw,
-                                                   workers=1, progress=False))
+                                                   workers=1, threads=args.threads, progress=False))
                 q = mask_quality(val_ann, pj)
                 name = (f"BoxCaseg S={exp.infer_size}, alpha {exp.metadata['boxcaseg.alpha']}, TTA {tta}, "
                         f"context {ctx}, threshold {thr}" + (f", prior {pw}" if pw else ""))
