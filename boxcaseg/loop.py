@@ -69,7 +69,9 @@ class WeightEMA:
     Update n (1-based) sets ``e = d_n * e + (1 - d_n) * w`` for every floating-point entry
     of the state dict, with ``d_n = min(decay, (1 + n) / (10 + n))``: the warm-up keeps
     the early average from clinging to the initial weights. Integer buffers (BatchNorm's
-    ``num_batches_tracked``) are copied.
+    ``num_batches_tracked``) are copied. (torch's ``swa_utils.AveragedModel`` with an EMA
+    function has no such warm-up and keeps a second module; this keeps a state dict, which
+    is what the checkpoint stores.)
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
