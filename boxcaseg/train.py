@@ -133,6 +133,8 @@ def train(
     if sal_ds is None:
         n_box = cfg.data.box_per_batch + cfg.data.salient_per_batch
     model = build_model(cfg.model).to(device)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     if distributed and device.type == "cuda" and t.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if t.backbone_lr_mult == 1.0:
@@ -211,9 +213,11 @@ def train(
             targets = targets.to(device, non_blocking=True)
             is_sal = is_sal.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = net(images)
+                out = net(images.contiguous(memory_format=memory_format))
             pw = t.pairwise_weight * (min(1.0, it / t.pairwise_ramp) if t.pairwise_ramp > 0 else 1.0)
-            losses = boxcaseg_loss(out["weak"].float(), out["fused"].float(), targets, is_sal, backend=t.backend,
+            # the loss kernels take plain NCHW (row-major) maps, whatever the network's memory format
+            losses = boxcaseg_loss(out["weak"].float().contiguous(), out["fused"].float().contiguous(),
+                                   targets, is_sal, backend=t.backend,
                                    images=images, fused_mil_weight=t.fused_mil_weight, pairwise_weight=pw,
                                    pairwise_tau=t.pairwise_tau, pairwise_dilation=t.pairwise_dilation,
                                    pseudo_weight=t.pseudo_weight)

@@ -283,3 +283,23 @@ def test_backbone_lr_mult_and_frozen_backbone_bn(synth, tmp_path):
     bad.train.backbone_lr_mult = -1.0
     with pytest.raises(BoxcasegError, match="backbone_lr_mult"):
         train(bad, tmp_path / "bad", show_progress=False)
+
+
+def test_channels_last_trains_the_same_as_nchw(synth, tmp_path):
+    """train.channels_last is a speed setting only: the same losses and weights as plain NCHW."""
+    runs = {}
+    for cl in (False, True):
+        cfg = tiny_config(synth, max_iters=4)
+        cfg.train.channels_last = cl
+        cfg.train.pairwise_weight, cfg.train.fused_mil_weight = 1.0, 1.0
+        train(cfg, tmp_path / str(cl), show_progress=False)
+        ckpt = torch.load(tmp_path / str(cl) / "last.pt", weights_only=True)
+        runs[cl] = (read_jsonl(tmp_path / str(cl) / "metrics.jsonl"), ckpt["model"])
+    (m0, w0), (m1, w1) = runs[False], runs[True]
+    assert any(v.is_floating_point() and v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last)
+               and not v.is_contiguous() for v in w1.values()), "channels_last did not take effect"
+    for r0, r1 in zip(m0, m1, strict=True):
+        for k in ("loss", "loss_mil", "loss_smooth", "loss_pixel"):
+            assert r1[k] == pytest.approx(r0[k], rel=1e-3, abs=1e-5), (r0["iter"], k)
+    for k in w0:
+        torch.testing.assert_close(w1[k].contiguous(), w0[k], rtol=1e-3, atol=1e-4, msg=k)
