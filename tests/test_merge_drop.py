@@ -190,3 +190,27 @@ def test_masks_from_probs_ellipse_prior_matches_loop():
                 assert np.array_equal(got[i], ref)
     with pytest.raises(ValueError, match="gt_xyxy"):
         masks_from_probs(probs, crops, boxes, 0.5, False, size, 4, None, 0.3)
+
+
+def test_merge_off_keeps_masks_and_scores_each_alone():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        h, w = rng.integers(5, 30, 2)
+        n = int(rng.integers(1, 6))
+        windows, masks, gt = [], [], []
+        for _k in range(n):
+            x0, y0 = rng.integers(0, w), rng.integers(0, h)
+            x1, y1 = rng.integers(x0 + 1, w + 1), rng.integers(y0 + 1, h + 1)
+            windows.append([x0, y0, x1, y1])
+            masks.append((rng.random((y1 - y0, x1 - x0)) < 0.5).astype(np.uint8) if rng.random() > 0.1 else None)
+            gt.append([x0 + rng.uniform(0, 0.9), y0 + rng.uniform(0, 0.9), x1 - rng.uniform(0, 0.9), y1 - rng.uniform(0, 0.9)])
+        windows, gt = np.array(windows), np.array(gt)
+        areas = rng.uniform(1, 50, n)
+        merged, agreement = merge_and_drop(windows, masks, gt, areas, merge=False)
+        for k in range(n):
+            if masks[k] is None:
+                assert merged[k] is None and agreement[k] == 0.0
+                continue
+            np.testing.assert_array_equal(merged[k], masks[k])
+            tb = tight_box_xyxy(paste(h, w, windows[k], masks[k]))
+            assert agreement[k] == (box_iou_xyxy(np.array(tb, float), gt[k]) if tb else 0.0)

@@ -332,3 +332,30 @@ def test_prior_weight_one_gives_the_inscribed_ellipse(setup, tmp_path):
         assert m.sum() > 0 and (m != ref).sum() <= 2, a["id"]  # rim pixels exactly at 0.5 may go either way
     with pytest.raises(BoxcasegError, match="--prior-weight"):
         run(setup, ann, images, tmp_path / "bad.json", prior_weight=1.5)
+
+
+def test_no_merge_keeps_each_box_own_mask(setup, tmp_path):
+    """--no-merge: overlapping boxes keep their own (here: ellipse) masks; the default merge gives
+    the overlap to the smaller box. Agreement and ignore_mask are computed either way."""
+    from boxcaseg.baselines import ellipse_mask
+
+    big, small = [4.0, 4.0, 50.0, 38.0], [20.0, 12.0, 16.0, 14.0]  # small lies inside big's ellipse
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": big, "area": 1.0, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": small, "area": 1.0, "iscrowd": 0}]
+    ann, images = write_set(tmp_path, [("a.png", rgb(seed=5))], anns)
+    res = {}
+    for merge in (True, False):
+        out = tmp_path / f"proxy_{merge}.json"
+        run(setup, ann, images, out, prior_weight=1.0, threshold=0.5, merge=merge)
+        data = json.loads(out.read_text())
+        res[merge] = {a["id"]: (decode(a["segmentation"], 48, 64), a["proxy_agreement"], a["ignore_mask"])
+                      for a in data["annotations"]}
+    e_big, e_small = ellipse_mask(big, 48, 64), ellipse_mask(small, 48, 64)
+    assert (e_big & e_small).sum() > 50
+    for aid, ref in ((1, e_big), (2, e_small)):
+        assert (res[False][aid][0] != ref).sum() <= 2, aid  # its own ellipse, overlap included
+    assert (res[True][2][0] != e_small).sum() <= 2  # the smaller box wins the overlap ...
+    assert not (res[True][1][0] & res[True][2][0]).any()  # ... and the bigger one loses it
+    assert (res[True][1][0] != (e_big & ~e_small.astype(bool))).sum() <= 4
+    assert res[False][1][1] == pytest.approx(res[True][1][1], abs=0.05)  # tight boxes barely move here
+    assert 0.8 < res[False][1][1] <= 1.0

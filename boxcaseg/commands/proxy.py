@@ -19,6 +19,7 @@ def proxy_command(
     relative: bool = typer.Option(False, "--relative", help="Threshold the per-instance min-max normalised map (the published rule)."),
     prior_weight: float = typer.Option(0.0, "--prior-weight", help="Blend w of a soft ellipse inscribed in the box into the probability before the threshold: (1-w) p + w ellipse (0: off, the paper)."),
     drop_thresh: float = typer.Option(0.95, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask."),
+    no_merge: bool = typer.Option(False, "--no-merge", help="Keep each box's own mask: no smaller-object-better merge of overlapping masks (agreement and --drop-thresh still apply). The merge cleans masks for training; per-instance quality (mIoU*, as `evaluate masks` measures it) is higher without it on COCO (bench/RESULTS.md)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Instances per inference batch."),
     workers: int = typer.Option(2, "--workers", help="Decode/crop worker processes (0: in the main process)."),
     threads: int = typer.Option(0, "--threads", help="Inference CPU threads (0: the engine's default)."),
@@ -53,7 +54,7 @@ def proxy_command(
         raise BoxcasegError("--images and --model are required (except with --merge-shards)")
     cfg = ProxyConfig(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
-        relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, batch_size=batch_size, workers=workers, threads=threads,
+        relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, merge=not no_merge, batch_size=batch_size, workers=workers, threads=threads,
         shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
         progress=not no_progress and env_rank_world()[0] == 0, device=device,
     )

@@ -27,11 +27,12 @@ def _wins(areas, j, i):
 
 
 @njit(cache=True, nogil=True)
-def merge_drop_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged, agreement):
+def merge_drop_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged, agreement, do_merge=True):
     """windows: [N, 4] int64 (x0, y0, x1, y1); masks/merged: uint8 flat, instance i at
     ``offsets[i]`` row-major [y1-y0, x1-x0]; gt_xyxy: [N, 4] float64; areas: [N] float64;
     has_mask: [N] bool (False: no mask, takes no pixel, agreement 0). Fills ``merged``
-    and ``agreement`` [N] float64."""
+    and ``agreement`` [N] float64. ``do_merge`` False: every mask stays its own (only the
+    agreement is computed)."""
     n = windows.shape[0]
     for i in range(n):
         agreement[i] = 0.0
@@ -41,7 +42,7 @@ def merge_drop_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged,
         w = x1 - x0
         off = offsets[i]
         merged[off:offsets[i + 1]] = masks[off:offsets[i + 1]]
-        for j in range(n):
+        for j in range(n if do_merge else 0):
             if j == i or not has_mask[j] or not _wins(areas, j, i):
                 continue
             jx0, jy0, jx1, jy1 = windows[j, 0], windows[j, 1], windows[j, 2], windows[j, 3]
@@ -135,8 +136,9 @@ def merge_and_drop(
     masks: list[np.ndarray | None],
     gt_xyxy: np.ndarray,
     areas: np.ndarray,
+    merge: bool = True,
 ) -> tuple[list[np.ndarray | None], np.ndarray]:
-    """Merge and score the masks of one image.
+    """Merge and score the masks of one image (``merge`` False: score them as they are).
 
     windows: [N, 4] int (x0, y0, x1, y1) box windows; masks: N uint8/bool arrays
     [y1-y0, x1-x0] (None: no mask); gt_xyxy: [N, 4] GT boxes clipped to the image;
@@ -158,6 +160,6 @@ def merge_and_drop(
     merged = np.zeros_like(flat)
     agreement = np.zeros(n, np.float64)
     merge_drop_kernel(windows, flat, offsets, np.ascontiguousarray(gt_xyxy, dtype=np.float64).reshape(n, 4),
-                      np.ascontiguousarray(areas, dtype=np.float64), has, merged, agreement)
+                      np.ascontiguousarray(areas, dtype=np.float64), has, merged, agreement, bool(merge))
     out = [None if not has[i] else merged[offsets[i]:offsets[i + 1]].reshape(masks[i].shape) for i in range(n)]
     return out, agreement

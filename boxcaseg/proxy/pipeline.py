@@ -56,6 +56,7 @@ class ProxyConfig:
     relative: bool = False           # the published per-instance min-max normalisation
     prior_weight: float = 0.0        # blend of a soft inscribed-ellipse prior before the threshold
     drop_thresh: float = 0.95        # agreement below -> ignore_mask
+    merge: bool = True               # smaller object better across the masks of an image (False: each box's own)
     batch_size: int = 32             # instances per inference batch (fixed; part of the fingerprint)
     workers: int = 2                 # decode/crop worker processes (0: in the main process)
     threads: int = 0                 # engine CPU threads (0: its default)
@@ -233,7 +234,7 @@ class _PostThread(threading.Thread):
             elif len(t.crops):
                 if masks is None or any(m is None for m in masks):
                     raise RuntimeError(f"image id {t.image_id!r}: masks missing at chunk end")
-                merged, agreement = merge_and_drop(t.boxes, masks, t.gt_xyxy, t.areas)
+                merged, agreement = merge_and_drop(t.boxes, masks, t.gt_xyxy, t.areas, merge=self.cfg.merge)
             slot = 0
             for a in range(n):
                 reason = t.reasons[a]
@@ -296,6 +297,7 @@ def _fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
         "prior_weight": float(cfg.prior_weight),
         "relative": bool(cfg.relative),
         "drop_thresh": float(cfg.drop_thresh),
+        "merge": bool(cfg.merge),
         "batch_size": int(cfg.batch_size),
         "checkpoint_every": int(cfg.checkpoint_every),
         "skip_bad": bool(cfg.skip_bad),
