@@ -8,6 +8,11 @@ makes proxy masks for ${BOXCASEG_DATA}/coco-val (GT boxes given) with the ONNX e
 and compares mIoU* / IoU@75 with the classical floors measured on the same set in the
 same run (box-fill, inscribed ellipse, GrabCut). Prints the table and writes it into
 bench/RESULTS.md (section "quality"). A benchmark, not a test.
+
+The goal is judged on per-instance masks (``proxy --no-merge``): each box's own mask,
+as the floors are measured and as the paper's mIoU* scores the class-agnostic model.
+Rows "merged" are the same masks after the smaller-object-better merge, the cleaning
+step `boxcaseg proxy` applies by default for training a Mask R-CNN.
 """
 
 from __future__ import annotations
@@ -48,11 +53,14 @@ def main() -> None:
     ap.add_argument("--config", default=str(REPO / "configs" / "cpu.toml"))
     ap.add_argument("--ckpt", help="evaluate this checkpoint instead of training")
     ap.add_argument("--out", default=str(REPO / "runs" / "quality"))
-    ap.add_argument("--contexts", default="1.0,1.3,1.5", help="inference crop ratios to report")
-    ap.add_argument("--thresholds", default="0.4,0.5", help="probability thresholds to report")
+    ap.add_argument("--contexts", default="1.0,1.1,1.2", help="inference crop ratios to report")
+    ap.add_argument("--thresholds", default="0.4", help="probability thresholds to report")
     ap.add_argument("--infer-sizes", default="", help="engine input sizes S to report (default: the checkpoint's)")
     ap.add_argument("--tta", default="none,flip", help="test-time augmentations to report: none, flip")
-    ap.add_argument("--prior-weights", default="0", help="box-shape prior blends to report (proxy --prior-weight)")
+    ap.add_argument("--prior-weights", default="0,0.3", help="box-shape prior blends to report (proxy --prior-weight)")
+    ap.add_argument("--merge", default="off,on",
+                    help="off: per-instance masks (proxy --no-merge; the goal is judged on these), "
+                         "on: after the smaller-object-better merge (proxy's default)")
     ap.add_argument("--alphas", default="", help="fusion weights alpha to report (default: the checkpoint's)")
     ap.add_argument("--no-grabcut", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
@@ -164,22 +172,29 @@ def main() -> None:
         exp = export_onnx(ckpt, out / f"model_{tag}.onnx", infer_size=size, flip_tta=tta == "flip", alpha=alpha)
         diffs.append(exp.max_abs_diff)
         for ctx in (float(c) for c in args.contexts.split(",")):
-            for thr, pw in ((float(x), float(w)) for x in args.thresholds.split(",")
-                            for w in args.prior_weights.split(",")):
-                pj = out / f"proxy_{tag}_c{ctx}_t{thr}_p{pw}.json"
+            for thr, pw, merge in ((float(x), float(w), m) for x in args.thresholds.split(",")
+                                   for w in args.prior_weights.split(",") for m in args.merge.split(",")):
+                if merge not in ("off", "on"):
+                    sys.exit(f"--merge {merge!r}: choose off, on or off,on")
+                pj = out / f"proxy_{tag}_c{ctx}_t{thr}_p{pw}{'_merged' if merge == 'on' else ''}.json"
                 stats = generate_proxy(ProxyConfig(ann=val_ann, images=val_img, out=pj, model=out / f"model_{tag}.onnx",
                                                    engine="onnx", context=ctx, threshold=thr, prior_weight=pw,
-                                                   workers=1, threads=args.threads, progress=False))
+                                                   merge=merge == "on", workers=1, threads=args.threads, progress=False))
                 q = mask_quality(val_ann, pj)
                 name = (f"BoxCaseg S={exp.infer_size}, alpha {exp.metadata['boxcaseg.alpha']}, TTA {tta}, "
-                        f"context {ctx}, threshold {thr}" + (f", prior {pw}" if pw else ""))
+                        f"context {ctx}, threshold {thr}" + (f", prior {pw}" if pw else "")
+                        + (", merged" if merge == "on" else ""))
                 rows.append([name, q["miou_star"], q["miou"], q["iou50"], q["iou75"], q["small"]["miou"] or 0.0])
                 print(f"{name}: mIoU* {q['miou_star']:.4f} IoU@75 {q['iou75']:.4f} "
                       f"({stats['instances_per_s']:.1f} inst/s)", flush=True)
-                if best is None or q["miou_star"] > best[1]:
-                    best = (name, q["miou_star"], q["iou75"], stats["instances_per_s"])
+                if merge == "off":
+                    ok = q["miou_star"] >= GOAL["miou_star"] and q["iou75"] >= GOAL["iou75"]
+                    if best is None or (ok, q["miou_star"]) > (best[4], best[1]):
+                        best = (name, q["miou_star"], q["iou75"], stats["instances_per_s"], ok)
     table = markdown_table(["masks on coco-val (GT boxes given)", "mIoU*", "mIoU", "IoU@50", "IoU@75", "small mIoU"], rows)
-    met = best[1] >= GOAL["miou_star"] and best[2] >= GOAL["iou75"]
+    if best is None:
+        sys.exit("no per-instance row (--merge off) to judge the goal on")
+    met = best[4]
     body = (
         "## quality: the CPU recipe on real data (`python bench/quality.py`)\n\n"
         f"Command: `python bench/quality.py {' '.join(sys.argv[1:])}`\n\n"
@@ -189,8 +204,8 @@ def main() -> None:
         + "".join(f"- {n}\n" for n in notes)
         + f"- ONNX export: max abs diff vs PyTorch <= {max(diffs):.2e}\n"
         f"- floors measured in the same run ({floor_s:.0f} s)\n\n{table}\n\n"
-        f"Best: {best[0]}: mIoU* {best[1]:.3f}, IoU@75 {best[2]:.3f} — goal mIoU* >= {GOAL['miou_star']}, "
-        f"IoU@75 >= {GOAL['iou75']}: {'met' if met else 'NOT met'}.\n"
+        f"Best per-instance row (no merge, as the floors): {best[0]}: mIoU* {best[1]:.3f}, IoU@75 {best[2]:.3f} "
+        f"— goal mIoU* >= {GOAL['miou_star']}, IoU@75 >= {GOAL['iou75']}: {'met' if met else 'NOT met'}.\n"
     )
     print(body)
     print(json.dumps({"rows": [dict(zip(["masks", "miou_star", "miou", "iou50", "iou75", "small_miou"], r)) for r in rows],
