@@ -343,10 +343,14 @@ def test_no_merge_keeps_each_box_own_mask(setup, tmp_path):
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": big, "area": 1.0, "iscrowd": 0},
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": small, "area": 1.0, "iscrowd": 0}]
     ann, images = write_set(tmp_path, [("a.png", rgb(seed=5))], anns)
+    from test_export import run_cli
+
     res = {}
-    for merge in (True, False):
+    for merge in (True, False):  # the CLI flag --no-merge, or the default
         out = tmp_path / f"proxy_{merge}.json"
-        run(setup, ann, images, out, prior_weight=1.0, threshold=0.5, merge=merge)
+        args = ["proxy", "--ann", str(ann), "--images", str(images), "-o", str(out), "--model", str(setup["onnx"]),
+                "--prior-weight", "1", "--threshold", "0.5", "--workers", "0", "--batch-size", "4", "--no-progress"]
+        assert run_cli(args + ([] if merge else ["--no-merge"])) == 0
         data = json.loads(out.read_text())
         res[merge] = {a["id"]: (decode(a["segmentation"], 48, 64), a["proxy_agreement"], a["ignore_mask"])
                       for a in data["annotations"]}
