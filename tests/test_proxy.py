@@ -337,14 +337,14 @@ def test_prior_weight_one_gives_the_inscribed_ellipse(setup, tmp_path):
 def test_no_merge_keeps_each_box_own_mask(setup, tmp_path):
     """--no-merge: overlapping boxes keep their own (here: ellipse) masks; the default merge gives
     the overlap to the smaller box. Agreement and ignore_mask are computed either way."""
+    from test_export import run_cli
+
     from boxcaseg.baselines import ellipse_mask
 
     big, small = [4.0, 4.0, 50.0, 38.0], [20.0, 12.0, 16.0, 14.0]  # small lies inside big's ellipse
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": big, "area": 1.0, "iscrowd": 0},
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": small, "area": 1.0, "iscrowd": 0}]
     ann, images = write_set(tmp_path, [("a.png", rgb(seed=5))], anns)
-    from test_export import run_cli
-
     res = {}
     for merge in (True, False):  # the CLI flag --no-merge, or the default
         out = tmp_path / f"proxy_{merge}.json"
@@ -363,3 +363,6 @@ def test_no_merge_keeps_each_box_own_mask(setup, tmp_path):
     assert (res[True][1][0] != (e_big & ~e_small.astype(bool))).sum() <= 4
     assert res[False][1][1] == pytest.approx(res[True][1][1], abs=0.05)  # tight boxes barely move here
     assert 0.8 < res[False][1][1] <= 1.0
+    for merge in (True, False):  # ignore_mask follows the agreement and --drop-thresh (0.95) in both modes
+        for _mask, agreement, ignore in res[merge].values():
+            assert ignore == (agreement < 0.95)
