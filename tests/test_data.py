@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boxcaseg.data.coco import BoxPatchDataset, box_label, crop_resize, jitter_box
+from boxcaseg.data.coco import BoxPatchDataset, box_label, jitter_box
+from boxcaseg.data.transforms import crop_resize
 from boxcaseg.data.salient import SalientDataset
 from boxcaseg.data.transforms import MEAN, STD, open_rgb
 from boxcaseg.errors import BoxcasegError

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from boxcaseg.boxes import degenerate_reason, xywh_to_xyxy
-from boxcaseg.data.transforms import MEAN_RGB255, normalize, open_rgb
+from boxcaseg.data.transforms import crop_resize, normalize, open_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import load_json
 
@@ -140,12 +140,6 @@ def jitter_box(xyxy: tuple, rng: np.random.Generator, shift: float, smin: float,
     nw = w * rng.uniform(smin, smax)
     nh = h * rng.uniform(smin, smax)
     return cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2
-
-
-def crop_resize(img: Image.Image, region: tuple, size: int, resample=Image.BILINEAR) -> Image.Image:
-    """Crop float ``xyxy`` region (padding outside the image) and resize to size x size."""
-    return img.transform((size, size), Image.EXTENT, data=tuple(float(v) for v in region),
-                         resample=resample, fillcolor=MEAN_RGB255)
 
 
 def box_label(gt: tuple, region: tuple, size: int) -> np.ndarray:
@@ -270,7 +264,5 @@ class BoxPatchDataset(torch.utils.data.Dataset):
         if m.shape != (h, w):
             raise BoxcasegError(f"{self.pseudo_file}: annotation {aid}: mask is {m.shape[1]}x{m.shape[0]}, "
                                 f"its image {w}x{h}")
-        im = Image.fromarray(m * np.uint8(255))
-        crop = im.transform((self.patch_size, self.patch_size), Image.EXTENT, data=tuple(float(v) for v in region),
-                            resample=Image.BILINEAR, fillcolor=0)
+        crop = crop_resize(Image.fromarray(m * np.uint8(255)), region, self.patch_size, fill=0)
         return np.asarray(crop, dtype=np.float32) / 255.0

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boxcaseg.data.coco import crop_resize, jitter_box
-from boxcaseg.data.transforms import normalize, open_rgb
+from boxcaseg.data.coco import jitter_box
+from boxcaseg.data.transforms import crop_resize, normalize, open_rgb
 from boxcaseg.errors import BoxcasegError
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ class SalientDataset(torch.utils.data.Dataset):
             region = jitter_box(box, rng, self.shift, *self.scale)
             s = self.patch_size
             arr = np.asarray(crop_resize(img, region, s))
-            m = (np.asarray(mask.transform((s, s), Image.EXTENT, data=tuple(float(v) for v in region),
-                                           resample=Image.BILINEAR, fillcolor=0)) >= 128).astype(np.float32)
+            m = (np.asarray(crop_resize(mask, region, s, fill=0)) >= 128).astype(np.float32)
         else:
             img = img.resize((self.resize, self.resize), Image.BILINEAR)
             mask = mask.resize((self.resize, self.resize), Image.BILINEAR)

@@ -13,9 +13,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
-
-from boxcaseg.data.transforms import MEAN_RGB255
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (pixel edges, x1/y1 exclusive)
 
@@ -52,20 +49,3 @@ def clipped_box_xyxy(bbox_xywh: Sequence[float], width: int, height: int) -> tup
     """The GT box as continuous ``xyxy`` clipped to the image (what a mask can reach)."""
     x, y, w, h = (float(v) for v in bbox_xywh)
     return max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
-
-
-def crop_resize(img: Image.Image, window: Window, size: int) -> np.ndarray:
-    """Crop ``window`` of an RGB image and resize it to ``size`` x ``size``: [S, S, 3] uint8.
-
-    PIL's bilinear filter (antialiased when shrinking) straight from the source region;
-    parts of the window outside the image are the mean colour.
-    """
-    x0, y0, x1, y1 = window
-    W, H = img.size
-    if x0 >= 0 and y0 >= 0 and x1 <= W and y1 <= H:
-        return np.asarray(img.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1)))
-    canvas = Image.new("RGB", (x1 - x0, y1 - y0), MEAN_RGB255)
-    ix0, iy0, ix1, iy1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
-    if ix1 > ix0 and iy1 > iy0:
-        canvas.paste(img.crop((ix0, iy0, ix1, iy1)), (ix0 - x0, iy0 - y0))
-    return np.asarray(canvas.resize((size, size), Image.BILINEAR))
