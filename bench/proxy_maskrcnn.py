@@ -16,7 +16,7 @@ clearly above (c).
 
 Proxy masks: ``--proxy FILE`` (a proxy json of the 120 training images' boxes, e.g. from
 ``boxcaseg proxy``), or built here with the library: BoxCaseg trained on the training
-split's boxes + ``duts-tr`` (``boxcaseg.train.train``, ``configs/cpu.toml``) and
+split's boxes + ``duts-tr`` (``boxcaseg.train.train``, the shipped ``cpu`` config) and
 ``boxcaseg.proxy.generate_proxy`` with the torch engine.
 
 Every stage keeps its output under ``--out`` and is skipped when that output exists (a
@@ -109,7 +109,7 @@ def build_proxy(args, train_json: Path, images: Path, out: Path) -> Path:
     ckpt = run / "last.pt"
     done = ckpt.is_file() and int(torch.load(ckpt, map_location="cpu", weights_only=True)["iter"]) >= args.boxcaseg_iters
     if not done:
-        cfg = load_config(REPO / "configs" / "cpu.toml", {
+        cfg = load_config("cpu", {
             "data.box_ann": str(train_json), "data.box_images": str(images),
             "data.salient_dir": str(Path(args.data).parent / "duts-tr"),
             "train.max_iters": args.boxcaseg_iters, "train.threads": args.threads,
@@ -131,7 +131,7 @@ def build_proxy(args, train_json: Path, images: Path, out: Path) -> Path:
 def maskrcnn_config(args, ann: Path, images: Path):
     from boxcaseg.maskrcnn.config import MaskRCNNConfig
 
-    cfg = load_config(REPO / "configs" / "maskrcnn-cpu.toml", cls=MaskRCNNConfig)
+    cfg = load_config("maskrcnn-cpu", cls=MaskRCNNConfig)
     m = cfg.model
     m.backbone = args.backbone
     m.backbone_weights = LITE0 if args.backbone == "timm:efficientnet_lite0" and not args.backbone_weights else args.backbone_weights

@@ -12,7 +12,7 @@
 (d) ours, --engine trt when TensorRT and a GPU are there.
 Ours is the whole `generate_proxy` call: json load, decode, crop, inference, masks,
 merge/drop, RLE, progress files and the output json. Instances/s = masks produced /
-wall seconds. Without --ckpt, the CPU recipe's model (configs/cpu.toml:
+wall seconds. Without --ckpt, the CPU recipe's model (the shipped ``cpu`` config:
 efficientnet_lite0, S = 320) is built with fixed random weights (speed does not
 depend on training). `--variants` also times the export choices (stride-4 vs full
 resolution output, normalisation in the graph vs in numpy). The last line is JSON.
@@ -45,7 +45,7 @@ def make_checkpoint(path: Path, backbone: str | None) -> Path:
     from boxcaseg.config import load_config
     from boxcaseg.model import build_model
 
-    cfg = load_config(REPO / "configs" / "cpu.toml")
+    cfg = load_config("cpu")
     if backbone:
         cfg.model.backbone = backbone
     cfg.model.backbone_weights = ""          # random weights: speed does not depend on them
@@ -221,7 +221,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="COCO folder with instances.json and images/ (default $BOXCASEG_DATA/coco-train)")
     ap.add_argument("--ckpt", type=Path, default=None, help="a boxcaseg checkpoint (default: CPU recipe, random weights)")
-    ap.add_argument("--backbone", default=None, help="backbone of the generated checkpoint (default: configs/cpu.toml's)")
+    ap.add_argument("--backbone", default=None, help="backbone of the generated checkpoint (default: the cpu config's)")
     ap.add_argument("--limit-images", type=int, default=0, help="first N images only (0: all)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="decode workers of our pipeline (the CLI default)")

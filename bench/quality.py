@@ -1,6 +1,6 @@
 """The CPU recipe end to end on real data: train -> export -> proxy -> evaluate.
 
-    python bench/quality.py                      # train configs/cpu.toml, then evaluate
+    python bench/quality.py                      # train the shipped cpu config, then evaluate
     python bench/quality.py --ckpt runs/x/last.pt  # evaluate an existing checkpoint
 
 Trains on ${BOXCASEG_DATA}/coco-train boxes + duts-tr salient pairs, exports to ONNX,
@@ -50,7 +50,7 @@ def write_section(name: str, body: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(REPO / "configs" / "cpu.toml"))
+    ap.add_argument("--config", default="cpu", help="a shipped config name or a TOML file")
     ap.add_argument("--ckpt", help="evaluate this checkpoint instead of training")
     ap.add_argument("--out", default=str(REPO / "runs" / "quality"))
     ap.add_argument("--contexts", default="1.0,1.1,1.2", help="inference crop ratios to report")

@@ -4,7 +4,7 @@
         [--backends auto,torch] [--amp on,off] [--synthetic-salient N]
 
 Runs `boxcaseg.train.train` (the library's loop: loader, forward, losses, backward, step)
-with configs/cpu.toml's model and losses for ``--iters`` iterations per setting, and
+with the shipped ``cpu`` config's model and losses for ``--iters`` iterations per setting, and
 reports the steady-state rate from metrics.jsonl: patches between the end of iteration
 ``--skip`` and the last one, over the time between them (the first iterations hold the
 loader's start-up, cuDNN / Triton compilation and autotuning).
@@ -45,7 +45,7 @@ def steady_rate(metrics: Path, skip: int) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(REPO / "configs" / "cpu.toml"))
+    ap.add_argument("--config", default="cpu", help="a shipped config name or a TOML file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=80)
     ap.add_argument("--skip", type=int, default=20, help="iterations left out of the rate (start-up)")

@@ -4,6 +4,10 @@ A config file has one table per section (``[model]``, ``[data]``, ``[train]``); 
 field can be overridden as ``section.field=value`` (the value parsed as TOML, falling
 back to a plain string). ``${NAME}`` in string values expands from the environment;
 ``${BOXCASEG_DATA}`` defaults to ``../shared/data`` relative to the working directory.
+
+Configs ship in the package (``boxcaseg/configs/NAME.toml``): wherever a config file is
+expected, a shipped name (``cpu``, ``paper-coco``, ``maskrcnn-cpu`` ...) works too
+(:func:`resolve_config`; ``boxcaseg config list`` lists them).
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ class ModelConfig:
     transfer_hidden: int = 0              # hidden width of the weight-transfer MLPs; 0 = input width
     alpha: float = 0.7                    # fused = alpha*salient + (1-alpha)*transferred
     infer_size: int = 320                 # proxy-mask inference size S
+    # Recommended inference settings that travel with the checkpoint (and its ONNX export):
+    # `boxcaseg proxy` / `boxcaseg segment` / `Segmenter` use them unless told otherwise.
+    infer_context: float = 1.0            # crop R x the box around its centre (1: exactly the box)
+    infer_threshold: float = 0.5          # foreground threshold on the probability
+    infer_prior_weight: float = 0.0       # blend of a soft inscribed ellipse before the threshold (0: off)
 
 
 @dataclass
@@ -215,7 +224,36 @@ def load_toml(path: str | os.PathLike) -> dict:
         raise BoxcasegError(f"{path}: malformed TOML ({e})") from e
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped in the package: ``{name: path}`` (name = file name without .toml), sorted."""
+    from importlib.resources import files
+
+    folder = files("boxcaseg") / "configs"
+    if not folder.is_dir():
+        return {}
+    found = {e.name[: -len(".toml")]: e for e in folder.iterdir() if e.name.endswith(".toml") and e.is_file()}
+    return {name: Path(str(found[name])) for name in sorted(found)}
+
+
+def resolve_config(name_or_path: str | os.PathLike) -> Path:
+    """A config file: an existing file path as given, else a shipped config by name
+    (``cpu`` or ``cpu.toml``); else BoxcasegError listing the shipped names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    text = str(name_or_path)
+    name = text[: -len(".toml")] if text.endswith(".toml") else text
+    shipped = shipped_configs()
+    if name in shipped and "/" not in text and os.sep not in text:
+        return shipped[name]
+    raise BoxcasegError(f"config {text!r}: neither a file nor a shipped config name "
+                        f"(shipped: {', '.join(shipped) or 'none'}; `boxcaseg config list`)")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides=None, cls: type[T] = Config) -> T:
-    """Load ``cls`` from a TOML file (or defaults when ``path`` is None) plus overrides."""
+    """Load ``cls`` from a TOML file or a shipped config name (defaults when ``path`` is None)
+    plus overrides."""
+    if path:
+        path = resolve_config(path)
     cfg = from_dict(cls, load_toml(path), str(path)) if path else cls()
     return apply_overrides(cfg, overrides)

@@ -27,6 +27,7 @@ from boxcaseg.io import JsonlWriter, atomic_torch_save, safe_torch_load
 from boxcaseg.losses import boxcaseg_loss
 from boxcaseg.loop import WeightEMA, checkpoint_rng_and_buffers, progress_bar, set_rng_state, worker_init
 from boxcaseg.model import build_model
+from boxcaseg.model.backbone import warn_random_init
 
 log = logging.getLogger(__name__)
 CKPT_NAME = "last.pt"
@@ -70,6 +71,27 @@ def build_datasets(cfg: Config):
     if box_ds is None and sal_ds is None:
         raise BoxcasegError("no training data: set data.box_ann/data.box_images and/or data.salient_dir")
     return box_ds, sal_ds
+
+
+ARCHITECTURE_FIELDS = ("backbone", "out_indices", "backbone_kwargs", "neck_channels", "neck_convs",
+                      "head_channels", "transfer_hidden")
+
+
+def architecture(m) -> dict:
+    """The [model] fields that shape the network's weights (what a warm start must match)."""
+    return {k: getattr(m, k) for k in ARCHITECTURE_FIELDS}
+
+
+def resolve_init(spec: str) -> Path:
+    """``train.init_from``: "pretrained" (the shipped model) or a checkpoint path."""
+    from boxcaseg import weights
+
+    if str(spec) in weights.ALIASES:
+        return weights.pretrained_path()
+    path = Path(spec)
+    if not path.is_file():
+        raise BoxcasegError(f"{path}: checkpoint not found (train.init_from)")
+    return path
 
 
 def poly_factor(step: int, max_iters: int, power: float, warmup: int = 0) -> float:
@@ -156,13 +178,18 @@ def train(
             set_rng_state(ckpt["rng"][rank])
         log.info("resumed from %s at iteration %d", ckpt_path, step)
     elif t.init_from:
-        init = safe_torch_load(t.init_from)
+        init_path = resolve_init(t.init_from)
+        init = safe_torch_load(init_path)
         if not isinstance(init, dict) or "model" not in init or "config" not in init:
-            raise BoxcasegError(f"{t.init_from}: not a boxcaseg checkpoint (train.init_from)")
-        if from_dict(Config, init["config"], str(t.init_from)).model != cfg.model:
-            raise BoxcasegError(f"{t.init_from}: its [model] config differs from this run's (train.init_from)")
+            raise BoxcasegError(f"{init_path}: not a boxcaseg checkpoint (train.init_from)")
+        theirs = from_dict(Config, init["config"], str(init_path)).model
+        if architecture(theirs) != architecture(cfg.model):
+            raise BoxcasegError(f"{init_path}: its network ([model] {architecture(theirs)}) differs from this run's "
+                                f"({architecture(cfg.model)}) (train.init_from)")
         model.load_state_dict(init["model"])
-        log.info("weights from %s (iteration %s); a new schedule starts", t.init_from, init.get("iter"))
+        log.info("weights from %s (iteration %s); a new schedule starts", init_path, init.get("iter"))
+    elif is_main and not (cfg.model.pretrained or cfg.model.backbone_weights):
+        warn_random_init(cfg.model.backbone)
     ema = WeightEMA(model, t.ema_decay) if t.ema_decay > 0 else None
     if ema is not None and ckpt is not None and "model_live" in ckpt:
         ema.load(ckpt["model"], ckpt.get("ema_updates", 0))

@@ -219,7 +219,7 @@ def test_cli_train_predict_evaluate_round_trip(synthetic, tmp_path, capsys):
             "--set", "model.fpn_channels=32", "--set", "model.box_head_dim=128",
             "--set", "model.mask_head_channels=32", "--set", "train.device=cpu", "--set", "train.steps=[]",
             "--set", "train.warmup_iters=1", "--set", "train.threads=1", "--workers", "0"]
-    assert run(["maskrcnn", "train", "-c", str(REPO / "configs" / "maskrcnn-cpu.toml"), "-o", str(out),
+    assert run(["maskrcnn", "train", "-c", "maskrcnn-cpu", "-o", str(out),
                 "--ann", str(proxy), "--images", str(paths.image_dir), "--max-iters", "3", *tiny]) == 0
     assert "3 iterations" in capsys.readouterr().out
     results = tmp_path / "results.json"
@@ -302,11 +302,11 @@ def test_checkpoint_of_a_pretrained_backbone_rebuilds_without_the_weight_file(sy
     assert all(r["image_id"] == 1 for r in res)
 
 
-@pytest.mark.parametrize("name", ["maskrcnn-cpu.toml", "maskrcnn-coco.toml"])
+@pytest.mark.parametrize("name", ["maskrcnn-cpu", "maskrcnn-coco"])
 def test_config_files_load(name, monkeypatch):
     from boxcaseg.config import load_config
 
     monkeypatch.setenv("BOXCASEG_DATA", "/data")
-    cfg = load_config(REPO / "configs" / name, ["train.max_iters=7"], cls=MaskRCNNConfig)
+    cfg = load_config(name, ["train.max_iters=7"], cls=MaskRCNNConfig)
     assert cfg.train.max_iters == 7 and cfg.model.min_size > 0
     assert cfg.data.ann.startswith("/data/") or cfg.data.ann == ""  # ${BOXCASEG_DATA} expanded

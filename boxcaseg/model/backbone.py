@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 _DEFAULT_KWARGS = {"hrnet": {"feature_location": ""}}
 
 
+def random_init_message(backbone: str, download: str = "timm's") -> str:
+    """The one line telling that ``backbone`` starts from random weights and how to get ImageNet ones."""
+    return (f"backbone {backbone!r} trains from random weights (no ImageNet initialisation): for "
+            f"ImageNet weights set model.pretrained = true ({download} download, online) or "
+            "model.backbone_weights = FILE (offline; pkg:PACKAGE/path for a file shipped in a Python package)")
+
+
+def warn_random_init(backbone: str, download: str = "timm's") -> None:
+    """Log :func:`random_init_message` as a warning. Callers decide when it applies: a backbone
+    with neither ``pretrained`` nor ``backbone_weights`` and no checkpoint to start from."""
+    log.warning(random_init_message(backbone, download))
+
+
 class TimmBackbone(nn.Module):
     """x: [N, 3, H, W] -> features [N, C, ceil(H/4), ceil(W/4)] (concat of all levels)."""
 

@@ -1,0 +1,44 @@
+"""`boxcaseg config list | show`: the configs shipped in the package (boxcaseg/configs/*.toml)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def describe(text: str) -> str:
+    """The first comment line of a TOML text, without its ``#`` (empty when it has none)."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line:
+            return ""
+    return ""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `config` command group to the main app."""
+    cfg = typer.Typer(help="The shipped configs: give their name to --config (e.g. `boxcaseg train --config cpu`).",
+                      no_args_is_help=True)
+
+    @cfg.command("list")
+    def list_() -> None:
+        """Each shipped config: its name (for --config) and what it is (its first comment line)."""
+        from boxcaseg.config import shipped_configs
+
+        shipped = shipped_configs()
+        width = max((len(n) for n in shipped), default=0)
+        for name, path in shipped.items():
+            typer.echo(f"{name:<{width}}  {describe(path.read_text())}")
+
+    @cfg.command("show")
+    def show(
+        name: str = typer.Argument(..., metavar="NAME|FILE", help="A shipped config name (`boxcaseg config list`) "
+                                   "or a TOML file."),
+    ) -> None:
+        """Print a config's TOML text, e.g. to start your own: boxcaseg config show cpu > my.toml"""
+        from boxcaseg.config import resolve_config
+
+        typer.echo(resolve_config(name).read_text(), nl=False)
+
+    app.add_typer(cfg, name="config")
