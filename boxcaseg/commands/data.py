@@ -1,4 +1,4 @@
-"""`boxcaseg data ...`: dataset conversions (PASCAL VOC / SBD to COCO)."""
+"""`boxcaseg data ...`: dataset conversions (PASCAL VOC / SBD, YOLO detection labels to COCO)."""
 
 from __future__ import annotations
 
@@ -32,5 +32,31 @@ def register(app: typer.Typer) -> None:
         n_ignored = sum(1 for a in coco["annotations"] if a.get("ignore_mask"))
         typer.echo(f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} objects "
                    f"({n_ignored} without an instance mask), {len(coco['categories'])} categories")
+
+    @data.command("yolo-to-coco")
+    def yolo_to_coco(
+        images: Path = typer.Option(..., "--images", help="Image folder (searched recursively; file_name in "
+                                    "the json is the path relative to it)."),
+        labels: Path = typer.Option(..., "--labels", help="Label folder: LABELS/<image path>.txt with "
+                                    "'class cx cy w h' lines normalised to 0..1 (Ultralytics detection "
+                                    "labels; segmentation-polygon lines count as the polygon's box)."),
+        names: Path = typer.Option(..., "--names", help="Class names: a names.txt (one per line, class 0 "
+                                   "first) or an Ultralytics data.yaml ('names:' list or {id: name})."),
+        out: Path = typer.Option(..., "--out", "-o", help="COCO instances json to write (boxes only, "
+                                 "category_id = class + 1); feed it to `boxcaseg proxy`."),
+    ) -> None:
+        """Convert an Ultralytics (YOLO) detection dataset to a COCO instances json.
+
+        Images without a label file are kept without boxes (YOLO background images); a label file without an image, a malformed line, a class outside the names or a value outside 0..1 is an error naming the file and line.
+        """
+        from boxcaseg.formats import yolo_to_coco as convert
+        from boxcaseg.io import atomic_write_json
+
+        coco = convert(images, labels, names)
+        atomic_write_json(out, coco)
+        info = coco["info"]
+        typer.echo(f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
+                   f"{len(coco['categories'])} classes, {info['images_without_label_file']} images without "
+                   f"labels" + (f" ({info['polygon_lines']} polygon lines as boxes)" if info["polygon_lines"] else ""))
 
     app.add_typer(data, name="data")
