@@ -10,4 +10,14 @@ __version__ = "0.1.0"
 
 from boxcaseg.errors import BoxcasegError  # noqa: E402
 
-__all__ = ["BoxcasegError", "__version__"]
+
+def __getattr__(name: str):
+    # `from boxcaseg import Segmenter` without importing torch/onnx at package import
+    if name == "Segmenter":
+        from boxcaseg.predictor import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'boxcaseg' has no attribute {name!r}")
+
+
+__all__ = ["BoxcasegError", "Segmenter", "__version__"]

@@ -11,18 +11,20 @@ import sys
 
 import typer
 
-from boxcaseg.commands import data, demo, evaluate, export, maskrcnn, proxy, train, visualize
+from boxcaseg.commands import config, data, demo, evaluate, export, maskrcnn, model, proxy, segment, train, visualize
 from boxcaseg.errors import BoxcasegError, one_line_from_worker
 
 app = typer.Typer(
     name="boxcaseg",
     help=(
-        "Box-supervised class-agnostic object segmentation (BoxCaseg).\n\n"
-        "Step 1: `train` a BoxCaseg network on box-annotated images + salient images. "
-        "Step 2: `export` it (ONNX / TensorRT) and turn every box of a COCO json into a "
-        "proxy mask with `proxy` (merge, drop). Step 3: train a `maskrcnn` on the proxy "
-        "masks. `evaluate` and `visualize` tell how good the masks are; `demo` runs it all "
-        "on synthetic data."
+        "Box-supervised class-agnostic object segmentation (BoxCaseg): masks for your boxes.\n\n"
+        "Masks now, with the shipped pretrained model: `segment IMAGE --box x,y,w,h` for one image, "
+        "`proxy --ann instances.json --images DIR -o masks.json` for every box of a COCO json "
+        "(`data yolo-to-coco` converts YOLO labels; `proxy --format yolo-seg|png` writes them back). "
+        "Your own model: `train` (joint training on boxes + salient images; `--init-from pretrained` "
+        "fine-tunes), `export` (ONNX / TensorRT). Then `maskrcnn` trains a Mask R-CNN on the masks; "
+        "`evaluate` and `visualize` tell how good they are; `config` and `model` show what ships; "
+        "`demo` runs it all on synthetic data."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -37,7 +39,7 @@ def _root() -> None:
     """Box-supervised class-agnostic object segmentation (BoxCaseg)."""
 
 
-for _module in (train, export, proxy, evaluate, maskrcnn, visualize, data, demo):
+for _module in (segment, proxy, train, export, evaluate, maskrcnn, visualize, data, config, model, demo):
     _module.register(app)
 
 

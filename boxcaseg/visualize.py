@@ -86,6 +86,24 @@ def _draw_boxes(img, anns: list[dict], labels: dict[int, str] | None = None) -> 
             d.text((x + 2, y + 1), labels[a["id"]], fill=colour)
 
 
+def draw_masks(img, masks: np.ndarray, boxes, box_format: str, out: Path) -> None:
+    """The overlay of ``boxcaseg segment``: the image at full size, mask k filled and outlined
+    in colour k, its box drawn and numbered; written as a PNG to ``out`` (atomically)."""
+    from PIL import Image, ImageDraw
+
+    canvas = np.array(img.convert("RGB"))
+    for k, m in enumerate(masks):
+        _paint(canvas, np.asarray(m, bool), _colour(k))
+    pic = Image.fromarray(canvas)
+    d = ImageDraw.Draw(pic)
+    for k, b in enumerate(boxes):
+        x0, y0, a, c = (float(v) for v in b)
+        x1, y1 = (a, c) if box_format == "xyxy" else (x0 + a, y0 + c)
+        d.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=_colour(k), width=2)
+        d.text((x0 + 3, y0 + 2), str(k), fill=BOX)
+    _save_png(pic, Path(out))
+
+
 def render_overlay(rgb: np.ndarray, anns: list[dict], coco: CocoData, gt_anns: list[dict] | None = None,
                    gt: CocoData | None = None, ious: dict[int, float] | None = None):
     """The overlay of one image as a PIL image (see the module doc); ``rgb`` [H, W, 3] uint8."""

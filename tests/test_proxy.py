@@ -75,7 +75,12 @@ def test_output_is_input_with_rle_agreement_and_flags(setup, single_run):
     out, summary = single_run
     src = json.loads(setup["ann"].read_text())
     res = json.loads(out.read_text())
-    assert res["images"] == src["images"] and res["categories"] == src["categories"] and res["info"] == src["info"]
+    assert res["images"] == src["images"] and res["categories"] == src["categories"]
+    # the input's info is kept; the run's model and settings are recorded beside it
+    rec = res["info"].pop("boxcaseg_proxy")
+    assert res["info"] == src["info"]
+    assert rec["context"] == 1.0 and rec["threshold"] == 0.5 and rec["prior_weight"] == 0.0 and rec["merge"] is True
+    assert rec["infer_size"] == summary["settings"]["infer_size"] and rec["model_sha256"]
     assert len(res["annotations"]) == len(src["annotations"])
     imgs = {im["id"]: im for im in src["images"]}
     by_image: dict = {}

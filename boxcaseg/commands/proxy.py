@@ -10,14 +10,16 @@ import typer
 
 def proxy_command(
     ann: Path = typer.Option(..., "--ann", help="COCO instances json whose boxes get proxy masks."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output json (the input with RLE masks, proxy_agreement, ignore_mask)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output json (the input with RLE masks, proxy_agreement, ignore_mask); with --format yolo-seg|png a folder (it also gets that json as boxcaseg-proxy.json)."),
+    fmt: str = typer.Option("coco", "--format", help="coco (a COCO json with RLE masks) | yolo-seg (Ultralytics segmentation labels: one <image stem>.txt per image, one polygon per mask, classes.txt) | png (one instance-id PNG per image + instances.json)."),
+    skip_flagged: bool = typer.Option(False, "--skip-flagged", help="yolo-seg / png: leave out masks flagged ignore_mask (default: written like the others; YOLO has no ignore flag and a missing label teaches a detector background)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder of --ann."),
-    model: Optional[Path] = typer.Option(None, "--model", help="model.onnx (onnx), a checkpoint (torch) or model.engine (trt)."),
-    engine: str = typer.Option("onnx", "--engine", help="torch | onnx | trt."),
-    context: float = typer.Option(1.0, "--context", help="Crop R x the box around its centre (1: exactly the box); masks stay inside the box."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Foreground threshold on the probability."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model: omitted or 'pretrained' = the model shipped with boxcaseg; else a checkpoint (last.pt), model.onnx or a TensorRT model.engine."),
+    engine: str = typer.Option("auto", "--engine", help="auto | torch | onnx | trt. auto: by the model file; a checkpoint runs on PyTorch with a GPU, else through its ONNX graph (built once into ~/.cache/boxcaseg) on ONNX Runtime."),
+    context: Optional[float] = typer.Option(None, "--context", help="Crop R x the box around its centre (1: exactly the box); masks stay inside the box. Default: the model's setting."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Foreground threshold on the probability. Default: the model's setting."),
     relative: bool = typer.Option(False, "--relative", help="Threshold the per-instance min-max normalised map (the published rule)."),
-    prior_weight: float = typer.Option(0.0, "--prior-weight", help="Blend w of a soft ellipse inscribed in the box into the probability before the threshold: (1-w) p + w ellipse (0: off, the paper)."),
+    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Blend w of a soft ellipse inscribed in the box into the probability before the threshold: (1-w) p + w ellipse (0: off, the paper). Default: the model's setting."),
     drop_thresh: float = typer.Option(0.95, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask."),
     no_merge: bool = typer.Option(False, "--no-merge", help="Keep each box's own mask: no smaller-object-better merge of overlapping masks (agreement and --drop-thresh still apply). The merge cleans masks for training; per-instance quality (mIoU*, as `evaluate masks` measures it) is higher without it on COCO (bench/RESULTS.md)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Instances per inference batch."),
@@ -34,7 +36,12 @@ def proxy_command(
     """Turn every non-crowd box of a COCO json into a proxy mask; merge (smaller object
     better) and flag masks whose tight box disagrees with the GT box.
 
-    Example: boxcaseg proxy --engine onnx --model model.onnx --ann instances.json --images images/ -o proxy.json
+    Without --model the model shipped with boxcaseg runs. The inference settings
+    (size, context, threshold, prior weight, alpha) default to the ones the model
+    carries; a flag overrides one. The first line printed names the model and the
+    settings in force, and the output json records them (info.boxcaseg_proxy).
+
+    Example: boxcaseg proxy --ann instances.json --images images/ -o proxy.json
     """
     import json
 
@@ -43,21 +50,39 @@ def proxy_command(
     from boxcaseg.errors import BoxcasegError
     from boxcaseg.dist import env_rank_world
     from boxcaseg.proxy import ProxyConfig, generate_proxy_torchrun, merge_shards
+    from boxcaseg.proxy.pipeline import resolve_proxy_config
+
+    from boxcaseg.formats import FORMATS
 
     con = Console(highlight=False, soft_wrap=True, stderr=False)
+    if fmt not in FORMATS:
+        raise BoxcasegError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    folder = None
+    if fmt != "coco":
+        if out.suffix.lower() == ".json":
+            raise BoxcasegError(f"-o {out}: with --format {fmt} the output is a folder, not a .json file")
+        folder, out = out, out / "boxcaseg-proxy.json"
+        folder.mkdir(parents=True, exist_ok=True)
     if merge:
         s = merge_shards(ann, out)
         con.print(f"[green]merged[/] {s['shards']} shards into {s['output']}: {s['instances']} instances, "
                   f"{s['flagged']} flagged ignore_mask")
+        _write_format(con, fmt, out, folder, skip_flagged)
         return
-    if images is None or model is None:
-        raise BoxcasegError("--images and --model are required (except with --merge-shards)")
+    if images is None:
+        raise BoxcasegError("--images is required (except with --merge-shards)")
     cfg = ProxyConfig(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
         relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, merge=not no_merge, batch_size=batch_size, workers=workers, threads=threads,
         shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
         progress=not no_progress and env_rank_world()[0] == 0, device=device,
     )
+    cfg, rm = resolve_proxy_config(cfg)
+    if env_rank_world()[0] == 0:
+        con.print(f"model {rm.label} on {cfg.engine}: S={rm.settings.infer_size}, context {cfg.context:g}, "
+                  f"threshold {cfg.threshold:g}, prior weight {cfg.prior_weight:g}, alpha {rm.settings.alpha:g}, "
+                  f"{'merge (smaller object wins)' if cfg.merge else 'no merge (each box its own mask)'}, "
+                  f"drop below agreement {drop_thresh:g}")
     s = generate_proxy_torchrun(cfg)
     t = s["timings"]
     busy = t["decode"] + t["inference"] + t["post"]
@@ -72,7 +97,20 @@ def proxy_command(
     if "merged" in s:
         m = s["merged"]
         con.print(f"[green]rank 0 merged[/] {m['shards']} shards into {m['output']}")
+    if Path(s.get("merged", {}).get("output") or s["output"]) == out:  # this process wrote the whole json
+        _write_format(con, fmt, out, folder, skip_flagged)
     con.print(json.dumps(s))
+
+
+def _write_format(con, fmt: str, out: Path, folder: Path | None, skip_flagged: bool) -> None:
+    """yolo-seg / png files from the finished COCO json ``out`` into ``folder``."""
+    if folder is None:
+        return
+    from boxcaseg.formats import write_outputs
+    from boxcaseg.io import load_json
+
+    r = write_outputs(load_json(out, "proxy json"), fmt, folder, skip_flagged)
+    con.print(f"[green]wrote[/] {fmt} into {folder}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "format"))
 
 
 def register(app: typer.Typer) -> None:

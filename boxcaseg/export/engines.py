@@ -14,6 +14,7 @@ sample's answer does not depend on what else is in its batch.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -209,10 +210,48 @@ def engine_device(kind: str, device: str | None = None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def read_model_info(kind: str, path: str | Path) -> int:
-    """The inference size S of a model file, without building the engine.
+@dataclass
+class InferSettings:
+    """How a model is meant to be run: what travels with a checkpoint, ONNX file or engine."""
 
-    BoxcasegError in one line when the file is not a ``kind`` model of ours.
+    infer_size: int
+    context: float = 1.0
+    threshold: float = 0.5
+    prior_weight: float = 0.0
+    alpha: float = 0.7
+
+    def describe(self) -> str:
+        return (f"S={self.infer_size}, context {self.context:g}, threshold {self.threshold:g}, "
+                f"prior weight {self.prior_weight:g}, alpha {self.alpha:g}")
+
+
+@dataclass
+class ResolvedModel:
+    """A model as the user named it, resolved to an engine kind and a file."""
+
+    kind: str                 # torch | onnx | trt
+    path: Path                # the file the engine opens (an ONNX cache file for a converted checkpoint)
+    source: Path              # the file the user gave (or the shipped checkpoint)
+    label: str                # how to name it to the user
+    settings: InferSettings
+
+
+def _settings_from_meta(meta: dict) -> InferSettings:
+    def f(key: str, default: float) -> float:
+        try:
+            return float(meta.get(key, default))
+        except (TypeError, ValueError):
+            return default
+
+    return InferSettings(int(meta["boxcaseg.infer_size"]), f("boxcaseg.context", 1.0), f("boxcaseg.threshold", 0.5),
+                         f("boxcaseg.prior_weight", 0.0), f("boxcaseg.alpha", 0.7))
+
+
+def read_model_settings(kind: str, path: str | Path) -> InferSettings:
+    """The inference settings a model file carries, without building the engine.
+
+    Files written before the settings travelled give the paper's (context 1, threshold
+    0.5, no prior). BoxcasegError in one line when the file is not a ``kind`` model of ours.
     """
     path = Path(path)
     if not path.is_file():
@@ -220,20 +259,118 @@ def read_model_info(kind: str, path: str | Path) -> int:
     if kind == "onnx":
         from boxcaseg.export.onnx_export import read_onnx_metadata
 
-        return int(read_onnx_metadata(path)["boxcaseg.infer_size"])
+        return _settings_from_meta(read_onnx_metadata(path))
     if kind == "trt":
         from boxcaseg.export.tensorrt import read_trt_metadata, trt_missing
 
         missing = trt_missing()
         if missing:
             raise BoxcasegError("--engine trt: missing " + " and ".join(missing))
-        return int(read_trt_metadata(path)["boxcaseg.infer_size"])
+        return _settings_from_meta(read_trt_metadata(path))
     if kind == "torch":
+        from boxcaseg.config import Config, from_dict
         from boxcaseg.io import safe_torch_load
 
         ckpt = safe_torch_load(path)
-        try:
-            return int(ckpt["config"]["model"].get("infer_size", 320))
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (no config.model)") from e
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+            raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (no config)")
+        m = from_dict(Config, ckpt["config"], str(path)).model
+        return InferSettings(int(m.infer_size), float(m.infer_context), float(m.infer_threshold),
+                             float(m.infer_prior_weight), float(m.alpha))
     raise BoxcasegError(f"unknown engine {kind!r} (choose from {', '.join(ENGINE_KINDS)})")
+
+
+def read_model_info(kind: str, path: str | Path) -> int:
+    """The inference size S of a model file (see :func:`read_model_settings`)."""
+    return read_model_settings(kind, path).infer_size
+
+
+def file_kind(path: Path) -> str:
+    """What a model file is, by its name: onnx (.onnx), trt (.engine / .plan) or torch (a checkpoint)."""
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in (".engine", ".plan", ".trt"):
+        return "trt"
+    return "torch"
+
+
+def onnxruntime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def cache_dir() -> Path:
+    """Per-user cache: ``$BOXCASEG_CACHE``, else ``$XDG_CACHE_HOME/boxcaseg``, else ``~/.cache/boxcaseg``."""
+    import os
+
+    if os.environ.get("BOXCASEG_CACHE"):
+        return Path(os.environ["BOXCASEG_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "boxcaseg"
+
+
+def cached_onnx(ckpt: Path) -> Path:
+    """The ONNX graph of a checkpoint, exported on first use into :func:`cache_dir`.
+
+    The file name holds the checkpoint's sha256 and the export format version: new
+    weights or settings (both live in the checkpoint file) get a new graph. A cached
+    file is used only when its metadata names that same checkpoint.
+    """
+    from boxcaseg.export.onnx_export import FORMAT_VERSION, export_onnx, file_sha256, read_onnx_metadata
+
+    sha = file_sha256(ckpt)
+    out = cache_dir() / "onnx" / f"{ckpt.stem}-{sha[:20]}-v{FORMAT_VERSION}.onnx"
+    if out.is_file():
+        try:
+            if read_onnx_metadata(out).get("boxcaseg.checkpoint_sha256") == sha:
+                return out
+        except BoxcasegError:
+            pass
+    log.info("building the ONNX graph of %s into %s (once)", ckpt, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BoxcasegError(f"{out.parent}: cannot create the model cache ({e.strerror}); set BOXCASEG_CACHE") from e
+    export_onnx(ckpt, out)
+    return out
+
+
+def resolve_model(model: str | Path | None = None, engine: str = "auto", device: str | None = None) -> ResolvedModel:
+    """Name a model the way users do and get what runs it.
+
+    ``model``: None or ``"pretrained"`` (the shipped model), a checkpoint, an ``.onnx``
+    file or a TensorRT plan. ``engine``: ``auto`` picks by file (a checkpoint runs on
+    PyTorch when CUDA is there or ``device`` names it, else through its ONNX graph on
+    ONNX Runtime when installed, else on PyTorch's CPU), or ``torch`` / ``onnx`` / ``trt``.
+    A checkpoint asked to run on ``onnx`` is exported once into the per-user cache.
+    """
+    from boxcaseg import weights
+
+    if engine not in ("auto", *ENGINE_KINDS):
+        raise BoxcasegError(f"--engine {engine!r}: choose from auto, {', '.join(ENGINE_KINDS)}")
+    if weights.is_alias(model):
+        source = weights.pretrained_path()
+        label = f"{weights.NAME} (shipped)"
+    else:
+        source = Path(model)
+        if not source.is_file():
+            raise BoxcasegError(f"{source}: model file not found")
+        label = str(source)
+    kind = file_kind(source)
+    if engine == "auto":
+        if kind == "torch":
+            import torch
+
+            gpu = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+            engine = "torch" if gpu or not onnxruntime_available() else "onnx"
+        else:
+            engine = kind
+    if engine == "onnx" and kind == "torch":
+        path = cached_onnx(source)
+    elif engine != kind:
+        raise BoxcasegError(f"{source}: a {kind} model file cannot run on --engine {engine}")
+    else:
+        path = source
+    return ResolvedModel(engine, path, source, label, read_model_settings(engine, path))

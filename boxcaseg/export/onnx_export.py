@@ -58,6 +58,10 @@ def _metadata(cfg, wrapper, exporter: str, ckpt_sha: str, size: int) -> dict[str
         "boxcaseg.infer_size": str(int(size)),
         "boxcaseg.tta": "hflip" if wrapper.flip_tta else "none",
         "boxcaseg.alpha": repr(float(cfg.model.alpha)),
+        # recommended inference settings (from the checkpoint; `boxcaseg proxy/segment` defaults)
+        "boxcaseg.context": repr(float(cfg.model.infer_context)),
+        "boxcaseg.threshold": repr(float(cfg.model.infer_threshold)),
+        "boxcaseg.prior_weight": repr(float(cfg.model.infer_prior_weight)),
         "boxcaseg.backbone": cfg.model.backbone,
         "boxcaseg.input": "image: float32 [B,3,S,S] RGB 0..255 (raw pixels)",
         "boxcaseg.normalization": "in graph: ImageNet mean/std",

@@ -118,12 +118,16 @@ def build_tasks(data: dict, context: float, strict: bool, src: str | Path) -> li
     return tasks
 
 
-def apply_results(data: dict, results: dict) -> dict:
+def apply_results(data: dict, results: dict, info: dict | None = None) -> dict:
     """The output json: ``data`` with ``results[ann_id] = (rle, agreement, ignore)`` applied.
 
     Every non-crowd annotation must have a result (nothing is dropped silently).
+    ``info``: the model and settings of the run, recorded as ``info.boxcaseg_proxy``.
     """
     out = dict(data)
+    if info is not None:
+        base = data.get("info") if isinstance(data.get("info"), dict) else {}
+        out["info"] = {**base, "boxcaseg_proxy": info}
     anns = []
     for ann in data["annotations"]:
         if _is_crowd(ann):

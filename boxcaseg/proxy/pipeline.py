@@ -4,7 +4,7 @@ Flow (one shard):
 
 1. the json is validated and turned into per-image work (:mod:`boxcaseg.proxy.coco`);
 2. worker processes decode each image once and crop + resize all its usable boxes to
-   S x S (:func:`~boxcaseg.proxy.geometry.crop_resize`);
+   S x S (:func:`~boxcaseg.data.transforms.crop_resize`);
 3. the main process packs crops of consecutive images into batches of exactly
    ``batch_size`` (the last batch of a chunk is padded, so every sample is always
    computed in a batch of the same size) and runs the engine;
@@ -49,12 +49,12 @@ class ProxyConfig:
     ann: Path                        # COCO instances json (boxes)
     images: Path                     # its image folder
     out: Path                        # output json (shard files / progress next to it)
-    model: Path                      # .onnx (onnx), checkpoint (torch) or .engine (trt)
-    engine: str = "onnx"             # torch | onnx | trt
-    context: float = 1.0             # crop R x the box around its centre (>= 1)
-    threshold: float = 0.5           # on the probability (or min-max normalised with relative)
+    model: Any = None                # None/"pretrained" (the shipped model), a checkpoint, .onnx or .engine
+    engine: str = "auto"             # auto | torch | onnx | trt (auto: by file, see export.engines.resolve_model)
+    context: float | None = None     # crop R x the box around its centre (>= 1); None: the model's
+    threshold: float | None = None   # on the probability (or min-max normalised with relative); None: the model's
     relative: bool = False           # the published per-instance min-max normalisation
-    prior_weight: float = 0.0        # blend of a soft inscribed-ellipse prior before the threshold
+    prior_weight: float | None = None  # blend of a soft inscribed-ellipse prior before the threshold; None: the model's
     drop_thresh: float = 0.95        # agreement below -> ignore_mask
     merge: bool = True               # smaller object better across the masks of an image (False: each box's own)
     batch_size: int = 32             # instances per inference batch (fixed; part of the fingerprint)
@@ -72,6 +72,8 @@ class ProxyConfig:
 
         if self.engine not in ENGINE_KINDS:
             raise BoxcasegError(f"--engine {self.engine!r}: choose from {', '.join(ENGINE_KINDS)}")
+        if self.context is None or self.threshold is None or self.prior_weight is None:
+            raise RuntimeError("ProxyConfig.check() before resolve_proxy_config()")
         if not (math.isfinite(self.context) and self.context >= 1.0):
             raise BoxcasegError(f"--context {self.context}: must be >= 1 (1 crops exactly the box)")
         if not 0.0 <= self.threshold <= 1.0:
@@ -111,7 +113,7 @@ class _DecodeDataset:
         import torch
 
         from boxcaseg.data.transforms import open_rgb
-        from boxcaseg.proxy.geometry import crop_resize
+        from boxcaseg.data.transforms import crop_resize
 
         t0 = time.perf_counter()
         image_id, path, w, h, crops = self.items[i]
@@ -121,7 +123,7 @@ class _DecodeDataset:
                 raise BoxcasegError(f"{path} is {img.size[0]}x{img.size[1]} pixels, the json says {w}x{h}")
             arr = np.empty((len(crops), 3, self.size, self.size), np.uint8)
             for k, c in enumerate(crops):
-                arr[k] = crop_resize(img, tuple(int(v) for v in c), self.size).transpose(2, 0, 1)
+                arr[k] = np.asarray(crop_resize(img, tuple(int(v) for v in c), self.size)).transpose(2, 0, 1)
         except BoxcasegError as e:
             return {"i": i, "error": f"image id {image_id!r}: {e.one_line()}", "t": time.perf_counter() - t0}
         except Exception as e:  # noqa: BLE001 - decompression bombs, truncated data ...
@@ -321,6 +323,35 @@ def _make_progress(enabled: bool, total: int, done: int):
     return prog, task
 
 
+def resolve_proxy_config(cfg: ProxyConfig):
+    """``cfg`` with its model resolved (engine kind and file) and every setting left
+    None taken from the model; returns (resolved config, :class:`ResolvedModel`)."""
+    from boxcaseg.export.engines import resolve_model
+
+    if not Path(cfg.images).is_dir():
+        raise BoxcasegError(f"{cfg.images}: image folder not found")
+    rm = resolve_model(cfg.model, cfg.engine, cfg.device)
+    st = rm.settings
+    out = ProxyConfig(**{
+        **asdict(cfg), "ann": Path(cfg.ann), "images": Path(cfg.images), "out": Path(cfg.out),
+        "model": rm.path, "engine": rm.kind,
+        "context": st.context if cfg.context is None else float(cfg.context),
+        "threshold": st.threshold if cfg.threshold is None else float(cfg.threshold),
+        "prior_weight": st.prior_weight if cfg.prior_weight is None else float(cfg.prior_weight),
+    })
+    return out, rm
+
+
+def run_info(cfg: ProxyConfig, rm, fingerprint: dict) -> dict:
+    """What the output json records in ``info.boxcaseg_proxy``: the model and the settings in force."""
+    from boxcaseg import __version__
+
+    return {"version": __version__, "model": rm.label, "model_sha256": fingerprint["model_sha256"],
+            "engine": cfg.engine, "infer_size": rm.settings.infer_size, "alpha": rm.settings.alpha,
+            "context": cfg.context, "threshold": cfg.threshold, "prior_weight": cfg.prior_weight,
+            "relative": cfg.relative, "merge": cfg.merge, "drop_thresh": cfg.drop_thresh}
+
+
 def generate_proxy(cfg: ProxyConfig) -> dict:
     """Turn every non-crowd box of ``cfg.ann`` into a proxy mask; returns a summary dict.
 
@@ -335,14 +366,13 @@ def generate_proxy(cfg: ProxyConfig) -> dict:
     instances_per_s, chunks, resumed_chunks, timings {decode, wait, inference, post},
     shard, output, engine.
     """
-    from boxcaseg.export.engines import load_engine, read_model_info
+    from boxcaseg.export.engines import load_engine
 
-    cfg = ProxyConfig(**{**asdict(cfg), "ann": Path(cfg.ann), "images": Path(cfg.images),
-                         "out": Path(cfg.out), "model": Path(cfg.model)})
-    cfg.check()
     t_start = time.perf_counter()
+    cfg, rm = resolve_proxy_config(cfg)
+    cfg.check()
     shard = Shard.parse(cfg.shard)
-    size = read_model_info(cfg.engine, cfg.model)
+    size = rm.settings.infer_size
     data = load_json(cfg.ann, "COCO annotation json")
     validate_coco(data, cfg.ann)
     tasks = build_tasks(data, cfg.context, cfg.strict, cfg.ann)
@@ -367,12 +397,14 @@ def generate_proxy(cfg: ProxyConfig) -> dict:
             results[ann_key(ann_id)] = (rle, agr, ignore)
     seconds = time.perf_counter() - t_start
     summary = _summary(stats, len(mine), shard, chunks, pending, timers, seconds, data, engine_desc)
+    info = run_info(cfg, rm, store.fingerprint)
+    summary["settings"] = info
     if shard.count == 1:
-        atomic_write_json(cfg.out, apply_results(data, results))
+        atomic_write_json(cfg.out, apply_results(data, results, info))
         summary["output"] = str(cfg.out)
     else:
         path = shard_file(cfg.out, shard)
-        atomic_write_json(path, {"format": FORMAT, "fingerprint": store.fingerprint, "stats": stats,
+        atomic_write_json(path, {"format": FORMAT, "fingerprint": store.fingerprint, "stats": stats, "info": info,
                                  "results": [[k, *v] for k, v in results.items()], "summary": summary})
         summary["output"] = str(path)
     store.remove()
@@ -496,10 +528,11 @@ def merge_shards(ann: str | Path, out: str | Path) -> dict:
             raise BoxcasegError(f"{files[k]}: made with other inputs or options than {files[0].name}")
         if fp.get("ann_sha256") != sha:
             raise BoxcasegError(f"{files[k]}: made from another annotation file than {ann}")
+        info = shard.get("info")
         for ann_id, rle, agr, ignore in shard["results"]:
             results[ann_id] = (rle, agr, ignore)
         stats = _add_stats(stats, shard.get("stats", {}))
-    atomic_write_json(out, apply_results(data, results))
+    atomic_write_json(out, apply_results(data, results, info))
     s = _stats_summary(stats)
     s.update({"shards": n, "output": str(out)})
     return s

@@ -1,0 +1,81 @@
+"""``boxcaseg segment``: masks for a few boxes of one image (overlay PNG and/or RLE json)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def parse_box(text: str) -> list[float]:
+    """``"x,y,w,h"`` (or 4 numbers separated by spaces) -> 4 floats; BoxcasegError naming the text."""
+    from boxcaseg.errors import BoxcasegError
+
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
+        raise BoxcasegError(f"--box {text!r}: expected 4 numbers x,y,w,h (or x0,y0,x1,y1 with --xyxy)")
+    return vals
+
+
+def segment_command(
+    image: Path = typer.Argument(..., help="The image (any format Pillow reads)."),
+    box: list[str] = typer.Option(..., "--box", "-b", help="A box x,y,w,h in pixels (repeat for more boxes); x0,y0,x1,y1 with --xyxy."),
+    xyxy: bool = typer.Option(False, "--xyxy", help="Boxes are x0,y0,x1,y1 instead of x,y,w,h."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Overlay PNG to write (the image at full size, each mask filled and outlined, boxes drawn)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="JSON to write: one COCO RLE (size, counts) per box, in the order given."),
+    model: Optional[str] = typer.Option(None, "--model", help="Omitted or 'pretrained': the model shipped with boxcaseg; else a checkpoint, .onnx or .engine."),
+    engine: str = typer.Option("auto", "--engine", help="auto | torch | onnx | trt."),
+    context: Optional[float] = typer.Option(None, "--context", help="Crop R x the box (default: the model's setting)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Foreground threshold (default: the model's setting)."),
+    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Soft-ellipse prior weight (default: the model's setting)."),
+    merge: bool = typer.Option(False, "--merge", help="A pixel claimed by several boxes goes to the smallest (default: each box its own mask)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Device of the torch engine (cpu, cuda, cuda:K)."),
+) -> None:
+    """Masks for the given boxes of one image, with the shipped model unless --model says otherwise.
+
+    Settings default to the ones the model carries; the first line printed names them.
+    Without -o and --json the masks' areas are printed only.
+
+    Example: boxcaseg segment street.jpg --box 48,30,120,200 --box 300,60,80,90 -o overlay.png --json masks.json
+    """
+    from boxcaseg.errors import BoxcasegError
+    from boxcaseg.io import atomic_write_json
+    from boxcaseg.masks import encode
+    from boxcaseg.predictor import Segmenter, as_rgb_image
+
+    boxes = [parse_box(b) for b in box]
+    fmt = "xyxy" if xyxy else "xywh"
+    for path, what in ((out, "-o"), (json_out, "--json")):
+        if path is not None and not path.parent.exists():
+            raise BoxcasegError(f"{what} {path}: folder {path.parent} does not exist")
+    img = as_rgb_image(image)
+    seg = Segmenter(model, engine=engine, device=device, context=context, threshold=threshold, prior_weight=prior_weight)
+    typer.echo(seg.describe())
+    masks, agreement = seg.predict_with_agreement(img, boxes, box_format=fmt, merge=merge)
+    W, H = img.size
+    for k, m in enumerate(masks):
+        typer.echo(f"box {k} {boxes[k]}: {int(m.sum())} px, box agreement {agreement[k]:.3f}")
+    if json_out is not None:
+        atomic_write_json(json_out, {
+            "image": str(image), "width": W, "height": H, "box_format": fmt, "model": seg.model.label,
+            "settings": {"infer_size": seg.infer_size, "context": seg.context, "threshold": seg.threshold,
+                         "prior_weight": seg.prior_weight, "merge": merge},
+            "masks": [{"box": boxes[k], "segmentation": encode(m), "area": int(m.sum()),
+                       "box_agreement": round(float(agreement[k]), 6)} for k, m in enumerate(masks)],
+        })
+        typer.echo(f"wrote {json_out}")
+    if out is not None:
+        from boxcaseg.visualize import draw_masks
+
+        draw_masks(img, masks, boxes, fmt, out)
+        typer.echo(f"wrote {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("segment")(segment_command)

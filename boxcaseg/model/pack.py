@@ -1,0 +1,58 @@
+"""Slim model files: a checkpoint's weights (fp16) and config with the inference settings."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from boxcaseg.errors import BoxcasegError
+
+PACK_FORMAT = "boxcaseg-model-1"
+
+
+def pack_checkpoint(ckpt: str | Path, out: str | Path, *, context: float | None = None, threshold: float | None = None,
+                    prior_weight: float | None = None, infer_size: int | None = None, half: bool = True,
+                    extra: dict | None = None) -> dict:
+    """Write ``out``: ``{"model": state dict, "config": ..., "format", "iter", "source_sha256"}``.
+
+    Floating tensors become float16 when ``half`` (integer buffers stay as they are); the
+    given settings replace the config's ``model.infer_*`` fields. Loads with
+    ``torch.load(weights_only=True)`` like every checkpoint. Returns what was written.
+    """
+    from boxcaseg.config import Config, from_dict
+    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import atomic_torch_save, safe_torch_load
+    from boxcaseg.model import build_model
+
+    ckpt = Path(ckpt)
+    src = safe_torch_load(ckpt)
+    if not isinstance(src, dict) or "model" not in src or "config" not in src:
+        raise BoxcasegError(f"{ckpt}: not a boxcaseg checkpoint (no 'model'/'config' entries)")
+    cfg = from_dict(Config, src["config"], str(ckpt))
+    m = cfg.model
+    for name, value, ok in (("context", context, lambda v: math.isfinite(v) and v >= 1.0),
+                            ("threshold", threshold, lambda v: 0.0 <= v <= 1.0),
+                            ("prior_weight", prior_weight, lambda v: 0.0 <= v <= 1.0)):
+        if value is not None:
+            if not ok(float(value)):
+                raise BoxcasegError(f"--{name.replace('_', '-')} {value}: out of range")
+            setattr(m, f"infer_{name}", float(value))
+    if infer_size is not None:
+        if infer_size < 8 or infer_size % 4:
+            raise BoxcasegError(f"--infer-size {infer_size}: a multiple of 4, at least 8")
+        m.infer_size = int(infer_size)
+    cfg.model.pretrained = False
+    cfg.model.backbone_weights = ""
+    cfg.train.init_from = ""
+    state = {k: (v.half() if half and v.is_floating_point() else v).clone() for k, v in src["model"].items()}
+    # the weights must fit the architecture the config describes
+    try:
+        build_model(cfg.model).load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as e:
+        raise BoxcasegError(f"{ckpt}: weights do not fit its config ({str(e).splitlines()[0]})") from e
+    obj = {"format": PACK_FORMAT, "model": state, "config": cfg.to_dict(), "iter": int(src.get("iter", 0)),
+           "source_sha256": file_sha256(ckpt), **(extra or {})}
+    atomic_torch_save(obj, out)
+    return obj

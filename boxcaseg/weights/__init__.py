@@ -1,0 +1,53 @@
+"""The pretrained BoxCaseg model shipped inside the package.
+
+``boxcaseg-lite0.pt``: an fp16 state dict with its config (EfficientNet-Lite0, trained
+by us on COCO train2017 boxes and DUTS-TR pairs; :file:`MODEL.md` is its model card).
+It loads with ``torch.load(weights_only=True)`` like any ``boxcaseg train`` checkpoint,
+after its sha256 is checked against :data:`SHA256`. Its config carries the recommended
+inference settings (``model.infer_size``, ``infer_context``, ``infer_threshold``,
+``infer_prior_weight``, ``alpha``) that ``boxcaseg proxy``/``segment`` and
+:class:`boxcaseg.Segmenter` use by default.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from boxcaseg.errors import BoxcasegError
+
+NAME = "boxcaseg-lite0"
+FILE = "boxcaseg-lite0.pt"
+SHA256 = ""  # set by `boxcaseg model pack --shipped` when the file is (re)made
+ALIASES = ("pretrained", NAME)
+
+_checked: set[str] = set()
+
+
+def weights_dir() -> Path:
+    return Path(str(resources.files("boxcaseg") / "weights"))
+
+
+def model_card() -> str:
+    """The shipped model's card (MODEL.md)."""
+    return (weights_dir() / "MODEL.md").read_text()
+
+
+def pretrained_path(check: bool = True) -> Path:
+    """The shipped checkpoint, its sha256 checked once per process (BoxcasegError if it differs)."""
+    from boxcaseg.export.onnx_export import file_sha256
+
+    path = weights_dir() / FILE
+    if not path.is_file():
+        raise BoxcasegError(f"{path}: the shipped model is missing from this installation (reinstall boxcaseg)")
+    if check and str(path) not in _checked:
+        got = file_sha256(path)
+        if got != SHA256:
+            raise BoxcasegError(f"{path}: sha256 {got[:16]}... is not the shipped model's {SHA256[:16]}... "
+                                "(a damaged or replaced file; reinstall boxcaseg)")
+        _checked.add(str(path))
+    return path
+
+
+def is_alias(spec) -> bool:
+    return spec is None or str(spec) in ALIASES
