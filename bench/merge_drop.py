@@ -11,8 +11,11 @@ masks of neighbouring boxes overlap as real proxy masks do).
   one and painted into a full-image label map in descending box area (``np.where``),
   then per annotation ``np.where(label == k)`` -> tight box -> IoU with the GT box,
   and the full-image mask RLE-encoded. Conventions made explicit so the two can agree
-  exactly: equal areas -> the annotation listed first wins (stable sort), tight box in
-  pixel edges, GT box clipped to the image, IoU by boxcaseg.boxes.box_iou_xyxy;
+  exactly: equal areas -> the annotation listed first wins (stable sort), the tight box
+  (pixel edges) measured in the GT's continuous frame as the drop rule does
+  (boxcaseg.proxy.merge_drop.mask_box_in_gt_frame; the published code compares the
+  pixel-edge box itself, biased against small boxes), GT box clipped to the image, IoU
+  by boxcaseg.boxes.box_iou_xyxy;
 - ours: boxcaseg.proxy.merge_and_drop on box-local windows (Numba) + RLE from the
   windows (boxcaseg.proxy.encode_window_fast).
 
@@ -79,6 +82,7 @@ def published(item, drop: float):
 
     from boxcaseg.boxes import box_iou_xyxy
     from boxcaseg.masks import encode, tight_box_xyxy
+    from boxcaseg.proxy.merge_drop import mask_box_in_gt_frame
 
     h, w = item["h"], item["w"]
     areas = item["areas"]
@@ -92,7 +96,8 @@ def published(item, drop: float):
     for k in range(len(areas)):
         binary = np.where(label == (k + 1), 1, 0).astype(np.uint8)
         tb = tight_box_xyxy(binary)
-        agreement = box_iou_xyxy(np.array(tb, np.float64), item["gt"][k]) if tb is not None else 0.0
+        agreement = (box_iou_xyxy(mask_box_in_gt_frame(np.array(tb, np.float64), item["gt"][k]), item["gt"][k])
+                     if tb is not None else 0.0)
         res.append((encode(binary), agreement, agreement < drop))
     return res
 

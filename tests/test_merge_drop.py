@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from boxcaseg.boxes import box_iou_xyxy
 from boxcaseg.masks import decode, encode, encode_window, mask_iou, tight_box_xyxy
 from boxcaseg.proxy import encode_window_fast, masks_from_probs, merge_and_drop
+from boxcaseg.proxy.geometry import box_window, clipped_box_xyxy
+from boxcaseg.proxy.merge_drop import box_agreement
 from boxcaseg.proxy.postprocess import resize_bilinear
 
 
@@ -19,6 +20,31 @@ def paste(h, w, window, m):
     x0, y0, x1, y1 = window
     full[y0:y1, x0:x1] = m
     return full
+
+
+def agreement_reference(mask, x0, y0, gt):
+    """The drop rule in plain Python float64 (loops), independent of the kernel: the mask's
+    first/last column c0/c1 (row r0/r1, image coordinates) admit GT edges in
+    [c0 - 0.5, c0 + 1] / [c1, c1 + 1.5]; the mask's box is the GT's clamped into those;
+    agreement = its IoU with the GT box; an empty mask: 0."""
+    h, w = len(mask), len(mask[0]) if len(mask) else 0
+    cols = [c for c in range(w) if any(mask[r][c] for r in range(h))]
+    rows = [r for r in range(h) if any(mask[r][c] for c in range(w))]
+    if not cols:
+        return 0.0
+    c0, c1 = x0 + min(cols), x0 + max(cols)
+    r0, r1 = y0 + min(rows), y0 + max(rows)
+    g0, g1, g2, g3 = (float(v) for v in gt)
+
+    def clamp(v, lo, hi):
+        return lo if v < lo else (hi if v > hi else v)
+
+    e0, e2 = clamp(g0, c0 - 0.5, c0 + 1.0), clamp(g2, float(c1), c1 + 1.5)
+    e1, e3 = clamp(g1, r0 - 0.5, r0 + 1.0), clamp(g3, float(r1), r1 + 1.5)
+    iw, ih = min(e2, g2) - max(e0, g0), min(e3, g3) - max(e1, g1)
+    inter = iw * ih if iw > 0 and ih > 0 else 0.0
+    union = (e2 - e0) * (e3 - e1) + (g2 - g0) * (g3 - g1) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def label_map_reference(h, w, windows, masks, gt, areas):
@@ -30,8 +56,7 @@ def label_map_reference(h, w, windows, masks, gt, areas):
     out = []
     for k in range(len(areas)):
         binary = (label == k + 1).astype(np.uint8)
-        tb = tight_box_xyxy(binary)
-        out.append((binary, box_iou_xyxy(np.array(tb, float), gt[k]) if tb else 0.0))
+        out.append((binary, agreement_reference(binary.tolist(), 0, 0, gt[k])))
     return out
 
 
@@ -58,9 +83,10 @@ def test_merge_hand_made_overlaps_expected_pixels():
     # every pixel has at most one owner, and the union is unchanged
     assert (sum(full) <= 1).all()
     assert (sum(full) > 0).sum() == (sum(paste(h, w, windows[k], masks[k]) for k in range(3)) > 0).sum()
-    # agreement: A and B keep their full tight boxes; C's tight box is 1x2 in a 2x2 GT box
+    # agreement: A and B keep their full extent; C has column 5 of the 2x2 GT box [5, 7) x [4, 6):
+    # its right edge may lie anywhere in [5, 6.5] (touched pixels up to 6, centres up to 6.5)
     assert agreement[0] == 1.0 and agreement[1] == 1.0
-    assert agreement[2] == pytest.approx(0.5)
+    assert agreement[2] == pytest.approx(1.5 * 2 / 4)
 
 
 def test_merge_ties_go_to_the_first_listed_and_missing_masks_take_nothing():
@@ -72,7 +98,8 @@ def test_merge_ties_go_to_the_first_listed_and_missing_masks_take_nothing():
     assert merged[0].all()  # first listed wins the tie
     np.testing.assert_array_equal(merged[1][:, :2], 0)
     assert merged[1][:, 2:].all()
-    assert agreement[1] == pytest.approx(8 / 16)
+    # columns 4-5 of the GT box [2, 6): the left edge may reach 3.5 (centre convention), not 2
+    assert agreement[1] == pytest.approx(2.5 * 4 / 16)
 
 
 def test_drop_empty_mask_has_zero_agreement():
@@ -102,7 +129,7 @@ def test_merge_drop_equals_label_map_reference_on_random_images():
         for k in range(n):
             got = np.zeros((h, w), np.uint8) if merged[k] is None else paste(h, w, windows[k], merged[k])
             np.testing.assert_array_equal(got, ref[k][0])
-            assert agreement[k] == ref[k][1]  # bit-identical
+            assert agreement[k] == pytest.approx(ref[k][1], abs=1e-12)
 
 
 @pytest.mark.parametrize("encoder", [encode_window, encode_window_fast])
@@ -213,4 +240,190 @@ def test_merge_off_keeps_masks_and_scores_each_alone():
                 continue
             np.testing.assert_array_equal(merged[k], masks[k])
             tb = tight_box_xyxy(paste(h, w, windows[k], masks[k]))
-            assert agreement[k] == (box_iou_xyxy(np.array(tb, float), gt[k]) if tb else 0.0)
+            ref = agreement_reference(masks[k].tolist(), windows[k][0], windows[k][1], gt[k])
+            assert agreement[k] == pytest.approx(ref, abs=1e-12)
+            # the numpy form (bench reports) is bit-identical to the kernel
+            assert agreement[k] == (float(box_agreement(np.array(tb, float), gt[k])) if tb else 0.0)
+
+
+# --- drop rule: the mask's box in the GT's continuous frame (no pixel-grid bias) -------------
+
+SIZES = [3.0, 4.6, 7.3, 12.9, 20.4, 33.7, 60.2]
+
+
+def raster(gt, window, convention):
+    """The mask of a box in its window: pixels the box touches, or pixels whose centre is inside."""
+    x0, y0, x1, y1 = window
+    cx = np.arange(x0, x1) + 0.5
+    cy = np.arange(y0, y1) + 0.5
+    if convention == "touch":
+        inx = (np.arange(x0, x1) + 1 > gt[0]) & (np.arange(x0, x1) < gt[2])
+        iny = (np.arange(y0, y1) + 1 > gt[1]) & (np.arange(y0, y1) < gt[3])
+    else:
+        inx, iny = (cx >= gt[0]) & (cx < gt[2]), (cy >= gt[1]) & (cy < gt[3])
+    return (iny[:, None] & inx[None, :]).astype(np.uint8)
+
+
+@pytest.mark.parametrize("bw", SIZES)
+def test_perfect_masks_of_fractional_boxes_have_agreement_one(bw):
+    """Either raster of a box with fractional edges scores 1.0 at every size and offset (the former
+    pixel-edge tight box capped a 20.4 px box at x = 10.3 to (20.4/21)^2 = 0.94)."""
+    rng = np.random.default_rng(int(bw * 10))
+    W, H = 200, 150
+    for bh in SIZES:
+        for _ in range(4):
+            bbox = [5 + rng.integers(0, 60) + rng.uniform(0.01, 0.99), 5 + rng.integers(0, 40) + rng.uniform(0.01, 0.99),
+                    bw, bh]
+            window = box_window(bbox, W, H)
+            gt = clipped_box_xyxy(bbox, W, H)
+            masks = [raster(gt, window, "touch"), raster(gt, window, "centre")]
+            _, agreement = merge_and_drop(np.array([window, window]), masks, np.array([gt, gt]),
+                                          np.array([bw * bh] * 2), merge=False)
+            assert agreement[0] == pytest.approx(1.0, abs=1e-12), (bbox, "touch")
+            assert agreement[1] == pytest.approx(1.0, abs=1e-12), (bbox, "centre")
+    # clipped at the image border: the clipped GT box is what the mask can reach
+    for bbox in ([-bw / 2 - 0.3, 10.6, bw, 7.3], [W - bw / 2 + 0.3, H - 2.2, bw, 9.1]):
+        window, gt = box_window(bbox, W, H), clipped_box_xyxy(bbox, W, H)
+        for conv in ("touch", "centre"):
+            _, agreement = merge_and_drop(np.array([window]), [raster(gt, window, conv)], np.array([gt]),
+                                          np.array([1.0]), merge=False)
+            assert agreement[0] == pytest.approx(1.0, abs=1e-12), (bbox, conv)
+
+
+def test_mask_a_pixel_short_or_past_the_box_loses():
+    # a 20 x 20 box on whole pixels: its first column [10, 11) is fully inside the box
+    window, gt = np.array([[10, 5, 30, 25]]), np.array([[10.0, 5.0, 30.0, 25.0]])
+    full = np.ones((20, 20), np.uint8)
+    no_first_col = full.copy()
+    no_first_col[:, 0] = 0
+    no_last_row = full.copy()
+    no_last_row[-1] = 0
+    for m in (no_first_col, no_last_row):
+        _, agreement = merge_and_drop(window, [m], gt, np.array([400.0]), merge=False)
+        ref = agreement_reference(m.tolist(), 10, 5, gt[0])
+        assert agreement[0] < 1.0 and agreement[0] == pytest.approx(ref, abs=1e-12)
+        assert ref == pytest.approx(19.5 * 20 / 400)  # a fully covered column missing: half a pixel lost
+    _, agreement = merge_and_drop(window, [full], gt, np.array([400.0]), merge=False)
+    assert agreement[0] == 1.0
+    # a mask reaching column 9, which the box [10.2, 30) does not touch: the 0.2 px past it lose
+    window2, gt2 = np.array([[9, 5, 30, 25]]), np.array([[10.2, 5.0, 30.0, 25.0]])
+    _, agreement = merge_and_drop(window2, [np.ones((20, 21), np.uint8)], gt2, np.array([400.0]), merge=False)
+    ref = agreement_reference(np.ones((20, 21)).tolist(), 9, 5, gt2[0])
+    assert agreement[0] < 1.0 and agreement[0] == pytest.approx(ref, abs=1e-12)
+    assert ref == pytest.approx(19.8 * 20 / (20.0 * 20))
+
+
+def test_drop_rule_matches_plain_python_reference_on_random_masks():
+    rng = np.random.default_rng(7)
+    W, H = 80, 60
+    checked = 0
+    for t in range(300):
+        n = int(rng.integers(1, 4))
+        windows, masks, gt, areas = [], [], [], []
+        for _ in range(n):
+            kind = t % 4  # fractional edges, whole pixels, .5 edges (ties of the centre rule), partly outside
+            x, y = rng.uniform(-5 if kind == 3 else 0, W - 3), rng.uniform(-5 if kind == 3 else 0, H - 3)
+            bw, bh = rng.uniform(0.6, 30), rng.uniform(0.6, 30)
+            if kind == 1:
+                x, y, bw, bh = float(int(x)), float(int(y)), float(max(1, int(bw))), float(max(1, int(bh)))
+            elif kind == 2:
+                x, y, bw, bh = int(x) + 0.5, int(y) + 0.5, float(max(1, int(bw))), float(max(1, int(bh)))
+            bbox = [x, y, bw, bh]
+            win = box_window(bbox, W, H)
+            g = clipped_box_xyxy(bbox, W, H)
+            wh, ww = win[3] - win[1], win[2] - win[0]
+            style = rng.integers(0, 4)
+            if style == 0:  # random pixels
+                m = (rng.random((wh, ww)) < rng.uniform(0.05, 1.0)).astype(np.uint8)
+            elif style == 1:  # a sub-rectangle (masks a few pixels short on some sides)
+                m = np.zeros((wh, ww), np.uint8)
+                r0, c0 = rng.integers(0, min(3, wh)), rng.integers(0, min(3, ww))
+                r1, c1 = wh - rng.integers(0, min(3, wh - r0)), ww - rng.integers(0, min(3, ww - c0))
+                m[r0:r1, c0:c1] = 1
+            elif style == 2:  # one of the perfect rasters
+                m = raster(g, win, ["touch", "centre"][int(rng.integers(0, 2))])
+            else:  # a single pixel or empty
+                m = np.zeros((wh, ww), np.uint8)
+                if rng.random() < 0.8:
+                    m[rng.integers(0, wh), rng.integers(0, ww)] = 1
+            windows.append(win)
+            masks.append(m)
+            gt.append(g)
+            areas.append(bw * bh)
+        _, agreement = merge_and_drop(np.array(windows), masks, np.array(gt), np.array(areas), merge=False)
+        for k in range(n):
+            ref = agreement_reference(masks[k].tolist(), windows[k][0], windows[k][1], gt[k])
+            assert agreement[k] == pytest.approx(ref, abs=1e-12), (windows[k], gt[k])
+            assert 0.0 <= agreement[k] <= 1.0
+            checked += 1
+    assert checked > 500
+
+
+# --- bench/drop_by_size.py: flagged share by object size, former vs current rule ------------
+
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "drop_by_size.py"
+    spec = importlib.util.spec_from_file_location("bench_drop_by_size", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_drop_by_size_on_a_tiny_json():
+    bench = _load_bench()
+    H, W = 150, 160
+    # GT: a small fractional box, a medium one on whole pixels, a large fractional one; a crowd; an
+    # annotation with a degenerate box (flagged either way)
+    boxes = {1: [10.3, 20.6, 20.4, 12.9], 2: [40.0, 10.0, 50.0, 40.0], 3: [20.5, 45.25, 130.2, 80.3]}
+    gt_anns = []
+    for aid, b in boxes.items():
+        x, y, w, h = b
+        poly = [x, y, x + w, y, x + w, y + h, x, y + h]
+        gt_anns.append({"id": aid, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": b,
+                        "segmentation": [poly], "area": w * h})
+    gt_anns.append({"id": 4, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [5.0, 5.0, 0.0, 3.0],
+                    "segmentation": [[5, 5, 5, 8, 5, 8]], "area": 0.0})
+    gt_anns.append({"id": 5, "image_id": 1, "category_id": 1, "iscrowd": 1, "bbox": [0, 0, 5, 5], "area": 25.0,
+                    "segmentation": {"size": [H, W], "counts": [0, 5, H * W - 5]}})
+    gt = {"images": [{"id": 1, "width": W, "height": H, "file_name": "a.jpg"}], "annotations": gt_anns,
+          "categories": [{"id": 1, "name": "thing"}]}
+    # proxy (per-instance, --no-merge): each box's touched pixels; box 2 loses its first column
+    proxy_anns = []
+    for a in gt_anns:
+        if a["iscrowd"]:
+            proxy_anns.append(a)
+            continue
+        m = np.zeros((H, W), np.uint8)
+        if a["id"] in boxes:
+            x0, y0, x1, y1 = box_window(a["bbox"], W, H)
+            m[y0:y1, x0:x1] = 1
+            if a["id"] == 2:
+                m[:, x0] = 0
+        proxy_anns.append(dict(a, segmentation=encode(m), proxy_agreement=0.0, ignore_mask=True))
+    proxy = dict(gt, annotations=proxy_anns, info={"boxcaseg_proxy": {"merge": False}})
+    res = bench.flag_shares(proxy, gt, drop=0.95)
+    rows = {r["size"]: r for r in res["variants"]["per-instance"]}
+    assert res["size_basis"] == {"mask": 4}
+    # former rule: the small fractional box (20.4 x 12.9 at 10.3, 20.6) is flagged although perfect;
+    # current rule: only the degenerate box and the medium one ... which misses one column of 50 (0.99)
+    assert rows["small"]["n"] == 2 and rows["small"]["flagged_old"] == 2 and rows["small"]["flagged_new"] == 1
+    assert rows["medium"]["n"] == 1 and rows["medium"]["flagged_old"] == 0 and rows["medium"]["flagged_new"] == 0
+    assert rows["large"]["n"] == 1 and rows["large"]["flagged_old"] == 0 and rows["large"]["flagged_new"] == 0
+    assert rows["all"]["n"] == 4 and rows["all"]["flagged_old"] == 2 and rows["all"]["flagged_new"] == 1
+    # merged (recomputed from the per-instance masks): box 3, the largest, gives rows 45-49 of box 2's
+    # columns up to box 2 but keeps its extent
+    assert "merged" in res["variants"]
+    mrows = {r["size"]: r for r in res["variants"]["merged"]}
+    assert mrows["all"]["n"] == 4 and mrows["all"]["flagged_new"] == 1
+    table = bench.markdown(res)
+    assert "| small | 2 | 100.0 | 50.0 |" in table
+    assert res["stored_matches"] == {"old": 1, "new": 1, "n": 4}  # stored 0.0: only the degenerate box's
+    # a json written with the default merge: its masks are the merged ones, reported as they are
+    res_m = bench.flag_shares(dict(proxy, info={"boxcaseg_proxy": {"merge": True}}), gt, drop=0.95)
+    assert list(res_m["variants"]) == ["merged"] and res_m["variants"]["merged"] == res["variants"]["per-instance"]
+    # the GT masks themselves as the proxy (no proxy json)
+    res_gt = bench.flag_shares(None, gt, drop=0.95)
+    assert {r["size"]: r["n"] for r in res_gt["variants"]["per-instance"]}["all"] == 4

@@ -5,12 +5,43 @@ Numba kernels; no full-image label map is ever built.
 - **merge**: a pixel claimed by several masks of one image goes to the annotation with
   the smallest GT box area (``w * h`` of its bbox); on equal areas the annotation listed
   first in the image wins. Only overlapping windows are compared.
-- **drop**: agreement = IoU (:func:`boxcaseg.boxes.box_iou_xyxy`, same float64
-  operations) between the merged mask's tight box (pixel edges, as
-  :func:`boxcaseg.masks.tight_box_xyxy`) and the GT box clipped to the image; an empty
-  mask has agreement 0. ``ignore_mask = agreement < drop_thresh``.
+- **drop**: agreement = IoU (float64, the operations of
+  :func:`boxcaseg.boxes.box_iou_xyxy`) between the merged mask's box *measured in the
+  GT box's continuous frame* (below) and the GT box clipped to the image
+  (:func:`boxcaseg.proxy.geometry.clipped_box_xyxy`); an empty mask has agreement 0.
+  ``ignore_mask = agreement < drop_thresh``.
 - **encode**: COCO RLE straight from a window (column-major runs), compressed by
   pycocotools.
+
+The mask's box in the GT's frame
+--------------------------------
+A mask is a set of whole pixels, the GT box has fractional edges. Comparing the mask's
+tight box in pixel edges (first column ``c0`` -> ``c0``, last column ``c1`` -> ``c1 + 1``)
+with the fractional GT box, as before, biases the rule by box size: the perfect mask of
+a 20.4 px wide box at x = 10.3 spans 21 px, so its agreement is at most (20.4/21)^2 =
+0.94 and it is dropped at 0.95 whatever its quality; every box under ~40 px with
+fractional edges was, so the dropped share depended on the pixel grid, not the masks.
+
+Instead, a mask edge stands for every continuous edge that rasterises to it under
+either common convention, "pixels the box touches" (first column ``floor(x0)``, last
+``ceil(x1) - 1``) or "pixels whose centre is inside" (first ``ceil(x0 - 0.5)``, last
+``floor(x1 - 0.5)``), ties at pixel borders / centres counted either way. A first
+column ``c0`` therefore admits a left edge ``x0`` in ``[c0 - 0.5, c0 + 1]`` and a last
+column ``c1`` a right edge ``x1`` in ``[c1, c1 + 1.5]`` (rows alike). The mask's box is
+the GT box with each edge clamped into its range::
+
+    e0 = clamp(g0, c0 - 0.5, c0 + 1)    e1 = clamp(g1, c1, c1 + 1.5)
+
+Its IoU with the GT box is the best any continuous box consistent with the mask reaches
+(moving one edge towards the GT's never lowers the IoU). So a mask filling exactly the
+touched pixels, or exactly the pixels with the centre inside, has agreement 1.0 at any
+size and offset; a mask short of a pixel column loses what the box covers of that
+column beyond half a pixel (a fully covered column: half a pixel), and a mask reaching a
+column the box does not touch loses the gap between that column and the box edge.
+(Within the pipeline the masks live in the box window, the touched pixels, so only the
+inner bounds can bind.) The GT is kept continuous rather than snapped to the grid: a
+snapped GT box would turn the centre raster of a box at x = 10.7 into a one-pixel miss,
+and would charge a whole pixel for a column the box barely covers, a size bias of its own.
 """
 
 from __future__ import annotations
@@ -56,7 +87,7 @@ def merge_drop_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged,
                 for xx in range(ox0, ox1):
                     if masks[joff + (yy - jy0) * jw + (xx - jx0)] != 0:
                         merged[off + (yy - y0) * w + (xx - x0)] = 0
-        # tight box of the merged mask (pixel edges); rows scanned from both ends
+        # first / last column and row of the merged mask; rows scanned from both ends
         rmin, rmax, cmin, cmax = -1, -1, w, -1
         for r in range(y1 - y0):
             base = off + r * w
@@ -81,9 +112,15 @@ def merge_drop_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged,
             rmax = r
         if rmin < 0:
             continue
-        a0, a1 = float(x0 + cmin), float(y0 + rmin)
-        a2, a3 = float(x0 + cmax + 1), float(y0 + rmax + 1)
+        # the mask's box in the GT's continuous frame: each GT edge clamped into the range
+        # of edges that rasterise to the mask's first / last column and row (module doc)
+        c0, r0 = float(x0 + cmin), float(y0 + rmin)
+        c1, r1 = float(x0 + cmax), float(y0 + rmax)
         b0, b1, b2, b3 = gt_xyxy[i, 0], gt_xyxy[i, 1], gt_xyxy[i, 2], gt_xyxy[i, 3]
+        a0 = min(max(b0, c0 - 0.5), c0 + 1.0)
+        a1 = min(max(b1, r0 - 0.5), r0 + 1.0)
+        a2 = min(max(b2, c1), c1 + 1.5)
+        a3 = min(max(b3, r1), r1 + 1.5)
         ix = max(0.0, min(a2, b2) - max(a0, b0))
         iy = max(0.0, min(a3, b3) - max(a1, b1))
         inter = ix * iy
@@ -129,6 +166,34 @@ def encode_window_fast(win: np.ndarray, x0: int, y0: int, height: int, width: in
     rle = mask_utils.frPyObjects({"size": [int(height), int(width)], "counts": counts.tolist()}, int(height), int(width))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
+
+
+def mask_box_in_gt_frame(tight_xyxy: np.ndarray, gt_xyxy: np.ndarray) -> np.ndarray:
+    """The masks' boxes in the GT's continuous frame (module doc), numpy, [..., 4] float64.
+
+    tight_xyxy: tight boxes in pixel edges (:func:`boxcaseg.masks.tight_box_xyxy`: first
+    column, first row, last column + 1, last row + 1); gt_xyxy: the clipped GT boxes.
+    """
+    t = np.asarray(tight_xyxy, np.float64)
+    g = np.asarray(gt_xyxy, np.float64)
+    lo = np.stack([t[..., 0] - 0.5, t[..., 1] - 0.5, t[..., 2] - 1.0, t[..., 3] - 1.0], -1)
+    hi = np.stack([t[..., 0] + 1.0, t[..., 1] + 1.0, t[..., 2] + 0.5, t[..., 3] + 0.5], -1)
+    return np.minimum(np.maximum(g, lo), hi)
+
+
+def box_agreement(tight_xyxy: np.ndarray, gt_xyxy: np.ndarray, grid: bool = False) -> np.ndarray:
+    """Agreement [...] of masks with tight boxes ``tight_xyxy`` (pixel edges) and GT boxes,
+    as :func:`merge_and_drop` scores it (bit-identical); ``grid`` True: the former rule,
+    the tight box in pixel edges itself against the GT (kept for before/after reports).
+    Empty masks are the caller's (agreement 0)."""
+    g = np.asarray(gt_xyxy, np.float64)
+    a = np.asarray(tight_xyxy, np.float64) if grid else mask_box_in_gt_frame(tight_xyxy, g)
+    ix = np.maximum(0.0, np.minimum(a[..., 2], g[..., 2]) - np.maximum(a[..., 0], g[..., 0]))
+    iy = np.maximum(0.0, np.minimum(a[..., 3], g[..., 3]) - np.maximum(a[..., 1], g[..., 1]))
+    inter = ix * iy
+    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (g[..., 2] - g[..., 0]) * (g[..., 3] - g[..., 1]) - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def merge_and_drop(

@@ -1,0 +1,213 @@
+"""Share of masks flagged by the drop rule, by COCO object size: former rule vs current.
+
+    python bench/drop_by_size.py --gt GT.json [--proxy PROXY.json] [--drop-thresh 0.95] [--no-remerge]
+
+The drop rule flags a mask (``ignore_mask``) whose agreement, the IoU of its box with
+the GT box clipped to the image, is below the threshold. The *former* rule took the
+mask's tight box in pixel edges, biased against small boxes with fractional edges; the
+*current* one (:mod:`boxcaseg.proxy.merge_drop`) measures the mask's box in the GT's
+continuous frame. Both are recomputed here from the masks in the json, so one proxy run
+gives before and after without rerunning the model.
+
+- ``--proxy``: a ``boxcaseg proxy`` output json (RLE masks). Written with ``--no-merge``
+  (``info.boxcaseg_proxy.merge`` false), its masks are the per-instance ones, and the
+  merged masks are recomputed from them with :func:`boxcaseg.proxy.merge_and_drop`,
+  exactly as the default run merges the same model masks: both are reported. Written
+  with the default merge: the merged masks only. Without ``--proxy``: the GT json's own
+  masks, each cropped to its box window, stand for the proxy (per-instance and merged):
+  what each rule does to masks as good as the annotation.
+- Size: COCO's small (area < 32^2), medium (< 96^2), large, by the GT annotation's
+  ``area`` (in COCO the mask area, what COCOeval uses) when it has a segmentation (its
+  mask area computed when ``area`` is missing), else by the box area ``w * h``; the
+  count of each basis is printed.
+- Counted: every non-crowd annotation of the proxy json (of the GT json without
+  ``--proxy``). A degenerate box or an empty mask has agreement 0 under both rules
+  (flagged either way), as in the pipeline.
+- When the proxy json has ``proxy_agreement``: how many stored values equal the
+  recomputed former / current agreement (which code wrote the json).
+
+Prints a markdown table per variant (size | n | flagged old % | flagged new %); the last
+line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = (("small", 0.0, 32.0 ** 2), ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, math.inf))
+
+
+def _key(ann_id) -> str:
+    return f"{type(ann_id).__name__}:{ann_id}"
+
+
+def _size(gt_ann: dict, h: int, w: int) -> tuple[float, str]:
+    """(area, basis): the GT mask area (COCO ``area``) when there is a segmentation, else the box area."""
+    from pycocotools import mask as mask_utils
+
+    from boxcaseg.masks import to_rle
+
+    segm = gt_ann.get("segmentation")
+    if segm:
+        if isinstance(gt_ann.get("area"), (int, float)):
+            return float(gt_ann["area"]), "mask"
+        return float(mask_utils.area(to_rle(segm, h, w, gt_ann.get("id")))), "mask"
+    bbox = gt_ann.get("bbox") or [0, 0, 0, 0]
+    return float(bbox[2]) * float(bbox[3]), "box"
+
+
+def _agreements(windows, masks, gt_xyxy, areas, merge: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(former, current) agreement of the masks of one image after (optional) merging."""
+    from boxcaseg.masks import tight_box_xyxy
+    from boxcaseg.proxy.merge_drop import box_agreement, merge_and_drop
+
+    merged, new = merge_and_drop(windows, masks, gt_xyxy, areas, merge=merge)
+    old = np.zeros(len(masks))
+    for k, m in enumerate(merged):
+        tb = None if m is None else tight_box_xyxy(m)
+        if tb is not None:
+            x0, y0 = windows[k, 0], windows[k, 1]
+            old[k] = float(box_agreement(np.array([x0 + tb[0], y0 + tb[1], x0 + tb[2], y0 + tb[3]], float),
+                                         gt_xyxy[k], grid=True))
+    return old, new
+
+
+def flag_shares(proxy: dict | None, gt: dict, drop: float = 0.95, remerge: bool = True) -> dict:
+    """The report as a dict: ``variants[name]`` = rows (size, n, flagged_old, flagged_new),
+    ``size_basis``, ``stored`` (how the proxy json's masks were made), ``stored_matches``
+    (stored ``proxy_agreement`` equal to the former / current recomputed value) and
+    ``outside_window`` (masks with pixels outside their box window: cropped away)."""
+    from boxcaseg.boxes import degenerate_reason
+    from boxcaseg.masks import decode
+    from boxcaseg.proxy.geometry import box_window, clipped_box_xyxy
+
+    images = {im["id"]: im for im in gt["images"]}
+    gt_by_key = {_key(a["id"]): a for a in gt["annotations"]}
+    src = proxy if proxy is not None else gt
+    if proxy is None:
+        stored = "gt"
+    else:
+        rec = (proxy.get("info") or {}).get("boxcaseg_proxy") or {}
+        stored = {True: "merged", False: "per-instance"}.get(rec.get("merge"), "unknown")
+    if stored in ("gt", "per-instance"):
+        variants = {"per-instance": False} | ({"merged": True} if remerge else {})
+    else:  # the stored masks as they are (already merged, or unknown)
+        variants = {"merged" if stored == "merged" else "as stored": False}
+
+    by_img: dict = {}
+    for a in src["annotations"]:
+        if not a.get("iscrowd", 0):
+            by_img.setdefault(a["image_id"], []).append(a)
+    sizes: list[float] = []
+    basis: dict[str, int] = {}
+    old: dict[str, list] = {v: [] for v in variants}
+    new: dict[str, list] = {v: [] for v in variants}
+    matches = {"old": 0, "new": 0, "n": 0}
+    outside = 0
+    for image_id in sorted(by_img, key=str):
+        im = images[image_id]
+        h, w = int(im["height"]), int(im["width"])
+        anns = by_img[image_id]
+        use, windows, masks, gts, areas = [], [], [], [], []
+        for k, a in enumerate(anns):
+            g = gt_by_key.get(_key(a["id"]))
+            if g is None:
+                raise SystemExit(f"annotation id {a['id']!r} of the proxy json is not in the GT json")
+            area, b = _size(g, h, w)
+            sizes.append(area)
+            basis[b] = basis.get(b, 0) + 1
+            if degenerate_reason(a.get("bbox"), w, h) is not None:
+                continue
+            win = box_window(a["bbox"], w, h)
+            full = decode(a["segmentation"], h, w, a["id"])
+            x0, y0, x1, y1 = win
+            m = np.ascontiguousarray(full[y0:y1, x0:x1])
+            outside += int(m.sum() != full.sum())
+            use.append(k)
+            windows.append(win)
+            masks.append(m)
+            gts.append(clipped_box_xyxy(a["bbox"], w, h))
+            areas.append(float(a["bbox"][2]) * float(a["bbox"][3]))
+        res = {}
+        if use:
+            for name, merge in variants.items():
+                res[name] = _agreements(np.array(windows, np.int64), masks, np.array(gts, np.float64),
+                                        np.array(areas, np.float64), merge)
+        slot = {k: s for s, k in enumerate(use)}
+        for k, a in enumerate(anns):
+            for name in variants:
+                s = slot.get(k)
+                old[name].append(0.0 if s is None else float(res[name][0][s]))
+                new[name].append(0.0 if s is None else float(res[name][1][s]))
+            if proxy is not None and isinstance(a.get("proxy_agreement"), (int, float)):
+                first = next(iter(variants))
+                matches["n"] += 1
+                matches["old"] += abs(a["proxy_agreement"] - old[first][-1]) <= 1e-12
+                matches["new"] += abs(a["proxy_agreement"] - new[first][-1]) <= 1e-12
+
+    sizes_a = np.array(sizes, np.float64)
+    out_variants = {}
+    for name in variants:
+        o, n_ = np.array(old[name]) < drop, np.array(new[name]) < drop
+        rows = []
+        for label, lo, hi in SIZES + (("all", -math.inf, math.inf),):
+            sel = (sizes_a >= lo) & (sizes_a < hi)
+            rows.append({"size": label, "n": int(sel.sum()), "flagged_old": int(o[sel].sum()),
+                         "flagged_new": int(n_[sel].sum())})
+        out_variants[name] = rows
+    return {"drop": drop, "stored": stored, "variants": out_variants, "size_basis": basis,
+            "stored_matches": matches if matches["n"] else None, "outside_window": outside}
+
+
+def markdown(res: dict) -> str:
+    """One table per variant: size | n | flagged old % | flagged new %."""
+    def pct(k, n):
+        return f"{100.0 * k / n:.1f}" if n else "-"
+
+    parts = []
+    for name, rows in res["variants"].items():
+        how = {"gt": "GT masks as the proxy", "per-instance": "stored", "merged": "stored",
+               "unknown": "stored"}[res["stored"]]
+        if name == "merged" and res["stored"] in ("gt", "per-instance"):
+            how += ", merged here"
+        lines = [f"{name} masks ({how}), drop at agreement < {res['drop']}:", "",
+                 "| size | n | flagged old % | flagged new % |", "|---|---|---|---|"]
+        lines += [f"| {r['size']} | {r['n']} | {pct(r['flagged_old'], r['n'])} | {pct(r['flagged_new'], r['n'])} |"
+                  for r in rows]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gt", type=Path, required=True, help="COCO GT json (sizes; the masks without --proxy)")
+    ap.add_argument("--proxy", type=Path, default=None, help="boxcaseg proxy output json (default: GT masks)")
+    ap.add_argument("--drop-thresh", type=float, default=0.95)
+    ap.add_argument("--no-remerge", action="store_true", help="per-instance json: skip the recomputed merged masks")
+    args = ap.parse_args()
+    gt = json.loads(args.gt.read_text())
+    proxy = json.loads(args.proxy.read_text()) if args.proxy else None
+    res = flag_shares(proxy, gt, args.drop_thresh, remerge=not args.no_remerge)
+    print(f"GT {args.gt}; proxy {args.proxy or '(the GT masks)'}; size basis {res['size_basis']}")
+    if res["stored_matches"]:
+        m = res["stored_matches"]
+        print(f"stored proxy_agreement equal to the former rule: {m['old']} of {m['n']}, to the current rule: {m['new']}")
+    if res["outside_window"]:
+        print(f"{res['outside_window']} masks had pixels outside their box window (cropped away)")
+    print()
+    print(markdown(res))
+    print()
+    print(json.dumps({"gt": str(args.gt), "proxy": str(args.proxy) if args.proxy else None, **res}))
+
+
+if __name__ == "__main__":
+    main()
