@@ -1,0 +1,184 @@
+"""The shipped model: choose its inference settings, pack it, and measure its model card.
+
+    python bench/model_card.py sweep --ckpt runs/pretrained/last.pt   # settings on coco-val
+    python bench/model_card.py pack --ckpt runs/pretrained/last.pt --context 1.1 --threshold 0.4 --prior-weight 0.3
+    python bench/model_card.py card                                    # the shipped model, no flags
+
+``sweep`` runs proxy masks of ``${BOXCASEG_DATA}/coco-val`` (GT boxes given) through the
+checkpoint's ONNX graph for each context x threshold x prior weight, per instance and
+merged, and prints mIoU* / IoU@75 (the settings are chosen on coco-val itself: the card
+says so). ``pack`` writes ``boxcaseg/weights/boxcaseg-lite0.pt`` (fp16, the settings in
+its config) and records its sha256 in ``boxcaseg/weights/__init__.py``. ``card`` runs
+the shipped model exactly as ``boxcaseg proxy`` does without flags (and with
+``--no-merge``), scores it with ``boxcaseg evaluate masks``'s function beside box-fill
+and the inscribed ellipse, lists the worst instances, and writes the table into
+``boxcaseg/weights/MODEL.md`` and bench/RESULTS.md (section "model_card").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.quality import data_root, write_section  # noqa: E402
+
+CARD = REPO / "boxcaseg" / "weights" / "MODEL.md"
+WEIGHTS_INIT = REPO / "boxcaseg" / "weights" / "__init__.py"
+
+
+def _val() -> tuple[Path, Path]:
+    root = data_root() / "coco-val"
+    if not (root / "instances.json").is_file():
+        sys.exit(f"coco-val not found under {data_root()} (set BOXCASEG_DATA)")
+    return root / "instances.json", root / "images"
+
+
+def _proxy(model, out: Path, merge: bool, **settings) -> dict:
+    from boxcaseg.proxy import ProxyConfig, generate_proxy
+
+    ann, images = _val()
+    return generate_proxy(ProxyConfig(ann=ann, images=images, out=out, model=model, merge=merge, workers=1,
+                                      progress=False, **settings))
+
+
+def sweep(args) -> None:
+    from boxcaseg.evaluate import mask_quality
+
+    ann, _ = _val()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for ctx in (float(x) for x in args.contexts.split(",")):
+        for thr in (float(x) for x in args.thresholds.split(",")):
+            for pw in (float(x) for x in args.prior_weights.split(",")):
+                for merge in (False, True):
+                    pj = out / f"sweep_c{ctx}_t{thr}_p{pw}_{'merged' if merge else 'own'}.json"
+                    _proxy(args.ckpt, pj, merge, engine="onnx", context=ctx, threshold=thr, prior_weight=pw)
+                    q = mask_quality(ann, pj)
+                    rows.append({"context": ctx, "threshold": thr, "prior_weight": pw, "merge": merge,
+                                 "miou_star": q["miou_star"], "iou75": q["iou75"], "miou": q["miou"]})
+                    print(f"context {ctx} threshold {thr} prior {pw} {'merged' if merge else 'per-instance'}: "
+                          f"mIoU* {q['miou_star']:.4f} IoU@75 {q['iou75']:.4f}", flush=True)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    for merge in (False, True):
+        best = max((r for r in rows if r["merge"] == merge), key=lambda r: (r["miou_star"] + r["iou75"]))
+        print(f"best {'merged' if merge else 'per-instance'} (mIoU* + IoU@75): {best}")
+
+
+def pack(args) -> None:
+    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.model.pack import pack_checkpoint
+
+    dst = REPO / "boxcaseg" / "weights" / "boxcaseg-lite0.pt"
+    pack_checkpoint(args.ckpt, dst, context=args.context, threshold=args.threshold, prior_weight=args.prior_weight,
+                    infer_size=args.infer_size, extra={"name": "boxcaseg-lite0"})
+    sha = file_sha256(dst)
+    text = WEIGHTS_INIT.read_text()
+    text = re.sub(r'^SHA256 = ".*?"(.*)$', f'SHA256 = "{sha}"\\1', text, count=1, flags=re.M)
+    WEIGHTS_INIT.write_text(text)
+    print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB, sha256 {sha}")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def card(args) -> None:
+    from boxcaseg.baselines import box_fill_predictions, ellipse_predictions
+    from boxcaseg.evaluate import instance_ious, mask_quality
+    from boxcaseg.io import load_json
+
+    ann, _ = _val()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    timing = {}
+    for merge in (True, False):
+        pj = out / f"card_{'merged' if merge else 'own'}.json"
+        t = time.perf_counter()
+        s = _proxy(None, pj, merge)  # exactly `boxcaseg proxy` without flags (and with --no-merge)
+        timing[merge] = (time.perf_counter() - t, s)
+        results["merged (default)" if merge else "per instance (--no-merge)"] = mask_quality(ann, pj)
+    results["box-fill"] = mask_quality(ann, box_fill_predictions(ann))
+    results["inscribed ellipse"] = mask_quality(ann, ellipse_predictions(ann))
+    info = load_json(out / "card_merged.json")["info"]["boxcaseg_proxy"]
+    lines = ["| masks (coco-val, 585 GT boxes) | size | n | mIoU* | mIoU | IoU@50 | IoU@75 |", "|---|---|---|---|---|---|---|"]
+    for name, q in results.items():
+        for size in ("all", "small", "medium", "large"):
+            r = q if size == "all" else q[size]
+            lines.append(f"| {name if size == 'all' else ''} | {size} | {r['n']} | {_pct(r['miou_star'])} | {_pct(r['miou'])} | "
+                         f"{_pct(r['iou50'])} | {_pct(r['iou75'])} |")
+    # worst instances (per instance masks), by category
+    gt = load_json(ann)
+    cats = {c["id"]: c["name"] for c in gt["categories"]}
+    anns = {a["id"]: a for a in gt["annotations"]}
+    recs = sorted(instance_ious(ann, out / "card_own.json"), key=lambda r: r.iou)
+    worst = []
+    for r in recs[:args.worst]:
+        a = anns[r.ann_id]
+        worst.append(f"{cats.get(a['category_id'], '?')} (ann {r.ann_id}, {a['bbox'][2]:.0f}x{a['bbox'][3]:.0f} px): IoU {r.iou:.2f}")
+    by_cat: dict[str, list] = {}
+    for r in recs:
+        by_cat.setdefault(cats.get(anns[r.ann_id]["category_id"], "?"), []).append(r.iou)
+    weak = sorted(((sum(v) / len(v), k, len(v)) for k, v in by_cat.items() if len(v) >= 5))[:6]
+    s_merged = timing[True][1]
+    body = "\n".join([
+        f"Settings in force (embedded in the model, chosen on coco-val): S={info['infer_size']}, context {info['context']:g}, "
+        f"threshold {info['threshold']:g}, prior weight {info['prior_weight']:g}, alpha {info['alpha']:g}; engine "
+        f"{info['engine']} (ONNX Runtime, CPU); drop below agreement {info['drop_thresh']:g}.",
+        "",
+        *lines,
+        "",
+        f"Command: `boxcaseg proxy --ann coco-val/instances.json --images coco-val/images -o p.json` (no other flag; "
+        f"`--no-merge` for the per-instance rows), then `boxcaseg evaluate masks --gt coco-val/instances.json --pred p.json`. "
+        f"{s_merged['instances']} instances, {s_merged['flagged']} flagged ignore_mask (merged run), "
+        f"{timing[True][0]:.1f} s for the merged run on this machine (2 cores; first use builds the ONNX graph).",
+        "",
+        "Weakest categories (per-instance mIoU, >= 5 instances): "
+        + "; ".join(f"{k} {100 * m:.0f} (n={n})" for m, k, n in weak) + ".",
+        "",
+        "Worst instances: " + "; ".join(worst) + ".",
+    ])
+    (out / "card.md").write_text(body + "\n")
+    text = CARD.read_text()
+    start, end = "<!-- card:start -->", "<!-- card:end -->"
+    if start in text and end in text:
+        text = text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):]
+        CARD.write_text(text)
+    write_section("model_card", "## model_card: the shipped model on coco-val (`python bench/model_card.py card`)\n\n" + body)
+    print(body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sweep")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--out", default=str(REPO / "runs" / "card"))
+    s.add_argument("--contexts", default="1.1,1.2")
+    s.add_argument("--thresholds", default="0.4,0.5")
+    s.add_argument("--prior-weights", default="0,0.3")
+    p = sub.add_parser("pack")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--context", type=float, required=True)
+    p.add_argument("--threshold", type=float, required=True)
+    p.add_argument("--prior-weight", type=float, required=True)
+    p.add_argument("--infer-size", type=int, default=None)
+    c = sub.add_parser("card")
+    c.add_argument("--out", default=str(REPO / "runs" / "card"))
+    c.add_argument("--worst", type=int, default=8)
+    args = ap.parse_args()
+    {"sweep": sweep, "pack": pack, "card": card}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
