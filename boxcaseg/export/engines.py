@@ -7,7 +7,9 @@ sample's answer does not depend on what else is in its batch.
 - :class:`TorchEngine`: a ``boxcaseg train`` checkpoint, run through the same
   export wrapper in PyTorch (CUDA when present);
 - :class:`OnnxEngine`: an exported ``.onnx`` through ONNX Runtime (TensorRT or CUDA
-  execution provider when ``onnxruntime-gpu`` is installed, CPU otherwise);
+  execution provider when ``onnxruntime-gpu`` is installed, CPU otherwise). ONNX Runtime
+  is an extra (``boxcaseg[cpu]`` or ``boxcaseg[gpu]``): without it ``auto`` runs
+  checkpoints on PyTorch and ``onnx`` stops with one line saying what to install;
 - :class:`TrtEngine`: a TensorRT plan from ``boxcaseg export --trt``.
 """
 
@@ -79,8 +81,7 @@ def onnx_providers(cache_dir: str | Path | None = None) -> list:
     provider; the plain ``onnxruntime`` package has the CPU provider only. The TensorRT
     provider runs in fp16 and caches its engines in ``cache_dir``.
     """
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     avail = ort.get_available_providers()
     providers: list = []
     if "TensorrtExecutionProvider" in avail:
@@ -100,10 +101,9 @@ class OnnxEngine:
     kind = "onnx"
 
     def __init__(self, path: str | Path, providers: list | None = None, threads: int = 0):
-        import onnxruntime as ort
-
         from boxcaseg.export.onnx_export import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
 
+        ort = import_onnxruntime()
         meta = read_onnx_metadata(path)
         self.metadata = meta
         self.infer_size = int(meta["boxcaseg.infer_size"])
@@ -268,13 +268,13 @@ def read_model_settings(kind: str, path: str | Path) -> InferSettings:
             raise BoxcasegError("--engine trt: missing " + " and ".join(missing))
         return _settings_from_meta(read_trt_metadata(path))
     if kind == "torch":
-        from boxcaseg.config import Config, from_dict
+        from boxcaseg.config import config_from_checkpoint
         from boxcaseg.io import safe_torch_load
 
         ckpt = safe_torch_load(path)
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
             raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (no config)")
-        m = from_dict(Config, ckpt["config"], str(path)).model
+        m = config_from_checkpoint(ckpt["config"], str(path)).model
         return InferSettings(int(m.infer_size), float(m.infer_context), float(m.infer_threshold),
                              float(m.infer_prior_weight), float(m.alpha))
     raise BoxcasegError(f"unknown engine {kind!r} (choose from {', '.join(ENGINE_KINDS)})")
@@ -296,9 +296,29 @@ def file_kind(path: Path) -> str:
 
 
 def onnxruntime_available() -> bool:
+    """Whether an ONNX Runtime (``onnxruntime`` or ``onnxruntime-gpu``: both install it) is there."""
     import importlib.util
 
-    return importlib.util.find_spec("onnxruntime") is not None
+    try:
+        return importlib.util.find_spec("onnxruntime") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+ONNXRUNTIME_HINT = 'pip install "boxcaseg[cpu]" (or [gpu] for onnxruntime-gpu)'
+
+
+def import_onnxruntime(what: str = "--engine onnx"):
+    """``import onnxruntime``; BoxcasegError in one line when neither ONNX Runtime package is installed.
+
+    ONNX Runtime is an extra: ``boxcaseg[cpu]`` (onnxruntime) or ``boxcaseg[gpu]``
+    (onnxruntime-gpu); the two must not be installed together.
+    """
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BoxcasegError(f"{what} needs ONNX Runtime: {ONNXRUNTIME_HINT}") from e
+    return onnxruntime
 
 
 def cache_dir() -> Path:
@@ -367,6 +387,8 @@ def resolve_model(model: str | Path | None = None, engine: str = "auto", device:
             engine = "torch" if gpu or not onnxruntime_available() else "onnx"
         else:
             engine = kind
+    if engine == "onnx" and kind in ("torch", "onnx"):  # one line, before any export, without ONNX Runtime
+        import_onnxruntime("--engine onnx" if kind == "torch" else f"{source} (an ONNX model)")
     if engine == "onnx" and kind == "torch":
         path = cached_onnx(source)
     elif engine != kind:

@@ -1,0 +1,322 @@
+"""What an installation promises: dependency ranges and pins, ONNX Runtime as an extra
+(the package works without it), outputs that honour the umask, and CI's data discovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, run_cli
+
+ORT_MISSING_LINE = 'error: --engine onnx needs ONNX Runtime: pip install "boxcaseg[cpu]" (or [gpu] for onnxruntime-gpu)'
+CI_TEST_COMMAND = 'pip install -e ".[dev,cpu]" -c constraints.txt && pytest -q'
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _requirement(specs: list[str], name: str) -> str | None:
+    for s in specs:
+        m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", s)
+        if m and m.group(1).lower().replace("_", "-") == name:
+            return m.group(2).strip()
+    return None
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", v.split("+")[0])[:3])
+
+
+def test_torch_is_a_range_with_the_tested_versions_as_floor_and_ci_pins_it():
+    project = _pyproject()["project"]
+    deps = project["dependencies"]
+    pins = _constraints()
+    for name, floor in (("torch", "2.11"), ("torchvision", "0.26")):
+        spec = _requirement(deps, name)
+        assert spec is not None, f"{name} missing from the dependencies"
+        assert "==" not in spec and "<" not in spec, f"{name}{spec}: a pin or cap would replace a user's build"
+        assert spec == f">={floor}", spec
+        assert _version(pins[name]) >= _version(floor), f"constraints.txt {name}=={pins[name]} below the floor"
+    for name, version in pins.items():  # every pin lies inside what pyproject allows
+        spec = _requirement(deps + [r for extra in project["optional-dependencies"].values() for r in extra], name)
+        assert spec is not None, f"constraints.txt pins {name}, which boxcaseg does not depend on"
+        for floor in re.findall(r">=\s*([0-9][0-9.]*)", spec):
+            assert _version(version) >= _version(floor), f"{name}=={version} outside {spec}"
+
+
+def test_onnx_runtime_is_an_extra_cpu_or_gpu():
+    project = _pyproject()["project"]
+    deps, extras = project["dependencies"], project["optional-dependencies"]
+    assert _requirement(deps, "onnxruntime") is None and _requirement(deps, "onnxruntime-gpu") is None
+    assert _requirement(extras["cpu"], "onnxruntime") is not None
+    assert _requirement(extras["gpu"], "onnxruntime-gpu") is not None
+    assert _requirement(extras["gpu"], "onnxruntime") is None  # never both
+    for needed in ("onnx", "onnxscript"):  # export needs them: hard dependencies
+        assert _requirement(deps, needed) is not None
+    assert "dev" in extras and "trt" in extras
+
+
+def test_ci_runs_the_readme_test_command_with_the_constraints():
+    run = (REPO / ".ci" / "run").read_text()
+    assert CI_TEST_COMMAND in run
+    assert "find-data.sh" in run
+    assert CI_TEST_COMMAND in (REPO / "README.md").read_text(), "README's test command differs from .ci/run's"
+
+
+# --------------------------------------------------------------------------- without ONNX Runtime
+
+_NO_ORT = textwrap.dedent("""
+    import sys
+    sys.modules["onnxruntime"] = None   # as if neither onnxruntime nor onnxruntime-gpu were installed
+""")
+
+
+def _python_without_ort(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BOXCASEG_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", _NO_ORT + textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+
+
+def _cli_without_ort(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return _python_without_ort(f"from boxcaseg.cli import main\nmain({argv!r})\n", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from test_export import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("install") / "last.pt")
+
+
+def _image(tmp_path: Path) -> Path:
+    arr = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    arr[10:30, 15:45] = (230, 40, 40)
+    Image.fromarray(arr).save(tmp_path / "img.png")
+    return tmp_path / "img.png"
+
+
+def test_library_works_without_onnx_runtime(ckpt, tmp_path):
+    img = _image(tmp_path)
+    r = _python_without_ort(f"""
+        import json, math, logging
+        import numpy as np
+        from PIL import Image
+        import boxcaseg
+        from boxcaseg.errors import BoxcasegError
+        from boxcaseg.export.engines import onnxruntime_available, resolve_model
+        from boxcaseg.predictor import Segmenter
+        from boxcaseg.export import export_onnx, read_onnx_metadata
+
+        out = {{"available": onnxruntime_available(), "auto": resolve_model({str(ckpt)!r}, "auto").kind}}
+        seg = Segmenter({str(ckpt)!r})
+        masks = seg.predict(np.asarray(Image.open({str(img)!r})), [[15, 10, 30, 20]])
+        out["segmenter"] = [seg.engine.kind, list(np.asarray(masks).shape)]
+        try:
+            resolve_model({str(ckpt)!r}, "onnx")
+        except BoxcasegError as e:
+            out["onnx"] = e.one_line()
+        records = []
+        logging.getLogger("boxcaseg").addHandler(type("H", (logging.Handler,), {{"emit": lambda s, r: records.append(r.getMessage())}})())
+        rep = export_onnx({str(ckpt)!r}, "m.onnx")
+        out["export"] = [rep.check_skipped, math.isnan(rep.max_abs_diff), rep.onnx_path.is_file(),
+                         read_onnx_metadata(rep.onnx_path)["boxcaseg.infer_size"], records]
+        print("RESULT " + json.dumps(out))
+    """, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.split("RESULT ", 1)[1])
+    assert out["available"] is False
+    assert out["auto"] == "torch"
+    assert out["segmenter"] == ["torch", [1, 48, 64]]
+    assert out["onnx"] == ORT_MISSING_LINE.removeprefix("error: ")
+    skipped, nan, written, size, records = out["export"]
+    assert skipped == "onnxruntime is not installed" and nan and written and size == "64"
+    assert len(records) == 1 and "check skipped: onnxruntime is not installed" in records[0]
+
+
+def test_cli_without_onnx_runtime(ckpt, tmp_path):
+    img = _image(tmp_path)
+    r = _cli_without_ort(["--help"], tmp_path)
+    assert r.returncode == 0 and "segment" in r.stdout, r.stderr[-2000:]
+
+    r = _cli_without_ort(["segment", str(img), "--box", "15,10,30,20", "--model", str(ckpt), "--engine", "onnx"],
+                         tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [ORT_MISSING_LINE]
+
+    r = _cli_without_ort(["segment", str(img), "--box", "15,10,30,20", "--model", str(ckpt),
+                          "--json", str(tmp_path / "m.json")], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert (written["width"], written["height"]) == (64, 48)
+
+    r = _cli_without_ort(["export", str(ckpt), "-o", str(tmp_path / "model.onnx")], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "model.onnx").is_file()
+    warned = [line for line in r.stderr.splitlines() if "check skipped" in line]
+    assert len(warned) == 1 and "onnxruntime is not installed" in warned[0], r.stderr[-2000:]
+
+
+def test_onnx_runtime_installed_is_still_used():
+    pytest.importorskip("onnxruntime")
+    from boxcaseg.export.engines import import_onnxruntime, onnxruntime_available
+
+    assert onnxruntime_available()
+    assert hasattr(import_onnxruntime(), "InferenceSession")
+
+
+# --------------------------------------------------------------------------- umask
+
+
+@pytest.fixture()
+def umask():
+    """Set the process umask for one test, and restore it."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield lambda m: os.umask(m)
+    os.umask(saved)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writers_honour_the_umask(umask, tmp_path, mask, mode):
+    import torch
+
+    from boxcaseg.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, current_umask
+
+    umask(mask)
+    assert current_umask() == mask
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    atomic_write_bytes(tmp_path / "sub" / "b.onnx", b"bytes")
+    atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "c.pt")
+    for name in ("a.json", "sub/b.onnx", "c.pt"):
+        assert _mode(tmp_path / name) == mode, (name, oct(_mode(tmp_path / name)))
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_umask_without_proc(umask, monkeypatch, tmp_path):
+    """Where /proc/self/status is not there the umask is read by setting and restoring it."""
+    import builtins
+
+    from boxcaseg import io
+
+    real_open = builtins.open
+
+    def no_proc(file, *a, **k):
+        if str(file).startswith("/proc/"):
+            raise FileNotFoundError(file)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(io, "open", no_proc, raising=False)
+    umask(0o027)
+    assert io.current_umask() == 0o027
+    assert os.umask(0o027) == 0o027  # left as it was
+    io.atomic_write_bytes(tmp_path / "x", b"1")
+    assert _mode(tmp_path / "x") == 0o640
+
+
+def test_replacing_a_file_keeps_its_mode(umask, tmp_path):
+    from boxcaseg.io import atomic_write_json
+
+    umask(0o022)
+    p = tmp_path / "proxy.json"
+    p.write_text("{}")
+    os.chmod(p, 0o640)
+    atomic_write_json(p, {"new": True})
+    assert _mode(p) == 0o640 and json.loads(p.read_text()) == {"new": True}
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_a_command_output_honours_the_umask(umask, tmp_path, mask, mode):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "x.png")
+    (tmp_path / "labels" / "x.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    (tmp_path / "names.txt").write_text("thing\n")
+    umask(mask)
+    code = run_cli(["data", "yolo-to-coco", "--images", str(tmp_path / "images"), "--labels",
+                    str(tmp_path / "labels"), "--names", str(tmp_path / "names.txt"), "-o", str(tmp_path / "c.json")])
+    assert code == 0
+    assert _mode(tmp_path / "c.json") == mode
+
+
+# --------------------------------------------------------------------------- CI data discovery
+
+
+def _find_data(repo: Path, env_data: str | None = None) -> tuple[str, str | None]:
+    env = {k: v for k, v in os.environ.items() if k != "BOXCASEG_DATA"}
+    if env_data is not None:
+        env["BOXCASEG_DATA"] = env_data
+    script = (f'set -euo pipefail; source {str(REPO / ".ci" / "find-data.sh")!r}; boxcaseg_find_data "$1"; '
+              'echo "RESULT=${BOXCASEG_DATA:-}"')
+    r = subprocess.run(["bash", "-c", script, "bash", str(repo)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2, lines  # one line for the user
+    return lines[0], lines[1].removeprefix("RESULT=") or None
+
+
+def _git(*args):
+    subprocess.run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", *args], check=True,
+                   capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("git") is None or shutil.which("bash") is None, reason="needs git and bash")
+def test_ci_finds_the_data_of_the_repository_it_was_cloned_from(tmp_path):
+    src, data = tmp_path / "work" / "main", tmp_path / "work" / "shared" / "data"
+    (data / "coco-train").mkdir(parents=True)
+    (data / "coco-train" / "instances.json").write_text("{}")
+    src.mkdir(parents=True)
+    _git("init", "-q", str(src))
+    _git("-C", str(src), "commit", "-q", "--allow-empty", "-m", "x")
+    clone = tmp_path / "ci" / "clone"
+    _git("clone", "-q", str(src), str(clone))
+
+    line, found = _find_data(clone)  # the clone has no ../shared/data: its origin's
+    assert found == str(data.resolve()) and line == f"real data: {data.resolve()}"
+    line, found = _find_data(src)  # the checkout itself: its own ../shared/data
+    assert found == str(data.resolve())
+    line, found = _find_data(clone, env_data=str(tmp_path / "elsewhere"))  # the user's choice wins
+    assert found == str(tmp_path / "elsewhere") and "will skip" in line
+
+    _git("-C", str(clone), "remote", "set-url", "origin", "https://example.invalid/boxcaseg.git")
+    line, found = _find_data(clone)  # not a local path: nothing found, the tests skip with the reason
+    assert found is None and line.startswith("real data: none found") and "will skip" in line
+    shutil.rmtree(data)
+    _git("-C", str(clone), "remote", "set-url", "origin", str(src))
+    line, found = _find_data(clone)
+    assert found is None and "none found" in line
