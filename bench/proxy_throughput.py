@@ -108,6 +108,7 @@ class PublishedStyleDataset:
 
 def published_items(ann: Path, images: Path):
     from boxcaseg.boxes import degenerate_reason
+    from boxcaseg.paths import resolve_image_path
 
     data = json.loads(ann.read_text())
     imgs = {im["id"]: im for im in data["images"]}
@@ -121,7 +122,8 @@ def published_items(ann: Path, images: Path):
         x, y, w, h = a["bbox"]
         x0, y0 = max(0, int(x)), max(0, int(y))
         x1, y1 = min(im["width"], max(x0 + 1, int(x + w))), min(im["height"], max(y0 + 1, int(y + h)))
-        items.append((str(images / im["file_name"]), (x0, y0, x1, y1), im["height"], im["width"]))
+        items.append((str(resolve_image_path(images, im.get("file_name"), im["id"])), (x0, y0, x1, y1),
+                      im["height"], im["width"]))
     return items
 
 
@@ -239,10 +241,10 @@ def main() -> None:
         tmp = Path(d)
         ckpt = args.ckpt or make_checkpoint(tmp / "ckpt.pt", args.backbone)
         ann_used = subset_json(ann, args.limit_images, tmp / "subset.json")
-        from boxcaseg.config import Config, from_dict
+        from boxcaseg.config import config_from_checkpoint
         from boxcaseg.io import safe_torch_load
 
-        cfg = from_dict(Config, safe_torch_load(ckpt)["config"])
+        cfg = config_from_checkpoint(safe_torch_load(ckpt)["config"], str(ckpt))
         report = {"data": str(folder), "images": args.limit_images or "all", "backbone": cfg.model.backbone,
                   "infer_size": cfg.model.infer_size, "batch_size": args.batch_size, "workers": args.workers,
                   "cpus": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()], "results": {}}

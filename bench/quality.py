@@ -132,10 +132,10 @@ def main() -> None:
                              f"(from its metrics.jsonl), loss {recs[0]['loss']:.3f} -> {recs[-1]['loss']:.3f}")
     if args.self_train:
         if cfg is None:  # stage 1 = the given checkpoint; its config (data paths) drives stage 2
-            from boxcaseg.config import Config, from_dict
+            from boxcaseg.config import config_from_checkpoint
             from boxcaseg.io import safe_torch_load
 
-            cfg = from_dict(Config, safe_torch_load(ckpt)["config"], str(ckpt))
+            cfg = config_from_checkpoint(safe_torch_load(ckpt)["config"], str(ckpt))
             apply_overrides(cfg, args.set)
         import copy
 

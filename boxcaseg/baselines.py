@@ -37,8 +37,8 @@ def ellipse_mask(bbox, h: int, w: int) -> np.ndarray:
     return ((((cx - x - bw / 2) / (bw / 2)) ** 2 + ((cy - y - bh / 2) / (bh / 2)) ** 2) <= 1.0).astype(np.uint8)
 
 
-def _predict_all(ann_file: str | Path, fn: Callable[[dict, dict], np.ndarray]) -> list[dict]:
-    data = load_json(ann_file, "COCO annotation")
+def _predict_all(ann_file: str | Path | dict, fn: Callable[[dict, dict], np.ndarray]) -> list[dict]:
+    data = ann_file if isinstance(ann_file, dict) else load_json(ann_file, "COCO annotation")
     images = {im["id"]: im for im in data["images"]}
     out = []
     for a in data["annotations"]:
@@ -66,13 +66,21 @@ def grabcut_predictions(ann_file: str | Path, image_dir: str | Path, iters: int 
     import cv2
 
     from boxcaseg.data.transforms import open_rgb
+    from boxcaseg.errors import BoxcasegError
+    from boxcaseg.paths import check_image_paths
 
+    data = load_json(ann_file, "COCO annotation")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise BoxcasegError(f"{ann_file}: malformed COCO json (no 'images' list)")
+    # every file_name must stay inside the image folder: checked before any work
+    paths = check_image_paths(image_dir, ((im.get("id"), im.get("file_name")) for im in data["images"]
+                                         if isinstance(im, dict)))
     cache: dict = {}
 
     def fn(a, im):
         if im["id"] not in cache:
             cache.clear()
-            cache[im["id"]] = np.asarray(open_rgb(Path(image_dir) / im["file_name"]))[:, :, ::-1].copy()
+            cache[im["id"]] = np.asarray(open_rgb(paths[im["id"]]))[:, :, ::-1].copy()
         img = cache[im["id"]]
         h, w = img.shape[:2]
         x, y, bw, bh = (float(v) for v in a["bbox"])
@@ -88,4 +96,4 @@ def grabcut_predictions(ann_file: str | Path, image_dir: str | Path, iters: int 
             out = np.zeros((h, w), np.uint8)  # GrabCut fails on boxes too small to model
         return out & box_fill_mask(a["bbox"], h, w)
 
-    return _predict_all(ann_file, fn)
+    return _predict_all(data, fn)

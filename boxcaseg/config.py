@@ -4,6 +4,8 @@ A config file has one table per section (``[model]``, ``[data]``, ``[train]``); 
 field can be overridden as ``section.field=value`` (the value parsed as TOML, falling
 back to a plain string). ``${NAME}`` in string values expands from the environment;
 ``${BOXCASEG_DATA}`` defaults to ``../shared/data`` relative to the working directory.
+The config stored in a checkpoint is untrusted input: :func:`config_from_checkpoint` reads it
+without expansion and accepts only plain model fields.
 
 Configs ship in the package (``boxcaseg/configs/NAME.toml``): wherever a config file is
 expected, a shipped name (``cpu``, ``paper-coco``, ``maskrcnn-cpu`` ...) works too
@@ -155,8 +157,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
-    """Build dataclass ``cls`` from a nested dict; unknown keys raise BoxcasegError."""
+def from_dict(cls: type[T], data: dict, source: str = "config", expand: bool = True) -> T:
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise BoxcasegError.
+
+    ``expand``: ``${ENV}`` in string values expands from the environment (config files
+    the user gives); False keeps the text as it is (a checkpoint's stored config, see
+    :func:`config_from_checkpoint`).
+    """
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -167,12 +174,87 @@ def from_dict(cls: type[T], data: dict, source: str = "config") -> T:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise BoxcasegError(f"{source}: [{key}] must be a table")
-            kwargs[key] = from_dict(tp, value, source)
+            kwargs[key] = from_dict(tp, value, source, expand)
         else:
-            if isinstance(value, str):
+            if isinstance(value, str) and expand:
                 value = expand_env(value, source)
             kwargs[key] = _coerce(value, tp, f"{source}: {key}")
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+# The timm.create_model arguments a checkpoint's model.backbone_kwargs may hold: architecture
+# hyper-parameters with plain values. Anything else is refused, above all what names a file,
+# a cache, a hub or a loader (checkpoint_path, pretrained_cfg, pretrained_cfg_overlay,
+# cache_dir ...) or decides how the network is built or filled (pretrained, features_only,
+# out_indices: a field of its own, in_chans: boxcaseg feeds RGB).
+CHECKPOINT_BACKBONE_KWARGS = frozenset({
+    "drop_rate",          # dropout before the (unused) classifier
+    "drop_path_rate",     # stochastic depth
+    "drop_block_rate",    # DropBlock (ResNets)
+    "output_stride",      # dilated last stages (ResNets, EfficientNets ...): 8, 16 or 32
+    "feature_location",   # HRNet / EfficientNet features ("" = the raw branch outputs, as boxcaseg sets)
+    "img_size",           # the input size of models that fix one (ViTs)
+})
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.\-]{0,64}")
+
+
+def _checkpoint_value_ok(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (int, float)):
+        return value == value and abs(value) < 1e9  # finite and sane
+    if isinstance(value, str):
+        return _PLAIN_VALUE.fullmatch(value) is not None
+    if isinstance(value, list) and len(value) <= 4:
+        return all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 100000 for v in value)
+    return False
+
+
+def check_checkpoint_backbone(name: str, source: str, timm_prefix: bool = False) -> None:
+    """BoxcasegError unless ``name`` is a plain timm model name (``resnet50``, ``hrnet_w48.ms_in1k``):
+    no hub (``hf-hub:``), URL, path or ``${ENV}``. ``timm_prefix``: one leading ``timm:`` is
+    allowed (Mask R-CNN's ``timm:NAME``)."""
+    plain = name[len("timm:"):] if timm_prefix and name.startswith("timm:") else name
+    if _PLAIN_NAME.fullmatch(plain) is None or ".." in plain:
+        raise BoxcasegError(f"{source}: model.backbone {name!r} is not a plain timm model name (a checkpoint may "
+                            "not name a hub, a URL or a path)")
+
+
+def config_from_checkpoint(data: Any, source: str, cls: type[T] = Config) -> T:
+    """The config stored in a checkpoint, read as untrusted input.
+
+    Unlike a config file: no ``${ENV}`` expansion (the text stays as it is); the backbone
+    must be a plain timm model name (:func:`check_checkpoint_backbone`); ``backbone_kwargs``
+    keys must be in :data:`CHECKPOINT_BACKBONE_KWARGS` with plain values (numbers, booleans,
+    short names, short lists of ints). For a BoxCaseg :class:`Config`, ``model.pretrained``
+    becomes False and ``model.backbone_weights`` and ``train.init_from`` are cleared: the
+    checkpoint holds every weight, so building its network reads no other file and nothing
+    from the network. ``data.*`` paths are kept as text and read by nothing. (A Mask R-CNN
+    config keeps ``pretrained`` / ``backbone_weights``: they decide which BatchNorms are
+    frozen, i.e. the architecture; its checkpoints are built with ``load_weights=False``.)
+    Every problem is a one-line BoxcasegError naming ``source``.
+    """
+    if not isinstance(data, dict):
+        raise BoxcasegError(f"{source}: the checkpoint's config is not a table")
+    cfg = from_dict(cls, data, source, expand=False)
+    model = getattr(cfg, "model", None)
+    if model is not None:
+        check_checkpoint_backbone(model.backbone, source, timm_prefix=not isinstance(cfg, Config))
+        for key, value in getattr(model, "backbone_kwargs", {}).items():
+            if key not in CHECKPOINT_BACKBONE_KWARGS:
+                raise BoxcasegError(f"{source}: model.backbone_kwargs key {key!r} is not allowed in a checkpoint "
+                                    f"(allowed: {', '.join(sorted(CHECKPOINT_BACKBONE_KWARGS))})")
+            if not _checkpoint_value_ok(value):
+                raise BoxcasegError(f"{source}: model.backbone_kwargs.{key} = {str(value)[:60]!r} is not a plain "
+                                    "number, boolean or short name")
+    if isinstance(cfg, Config):
+        cfg.model.pretrained = False
+        cfg.model.backbone_weights = ""
+        cfg.train.init_from = ""
+    return cfg
 
 
 def _parse_value(text: str) -> Any:

@@ -11,14 +11,14 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from boxcaseg import dist
-from boxcaseg.config import Config, from_dict
+from boxcaseg.config import Config, config_from_checkpoint
 from boxcaseg.data.coco import BoxPatchDataset
 from boxcaseg.data.salient import SalientDataset
 from boxcaseg.data.sampler import MixedBatchSampler, MixedDataset, collate
@@ -129,10 +129,10 @@ def train(
         if not ckpt_path.is_file():
             raise BoxcasegError(f"{ckpt_path}: no checkpoint to resume from")
         ckpt = safe_torch_load(ckpt_path)
-        saved = from_dict(Config, ckpt["config"], str(ckpt_path))
-        if saved.model != cfg.model:
+        saved = config_from_checkpoint(ckpt.get("config") if isinstance(ckpt, dict) else None, str(ckpt_path))
+        # the stored config comes back with pretrained off and no weight file (the checkpoint holds the weights)
+        if saved.model != replace(cfg.model, pretrained=False, backbone_weights=""):
             raise BoxcasegError(f"{ckpt_path}: the checkpoint's [model] config differs from this run's")
-        cfg.model = saved.model
 
     for name in ("fused_mil_weight", "pairwise_weight", "pairwise_tau", "pairwise_ramp", "pseudo_weight"):
         v = getattr(t, name)
@@ -182,7 +182,7 @@ def train(
         init = safe_torch_load(init_path)
         if not isinstance(init, dict) or "model" not in init or "config" not in init:
             raise BoxcasegError(f"{init_path}: not a boxcaseg checkpoint (train.init_from)")
-        theirs = from_dict(Config, init["config"], str(init_path)).model
+        theirs = config_from_checkpoint(init["config"], str(init_path)).model
         if architecture(theirs) != architecture(cfg.model):
             raise BoxcasegError(f"{init_path}: its network ([model] {architecture(theirs)}) differs from this run's "
                                 f"({architecture(cfg.model)}) (train.init_from)")

@@ -26,6 +26,7 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import CocoData, instance_ious, load_coco
 from boxcaseg.io import atomic_write_bytes
 from boxcaseg.masks import decode
+from boxcaseg.paths import check_image_paths, resolve_image_path
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def worst_iou_sheet(coco: CocoData, gt: CocoData, image_dir: Path, n: int = 24, 
     for i, r in enumerate(records):
         img = gt.images[r.image_id]
         if r.image_id not in cache:
-            cache = {r.image_id: read_rgb(image_dir / img["file_name"], r.image_id)}
+            cache = {r.image_id: read_rgb(resolve_image_path(image_dir, img.get("file_name"), r.image_id), r.image_id)}
         rgb = cache[r.image_id]
         h, w = rgb.shape[:2]
         g = gt_by_id[r.ann_id]
@@ -207,6 +208,10 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     coco = load_coco(ann, "annotation", images_from=gt_data)
     if not coco.images:
         raise BoxcasegError(f"{ann}: no images listed (give --gt for a bare results list)")
+    # every file_name must stay inside the image folder: checked before any PNG is written
+    paths = check_image_paths(image_dir, ((i, im.get("file_name")) for i, im in coco.images.items()))
+    if gt_data is not None:
+        check_image_paths(image_dir, ((i, im.get("file_name")) for i, im in gt_data.images.items()))
     ids = [i for i in sorted(coco.images) if coco.by_image.get(i)]
     if limit is not None:
         ids = ids[:max(0, limit)]
@@ -216,9 +221,9 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     written = []
     for image_id in ids:
         img = coco.images[image_id]
-        rgb = read_rgb(image_dir / img["file_name"], image_id)
+        rgb = read_rgb(paths[image_id], image_id)
         if rgb.shape[:2] != (int(img["height"]), int(img["width"])):
-            raise BoxcasegError(f"{image_dir / img['file_name']}: image is {rgb.shape[0]}x{rgb.shape[1]}, its json "
+            raise BoxcasegError(f"{paths[image_id]}: image is {rgb.shape[0]}x{rgb.shape[1]}, its json "
                                 f"entry (image id {image_id}) says {img['height']}x{img['width']}")
         anns = coco.by_image[image_id]
         gt_anns = gt_data.by_image.get(image_id, []) if gt_data is not None else None

@@ -18,7 +18,7 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.maskrcnn.config import MaskRCNNConfig, MaskRCNNModelConfig
 from conftest import REPO, run_cli
 
-EXPECTED = {"cpu", "paper-coco", "paper-voc", "maskrcnn-cpu", "maskrcnn-coco"}
+EXPECTED = {"cpu", "paper-coco", "paper-voc", "maskrcnn-cpu", "maskrcnn-coco", "pretrained"}
 RANDOM_INIT = "trains from random weights"
 
 
@@ -93,7 +93,7 @@ def test_cli_config_list_and_show(capsys):
     assert "shipped: " in capsys.readouterr().err
 
 
-def test_the_wheel_holds_the_configs(tmp_path):
+def test_the_wheel_holds_the_configs_and_the_shipped_model(tmp_path):
     pytest.importorskip("setuptools")
     pytest.importorskip("wheel")
     src = tmp_path / "src"
@@ -107,6 +107,9 @@ def test_the_wheel_holds_the_configs(tmp_path):
     (whl,) = (tmp_path / "whl").glob("boxcaseg-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     assert {f"boxcaseg/configs/{n}.toml" for n in EXPECTED} <= names
+    assert {"boxcaseg/weights/boxcaseg-lite0.pt", "boxcaseg/weights/MODEL.md"} <= names
+    with zipfile.ZipFile(whl) as z:
+        assert z.read("boxcaseg/weights/boxcaseg-lite0.pt") == (REPO / "boxcaseg/weights/boxcaseg-lite0.pt").read_bytes()
 
 
 # --------------------------------------------------------------------------- random-init warning

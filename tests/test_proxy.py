@@ -285,9 +285,11 @@ def test_cli_bad_inputs_one_line_exit_2(setup, tmp_path, capsys):
     anns = [{"id": 1, "image_id": 1, "bbox": [2, 2, 20, 20], "category_id": 1, "iscrowd": 0}]
     ann, images = write_set(tmp_path, [("nothere.png", None)], anns)
     base = ["proxy", "--ann", str(ann), "--images", str(images), "-o", str(tmp_path / "o.json"), "--no-progress", "--workers", "0"]
+    garbage = tmp_path / "junk.onnx"
+    garbage.write_bytes(b"not a model")
     cases = [
         (["--model", str(setup["onnx"])], "nothere.png"),
-        (["--model", str(setup["ckpt"])], "not a valid ONNX"),        # a checkpoint given to the onnx engine
+        (["--model", str(garbage)], "not a valid ONNX"),              # junk named .onnx
         (["--model", str(setup["onnx"]), "--engine", "torch"], "model.onnx"),
         (["--model", str(setup["onnx"]), "--engine", "trt"], "TensorRT"),
         (["--model", str(setup["onnx"]), "--shard", "3/2"], "--shard"),

@@ -73,7 +73,7 @@ def train_command(
 
 def adopt_init_model(cfg, init_from: str) -> None:
     """``--init-from``: the run's network is the one of those weights ([model] from the checkpoint)."""
-    from boxcaseg.config import Config, from_dict
+    from boxcaseg.config import config_from_checkpoint
     from boxcaseg.io import safe_torch_load
     from boxcaseg.train import resolve_init
 
@@ -83,8 +83,7 @@ def adopt_init_model(cfg, init_from: str) -> None:
         from boxcaseg.errors import BoxcasegError
 
         raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (--init-from)")
-    cfg.model = from_dict(Config, init["config"], str(path)).model
-    cfg.model.pretrained, cfg.model.backbone_weights = False, ""
+    cfg.model = config_from_checkpoint(init["config"], str(path)).model  # pretrained off, no weight file
     cfg.train.init_from = str(path)
 
 

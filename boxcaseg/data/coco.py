@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from boxcaseg.boxes import degenerate_reason, xywh_to_xyxy
 from boxcaseg.data.transforms import crop_resize, normalize, open_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import load_json
+from boxcaseg.paths import check_image_paths
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class CocoIndex:
     n_crowd: int
     n_degenerate: int
     n_bad_image: int
+    paths: dict[int, Path] = field(default_factory=dict)  # image id -> its file (checked: inside the folder)
 
 
 def _check_image_file(path: Path, image_id) -> str | None:
@@ -66,7 +68,9 @@ def read_coco_boxes(
     ``skip_bad`` skipped and counted instead): malformed json, an annotation pointing at
     an unknown image, a missing or unreadable image file. Degenerate boxes
     (non-finite, non-positive size, entirely outside the image) are skipped and counted
-    in one warning line (``strict``: an error).
+    in one warning line (``strict``: an error). A ``file_name`` that leads outside
+    ``image_dir`` (absolute, ``..``, a link pointing out) is always an error, checked for
+    every image first (:func:`boxcaseg.paths.check_image_paths`).
     """
     ann_file = Path(ann_file)
     image_dir = Path(image_dir)
@@ -80,6 +84,8 @@ def read_coco_boxes(
         if not isinstance(rec, dict) or "id" not in rec or "file_name" not in rec:
             raise BoxcasegError(f"{ann_file}: malformed image record {str(rec)[:80]}")
         images[rec["id"]] = rec
+    # every file_name must stay inside image_dir (even with --skip-bad): checked before any work
+    paths = check_image_paths(image_dir, ((iid, rec["file_name"]) for iid, rec in images.items()))
     bad_images: set = set()
     boxes = []
     n_crowd = n_degenerate = 0
@@ -113,7 +119,7 @@ def read_coco_boxes(
     if check_images:
         used = sorted({b[1] for b in boxes})
         for iid in used:
-            err = _check_image_file(image_dir / images[iid]["file_name"], iid)
+            err = _check_image_file(paths[iid], iid)
             if err:
                 if not skip_bad:
                     raise BoxcasegError(err)
@@ -128,7 +134,7 @@ def read_coco_boxes(
                     ann_file, n_degenerate, ", ".join(degenerate_examples))
     if not boxes:
         raise BoxcasegError(f"{ann_file}: no usable (non-crowd, non-degenerate) box annotation")
-    return CocoIndex(images, boxes, n_crowd, n_degenerate, len(bad_images))
+    return CocoIndex(images, boxes, n_crowd, n_degenerate, len(bad_images), paths)
 
 
 def jitter_box(xyxy: tuple, rng: np.random.Generator, shift: float, smin: float, smax: float) -> tuple:
@@ -234,7 +240,7 @@ class BoxPatchDataset(torch.utils.data.Dataset):
         return len(self.index.boxes)
 
     def image_path(self, image_id: int) -> Path:
-        return self.image_dir / self.index.images[image_id]["file_name"]
+        return self.index.paths[image_id]
 
     def __getitem__(self, key):
         idx, seed = key if isinstance(key, tuple) else (key, key)

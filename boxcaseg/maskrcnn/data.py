@@ -21,6 +21,7 @@ from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import CocoData, load_coco
 from boxcaseg.masks import decode
+from boxcaseg.paths import check_image_paths
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class CocoMaskDataset(Dataset):
                  image_ids: list[int] | None = None):
         self.coco: CocoData = load_coco(ann_file, "annotation")
         self.image_dir = Path(image_dir)
+        # every file_name must stay inside the image folder: checked before any work
+        self.paths = check_image_paths(self.image_dir, ((i, im.get("file_name")) for i, im in self.coco.images.items()))
         if category_ids is None:
             category_ids = sorted(self.coco.categories) or sorted({int(a["category_id"]) for a in self.coco.anns})
         self.category_ids = list(category_ids)
@@ -89,7 +92,7 @@ class CocoMaskDataset(Dataset):
         img, anns = self.entries[index]
         image_id = int(img["id"])
         h, w = int(img["height"]), int(img["width"])
-        path = self.image_dir / img["file_name"]
+        path = self.paths[image_id]
         rgb = read_rgb(path, image_id)
         if rgb.shape[:2] != (h, w):
             raise BoxcasegError(f"{path}: image is {rgb.shape[0]}x{rgb.shape[1]}, its json entry (image id "

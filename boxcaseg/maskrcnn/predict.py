@@ -18,6 +18,7 @@ from boxcaseg.io import atomic_write_json
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.maskrcnn.train import load_checkpoint, model_from_checkpoint, resolve_device
 from boxcaseg.masks import encode
+from boxcaseg.paths import check_image_paths
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -36,7 +37,8 @@ def list_images(images: str | os.PathLike, ann: str | os.PathLike | None = None,
         missing = [i for i in ids if i not in coco.images]
         if missing:
             raise BoxcasegError(f"{ann}: image ids {missing[:5]} not in the json")
-        return [(i, images / coco.images[i]["file_name"]) for i in ids]
+        paths = check_image_paths(images, ((i, coco.images[i].get("file_name")) for i in ids))  # inside --images
+        return [(i, paths[i]) for i in ids]
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise BoxcasegError(f"{images}: no image files")
@@ -64,6 +66,7 @@ def predict_maskrcnn(
     probabilities pasted at the image size and thresholded at ``mask_thresh``. Defaults
     come from the checkpoint's ``[predict]`` config. Written atomically to ``out`` if given.
     """
+    items = list_images(images, ann, image_ids)  # a bad json or file name stops before the model loads
     ckpt = load_checkpoint(checkpoint)
     model, cfg, cats = model_from_checkpoint(ckpt, str(checkpoint))
     p = cfg.predict
@@ -76,7 +79,6 @@ def predict_maskrcnn(
     dev = resolve_device(device)
     model.to(dev)
 
-    items = list_images(images, ann, image_ids)
     if ann is None:
         log.info("no --ann: image ids are 1..%d in sorted file-name order of %s", len(items), images)
     results: list[dict] = []

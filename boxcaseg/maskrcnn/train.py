@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from boxcaseg import dist
-from boxcaseg.config import from_dict
+from boxcaseg.config import config_from_checkpoint
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import JsonlWriter, atomic_torch_save, safe_torch_load
 from boxcaseg.loop import checkpoint_rng_and_buffers, progress_bar, set_rng_state, worker_init
@@ -73,8 +73,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint"):
-    """(model in eval mode, its config, category ids) from a loaded checkpoint."""
-    cfg = from_dict(MaskRCNNConfig, ckpt["config"], source)
+    """(model in eval mode, its config, category ids) from a loaded checkpoint (its stored
+    config read as untrusted input: :func:`boxcaseg.config.config_from_checkpoint`)."""
+    cfg = config_from_checkpoint(ckpt["config"], source, MaskRCNNConfig)
     cats = [int(c) for c in ckpt["category_ids"]]
     model = build_maskrcnn(cfg.model, len(cats), load_weights=False)  # the checkpoint holds the weights
     model.load_state_dict(ckpt["model"])
@@ -113,7 +114,7 @@ def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None
         if not ckpt_path.is_file():
             raise BoxcasegError(f"{ckpt_path}: no checkpoint to resume from")
         ckpt = load_checkpoint(ckpt_path)
-        saved = from_dict(MaskRCNNConfig, ckpt["config"], str(ckpt_path))
+        saved = config_from_checkpoint(ckpt["config"], str(ckpt_path), MaskRCNNConfig)
         if saved.model != cfg.model:
             raise BoxcasegError(f"{ckpt_path}: the checkpoint's [model] config differs from this run's")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from boxcaseg.config import Config, ModelConfig, from_dict
+from boxcaseg.config import Config, ModelConfig, config_from_checkpoint
 from boxcaseg.model.backbone import TimmBackbone
 from boxcaseg.model.heads import SegHead, TransferredHead, WeightTransfer
 
@@ -56,7 +56,8 @@ def build_model(cfg: ModelConfig | Config) -> BoxCaseg:
 def load_checkpoint_model(path: str, map_location: str = "cpu") -> tuple[BoxCaseg, Config]:
     """Rebuild a trained BoxCaseg from a ``boxcaseg train`` checkpoint (weights_only load).
 
-    The backbone is built without pretrained weights: the checkpoint holds them all.
+    The backbone is built without pretrained weights: the checkpoint holds them all. The
+    stored config is untrusted (:func:`boxcaseg.config.config_from_checkpoint`).
     """
     from boxcaseg.errors import BoxcasegError
     from boxcaseg.io import safe_torch_load
@@ -64,9 +65,7 @@ def load_checkpoint_model(path: str, map_location: str = "cpu") -> tuple[BoxCase
     ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (no 'model'/'config' entries)")
-    cfg = from_dict(Config, ckpt["config"], str(path))
-    cfg.model.pretrained = False
-    cfg.model.backbone_weights = ""
+    cfg = config_from_checkpoint(ckpt["config"], str(path))  # pretrained off, no weight file
     model = BoxCaseg(cfg.model)
     try:
         model.load_state_dict(ckpt["model"])

@@ -21,7 +21,7 @@ def pack_checkpoint(ckpt: str | Path, out: str | Path, *, context: float | None 
     given settings replace the config's ``model.infer_*`` fields. Loads with
     ``torch.load(weights_only=True)`` like every checkpoint. Returns what was written.
     """
-    from boxcaseg.config import Config, from_dict
+    from boxcaseg.config import config_from_checkpoint
     from boxcaseg.export.onnx_export import file_sha256
     from boxcaseg.io import atomic_torch_save, safe_torch_load
     from boxcaseg.model import build_model
@@ -30,7 +30,7 @@ def pack_checkpoint(ckpt: str | Path, out: str | Path, *, context: float | None 
     src = safe_torch_load(ckpt)
     if not isinstance(src, dict) or "model" not in src or "config" not in src:
         raise BoxcasegError(f"{ckpt}: not a boxcaseg checkpoint (no 'model'/'config' entries)")
-    cfg = from_dict(Config, src["config"], str(ckpt))
+    cfg = config_from_checkpoint(src["config"], str(ckpt))  # untrusted: no ${ENV}, plain model fields
     m = cfg.model
     for name, value, ok in (("context", context, lambda v: math.isfinite(v) and v >= 1.0),
                             ("threshold", threshold, lambda v: 0.0 <= v <= 1.0),

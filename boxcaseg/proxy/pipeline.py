@@ -31,6 +31,7 @@ import numpy as np
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import atomic_write_json, load_json
 from boxcaseg.masks import empty_rle
+from boxcaseg.paths import check_image_paths
 from boxcaseg.proxy.coco import ImageTask, ann_key, apply_results, build_tasks, validate_coco
 from boxcaseg.proxy.shards import (
     FORMAT, ProgressStore, Shard, common_fingerprint, find_shard_files, progress_dir, shard_file,
@@ -103,7 +104,8 @@ class _DecodeDataset:
     """Item i: image i decoded once, all its usable crops -> uint8 [k, 3, S, S] (torch)."""
 
     def __init__(self, tasks: list[ImageTask], image_dir: Path, size: int):
-        self.items = [(t.image_id, str(Path(image_dir) / t.file_name), t.width, t.height, t.crops) for t in tasks]
+        paths = check_image_paths(image_dir, ((t.image_id, t.file_name) for t in tasks))  # inside --images only
+        self.items = [(t.image_id, str(paths[t.image_id]), t.width, t.height, t.crops) for t in tasks]
         self.size = size
 
     def __len__(self) -> int:
@@ -376,6 +378,7 @@ def generate_proxy(cfg: ProxyConfig) -> dict:
     data = load_json(cfg.ann, "COCO annotation json")
     validate_coco(data, cfg.ann)
     tasks = build_tasks(data, cfg.context, cfg.strict, cfg.ann)
+    check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))  # before any work: inside --images
     mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
     per = cfg.checkpoint_every
     chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
