@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
         "setup": (f"PennFudan, {len(train_ids)} train / {len(test_ids)} held-out images (seeded permutation of the ids, "
                   f"seed {args.seed}); Mask R-CNN {args.backbone}-FPN, {args.min_size}-{args.max_size} px, "
                   f"{args.mr_iters} iterations x 2 images, lr {args.lr}; proxy "
-                  f"{args.proxy or f'built here (BoxCaseg {args.boxcaseg_iters} iterations, context {args.proxy_context}, threshold {args.proxy_threshold})'}."),
+                  f"{args.proxy or f'built here (BoxCaseg {args.boxcaseg_iters} iterations, context {args.proxy_context}, threshold {args.proxy_threshold})'}; "
+                  f"Mask R-CNN config maskrcnn-cpu with the changes above"
+                  + ("" if args.proxy else "; BoxCaseg config cpu with the iterations above") + "."),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads, torch {torch.__version__}",
         "total_s": time.perf_counter() - t_start,
         "train_mask_quality": {k: {kk: v[kk] for kk in ("miou_star", "iou50", "n", "flagged") if kk in v}

@@ -248,7 +248,10 @@ def main() -> None:
         report = {"data": str(folder), "images": args.limit_images or "all", "backbone": cfg.model.backbone,
                   "infer_size": cfg.model.infer_size, "batch_size": args.batch_size, "workers": args.workers,
                   "cpus": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()], "results": {}}
-        print(f"checkpoint: {cfg.model.backbone}, S={cfg.model.infer_size}; data {folder} ({args.limit_images or 'all'} images)")
+        from quality import config_summary
+
+        report["config"] = config_summary(cfg, str(args.ckpt or "cpu (random weights)"))
+        print(f"{report['config']}; data {folder} ({args.limit_images or 'all'} images)")
         res = report["results"]
         if "published" in engines:
             res["published"] = run_published(ckpt, ann_used, images, args.batch_size)

@@ -35,6 +35,15 @@ def data_root() -> Path:
     return Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
 
 
+def config_summary(cfg, name: str = "") -> str:
+    """One line naming the config a bench section measured (its model, data and schedule)."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    return (f"config {name + ': ' if name else ''}{m.backbone}, head {m.head_channels}, S={m.infer_size} "
+            f"(context {m.infer_context:g}, threshold {m.infer_threshold:g}, prior {m.infer_prior_weight:g}), "
+            f"alpha {m.alpha:g}; patches {d.patch_size} px, {d.box_per_batch} box + {d.salient_per_batch} salient; "
+            f"{t.max_iters} iterations, lr {t.lr:g}, fused MIL {t.fused_mil_weight:g}, pairwise {t.pairwise_weight:g}")
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name:start -->`` markers in RESULTS.md."""
     path = REPO / "bench" / "RESULTS.md"
@@ -120,6 +129,7 @@ def main() -> None:
         res = train(cfg, out / "train")
         train_s = time.perf_counter() - t
         ckpt = out / "train" / "last.pt"
+        notes.append(config_summary(cfg, str(args.config)) + (f"; overrides {' '.join(args.set)}" if args.set else ""))
         notes.append(f"training: {cfg.model.backbone}, {res.iters} iterations, {train_s / 60:.1f} min, "
                      f"{res.images_per_s:.1f} img/s, loss {res.first_loss:.3f} -> {res.last_loss:.3f}")
     if train_s is None:  # an existing checkpoint: its training time from its metrics.jsonl
