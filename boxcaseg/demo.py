@@ -101,7 +101,7 @@ def run_demo(opt: DemoOptions, console=None) -> dict:
     summary = generate_proxy(ProxyConfig(
         ann=data.ann_file, images=data.image_dir, out=out / "proxy.json",
         model=out / "model.onnx" if use_onnx else out / "train" / "last.pt", engine="onnx" if use_onnx else "torch",
-        context=opt.context, threshold=opt.threshold, workers=1, progress=opt.progress))
+        context=opt.context, threshold=opt.threshold, merge=True, workers=1, progress=opt.progress))
     timings["proxy_s"] = time.perf_counter() - t
     con.print(f"    proxy masks: {summary['output']} ({summary['instances']} instances, "
               f"{summary['flagged']} flagged ignore_mask, {summary['instances_per_s']:.0f} inst/s)")

@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
 
 def cfg_for(setup, out, **kw) -> ProxyConfig:
     base = dict(ann=setup["ann"], images=setup["images"], out=out, model=setup["onnx"], engine="onnx",
-                batch_size=4, workers=0, checkpoint_every=3, progress=False)
+                batch_size=4, workers=0, checkpoint_every=3, progress=False, merge=True)
     base.update(kw)
     return ProxyConfig(**base)
 
@@ -342,8 +342,8 @@ def test_prior_weight_one_gives_the_inscribed_ellipse(setup, tmp_path):
 
 
 def test_no_merge_keeps_each_box_own_mask(setup, tmp_path):
-    """--no-merge: overlapping boxes keep their own (here: ellipse) masks; the default merge gives
-    the overlap to the smaller box. Agreement and ignore_mask are computed either way."""
+    """The default (--no-merge): overlapping boxes keep their own (here: ellipse) masks; --merge
+    gives the overlap to the smaller box. Agreement and ignore_mask are computed either way."""
     from test_export import run_cli
 
     from boxcaseg.baselines import ellipse_mask
@@ -353,11 +353,11 @@ def test_no_merge_keeps_each_box_own_mask(setup, tmp_path):
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": small, "area": 1.0, "iscrowd": 0}]
     ann, images = write_set(tmp_path, [("a.png", rgb(seed=5))], anns)
     res = {}
-    for merge in (True, False):  # the CLI flag --no-merge, or the default
+    for merge in (True, False):  # the CLI flag --merge, or the default
         out = tmp_path / f"proxy_{merge}.json"
         args = ["proxy", "--ann", str(ann), "--images", str(images), "-o", str(out), "--model", str(setup["onnx"]),
                 "--prior-weight", "1", "--threshold", "0.5", "--workers", "0", "--batch-size", "4", "--no-progress"]
-        assert run_cli(args + ([] if merge else ["--no-merge"])) == 0
+        assert run_cli(args + (["--merge"] if merge else [])) == 0
         data = json.loads(out.read_text())
         res[merge] = {a["id"]: (decode(a["segmentation"], 48, 64), a["proxy_agreement"], a["ignore_mask"])
                       for a in data["annotations"]}
