@@ -131,7 +131,7 @@ def test_resume_after_kill_gives_identical_output(setup, single_run):
     out = setup["dir"] / "resume" / "proxy.json"
     cmd = [sys.executable, "-m", "boxcaseg", "proxy", "--engine", "onnx", "--model", str(setup["onnx"]),
            "--ann", str(setup["ann"]), "--images", str(setup["images"]), "-o", str(out),
-           "--batch-size", "4", "--checkpoint-every", "3", "--workers", "1", "--no-progress"]
+           "--batch-size", "4", "--checkpoint-every", "3", "--workers", "1", "--no-progress", "--merge"]
     env = dict(os.environ, BOXCASEG_PROXY_TEST_CHUNK_DELAY="1.5")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = out.parent / "proxy.json.progress" / "shard-0-of-1"
@@ -313,7 +313,7 @@ def test_torchrun_two_ranks_equal_one_process(setup, single_run):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "boxcaseg", "proxy", "--engine", "onnx", "--model", str(setup["onnx"]),
            "--ann", str(setup["ann"]), "--images", str(setup["images"]), "-o", str(out),
-           "--batch-size", "4", "--checkpoint-every", "3", "--workers", "0", "--threads", "1", "--no-progress"]
+           "--batch-size", "4", "--checkpoint-every", "3", "--workers", "0", "--threads", "1", "--no-progress", "--merge"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -389,6 +389,12 @@ def resolve_model(model: str | Path | None = None, engine: str = "auto", device:
             engine = kind
     if engine == "onnx" and kind in ("torch", "onnx"):  # one line, before any export, without ONNX Runtime
         import_onnxruntime("--engine onnx" if kind == "torch" else f"{source} (an ONNX model)")
+    if engine == "trt":
+        from boxcaseg.export.tensorrt import trt_missing
+
+        missing = trt_missing()
+        if missing:
+            raise BoxcasegError("--engine trt: missing " + " and ".join(missing))
     if engine == "onnx" and kind == "torch":
         path = cached_onnx(source)
     elif engine != kind:
