@@ -37,3 +37,14 @@ def run_cli(argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: no OpenMP spinning against other jobs on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

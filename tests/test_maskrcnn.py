@@ -20,13 +20,7 @@ from boxcaseg.maskrcnn.loss import ignore_aware_maskrcnn_loss
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: no OpenMP spinning against other jobs on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 # --------------------------------------------------------------------------- the loss

@@ -26,13 +26,7 @@ from boxcaseg.model import build_model, load_checkpoint_model
 S = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: no OpenMP spinning against other jobs on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
