@@ -105,6 +105,8 @@ def test_proxy_cli_first_line_names_model_and_settings(models, tmp_path, cache, 
     assert code == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith(f"model {models['tuned']} on onnx: S={S}, context 1.1, threshold 0.35, prior weight 0.25")
+    info = json.loads((tmp_path / "p.json").read_text())["info"]["boxcaseg_proxy"]
+    assert info["model"] == str(models["tuned"]) and info["context"] == 1.1  # the model as given, not its cached graph
 
 
 # --------------------------------------------------------------------------- model resolution

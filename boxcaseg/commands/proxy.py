@@ -78,13 +78,14 @@ def proxy_command(
         shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
         progress=not no_progress and env_rank_world()[0] == 0, device=device,
     )
-    cfg, rm = resolve_proxy_config(cfg)
+    resolved = resolve_proxy_config(cfg)
+    cfg, rm = resolved
     if env_rank_world()[0] == 0:
         con.print(f"model {rm.label} on {cfg.engine}: S={rm.settings.infer_size}, context {cfg.context:g}, "
                   f"threshold {cfg.threshold:g}, prior weight {cfg.prior_weight:g}, alpha {rm.settings.alpha:g}, "
                   f"{'merge (smaller object wins)' if cfg.merge else 'no merge (each box its own mask)'}, "
                   f"drop below agreement {drop_thresh:g}")
-    s = generate_proxy_torchrun(cfg)
+    s = generate_proxy_torchrun(cfg, resolved)
     t = s["timings"]
     busy = t["decode"] + t["inference"] + t["post"]
     shares = ", ".join(f"{k} {100 * t[k] / busy:.0f}%" for k in ("decode", "inference", "post")) if busy else "-"

@@ -104,8 +104,8 @@ class _Timers:
 class _DecodeDataset:
     """Item i: image i decoded once, all its usable crops -> uint8 [k, 3, S, S] (torch)."""
 
-    def __init__(self, tasks: list[ImageTask], image_dir: Path, size: int):
-        paths = check_image_paths(image_dir, ((t.image_id, t.file_name) for t in tasks))  # inside --images only
+    def __init__(self, tasks: list[ImageTask], paths: dict, size: int):
+        # paths: image id -> file, checked to lie inside --images by generate_proxy
         self.items = [(t.image_id, str(paths[t.image_id]), t.width, t.height, t.crops) for t in tasks]
         self.size = size
 
@@ -136,13 +136,13 @@ class _DecodeDataset:
         return {"i": i, "crops": torch.from_numpy(arr), "t": time.perf_counter() - t0}
 
 
-def _decoded_stream(tasks: list[ImageTask], image_dir: Path, size: int, workers: int):
+def _decoded_stream(tasks: list[ImageTask], paths: dict, size: int, workers: int):
     """Decoded images in ``tasks`` order (a torch DataLoader over worker processes)."""
     import multiprocessing as mp
 
     from torch.utils.data import DataLoader
 
-    ds = _DecodeDataset(tasks, image_dir, size)
+    ds = _DecodeDataset(tasks, paths, size)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs["prefetch_factor"] = 4
@@ -355,8 +355,11 @@ def run_info(cfg: ProxyConfig, rm, fingerprint: dict) -> dict:
             "relative": cfg.relative, "merge": cfg.merge, "drop_thresh": cfg.drop_thresh}
 
 
-def generate_proxy(cfg: ProxyConfig) -> dict:
+def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
     """Turn every non-crowd box of ``cfg.ann`` into a proxy mask; returns a summary dict.
+
+    ``resolved``: what :func:`resolve_proxy_config` returned for ``cfg``, when the caller
+    has resolved it already (the model is then not looked up, hashed or exported again).
 
     Writes ``cfg.out`` (the input json with RLE ``segmentation``, ``proxy_agreement`` and
     ``ignore_mask`` on every non-crowd annotation), or, for shard K/N with N > 1, the
@@ -372,14 +375,14 @@ def generate_proxy(cfg: ProxyConfig) -> dict:
     from boxcaseg.export.engines import load_engine
 
     t_start = time.perf_counter()
-    cfg, rm = resolve_proxy_config(cfg)
+    cfg, rm = resolved if resolved is not None else resolve_proxy_config(cfg)
     cfg.check()
     shard = Shard.parse(cfg.shard)
     size = rm.settings.infer_size
     data = load_json(cfg.ann, "COCO annotation json")
     validate_coco(data, cfg.ann)
     tasks = build_tasks(data, cfg.context, cfg.strict, cfg.ann)
-    check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))  # before any work: inside --images
+    paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))  # before any work: inside --images
     mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
     per = cfg.checkpoint_every
     chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
@@ -390,7 +393,7 @@ def generate_proxy(cfg: ProxyConfig) -> dict:
     timers = _Timers()
     engine_desc = cfg.engine
     if pending:
-        engine_desc = _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, load_engine)
+        engine_desc = _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, load_engine, paths)
 
     stats = _empty_stats()
     results: dict[str, tuple] = {}
@@ -437,10 +440,10 @@ def _summary(stats, n_images, shard, chunks, pending, timers, seconds, data, eng
     return s
 
 
-def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, load_engine) -> str:
+def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, load_engine, paths) -> str:
     """Decode -> batch -> infer -> post for the pending chunks; returns the engine description."""
     work = [t for c in pending for t in chunks[c] if len(t.crops)]
-    stream = _decoded_stream(work, cfg.images, size, cfg.workers)  # forks before the engine's threads exist
+    stream = _decoded_stream(work, paths, size, cfg.workers)  # forks before the engine's threads exist
     engine = load_engine(cfg.engine, cfg.model, threads=cfg.threads, device=cfg.device)
     if engine.infer_size != size:
         raise BoxcasegError(f"{cfg.model}: engine input size {engine.infer_size} != metadata {size}")
@@ -542,7 +545,7 @@ def merge_shards(ann: str | Path, out: str | Path) -> dict:
     return s
 
 
-def generate_proxy_torchrun(cfg: ProxyConfig) -> dict:
+def generate_proxy_torchrun(cfg: ProxyConfig, resolved=None) -> dict:
     """:func:`generate_proxy`, and under torchrun (WORLD_SIZE > 1, no explicit shard) a
     barrier after which rank 0 joins the shard files into ``cfg.out``.
 
@@ -550,7 +553,7 @@ def generate_proxy_torchrun(cfg: ProxyConfig) -> dict:
     """
     from boxcaseg import dist
 
-    summary = generate_proxy(cfg)
+    summary = generate_proxy(cfg, resolved)
     rank, world = dist.env_rank_world()
     if cfg.shard is None and world > 1:
         dist.init_from_env()
