@@ -60,8 +60,14 @@ class ModelConfig:
     neck_channels: int = 0                # 0 = the paper's HRNetV2 concat; K > 0 = an FPN neck of width K
     neck_convs: int = 1                   # 3x3 conv-BN-ReLU layers after the neck's stride-4 sum
     head_channels: int = 0                # hidden width of each head; 0 = backbone concat width
-    transfer_hidden: int = 0              # hidden width of the weight-transfer MLPs; 0 = input width
+    transfer_hidden: int = 0              # hidden width of the weight-transfer MLPs; 0 = the variant's default
+    # "ours": hidden = input width, default init, the transferred head owns its biases;
+    # "published" (the authors' code): hidden = 4x input, N(0, 0.01) init, biases k*b_weak + b
+    transfer_mlp: str = "ours"
     alpha: float = 0.7                    # fused = alpha*salient + (1-alpha)*transferred
+    # "logit": alpha blends the two heads' logits (the authors' code); "prob": it blends their
+    # probabilities, as the paper's Eq. 3 writes (the fused map is then the logit of that blend)
+    fusion: str = "logit"
     infer_size: int = 320                 # proxy-mask inference size S
     # Recommended inference settings that travel with the checkpoint (and its ONNX export):
     # `boxcaseg proxy` / `boxcaseg segment` / `Segmenter` use them unless told otherwise.

@@ -19,7 +19,8 @@ S = 64
 TOL_F32 = 1e-4  # ONNX Runtime vs PyTorch, float32
 
 
-def tiny_checkpoint(path, infer_size: int = S, seed: int = 0, neck_channels: int = 0):
+def tiny_checkpoint(path, infer_size: int = S, seed: int = 0, neck_channels: int = 0,
+                    transfer_mlp: str = "ours", fusion: str = "logit"):
     """test_efficientnet (145k params) with non-trivial BN statistics, saved as `boxcaseg train` does."""
     torch.manual_seed(seed)
     cfg = Config()
@@ -27,7 +28,13 @@ def tiny_checkpoint(path, infer_size: int = S, seed: int = 0, neck_channels: int
     cfg.model.head_channels = 16
     cfg.model.neck_channels = neck_channels
     cfg.model.infer_size = infer_size
+    cfg.model.transfer_mlp = transfer_mlp
+    cfg.model.fusion = fusion
     model = build_model(cfg)
+    if transfer_mlp == "published":  # move k and b off their start values so that both matter
+        with torch.no_grad():
+            model.transferred_head.bias_k.copy_(torch.tensor([0.8, 1.3]))
+            model.transferred_head.bias_b.copy_(torch.tensor([0.1, -0.2]))
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -91,6 +98,26 @@ def test_onnx_export_checks_parity_and_metadata(exported):
     assert meta["boxcaseg.output_stride"] == "4"
     assert float(meta["boxcaseg.alpha"]) == pytest.approx(0.7)
     assert meta["boxcaseg.normalization"].startswith("in graph")
+
+
+@pytest.mark.parametrize("transfer_mlp,fusion", [("published", "logit"), ("ours", "prob"), ("published", "prob")])
+def test_onnx_export_of_transfer_and_fusion_variants(tmp_path, transfer_mlp, fusion):
+    """The authors' transfer MLP and the paper's probability fusion export to graphs whose
+    answers are the training model's (torch wrapper and ONNX Runtime)."""
+    ckpt = tiny_checkpoint(tmp_path / "v.pt", seed=5, transfer_mlp=transfer_mlp, fusion=fusion)
+    model, cfg = load_checkpoint_model(str(ckpt))
+    assert (cfg.model.transfer_mlp, cfg.model.fusion) == (transfer_mlp, fusion)
+    x = torch.rand(2, 3, S, S) * 255
+    ref = reference_probs(model, x)
+    with torch.no_grad():
+        for full in (False, True):
+            got = ProxyExportModel(model, S, full_resolution=full).eval()(x)
+            assert float((got - reference_probs(model, x, full_resolution=full)).abs().max()) <= TOL_F32
+    rep = export_onnx(ckpt, tmp_path / "v.onnx")
+    assert rep.max_abs_diff <= TOL_F32
+    got = load_engine("onnx", rep.onnx_path).predict(x.numpy().astype(np.uint8))
+    ref = reference_probs(model, torch.from_numpy(x.numpy().astype(np.uint8)).float()).numpy()
+    assert float(np.abs(got - ref).max()) <= TOL_F32
 
 
 def test_onnx_export_with_fpn_neck(tmp_path):

@@ -45,14 +45,62 @@ def test_weak_loss_trains_weak_head_not_transfer(model):
 
 
 def test_transferred_weights_follow_weak_head(model):
-    w1, w2 = model.transferred_weights()
+    w1, b1, w2, b2 = model.transferred_params()
     assert w1.shape == model.weak_head.conv1.weight.shape and w2.shape == model.weak_head.conv2.weight.shape
+    assert b1 is model.transferred_head.bias1 and b2 is model.transferred_head.bias2  # its own biases
     with torch.no_grad():
         model.weak_head.conv1.weight.add_(0.5)
-    v1, _ = model.transferred_weights()
+    v1 = model.transferred_params()[0]
     assert not torch.allclose(w1, v1)
     with torch.no_grad():
         model.weak_head.conv1.weight.sub_(0.5)
+
+
+def test_published_transfer_mlp():
+    """The authors' transfer: hidden 4x the input, N(0, 0.01) init, biases k * b_weak + b, and
+    gradients of the transferred branch reach k, b and the MLPs but never the weak head."""
+    torch.manual_seed(1)
+    m = build_model(ModelConfig(backbone="test_efficientnet", head_channels=16, transfer_mlp="published"))
+    c = m.weak_head.conv1.in_channels
+    assert m.transfer.mlp1[0].out_features == 4 * c and m.transfer.mlp2[0].out_features == 4 * 16
+    w = torch.cat([p.detach().flatten() for p in m.transfer.parameters()])
+    assert 0.007 < float(w.std()) < 0.013 and abs(float(w.mean())) < 0.002
+    with torch.no_grad():
+        m.transferred_head.bias_k.copy_(torch.tensor([0.5, 2.0]))
+        m.transferred_head.bias_b.copy_(torch.tensor([0.25, -1.0]))
+    _, b1, _, b2 = m.transferred_params()
+    wb1, wb2 = m.weak_head.conv1.bias.detach().double(), m.weak_head.conv2.bias.detach().double()
+    torch.testing.assert_close(b1.double(), 0.5 * wb1 + 0.25)
+    torch.testing.assert_close(b2.double(), 2.0 * wb2 - 1.0)
+    m.zero_grad()
+    m(torch.randn(2, 3, 64, 64))["transferred"].square().sum().backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in m.weak_head.parameters())
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in m.transferred_head.parameters())
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in m.transfer.parameters())
+
+
+def test_probability_fusion_is_eq3():
+    """fusion="prob": sigmoid(fused) = alpha * sigmoid(salient) + (1 - alpha) * sigmoid(transferred)
+    (float64 reference), and BCE on the fused logits is the paper's Eq. 3 on those probabilities."""
+    torch.manual_seed(2)
+    m = build_model(ModelConfig(backbone="test_efficientnet", head_channels=16, alpha=0.6, fusion="prob")).eval()
+    with torch.no_grad():
+        out = m(torch.randn(2, 3, 64, 64))
+    s, t = out["salient"].double(), out["transferred"].double()
+    p_ref = 0.6 * torch.sigmoid(s) + 0.4 * torch.sigmoid(t)
+    torch.testing.assert_close(torch.sigmoid(out["fused"].double()), p_ref, rtol=0, atol=2e-6)
+    target = (torch.rand_like(p_ref) > 0.5).double()
+    eq3 = -(target * torch.log(p_ref) + (1 - target) * torch.log(1 - p_ref)).mean()
+    torch.testing.assert_close(pixel_loss(out["fused"], target.float()).double(), eq3, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_variant_is_one_line_error():
+    from boxcaseg.errors import BoxcasegError
+
+    with pytest.raises(BoxcasegError, match="model.fusion"):
+        build_model(ModelConfig(backbone="test_efficientnet", head_channels=16, fusion="average"))
+    with pytest.raises(BoxcasegError, match="model.transfer_mlp"):
+        build_model(ModelConfig(backbone="test_efficientnet", head_channels=16, transfer_mlp="big"))
 
 
 def _neck_reference(backbone, x):

@@ -3,14 +3,15 @@
 Built from a trained :class:`~boxcaseg.model.BoxCaseg` (it is never trained itself):
 
 - the weak head is dropped; the transferred head's conv weights are computed once
-  from the checkpoint (``model.transferred_weights()``) and baked in;
+  from the checkpoint (``model.transferred_params()``) and baked in;
 - every BatchNorm is folded into its convolution (backbone, FPN neck if any, both heads);
 - the two heads' first 1x1 convs are one conv with 2M outputs; because a 1x1 conv
   commutes with bilinear upsampling, it is applied to each feature level at the
   level's own resolution and the results are upsampled and summed (the same numbers
   as upsample-concat-conv, a fraction of the work);
 - alpha is folded into the second 1x1 conv: ``alpha*salient + (1-alpha)*transferred``
-  is one conv over the concatenated hidden maps;
+  is one conv over the concatenated hidden maps (with ``model.fusion = "prob"`` that conv
+  has two outputs, blended after their sigmoids);
 - ImageNet normalisation happens inside the graph, so callers feed raw RGB pixels;
 - sigmoid at the end;
 - optionally (``flip_tta=True``) a horizontal-flip test-time augmentation: the batch
@@ -39,6 +40,7 @@ from torch import nn
 
 from boxcaseg.data.transforms import MEAN, STD
 from boxcaseg.export.fold import fold_batchnorms, fold_conv_bn_params
+from boxcaseg.model.boxcaseg import PROB_EPS
 
 
 class ProxyExportModel(nn.Module):
@@ -68,14 +70,20 @@ class ProxyExportModel(nn.Module):
         with torch.no_grad():
             sal = model.salient_head
             ws1, bs1 = fold_conv_bn_params(sal.conv1.weight, sal.conv1.bias, sal.bn)
-            w1, w2 = model.transferred_weights()
-            th = model.transferred_head
-            wt1, bt1 = fold_conv_bn_params(w1.float(), th.bias1, th.bn)
+            w1, b1, w2, b2 = model.transferred_params()
+            wt1, bt1 = fold_conv_bn_params(w1.float(), b1, model.transferred_head.bn)
             weight1 = torch.cat([ws1, wt1], 0)  # [2M, C, 1, 1]
             bias1 = torch.cat([bs1, bt1], 0)  # [2M]
             alpha = float(model.alpha)
-            weight2 = torch.cat([alpha * sal.conv2.weight, (1.0 - alpha) * w2.float()], 1)  # [1, 2M, 1, 1]
-            bias2 = alpha * sal.conv2.bias + (1.0 - alpha) * th.bias2
+            self.prob_fusion = getattr(model, "fusion", "logit") == "prob"
+            if self.prob_fusion:  # two output channels, blended after their sigmoids
+                zeros = torch.zeros_like(w2.float())
+                weight2 = torch.cat([torch.cat([sal.conv2.weight, zeros], 1),
+                                     torch.cat([zeros, w2.float()], 1)], 0)  # [2, 2M, 1, 1]
+                bias2 = torch.cat([sal.conv2.bias, b2.float()])
+            else:  # alpha folded into one output channel
+                weight2 = torch.cat([alpha * sal.conv2.weight, (1.0 - alpha) * w2.float()], 1)  # [1, 2M, 1, 1]
+                bias2 = alpha * sal.conv2.bias + (1.0 - alpha) * b2
 
         if self.neck:
             channels = [int(model.backbone.out_channels)]
@@ -90,7 +98,7 @@ class ProxyExportModel(nn.Module):
             start += c
         assert start == weight1.shape[1], "backbone channels do not match the head"
         self.register_buffer("bias1", bias1.detach().view(1, -1, 1, 1).clone())
-        self.out_conv = nn.Conv2d(weight1.shape[0], 1, 1)
+        self.out_conv = nn.Conv2d(weight1.shape[0], weight2.shape[0], 1)
         self.out_conv.weight.data.copy_(weight2)
         self.out_conv.bias.data.copy_(bias2.detach())
         self.alpha = alpha
@@ -128,6 +136,10 @@ class ProxyExportModel(nn.Module):
         logits = self.out_conv(F.relu(hidden + self.bias1))
         if self.half_compute:
             logits = logits.float()
+        if self.prob_fusion:  # logit of alpha*p_salient + (1-alpha)*p_transferred, as the model's fuse()
+            p = self.alpha * torch.sigmoid(logits[:, :1]) + (1.0 - self.alpha) * torch.sigmoid(logits[:, 1:])
+            p = p.clamp(PROB_EPS, 1.0 - PROB_EPS)
+            logits = torch.log(p / (1.0 - p))
         if self.full_resolution:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits

@@ -7,15 +7,18 @@ from torch import nn
 
 from boxcaseg.config import Config, ModelConfig, config_from_checkpoint
 from boxcaseg.model.backbone import TimmBackbone
-from boxcaseg.model.heads import SegHead, TransferredHead, WeightTransfer
+from boxcaseg.errors import BoxcasegError
+from boxcaseg.model.heads import TRANSFER_VARIANTS, SegHead, TransferredHead, WeightTransfer
 
 
 class BoxCaseg(nn.Module):
     """Backbone + weak, salient and transferred heads.
 
     forward(x: [N, 3, H, W]) -> dict of logits, each [N, 1, ceil(H/4), ceil(W/4)]:
-    ``weak`` (MIL-trained), ``salient``, ``transferred`` and
-    ``fused = alpha * salient + (1 - alpha) * transferred``.
+    ``weak`` (MIL-trained), ``salient``, ``transferred`` and ``fused``:
+    ``alpha * salient + (1 - alpha) * transferred`` (``cfg.fusion = "logit"``) or
+    ``logit(alpha * sigmoid(salient) + (1 - alpha) * sigmoid(transferred))`` (``"prob"``,
+    the paper's Eq. 3).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -29,22 +32,44 @@ class BoxCaseg(nn.Module):
         m = cfg.head_channels or c
         self.weak_head = SegHead(c, m)
         self.salient_head = SegHead(c, m)
-        self.transfer = WeightTransfer(c, m, cfg.transfer_hidden)
-        self.transferred_head = TransferredHead(m)
+        if cfg.transfer_mlp not in TRANSFER_VARIANTS:
+            raise BoxcasegError(f"model.transfer_mlp {cfg.transfer_mlp!r}: expected one of {', '.join(TRANSFER_VARIANTS)}")
+        if cfg.fusion not in FUSIONS:
+            raise BoxcasegError(f"model.fusion {cfg.fusion!r}: expected one of {', '.join(FUSIONS)}")
+        published = cfg.transfer_mlp == "published"
+        self.transfer = WeightTransfer(c, m, cfg.transfer_hidden, cfg.transfer_mlp)
+        self.transferred_head = TransferredHead(m, bias_from_weak=published)
         self.alpha = float(cfg.alpha)
+        self.fusion = cfg.fusion
 
-    def transferred_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conv weights of the transferred head, from the *detached* weak-head weights."""
-        return self.transfer(self.weak_head.conv1.weight.detach(), self.weak_head.conv2.weight.detach())
+    def transferred_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conv weights and biases (w1, b1, w2, b2) of the transferred head, from the *detached*
+        weak-head parameters: gradients reach the transfer MLPs, never the weak head."""
+        weak = self.weak_head
+        w1, w2 = self.transfer(weak.conv1.weight.detach(), weak.conv2.weight.detach())
+        b1, b2 = self.transferred_head.biases(weak.conv1.bias.detach(), weak.conv2.bias.detach())
+        return w1, b1, w2, b2
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
         weak = self.weak_head(feats)
         salient = self.salient_head(feats)
-        w1, w2 = self.transferred_weights()
-        transferred = self.transferred_head(feats, w1, w2)
-        fused = self.alpha * salient + (1.0 - self.alpha) * transferred
-        return {"weak": weak, "salient": salient, "transferred": transferred, "fused": fused}
+        transferred = self.transferred_head(feats, *self.transferred_params())
+        return {"weak": weak, "salient": salient, "transferred": transferred,
+                "fused": fuse(salient, transferred, self.alpha, self.fusion)}
+
+
+FUSIONS = ("logit", "prob")
+PROB_EPS = 1e-6
+
+
+def fuse(salient: torch.Tensor, transferred: torch.Tensor, alpha: float, fusion: str) -> torch.Tensor:
+    """The fused logits of the salient and transferred logits (see :class:`BoxCaseg`)."""
+    if fusion == "logit":
+        return alpha * salient + (1.0 - alpha) * transferred
+    p = alpha * torch.sigmoid(salient) + (1.0 - alpha) * torch.sigmoid(transferred)
+    p = p.clamp(PROB_EPS, 1.0 - PROB_EPS)
+    return torch.log(p / (1.0 - p))
 
 
 def build_model(cfg: ModelConfig | Config) -> BoxCaseg:
@@ -59,7 +84,6 @@ def load_checkpoint_model(path: str, map_location: str = "cpu") -> tuple[BoxCase
     The backbone is built without pretrained weights: the checkpoint holds them all. The
     stored config is untrusted (:func:`boxcaseg.config.config_from_checkpoint`).
     """
-    from boxcaseg.errors import BoxcasegError
     from boxcaseg.io import safe_torch_load
 
     ckpt = safe_torch_load(path, map_location)

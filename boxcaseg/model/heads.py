@@ -25,8 +25,16 @@ class SegHead(nn.Module):
         return self.conv2(F.relu(self.bn(self.conv1(x))))
 
 
-def _mlp(dim: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, dim))
+def _mlp(dim: int, hidden: int, init_std: float = 0.0) -> nn.Sequential:
+    mlp = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, dim))
+    if init_std > 0:
+        for layer in (mlp[0], mlp[2]):
+            nn.init.normal_(layer.weight, std=init_std)
+            nn.init.normal_(layer.bias, std=init_std)
+    return mlp
+
+
+TRANSFER_VARIANTS = ("ours", "published")
 
 
 class WeightTransfer(nn.Module):
@@ -34,12 +42,17 @@ class WeightTransfer(nn.Module):
 
     w1: [M, C, 1, 1] -> [M, C, 1, 1] (each of the M rows through ``mlp1``: C -> H1 -> C);
     w2: [1, M, 1, 1] -> [1, M, 1, 1] (the single row through ``mlp2``: M -> H2 -> M).
+
+    ``variant="ours"``: hidden width = input width, PyTorch's default init.
+    ``variant="published"`` (the authors' code): hidden width 4x the input, weights and
+    biases drawn from N(0, 0.01). ``hidden`` > 0 overrides the width of either.
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, hidden: int = 0):
+    def __init__(self, in_channels: int, mid_channels: int, hidden: int = 0, variant: str = "ours"):
         super().__init__()
-        self.mlp1 = _mlp(in_channels, hidden or in_channels)
-        self.mlp2 = _mlp(mid_channels, hidden or mid_channels)
+        widen, std = (4, 0.01) if variant == "published" else (1, 0.0)
+        self.mlp1 = _mlp(in_channels, hidden or widen * in_channels, std)
+        self.mlp2 = _mlp(mid_channels, hidden or widen * mid_channels, std)
 
     def forward(self, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, c = w1.shape[:2]
@@ -49,14 +62,32 @@ class WeightTransfer(nn.Module):
 
 
 class TransferredHead(nn.Module):
-    """The transferred head: own BN and biases, conv weights given at call time."""
+    """The transferred head: own BN, conv weights given at call time.
 
-    def __init__(self, mid_channels: int):
+    Its conv biases are its own (``bias1`` [M], ``bias2`` [1]) or, with
+    ``bias_from_weak=True`` (the authors' code), transferred like the weights:
+    ``k * b_weak + b`` with one learnt scalar pair per conv (k = 1, b = 0 at start).
+    """
+
+    def __init__(self, mid_channels: int, bias_from_weak: bool = False):
         super().__init__()
-        self.bias1 = nn.Parameter(torch.zeros(mid_channels))
-        self.bn = nn.BatchNorm2d(mid_channels)
-        self.bias2 = nn.Parameter(torch.zeros(1))
+        self.bias_from_weak = bool(bias_from_weak)
+        if self.bias_from_weak:
+            self.bias_k = nn.Parameter(torch.ones(2))
+            self.bias_b = nn.Parameter(torch.zeros(2))
+            self.bn = nn.BatchNorm2d(mid_channels)
+        else:  # this order keeps the parameter order (optimizer state) of earlier checkpoints
+            self.bias1 = nn.Parameter(torch.zeros(mid_channels))
+            self.bn = nn.BatchNorm2d(mid_channels)
+            self.bias2 = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn(F.conv2d(x, w1.to(x.dtype), self.bias1.to(x.dtype))))
-        return F.conv2d(h, w2.to(h.dtype), self.bias2.to(h.dtype))
+    def biases(self, weak_b1: torch.Tensor, weak_b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv biases [M], [1] given the (detached) weak-head biases."""
+        if not self.bias_from_weak:
+            return self.bias1, self.bias2
+        return (self.bias_k[0] * weak_b1 + self.bias_b[0], self.bias_k[1] * weak_b2 + self.bias_b[1])
+
+    def forward(self, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(F.conv2d(x, w1.to(x.dtype), b1.to(x.dtype))))
+        return F.conv2d(h, w2.to(h.dtype), b2.to(h.dtype))
