@@ -8,8 +8,8 @@ Backends, all in one run so their ratios are comparable:
              MIL by ``max_pool2d`` with (1, W) and (H, 1) windows + ``BCEWithLogitsLoss``;
              smoothness by eight separate fixed 3x3 convolutions whose weights are built
              on every call, zero padding (so border pixels are compared with 0, as theirs);
-- reference  boxcaseg.losses.*_reference (the definition);
-- torch      boxcaseg.kernels.torch_mil_smooth (max over one axis, shifted slices);
+- reference  boxcaseg.kernels.mil_smooth_reference (the definition);
+- torch      boxcaseg.kernels.mil_smooth_torch (max over one axis, shifted slices);
 - compile    torch.compile of the torch path, the whole loss in one graph;
 - numba      the fused CPU kernel (what ``backend="auto"`` runs on CPU);
 - triton     the fused Triton kernels (CUDA only).
@@ -42,11 +42,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _timing import time_cpu_interleaved, time_cuda  # noqa: E402
 
-from boxcaseg import losses  # noqa: E402
-from boxcaseg.kernels.torch_mil_smooth import mil_smooth_loss_torch  # noqa: E402
+from boxcaseg.kernels.maps import NEIGHBOUR_OFFSETS  # noqa: E402
+from boxcaseg.kernels.mil_smooth_reference import (  # noqa: E402
+    SMOOTH_WEIGHT,
+    mil_loss_reference,
+    smoothness_loss_reference,
+)
+from boxcaseg.kernels.mil_smooth_torch import mil_smooth_loss_torch  # noqa: E402
 
 H = W = 288
-SMOOTH_WEIGHT = losses.SMOOTH_WEIGHT
 
 
 # ------------------------------------------------------------------ (a) the original
@@ -65,7 +69,7 @@ def original_mil(logits: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
 def original_smoothness(logits: torch.Tensor) -> torch.Tensor:
     p = torch.sigmoid(logits)
     terms = []
-    for dy, dx in losses.NEIGHBOUR_OFFSETS:
+    for dy, dx in NEIGHBOUR_OFFSETS:
         weight = torch.zeros(1, 1, 3, 3, dtype=p.dtype, device=p.device)   # built on every call
         weight[0, 0, 1, 1] = 1.0
         weight[0, 0, 1 + dy, 1 + dx] = -1.0
@@ -81,7 +85,7 @@ def original_loss(logits, box_mask):
 # ------------------------------------------------------------------ ours
 
 def reference_loss(logits, box_mask):
-    return losses.mil_loss_reference(logits, box_mask) + SMOOTH_WEIGHT * losses.smoothness_loss_reference(logits)
+    return mil_loss_reference(logits, box_mask) + SMOOTH_WEIGHT * smoothness_loss_reference(logits)
 
 
 def torch_loss(logits, box_mask):
@@ -100,7 +104,7 @@ def fused_loss(backend: str, blocks: tuple[int, int] | None = None):
     if blocks is None:
         return loss
 
-    from boxcaseg.kernels.triton_mil_smooth import mil_smooth_loss_triton
+    from boxcaseg.kernels.mil_smooth_triton import mil_smooth_loss_triton
 
     def tiled(logits, box_mask):
         mil, smooth = mil_smooth_loss_triton(logits, box_mask, True, True, (1.0, SMOOTH_WEIGHT), blocks)
@@ -110,9 +114,9 @@ def fused_loss(backend: str, blocks: tuple[int, int] | None = None):
 
 
 def default_blocks(h: int, w: int) -> tuple[int, int]:
-    from boxcaseg.kernels import triton_mil_smooth
+    from boxcaseg.kernels import mil_smooth_triton
 
-    return triton_mil_smooth._default_blocks(h, w, True)
+    return mil_smooth_triton._default_blocks(h, w, True)
 
 
 def make_inputs(n: int, device: str):

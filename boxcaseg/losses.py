@@ -1,12 +1,10 @@
-"""Reference losses of BoxCaseg (paper Eq. 1-4): the definitions every fast path matches.
+"""The training objective of BoxCaseg (paper Eq. 1-4): the terms it combines and their weights.
 
 All maps are ``[N, 1, H, W]``; logits are raw (pre-sigmoid) scores.
 
-- :func:`mil_loss`: every row and every column is a bag; bag score = max logit along
-  it, bag label = max of the box mask along it; mean BCE-with-logits over N*(H+W) bags.
-- :func:`smoothness_loss`: p = sigmoid(logits); for each of the 8 neighbour offsets the
-  mean of (p - p_neighbour)^2 over pixels whose neighbour lies inside the map; the mean
-  of the 8.
+- MIL and smoothness of the weak map: the MIL + smoothness kernel family,
+  :mod:`boxcaseg.kernels` (definition in :mod:`boxcaseg.kernels.mil_smooth_reference`,
+  fast paths chosen by ``backend`` through :mod:`boxcaseg.kernels.dispatch`).
 - :func:`pixel_loss`: mean BCE-with-logits.
 - :func:`pairwise_color_loss`: BoxInst's pairwise term (Tian et al., CVPR 2021): for
   neighbour pairs (8 offsets at ``dilation``) whose CIE-Lab colours are alike
@@ -21,93 +19,14 @@ All maps are ``[N, 1, H, W]``; logits are raw (pre-sigmoid) scores.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "triton", "numba", "torch", "reference"]
-
-SMOOTH_WEIGHT = 0.05
-NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = (
-    (-1, -1), (-1, 0), (-1, 1),
-    (0, -1),           (0, 1),
-    (1, -1),  (1, 0),  (1, 1),
-)
-
-
-def _check_map(name: str, t: torch.Tensor) -> None:
-    if t.dim() != 4 or t.shape[1] != 1:
-        raise ValueError(f"{name} must be [N, 1, H, W], got {tuple(t.shape)}")
-
-
-def mil_loss_reference(logits: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
-    """MIL loss, straightforward definition.
-
-    logits: [N, 1, H, W] float; box_mask: [N, 1, H, W] in {0, 1}. Returns a scalar.
-    """
-    _check_map("logits", logits)
-    _check_map("box_mask", box_mask)
-    if box_mask.shape != logits.shape:
-        raise ValueError(f"box_mask {tuple(box_mask.shape)} != logits {tuple(logits.shape)}")
-    mask = box_mask.to(logits.dtype)
-    row_score = logits.amax(dim=3).flatten(1)   # [N, H]
-    col_score = logits.amax(dim=2).flatten(1)   # [N, W]
-    row_label = mask.amax(dim=3).flatten(1)
-    col_label = mask.amax(dim=2).flatten(1)
-    scores = torch.cat([row_score, col_score], dim=1)
-    labels = torch.cat([row_label, col_label], dim=1)
-    return F.binary_cross_entropy_with_logits(scores, labels, reduction="mean")
-
-
-def _pairs(h: int, w: int, dy: int, dx: int) -> tuple[slice, slice, slice, slice] | None:
-    """Slices (centre y, centre x, neighbour y, neighbour x) of the pairs at offset (dy, dx)."""
-    ys, ye = max(0, -dy), h - max(0, dy)
-    xs, xe = max(0, -dx), w - max(0, dx)
-    if ye <= ys or xe <= xs:
-        return None
-    return slice(ys, ye), slice(xs, xe), slice(ys + dy, ye + dy), slice(xs + dx, xe + dx)
-
-
-def smoothness_loss_reference(logits: torch.Tensor) -> torch.Tensor:
-    """8-neighbour smoothness of sigmoid probabilities, straightforward definition.
-
-    logits: [N, 1, H, W] float. Returns a scalar. An offset with no valid pixel pair
-    (H or W == 1) contributes 0 to the mean of the 8.
-    """
-    _check_map("logits", logits)
-    p = torch.sigmoid(logits)
-    h, w = p.shape[-2:]
-    terms = []
-    for dy, dx in NEIGHBOUR_OFFSETS:
-        sl = _pairs(h, w, dy, dx)
-        if sl is None:
-            terms.append(p.sum() * 0.0)
-            continue
-        cy, cx, ny, nx = sl
-        terms.append(((p[..., cy, cx] - p[..., ny, nx]) ** 2).mean())
-    return torch.stack(terms).mean()
-
-
-_RGB_TO_XYZ = (
-    (0.412453, 0.357580, 0.180423),
-    (0.212671, 0.715160, 0.072169),
-    (0.019334, 0.119193, 0.950227),
-)
-_WHITE_D65 = (0.95047, 1.0, 1.08883)
-
-
-def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """sRGB in [0, 1], [N, 3, H, W] -> CIE-Lab (D65; L in [0, 100]), same shape."""
-    rgb = rgb.clamp(0.0, 1.0)
-    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    m = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
-    xyz = torch.einsum("ij,njhw->nihw", m, lin)
-    xyz = xyz / torch.tensor(_WHITE_D65, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    eps = 216.0 / 24389.0
-    f = torch.where(xyz > eps, xyz.clamp(min=eps) ** (1.0 / 3.0), (24389.0 / 27.0 * xyz + 16.0) / 116.0)
-    fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
-    return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+from boxcaseg.imageops import denormalize_batch, rgb_to_lab
+from boxcaseg.kernels import dispatch
+from boxcaseg.kernels.dispatch import Backend
+from boxcaseg.kernels.maps import NEIGHBOUR_OFFSETS, check_map, pair_slices
+from boxcaseg.kernels.mil_smooth_reference import SMOOTH_WEIGHT
 
 
 def pairwise_color_loss(
@@ -122,8 +41,8 @@ def pairwise_color_loss(
     logits: [N, 1, h, w]; lab: [N, 3, h, w] CIE-Lab colours at the map's resolution;
     box_mask: [N, 1, h, w] in {0, 1}. Returns a scalar (0 when no pair qualifies).
     """
-    _check_map("logits", logits)
-    _check_map("box_mask", box_mask)
+    check_map("logits", logits)
+    check_map("box_mask", box_mask)
     if lab.shape[0] != logits.shape[0] or lab.shape[1] != 3 or lab.shape[-2:] != logits.shape[-2:]:
         raise ValueError(f"lab must be [N, 3, h, w] beside logits {tuple(logits.shape)}, got {tuple(lab.shape)}")
     log_fg = F.logsigmoid(logits)
@@ -133,7 +52,7 @@ def pairwise_color_loss(
     total = logits.sum() * 0.0
     count = logits.new_zeros(())
     for dy, dx in NEIGHBOUR_OFFSETS:
-        sl = _pairs(h, w, dy * dilation, dx * dilation)
+        sl = pair_slices(h, w, dy * dilation, dx * dilation)
         if sl is None:
             continue
         cy, cx, ny, nx = sl
@@ -152,8 +71,6 @@ def map_colors_and_box(images: torch.Tensor, box_mask: torch.Tensor, size: tuple
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised network input [N, 3, H, W] and box mask [N, 1, H, W] -> Lab colours
     [N, 3, h, w] (area-averaged RGB) and the box mask [N, 1, h, w] at map size ``size``."""
-    from boxcaseg.data.transforms import denormalize_batch
-
     rgb = F.adaptive_avg_pool2d(denormalize_batch(images), size)
     box = (F.adaptive_avg_pool2d(box_mask.float(), size) >= 0.5).float()
     return rgb_to_lab(rgb), box
@@ -171,27 +88,6 @@ def soft_pixel_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     per = F.binary_cross_entropy_with_logits(logits, target.clamp_min(0).to(logits.dtype), reduction="none")
     n = valid.sum()
     return (per * valid).sum() / n.clamp_min(1)
-
-
-def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
-    """MIL loss (see module docstring), computed by ``backend``.
-
-    backend: ``"reference"`` (this module), ``"torch"`` (plain torch: max over one axis),
-    ``"numba"`` (fused CPU kernel), ``"triton"`` (fused Triton kernel; CPU tensors only
-    under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton on CUDA, Numba on CPU, torch
-    elsewhere). See :mod:`boxcaseg.kernels.dispatch`. On an exact tie of a bag's maximum
-    the fast paths send the gradient to its first position (the reference splits it).
-    """
-    from boxcaseg.kernels import dispatch
-
-    return dispatch.mil_loss(logits, box_mask, backend)
-
-
-def smoothness_loss(logits: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
-    """8-neighbour smoothness loss (see module docstring), computed by ``backend``."""
-    from boxcaseg.kernels import dispatch
-
-    return dispatch.smoothness_loss(logits, backend)
 
 
 def boxcaseg_loss(
@@ -226,8 +122,6 @@ def boxcaseg_loss(
     weak = weak_logits
     if weak.shape[-2:] != size:
         weak = F.interpolate(weak, size=size, mode="bilinear", align_corners=False)
-    from boxcaseg.kernels import dispatch
-
     # One fused pass for both weak-map terms (its gradient is made for this weighting).
     l_mil, l_smooth = dispatch.mil_smooth_loss(weak, target, smooth_weight, backend)
     if bool(is_salient.any()):

@@ -2,7 +2,7 @@
 
 Every backend (plain torch, the fused Numba CPU kernel, the fused Triton kernels run by
 Triton's interpreter on CPU; conftest.py sets TRITON_INTERPRET=1 before Triton is
-imported) is compared with ``boxcaseg.losses.*_reference`` evaluated in float64 on fresh
+imported) is compared with ``boxcaseg.kernels.mil_smooth_reference`` evaluated in float64 on fresh
 random inputs, values and gradients.
 
 Tolerances, relative to the largest magnitude of the reference (so an element whose
@@ -29,10 +29,11 @@ import torch
 
 from boxcaseg import losses
 from boxcaseg.kernels import dispatch
+from boxcaseg.kernels.mil_smooth_reference import SMOOTH_WEIGHT, mil_loss_reference, smoothness_loss_reference
 
 FAST = ["torch", "numba", "triton"]
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-W_SMOOTH = losses.SMOOTH_WEIGHT
+W_SMOOTH = SMOOTH_WEIGHT
 
 
 def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
@@ -66,8 +67,8 @@ def random_box_mask(n: int, h: int, w: int, gen: torch.Generator, kind: str = "r
 def reference(x64: torch.Tensor, m64: torch.Tensor) -> dict[str, torch.Tensor]:
     """float64 reference values and the gradients of mil, smooth and mil + w*smooth."""
     x = x64.detach().clone().requires_grad_(True)
-    mil = losses.mil_loss_reference(x, m64)
-    smooth = losses.smoothness_loss_reference(x)
+    mil = mil_loss_reference(x, m64)
+    smooth = smoothness_loss_reference(x)
     g_mil, = torch.autograd.grad(mil, x, retain_graph=True)
     g_smooth, = torch.autograd.grad(smooth, x)
     return {"mil": mil.detach(), "smooth": smooth.detach(), "g_mil": g_mil, "g_smooth": g_smooth,
@@ -105,9 +106,9 @@ def run_backend(backend: str, x: torch.Tensor, m: torch.Tensor) -> dict[str, tor
     (mil + W_SMOOTH * smooth).backward()
     g_total = xa.grad
     xa.grad = None
-    mil_only = losses.mil_loss(xa, m, backend=backend)
+    mil_only = dispatch.mil_loss(xa, m, backend=backend)
     g_mil, = torch.autograd.grad(mil_only, xa)
-    smooth_only = losses.smoothness_loss(xa, backend=backend)
+    smooth_only = dispatch.smoothness_loss(xa, backend=backend)
     g_smooth, = torch.autograd.grad(smooth_only, xa)
     for t in (g_total, g_mil, g_smooth):
         assert t.dtype == x.dtype and t.shape == x.shape
@@ -239,7 +240,7 @@ def test_many_images(backend):
 def test_triton_many_tiles(shape, block):
     """The GPU launch shape (many tiles per map, bags reduced across tiles), run by the
     interpreter: values and the forward-made gradient against the reference."""
-    from boxcaseg.kernels import triton_mil_smooth
+    from boxcaseg.kernels import mil_smooth_triton
 
     gen = torch.Generator().manual_seed(12)
     n, h, w = shape
@@ -250,7 +251,7 @@ def test_triton_many_tiles(shape, block):
         ref = reference(x64, m.double())
         if has_ties(x):
             ref["g_total"] = first_argmax_mil_grad(x64, m.double()) + W_SMOOTH * ref["g_smooth"]
-        mil, smooth, g = triton_mil_smooth.mil_smooth_forward(x, m, True, True, (1.0, W_SMOOTH),
+        mil, smooth, g = mil_smooth_triton.mil_smooth_forward(x, m, True, True, (1.0, W_SMOOTH),
                                                                block_h=block[0], block_w=block[1])
         assert_rel(mil, ref["mil"], RTOL[dtype], "mil")
         assert_rel(smooth, ref["smooth"], RTOL[dtype], "smooth")
@@ -261,7 +262,7 @@ def test_triton_many_tiles(shape, block):
 def test_triton_tile_shape_through_autograd():
     """``blocks`` of the autograd entry point (the benchmark's tile sweep) changes the
     launch, not the result: loss and gradient against the reference, several tiles a map."""
-    from boxcaseg.kernels.triton_mil_smooth import mil_smooth_loss_triton
+    from boxcaseg.kernels.mil_smooth_triton import mil_smooth_loss_triton
 
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(2, 1, 37, 45, generator=gen) * 3
@@ -304,16 +305,16 @@ def test_no_grad_forward(backend):
     m = random_box_mask(2, 30, 20, gen)
     with torch.no_grad():
         mil, smooth = dispatch.mil_smooth_loss(x, m, W_SMOOTH, backend)
-    assert_rel(mil, losses.mil_loss_reference(x.double(), m.double()), 1e-5)
-    assert_rel(smooth, losses.smoothness_loss_reference(x.double()), 1e-5)
+    assert_rel(mil, mil_loss_reference(x.double(), m.double()), 1e-5)
+    assert_rel(smooth, smoothness_loss_reference(x.double()), 1e-5)
 
 
 def test_reference_backend_is_the_reference():
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(2, 1, 12, 10, generator=gen)
     m = random_box_mask(2, 12, 10, gen)
-    assert torch.equal(losses.mil_loss(x, m, backend="reference"), losses.mil_loss_reference(x, m))
-    assert torch.equal(losses.smoothness_loss(x, backend="reference"), losses.smoothness_loss_reference(x))
+    assert torch.equal(dispatch.mil_loss(x, m, backend="reference"), mil_loss_reference(x, m))
+    assert torch.equal(dispatch.smoothness_loss(x, backend="reference"), smoothness_loss_reference(x))
 
 
 # ---------------------------------------------------------------- dispatcher
@@ -339,8 +340,7 @@ def test_resolve_backend_and_log(caplog):
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     code = (
         "import torch\n"
-        "from boxcaseg.losses import mil_loss\n"
-        "from boxcaseg.kernels.dispatch import BackendUnavailableError\n"
+        "from boxcaseg.kernels.dispatch import BackendUnavailableError, mil_loss\n"
         "x = torch.zeros(1, 1, 2, 2)\n"
         "try:\n"
         "    mil_loss(x, x, backend='triton')\n"
@@ -353,6 +353,60 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
     assert "auto 0.69" in out.stdout
+
+
+# ---------------------------------------------------------------- layout
+
+def _package_imports(path) -> set[str]:
+    """The boxcaseg modules a file imports, at module level or inside functions."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("boxcaseg"):
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)   # `from pkg import module`
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("boxcaseg"))
+    return out
+
+
+def test_kernels_and_losses_import_no_circle_and_no_data_model_commands():
+    """kernels/ and losses.py (and imageops.py, which both use) import neither boxcaseg.data,
+    .model nor .commands; nothing in kernels/ imports losses; their imports form no circle."""
+    from pathlib import Path
+
+    pkg = Path(losses.__file__).parent
+    files = [*sorted((pkg / "kernels").glob("*.py")), pkg / "losses.py", pkg / "imageops.py"]
+    name = {f: "boxcaseg." + ".".join(f.relative_to(pkg).with_suffix("").parts).removesuffix(".__init__")
+            for f in files}
+    graph = {}
+    for f in files:
+        deps = _package_imports(f)
+        bad = sorted(d for d in deps if d.split(".")[:2] in (["boxcaseg", "data"], ["boxcaseg", "model"],
+                                                             ["boxcaseg", "commands"]))
+        assert not bad, f"{name[f]} imports {bad}"
+        if "kernels" in f.parts:
+            assert "boxcaseg.losses" not in deps, f"{name[f]} imports boxcaseg.losses"
+        graph[name[f]] = {d for d in deps if d in name.values() and d != name[f]}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        assert state.get(m) != 1, "import circle: " + " -> ".join([*path, m])
+        if state.get(m) is None:
+            state[m] = 1
+            for d in graph[m]:
+                visit(d, [*path, m])
+            state[m] = 2
+
+    for m in graph:
+        visit(m, [])
+    code = ("import sys, boxcaseg.losses, boxcaseg.kernels.dispatch\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('boxcaseg.data', 'boxcaseg.model', "
+            "'boxcaseg.commands'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- training step

@@ -35,7 +35,7 @@ from test_kernels import (  # noqa: E402
     run_backend,
 )
 
-from boxcaseg.kernels import dispatch, triton_mil_smooth  # noqa: E402
+from boxcaseg.kernels import dispatch, mil_smooth_triton  # noqa: E402
 
 CUDA = torch.device("cuda")
 BIG = [(16, 288, 288), (4, 513, 257), (64, 64, 64), (3, 1, 2000), (3, 2000, 1)]
@@ -95,7 +95,7 @@ def test_every_tile_shape(block):
             ref = reference(x64, m64)
             if has_ties(x):
                 ref["g_total"] = first_argmax_mil_grad(x64, m64) + W_SMOOTH * ref["g_smooth"]
-            mil, smooth, g = triton_mil_smooth.mil_smooth_forward(
+            mil, smooth, g = mil_smooth_triton.mil_smooth_forward(
                 x.to(CUDA), m.to(CUDA), True, True, (1.0, W_SMOOTH), block_h=block[0], block_w=block[1])
             assert_rel(mil.cpu(), ref["mil"], RTOL[dtype], f"mil {block}")
             assert_rel(smooth.cpu(), ref["smooth"], RTOL[dtype], f"smooth {block}")

@@ -1,4 +1,5 @@
-"""Image loading, the one crop-and-resize, and the one normalisation (ImageNet mean/std)."""
+"""Image loading and the one crop-and-resize; the one normalisation (ImageNet mean/std) is
+:mod:`boxcaseg.imageops`'s, imported here for the data pipeline."""
 
 from __future__ import annotations
 
@@ -6,13 +7,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.imageops import MEAN, STD, denormalize_batch, normalize, normalize_batch_uint8  # noqa: F401
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 MEAN_RGB255 = tuple(int(round(m * 255)) for m in MEAN)  # fill colour for padding
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -77,23 +76,3 @@ def crop_resize(img: Image.Image, region, size: int, fill=None) -> Image.Image:
         return canvas.resize((size, size), Image.BILINEAR)
     return canvas.resize((size, size), Image.BILINEAR, box=(x0 - ex0, y0 - ey0, x1 - ex0, y1 - ey0))
 
-
-def normalize(img: np.ndarray | Image.Image) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> [3, H, W] float32, ImageNet mean/std."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-
-
-def normalize_batch_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] uint8 (or float in 0..255) -> normalised float32 (torch ops)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255.0
-    return (x.float() - mean) / std
-
-
-def denormalize_batch(x: torch.Tensor) -> torch.Tensor:
-    """Normalised [N, 3, H, W] (ImageNet mean/std) -> float32 RGB in 0..1 (the inverse)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return x.float() * std + mean

@@ -1,16 +1,17 @@
-"""One dispatcher for the MIL and smoothness losses.
+"""The one dispatcher of the MIL + smoothness family: picks the backend that runs each call.
+Every backend it runs is checked against :mod:`boxcaseg.kernels.mil_smooth_reference` (tests/test_kernels.py).
 
-Backends (keyword ``backend`` of :func:`boxcaseg.losses.mil_loss`,
-:func:`boxcaseg.losses.smoothness_loss` and :func:`boxcaseg.losses.boxcaseg_loss`):
+Backends (keyword ``backend`` of :func:`mil_smooth_loss`, :func:`mil_loss`,
+:func:`smoothness_loss` and :func:`boxcaseg.losses.boxcaseg_loss`):
 
-- ``"reference"``: :func:`boxcaseg.losses.mil_loss_reference` and
-  :func:`boxcaseg.losses.smoothness_loss_reference`, the definition.
+- ``"reference"``: :func:`~boxcaseg.kernels.mil_smooth_reference.mil_loss_reference` and
+  :func:`~boxcaseg.kernels.mil_smooth_reference.smoothness_loss_reference`, the definition.
 - ``"torch"``: plain torch with autograd (``max`` over one axis, shifted-slice
-  differences), :mod:`boxcaseg.kernels.torch_mil_smooth`; any device.
+  differences), :mod:`boxcaseg.kernels.mil_smooth_torch`; any device.
 - ``"numba"``: fused CPU kernel in one autograd.Function,
-  :mod:`boxcaseg.kernels.cpu_mil_smooth`; CPU tensors.
+  :mod:`boxcaseg.kernels.mil_smooth_numba`; CPU tensors.
 - ``"triton"``: fused Triton kernels in one autograd.Function,
-  :mod:`boxcaseg.kernels.triton_mil_smooth`; CUDA tensors, or CPU tensors through
+  :mod:`boxcaseg.kernels.mil_smooth_triton`; CUDA tensors, or CPU tensors through
   Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were
   imported (tests); otherwise a clear error.
 - ``"auto"``: Triton on CUDA tensors (torch when Triton is missing), the fused Numba
@@ -20,7 +21,7 @@ The first time each backend is chosen, ``logging.getLogger("boxcaseg.kernels")``
 so at INFO level (training uses ``"auto"``, so its log names the path that ran).
 All fast paths agree with the reference except on exact ties of a bag's maximum, where
 the gradient goes to the first position of the maximum (see
-:mod:`boxcaseg.kernels._common`).
+:mod:`boxcaseg.kernels.mil_smooth_common`).
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from typing import Literal, get_args
 
 import torch
 
-from boxcaseg import losses as _losses
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.kernels.mil_smooth_reference import SMOOTH_WEIGHT, mil_loss_reference, smoothness_loss_reference
 
 logger = logging.getLogger("boxcaseg.kernels")
 
-BACKENDS = ("auto", "triton", "numba", "torch", "reference")
+Backend = Literal["auto", "triton", "numba", "torch", "reference"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 _announced: set[str] = set()
 
@@ -67,11 +70,11 @@ def _triton_problem(device: torch.device) -> str | None:
             "set TRITON_INTERPRET=1 before the first import of triton / boxcaseg.kernels, "
             "or use backend='auto' (Numba on CPU)"
         )
-    from boxcaseg.kernels import triton_mil_smooth
+    from boxcaseg.kernels import mil_smooth_triton
 
-    if not triton_mil_smooth.INTERPRETED:
+    if not mil_smooth_triton.INTERPRETED:
         return (
-            "TRITON_INTERPRET=1 was set after boxcaseg.kernels.triton_mil_smooth had been "
+            "TRITON_INTERPRET=1 was set after boxcaseg.kernels.mil_smooth_triton had been "
             "imported for GPU; set it before the first import"
         )
     return None
@@ -112,10 +115,10 @@ def resolve_backend(tensor: torch.Tensor, backend: str = "auto") -> str:
 
 def _fused(chosen: str):
     if chosen == "triton":
-        from boxcaseg.kernels.triton_mil_smooth import mil_smooth_loss_triton
+        from boxcaseg.kernels.mil_smooth_triton import mil_smooth_loss_triton
 
         return mil_smooth_loss_triton
-    from boxcaseg.kernels.cpu_mil_smooth import mil_smooth_loss_numba
+    from boxcaseg.kernels.mil_smooth_numba import mil_smooth_loss_numba
 
     return mil_smooth_loss_numba
 
@@ -123,8 +126,8 @@ def _fused(chosen: str):
 def mil_smooth_loss(
     logits: torch.Tensor,
     box_mask: torch.Tensor,
-    smooth_weight: float = _losses.SMOOTH_WEIGHT,
-    backend: str = "auto",
+    smooth_weight: float = SMOOTH_WEIGHT,
+    backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mil, smooth)`` of one weak map in one pass where the backend allows.
 
@@ -137,33 +140,37 @@ def mil_smooth_loss(
     """
     chosen = resolve_backend(logits, backend)
     if chosen == "reference":
-        return _losses.mil_loss_reference(logits, box_mask), _losses.smoothness_loss_reference(logits)
+        return mil_loss_reference(logits, box_mask), smoothness_loss_reference(logits)
     if chosen == "torch":
-        from boxcaseg.kernels.torch_mil_smooth import mil_smooth_loss_torch
+        from boxcaseg.kernels.mil_smooth_torch import mil_smooth_loss_torch
 
         return mil_smooth_loss_torch(logits, box_mask)
     return _fused(chosen)(logits, box_mask, True, True, (1.0, float(smooth_weight)))
 
 
-def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """MIL loss of logits [N, 1, H, W] against bags from box_mask [N, 1, H, W]."""
+def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """MIL loss of logits [N, 1, H, W] against bags from box_mask [N, 1, H, W] (see
+    :mod:`~boxcaseg.kernels.mil_smooth_reference`), computed by ``backend`` (see the
+    module docstring). On an exact tie of a bag's maximum the fast paths send the
+    gradient to its first position (the reference splits it)."""
     chosen = resolve_backend(logits, backend)
     if chosen == "reference":
-        return _losses.mil_loss_reference(logits, box_mask)
+        return mil_loss_reference(logits, box_mask)
     if chosen == "torch":
-        from boxcaseg.kernels.torch_mil_smooth import mil_loss_torch
+        from boxcaseg.kernels.mil_smooth_torch import mil_loss_torch
 
         return mil_loss_torch(logits, box_mask)
     return _fused(chosen)(logits, box_mask, True, False, (1.0, 0.0))[0]
 
 
-def smoothness_loss(logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """8-neighbour smoothness loss of sigmoid(logits), logits [N, 1, H, W]."""
+def smoothness_loss(logits: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+    """8-neighbour smoothness loss of sigmoid(logits), logits [N, 1, H, W] (see
+    :mod:`~boxcaseg.kernels.mil_smooth_reference`), computed by ``backend``."""
     chosen = resolve_backend(logits, backend)
     if chosen == "reference":
-        return _losses.smoothness_loss_reference(logits)
+        return smoothness_loss_reference(logits)
     if chosen == "torch":
-        from boxcaseg.kernels.torch_mil_smooth import smoothness_loss_torch
+        from boxcaseg.kernels.mil_smooth_torch import smoothness_loss_torch
 
         return smoothness_loss_torch(logits)
     return _fused(chosen)(logits, None, False, True, (0.0, 1.0))[1]

@@ -1,9 +1,10 @@
 """Plain-torch fast path of the MIL + smoothness loss (CPU, or GPUs without Triton).
+Checked against :mod:`boxcaseg.kernels.mil_smooth_reference` (float64) by tests/test_kernels.py.
 
-Same definition as :mod:`boxcaseg.losses`, written for speed with ordinary autograd:
+Same definition as the reference, written for speed with ordinary autograd:
 
 - MIL: ``max`` over one axis (no pooling windows); its gradient goes to the first
-  position of each bag's maximum (see :mod:`boxcaseg.kernels._common`).
+  position of each bag's maximum (see :mod:`boxcaseg.kernels.mil_smooth_common`).
 - smoothness: four shifted-slice differences (one per unordered direction) instead of
   eight shifted copies or eight 3x3 convolutions.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from boxcaseg.kernels._common import check_inputs, compute_dtype, smooth_weights
+from boxcaseg.kernels.mil_smooth_common import check_inputs, compute_dtype, smooth_weights
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:

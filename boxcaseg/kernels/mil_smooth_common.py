@@ -1,4 +1,5 @@
-"""Pieces shared by every fast path of the MIL + smoothness loss.
+"""Pieces shared by the fast paths of the MIL + smoothness loss: checks, weights, fused autograd.
+The fast paths are checked against :mod:`boxcaseg.kernels.mil_smooth_reference` (tests/test_kernels.py).
 
 The fused op computes, for ``logits [N, 1, H, W]`` and ``box_mask [N, 1, H, W]``:
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from boxcaseg.losses import _check_map
+from boxcaseg.kernels.maps import check_map
 
 #: float dtypes accepted by the fast paths; half types are computed in float32.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -38,11 +39,11 @@ _PROPORTIONAL_RTOL = 1e-6
 
 def check_inputs(logits: torch.Tensor, box_mask: torch.Tensor | None) -> None:
     """Validate shapes and dtypes: logits [N, 1, H, W] float, box_mask same shape."""
-    _check_map("logits", logits)
+    check_map("logits", logits)
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"logits must be one of {SUPPORTED_DTYPES}, got {logits.dtype}")
     if box_mask is not None:
-        _check_map("box_mask", box_mask)
+        check_map("box_mask", box_mask)
         if box_mask.shape != logits.shape:
             raise ValueError(f"box_mask {tuple(box_mask.shape)} != logits {tuple(logits.shape)}")
         if box_mask.device != logits.device:

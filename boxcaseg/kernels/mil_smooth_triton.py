@@ -1,4 +1,6 @@
 """Fused Triton kernels of the MIL + smoothness loss, forward and backward.
+Checked against :mod:`boxcaseg.kernels.mil_smooth_reference` (float64) by tests/test_kernels.py
+(interpreter, CPU) and tests/test_kernels_cuda.py (compiled, GPU).
 
 Two launches per call:
 
@@ -43,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from boxcaseg.kernels._common import (
+from boxcaseg.kernels.mil_smooth_common import (
     check_inputs,
     compute_dtype,
     mil_bag_count,
@@ -255,7 +257,7 @@ def mil_smooth_forward(
     block_h: int | None = None,
     block_w: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the kernels. Same contract as :func:`boxcaseg.kernels.cpu_mil_smooth.mil_smooth_forward`.
+    """Launch the kernels. Same contract as :func:`boxcaseg.kernels.mil_smooth_numba.mil_smooth_forward`.
 
     logits: [N, 1, H, W] float32/float64/bfloat16/float16, any strides; box_mask:
     [N, 1, H, W] bool/int/float (or None without MIL). ``grad_weights=(a, b)`` also
@@ -274,7 +276,7 @@ def _launch(logits, box_mask, has_mil, has_smooth, grad_weights, block_h=None, b
     if logits.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before "
-            "boxcaseg.kernels.triton_mil_smooth is imported"
+            "boxcaseg.kernels.mil_smooth_triton is imported"
         )
     n, _, h, w = logits.shape
     dev = logits.device

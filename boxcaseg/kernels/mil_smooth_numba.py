@@ -1,4 +1,5 @@
 """Fused CPU kernel of the MIL + smoothness loss (Numba), forward and backward.
+Checked against :mod:`boxcaseg.kernels.mil_smooth_reference` (float64) by tests/test_kernels.py.
 
 One pass over each map: for every row the kernel takes the row max with its first
 argmax, updates the running column max/argmax, takes the bag labels from the box mask,
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from boxcaseg.kernels._common import (
+from boxcaseg.kernels.mil_smooth_common import (
     check_inputs,
     compute_dtype,
     fused_backward,
@@ -41,7 +42,7 @@ from boxcaseg.kernels._common import (
 )
 
 # Reassociation lets LLVM vectorise the row reductions. "nnan": NaN logits are not
-# supported (documented in _common); no "ninf", so logits of any magnitude stay exact.
+# supported (documented in mil_smooth_common); no "ninf", so logits of any magnitude stay exact.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "nnan"}
 
 # Column of the per-image partial sums.
