@@ -45,6 +45,26 @@ def init_from_env() -> bool:
     return True
 
 
+def resolve_device(name: str, setting: str = "device") -> torch.device:
+    """A device setting ("auto", "cpu", "cuda", "cuda:K") as a torch device.
+
+    "auto": this process's GPU when CUDA is available (``LOCAL_RANK``'s under torchrun,
+    else GPU 0), otherwise the CPU. A CUDA name without CUDA is a one-line error.
+    """
+    from boxcaseg.errors import BoxcasegError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0)
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BoxcasegError(f"{setting}={name!r} but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise BoxcasegError(f"{setting}={name!r}: {str(e).splitlines()[0]}") from e
+
+
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()

@@ -212,7 +212,7 @@ def test_self_training_stage_starts_from_weights_and_uses_pseudo_masks(synth, tm
 
 
 def test_weight_ema_matches_a_float64_loop():
-    from boxcaseg.loop import WeightEMA
+    from boxcaseg.training import WeightEMA
 
     g = torch.Generator().manual_seed(7)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))

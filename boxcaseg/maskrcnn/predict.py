@@ -16,7 +16,8 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import load_coco
 from boxcaseg.io import atomic_write_json
 from boxcaseg.data.transforms import read_rgb
-from boxcaseg.maskrcnn.train import load_checkpoint, model_from_checkpoint, resolve_device
+from boxcaseg.dist import resolve_device
+from boxcaseg.maskrcnn.train import load_checkpoint, model_from_checkpoint
 from boxcaseg.masks import encode
 from boxcaseg.paths import check_image_paths
 
@@ -76,7 +77,7 @@ def predict_maskrcnn(
     batch_size = p.batch_size if batch_size is None else batch_size
     model.roi_heads.score_thresh = score_thresh
     model.roi_heads.detections_per_img = max_dets
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     model.to(dev)
 
     if ann is None:

@@ -1,8 +1,8 @@
-"""Helpers shared by the training loops (BoxCaseg and Mask R-CNN).
+"""Training state that a checkpoint must carry for an exact resume.
 
-RNG states that survive ``torch.load(weights_only=True)``, per-rank RNG gathering and
-BN-statistics averaging for checkpoints, the data-worker initialiser and the rich
-progress bar.
+Every RNG state in types ``torch.load(weights_only=True)`` accepts, their per-rank
+gathering with BN-statistics averaging before a checkpoint, and the weights' moving
+average (:class:`WeightEMA`).
 """
 
 from __future__ import annotations
@@ -49,20 +49,6 @@ def checkpoint_rng_and_buffers(model: torch.nn.Module, distributed: bool, world:
     return gathered
 
 
-def worker_init(_) -> None:
-    """DataLoader workers: one torch thread each (the main process owns the cores)."""
-    torch.set_num_threads(1)
-
-
-def progress_bar(label: str, enabled: bool):
-    """A rich progress bar with a ``stats`` text field (loss terms, lr, img/s) and ETA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=not enabled)
-
-
 class WeightEMA:
     """An exponential moving average of a model's weights (parameters and buffers).
 
@@ -96,6 +82,17 @@ class WeightEMA:
                 e.mul_(d).add_(v.detach().to(e.dtype), alpha=1.0 - d)
             else:
                 e.copy_(v)
+
+    @classmethod
+    def resume(cls, model: torch.nn.Module, decay: float, ckpt: dict | None) -> "WeightEMA | None":
+        """The average a run keeps (None when ``decay`` is 0): started from ``model``'s weights,
+        or continued from ``ckpt`` when that checkpoint holds one."""
+        if decay <= 0:
+            return None
+        ema = cls(model, decay)
+        if ckpt is not None and "model_live" in ckpt:
+            ema.load(ckpt["model"], ckpt.get("ema_updates", 0))
+        return ema
 
     def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
         for k, v in state.items():
