@@ -92,7 +92,7 @@ def run_demo(opt: DemoOptions, console=None) -> dict:
     else:
         con.print(f"    ONNX Runtime vs PyTorch max abs diff {exp.max_abs_diff:.2e}")
 
-    from boxcaseg.export.engines import onnxruntime_available
+    from boxcaseg.export.ort import onnxruntime_available
 
     # the ONNX engine when ONNX Runtime is installed, else the checkpoint on PyTorch
     use_onnx = onnxruntime_available()

@@ -134,7 +134,8 @@ def test_library_works_without_onnx_runtime(ckpt, tmp_path):
         from PIL import Image
         import boxcaseg
         from boxcaseg.errors import BoxcasegError
-        from boxcaseg.export.engines import onnxruntime_available, resolve_model
+        from boxcaseg.export.engines import resolve_model
+        from boxcaseg.export.ort import onnxruntime_available
         from boxcaseg.predictor import Segmenter
         from boxcaseg.export import export_onnx, read_onnx_metadata
 
@@ -189,7 +190,7 @@ def test_cli_without_onnx_runtime(ckpt, tmp_path):
 
 def test_onnx_runtime_installed_is_still_used():
     pytest.importorskip("onnxruntime")
-    from boxcaseg.export.engines import import_onnxruntime, onnxruntime_available
+    from boxcaseg.export.ort import import_onnxruntime, onnxruntime_available
 
     assert onnxruntime_available()
     assert hasattr(import_onnxruntime(), "InferenceSession")

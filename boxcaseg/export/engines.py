@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.export.ort import import_onnxruntime, onnxruntime_available
 
 log = logging.getLogger(__name__)
 
@@ -293,32 +294,6 @@ def file_kind(path: Path) -> str:
     if suffix in (".engine", ".plan", ".trt"):
         return "trt"
     return "torch"
-
-
-def onnxruntime_available() -> bool:
-    """Whether an ONNX Runtime (``onnxruntime`` or ``onnxruntime-gpu``: both install it) is there."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("onnxruntime") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-ONNXRUNTIME_HINT = 'pip install "boxcaseg[cpu]" (or [gpu] for onnxruntime-gpu)'
-
-
-def import_onnxruntime(what: str = "--engine onnx"):
-    """``import onnxruntime``; BoxcasegError in one line when neither ONNX Runtime package is installed.
-
-    ONNX Runtime is an extra: ``boxcaseg[cpu]`` (onnxruntime) or ``boxcaseg[gpu]``
-    (onnxruntime-gpu); the two must not be installed together.
-    """
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise BoxcasegError(f"{what} needs ONNX Runtime: {ONNXRUNTIME_HINT}") from e
-    return onnxruntime
 
 
 def cache_dir() -> Path:

@@ -134,7 +134,7 @@ def parity_check(onnx_bytes: bytes, model, infer_size: int, batch: int = 2, seed
     import numpy as np
     import torch
 
-    from boxcaseg.export.engines import import_onnxruntime
+    from boxcaseg.export.ort import import_onnxruntime
     from boxcaseg.export.wrapper import reference_probs
 
     ort = import_onnxruntime("the ONNX Runtime vs PyTorch check")
@@ -191,7 +191,7 @@ def export_onnx(
     import onnx
     import torch
 
-    from boxcaseg.export.engines import ONNXRUNTIME_HINT, onnxruntime_available
+    from boxcaseg.export.ort import ONNXRUNTIME_HINT, onnxruntime_available
     from boxcaseg.export.tensorrt import build_trt_engine, trt_missing
     from boxcaseg.export.wrapper import ProxyExportModel
     from boxcaseg.io import atomic_write_bytes
