@@ -355,60 +355,6 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     assert "auto 0.69" in out.stdout
 
 
-# ---------------------------------------------------------------- layout
-
-def _package_imports(path) -> set[str]:
-    """The boxcaseg modules a file imports, at module level or inside functions."""
-    import ast
-
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("boxcaseg"):
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)   # `from pkg import module`
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("boxcaseg"))
-    return out
-
-
-def test_kernels_and_losses_import_no_circle_and_no_data_model_commands():
-    """kernels/ and losses.py (and imageops.py, which both use) import neither boxcaseg.data,
-    .model nor .commands; nothing in kernels/ imports losses; their imports form no circle."""
-    from pathlib import Path
-
-    pkg = Path(losses.__file__).parent
-    files = [*sorted((pkg / "kernels").glob("*.py")), pkg / "losses.py", pkg / "imageops.py"]
-    name = {f: "boxcaseg." + ".".join(f.relative_to(pkg).with_suffix("").parts).removesuffix(".__init__")
-            for f in files}
-    graph = {}
-    for f in files:
-        deps = _package_imports(f)
-        bad = sorted(d for d in deps if d.split(".")[:2] in (["boxcaseg", "data"], ["boxcaseg", "model"],
-                                                             ["boxcaseg", "commands"]))
-        assert not bad, f"{name[f]} imports {bad}"
-        if "kernels" in f.parts:
-            assert "boxcaseg.losses" not in deps, f"{name[f]} imports boxcaseg.losses"
-        graph[name[f]] = {d for d in deps if d in name.values() and d != name[f]}
-    state: dict[str, int] = {}
-
-    def visit(m, path):
-        assert state.get(m) != 1, "import circle: " + " -> ".join([*path, m])
-        if state.get(m) is None:
-            state[m] = 1
-            for d in graph[m]:
-                visit(d, [*path, m])
-            state[m] = 2
-
-    for m in graph:
-        visit(m, [])
-    code = ("import sys, boxcaseg.losses, boxcaseg.kernels.dispatch\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('boxcaseg.data', 'boxcaseg.model', "
-            "'boxcaseg.commands'))))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-
-
 # ---------------------------------------------------------------- training step
 
 class _TinyNet(torch.nn.Module):
