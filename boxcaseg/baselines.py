@@ -1,7 +1,8 @@
 """Classical floors for box-to-mask: box-fill, the inscribed ellipse, GrabCut.
 
-Each returns a list of predictions ``{id, image_id, category_id, segmentation}`` (one
-per non-crowd annotation with a usable box, RLE with str counts) that
+Each reads its COCO json with :mod:`boxcaseg.cocojson` and returns a list of predictions
+``{id, image_id, category_id, segmentation}`` (one per non-crowd annotation with a usable
+box -- the reader's degenerate-box rule --, RLE with str counts) that
 :func:`boxcaseg.evaluate.mask_quality` reads. Rasterisation is by pixel centre: pixel
 (row i, column j) belongs to the shape when its centre (j + 0.5, i + 0.5) does.
 """
@@ -14,8 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from boxcaseg.boxes import degenerate_reason
-from boxcaseg.io import load_json
+from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.masks import encode
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,13 @@ def ellipse_mask(bbox, h: int, w: int) -> np.ndarray:
     return ((((cx - x - bw / 2) / (bw / 2)) ** 2 + ((cy - y - bh / 2) / (bh / 2)) ** 2) <= 1.0).astype(np.uint8)
 
 
-def _predict_all(ann_file: str | Path | dict, fn: Callable[[dict, dict], np.ndarray]) -> list[dict]:
-    data = ann_file if isinstance(ann_file, dict) else load_json(ann_file, "COCO annotation")
-    images = {im["id"]: im for im in data["images"]}
+def _predict_all(ann_file: str | Path | dict | CocoData, fn: Callable[[dict, dict], np.ndarray]) -> list[dict]:
+    coco = ann_file if isinstance(ann_file, CocoData) else load_coco(ann_file, "COCO annotation")
     out = []
-    for a in data["annotations"]:
-        if a.get("iscrowd", 0):
+    for a in coco.anns:
+        if is_crowd(a) or coco.box_problem(a):
             continue
-        im = images.get(a["image_id"])
-        if im is None or degenerate_reason(a.get("bbox"), im["width"], im["height"]):
-            continue
-        m = fn(a, im)
+        m = fn(a, coco.images[a["image_id"]])
         out.append({"id": a["id"], "image_id": a["image_id"], "category_id": a.get("category_id", 1),
                     "segmentation": encode(m), "score": 1.0})
     return out
@@ -66,15 +62,10 @@ def grabcut_predictions(ann_file: str | Path, image_dir: str | Path, iters: int 
     import cv2
 
     from boxcaseg.data.transforms import open_rgb
-    from boxcaseg.errors import BoxcasegError
-    from boxcaseg.paths import check_image_paths
 
-    data = load_json(ann_file, "COCO annotation")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise BoxcasegError(f"{ann_file}: malformed COCO json (no 'images' list)")
+    coco = load_coco(ann_file, "COCO annotation")
     # every file_name must stay inside the image folder: checked before any work
-    paths = check_image_paths(image_dir, ((im.get("id"), im.get("file_name")) for im in data["images"]
-                                         if isinstance(im, dict)))
+    paths = coco.paths(image_dir)
     cache: dict = {}
 
     def fn(a, im):
@@ -96,4 +87,4 @@ def grabcut_predictions(ann_file: str | Path, image_dir: str | Path, iters: int 
             out = np.zeros((h, w), np.uint8)  # GrabCut fails on boxes too small to model
         return out & box_fill_mask(a["bbox"], h, w)
 
-    return _predict_all(data, fn)
+    return _predict_all(coco, fn)

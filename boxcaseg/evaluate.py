@@ -1,7 +1,7 @@
 """Evaluation: class-agnostic mask quality given GT boxes, COCO AP, VOC instance AP@k.
 
-Three evaluations, all on COCO-format inputs and all through the one mask-IoU
-function :func:`boxcaseg.masks.mask_iou`:
+Three evaluations, all on COCO-format inputs (read by :mod:`boxcaseg.cocojson`) and all
+through the one mask-IoU function :func:`boxcaseg.masks.mask_iou`:
 
 - :func:`mask_quality` -- the class-agnostic stage (paper Tab. 2-4): every non-crowd GT
   annotation is compared with the predicted mask that carries the *same annotation id*
@@ -16,6 +16,7 @@ function :func:`boxcaseg.masks.mask_iou`:
 
 All metric values are fractions in [0, 1] (tables print them as percentages). A value
 that is undefined (no instance in a size bucket) is ``None``.
+Ids are compared as the jsons give them (the reader never casts them).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import logging
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.io import load_json
 from boxcaseg.masks import area as rle_area
 from boxcaseg.masks import mask_iou, to_rle
 
@@ -44,81 +45,7 @@ SIZE_NAMES = ("small", "medium", "large")
 VOC_THRESHOLDS = (0.25, 0.5, 0.7, 0.75)
 
 
-# --------------------------------------------------------------------------- COCO files
-
-
-@dataclass
-class CocoData:
-    """A COCO instances json (or a results list) with the indexes evaluation needs.
-
-    ``images``: id -> image entry (``height``, ``width``, ``file_name``);
-    ``anns``: the annotation / result entries in file order;
-    ``categories``: id -> category entry (empty for a bare results list).
-    """
-
-    source: str
-    images: dict[int, dict]
-    anns: list[dict]
-    categories: dict[int, dict]
-    by_image: dict[int, list[dict]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.by_image:
-            by_image: dict[int, list[dict]] = defaultdict(list)
-            for a in self.anns:
-                by_image[a["image_id"]].append(a)
-            self.by_image = dict(by_image)
-
-    def image_hw(self, image_id: int, ann_id: Any = None) -> tuple[int, int]:
-        img = self.images.get(image_id)
-        if img is None:
-            raise BoxcasegError(f"{self.source}: annotation {ann_id} refers to unknown image id {image_id}")
-        return int(img["height"]), int(img["width"])
-
-    def rle(self, ann: dict, hw: tuple[int, int] | None = None) -> dict:
-        """The annotation's mask as compressed RLE (bytes counts), checked against its image size."""
-        h, w = hw if hw is not None else self.image_hw(ann["image_id"], ann.get("id"))
-        if "segmentation" not in ann:
-            raise BoxcasegError(f"{self.source}: annotation {ann.get('id')} has no segmentation")
-        rle = to_rle(ann["segmentation"], h, w, ann_id=ann.get("id"))
-        size = [int(s) for s in rle["size"]]
-        if size != [h, w]:
-            raise BoxcasegError(
-                f"{self.source}: annotation {ann.get('id')}: mask size {size[0]}x{size[1]} differs from "
-                f"image {ann['image_id']} size {h}x{w}"
-            )
-        return rle
-
-
-def load_coco(src: str | os.PathLike | dict | list, what: str = "annotation", images_from: CocoData | None = None) -> CocoData:
-    """Read a COCO instances json (path or dict) or a results list.
-
-    A results list has no ``images``: pass ``images_from`` (the GT) to take image sizes
-    from there. Malformed entries raise BoxcasegError naming the file and annotation id.
-    """
-    source = str(src) if isinstance(src, (str, os.PathLike)) else f"<{what}>"
-    data = load_json(src, what) if isinstance(src, (str, os.PathLike)) else src
-    if isinstance(data, list):
-        data = {"annotations": data}
-    if not isinstance(data, dict) or not isinstance(data.get("annotations", []), list):
-        raise BoxcasegError(f"{source}: not a COCO {what} json (expected an object with 'annotations' or a list)")
-    images: dict[int, dict] = {}
-    for img in data.get("images", []) or []:
-        try:
-            images[int(img["id"])] = img
-            int(img["height"]), int(img["width"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise BoxcasegError(f"{source}: image entry {img.get('id') if isinstance(img, dict) else img!r} "
-                                f"lacks id/height/width ({e})") from e
-    if not images and images_from is not None:
-        images = images_from.images
-    categories = {int(c["id"]): c for c in data.get("categories", []) or []}
-    anns = data.get("annotations", []) or []
-    for a in anns:
-        if not isinstance(a, dict) or "image_id" not in a:
-            aid = a.get("id") if isinstance(a, dict) else None
-            raise BoxcasegError(f"{source}: annotation {aid} has no image_id")
-    return CocoData(source, images, anns, categories)
+# --------------------------------------------------------------------------- mask quality
 
 
 def _coco_size(area: float) -> str:
@@ -129,16 +56,13 @@ def _coco_size(area: float) -> str:
     return "large"
 
 
-# --------------------------------------------------------------------------- mask quality
-
-
 @dataclass
 class InstanceIoU:
     """IoU of one GT instance with the predicted mask of the same annotation id."""
 
-    ann_id: int
-    image_id: int
-    category_id: int
+    ann_id: Any          # ids as the json gives them
+    image_id: Any
+    category_id: Any
     area: float          # the GT annotation's area (COCO size split)
     iou: float           # 0 when the prediction is missing
     found: bool          # a prediction with this id exists
@@ -149,41 +73,39 @@ def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pa
     """IoU of every non-crowd GT annotation with the prediction of the same annotation id.
 
     ``pred`` may be a full COCO instances json (a proxy json) or a list of annotations
-    carrying ``id``. Image sizes come from the GT json.
+    carrying ``id``; a prediction matches the GT annotation whose id equals its own (as
+    given: ``7`` and ``"7"`` differ). Image sizes come from the GT json.
     """
     gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
     if not isinstance(pred, CocoData):
         pred = load_coco(pred, "prediction", images_from=gt)
-    by_id: dict[int, dict] = {}
+    by_id: dict[Any, dict] = {}  # the reader has checked that no id appears twice
     for a in pred.anns:
         if "id" not in a:
             raise BoxcasegError(f"{pred.source}: a prediction on image {a.get('image_id')} has no annotation id "
                                 "(mask quality matches predictions to GT by annotation id)")
-        aid = int(a["id"])
-        if aid in by_id:
-            raise BoxcasegError(f"{pred.source}: annotation id {aid} appears twice")
-        by_id[aid] = a
+        by_id[a["id"]] = a
 
     out: list[InstanceIoU] = []
     for image_id, anns in gt.by_image.items():
-        anns = [a for a in anns if not a.get("iscrowd", 0)]
+        anns = [a for a in anns if not is_crowd(a)]
         if not anns:
             continue
         hw = gt.image_hw(image_id, anns[0].get("id"))
         gt_rles, pred_rles, slots = [], [], []
         for a in anns:
-            p = by_id.get(int(a["id"]))
+            p = by_id.get(a["id"])
             if p is not None and p.get("segmentation") is None:
                 p = None  # an annotation kept without a mask counts as missing
             if p is not None:
-                if int(p["image_id"]) != int(image_id):
+                if p["image_id"] != image_id:
                     raise BoxcasegError(f"{pred.source}: annotation {a['id']} is on image {p['image_id']}, "
                                         f"the GT on image {image_id}")
                 gt_rles.append(gt.rle(a, hw))
                 pred_rles.append(pred.rle(p, hw))
                 slots.append(len(out))
             area = float(a["area"]) if a.get("area") is not None else float(rle_area([gt.rle(a, hw)])[0])
-            out.append(InstanceIoU(int(a["id"]), int(image_id), int(a.get("category_id", 0)), area, 0.0,
+            out.append(InstanceIoU(a["id"], image_id, a.get("category_id", 0), area, 0.0,
                                    p is not None, bool(p.get("ignore_mask", False)) if p is not None else False))
         if slots:
             ious = np.diagonal(mask_iou(gt_rles, pred_rles))
@@ -237,10 +159,10 @@ def _results_list(pred: CocoData, gt: CocoData) -> list[dict]:
     """Normalise detections: RLE (str counts) masks at the GT image size, a score, known ids."""
     out = []
     for a in pred.anns:
-        image_id = int(a["image_id"])
+        image_id = a["image_id"]
         if image_id not in gt.images:
             raise BoxcasegError(f"{pred.source}: detection on image id {image_id}, which the GT json lacks")
-        cat = int(a.get("category_id", -1))
+        cat = a.get("category_id", -1)
         if gt.categories and cat not in gt.categories:
             raise BoxcasegError(f"{pred.source}: detection on image {image_id} has category_id {cat}, "
                                 "which the GT json lacks")
@@ -393,23 +315,23 @@ def voc_instance_ap(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.
 
     gt_by: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for a in gt.anns:
-        gt_by[(int(a["image_id"]), int(a["category_id"]))].append(a)
+        gt_by[(a["image_id"], a["category_id"])].append(a)
     det_by: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for r in results:
         det_by[(r["image_id"], r["category_id"])].append(r)
 
-    classes = sorted({c for (_, c), anns in gt_by.items() if any(not a.get("iscrowd", 0) for a in anns)})
+    classes = sorted({c for (_, c), anns in gt_by.items() if any(not is_crowd(a) for a in anns)})
     npos = defaultdict(int)
     for (_, c), anns in gt_by.items():
-        npos[c] += sum(1 for a in anns if not a.get("iscrowd", 0))
+        npos[c] += sum(1 for a in anns if not is_crowd(a))
 
     # per class: (score, label) pairs for every threshold
     scored: dict[int, list[tuple[np.ndarray, list[np.ndarray]]]] = defaultdict(list)
     for (image_id, c), dets in det_by.items():
         hw = gt.image_hw(image_id)
         anns = gt_by.get((image_id, c), [])
-        normal = [gt.rle(a, hw) for a in anns if not a.get("iscrowd", 0)]
-        crowd = [gt.rle(a, hw) for a in anns if a.get("iscrowd", 0)]
+        normal = [gt.rle(a, hw) for a in anns if not is_crowd(a)]
+        crowd = [gt.rle(a, hw) for a in anns if is_crowd(a)]
         det_rles = [to_rle(d["segmentation"], *hw) for d in dets]
         ious = np.asarray(mask_iou(normal, det_rles)).reshape(len(normal), len(dets))
         crowd_ious = np.asarray(mask_iou(crowd, det_rles)).reshape(len(crowd), len(dets))

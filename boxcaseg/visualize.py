@@ -16,17 +16,19 @@ from __future__ import annotations
 import io as _io
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.evaluate import CocoData, instance_ious, load_coco
+from boxcaseg.evaluate import instance_ious
 from boxcaseg.io import atomic_write_bytes
 from boxcaseg.masks import decode
-from boxcaseg.paths import check_image_paths, resolve_image_path
+from boxcaseg.paths import resolve_image_path
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,10 @@ class VisualizeResult:
     sheet: Path | None
 
 
-def _colour(ann_id: int) -> tuple[int, int, int]:
-    return PALETTE[int(ann_id) % len(PALETTE)]
+def _colour(ann_id) -> tuple[int, int, int]:
+    """A palette colour of its own for an id (an int, or a string id: by its CRC-32)."""
+    k = ann_id if isinstance(ann_id, int) else zlib.crc32(str(ann_id).encode())
+    return PALETTE[k % len(PALETTE)]
 
 
 def _boundary(m: np.ndarray) -> np.ndarray:
@@ -128,12 +132,12 @@ def render_overlay(rgb: np.ndarray, anns: list[dict], coco: CocoData, gt_anns: l
         return left_img
     right = rgb.copy()
     for a in gt_anns:
-        if a.get("segmentation") is None or a.get("iscrowd", 0):
+        if a.get("segmentation") is None or is_crowd(a):
             continue
         m = decode(gt.rle(a, (h, w)), h, w, a.get("id")).astype(bool)
         _paint(right, m, _colour(a.get("id", 0)))
     right_img = Image.fromarray(right)
-    _draw_boxes(right_img, [dict(a, ignore_mask=False) for a in gt_anns if not a.get("iscrowd", 0)])
+    _draw_boxes(right_img, [dict(a, ignore_mask=False) for a in gt_anns if not is_crowd(a)])
     ImageDraw.Draw(right_img).text((3, 2), "GT", fill=(255, 255, 0))
     both = Image.new("RGB", (2 * w + 4, h), (0, 0, 0))
     both.paste(left_img, (0, 0))
@@ -168,8 +172,8 @@ def worst_iou_sheet(coco: CocoData, gt: CocoData, image_dir: Path, n: int = 24, 
     records = sorted(instance_ious(gt, coco), key=lambda r: (r.iou, r.ann_id))[:n]
     if not records:
         return None
-    pred_by_id = {int(a["id"]): a for a in coco.anns if "id" in a}
-    gt_by_id = {int(a["id"]): a for a in gt.anns}
+    pred_by_id = {a["id"]: a for a in coco.anns if "id" in a}
+    gt_by_id = {a["id"]: a for a in gt.anns}
     label_h = 14
     cell_w, cell_h = 2 * tile + 2, tile + label_h
     rows = (len(records) + cols - 1) // cols
@@ -209,9 +213,9 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     if not coco.images:
         raise BoxcasegError(f"{ann}: no images listed (give --gt for a bare results list)")
     # every file_name must stay inside the image folder: checked before any PNG is written
-    paths = check_image_paths(image_dir, ((i, im.get("file_name")) for i, im in coco.images.items()))
+    paths = coco.paths(image_dir)
     if gt_data is not None:
-        check_image_paths(image_dir, ((i, im.get("file_name")) for i, im in gt_data.images.items()))
+        gt_data.paths(image_dir)
     ids = [i for i in sorted(coco.images) if coco.by_image.get(i)]
     if limit is not None:
         ids = ids[:max(0, limit)]

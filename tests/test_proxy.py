@@ -236,7 +236,7 @@ def test_malformed_json_and_unknown_image(setup, tmp_path):
         run(setup, bad, tmp_path / "images", tmp_path / "o.json")
     anns = [{"id": 77, "image_id": 5, "bbox": [2, 2, 20, 20], "category_id": 1, "iscrowd": 0}]
     ann, images = write_set(tmp_path / "u", [("a.png", rgb())], anns)
-    with pytest.raises(BoxcasegError, match="annotation id 77.*unknown image id 5"):
+    with pytest.raises(BoxcasegError, match="annotation 77 .*unknown image id 5"):
         run(setup, ann, images, tmp_path / "o.json")
     no_list = tmp_path / "nolist.json"
     no_list.write_text('{"images": []}')

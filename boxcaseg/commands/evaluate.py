@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     ) -> None:
         """Instance AP at mask IoU 0.25/0.5/0.7/0.75 by the SDS protocol (the paper's Table 1)."""
-        from boxcaseg.evaluate import load_coco, voc_ap_table, voc_instance_ap
+        from boxcaseg.cocojson import load_coco
+        from boxcaseg.evaluate import voc_ap_table, voc_instance_ap
 
         gt_data = load_coco(gt, "ground-truth")
         result = voc_instance_ap(gt_data, pred, thresholds)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boxcaseg.boxes import degenerate_reason, xywh_to_xyxy
+from boxcaseg.boxes import xywh_to_xyxy
+from boxcaseg.cocojson import check_image_file, degenerate_error, is_crowd, load_coco
 from boxcaseg.data.transforms import crop_resize, normalize, open_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import load_json
-from boxcaseg.paths import check_image_paths
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +44,6 @@ class CocoIndex:
     paths: dict[int, Path] = field(default_factory=dict)  # image id -> its file (checked: inside the folder)
 
 
-def _check_image_file(path: Path, image_id) -> str | None:
-    if not path.is_file():
-        return f"{path}: image file not found (image id {image_id})"
-    try:
-        with Image.open(path) as im:
-            im.size  # header only
-    except Exception as e:  # PIL raises several types for corrupt headers
-        return f"{path}: unreadable image (image id {image_id}: {type(e).__name__})"
-    return None
-
-
 def read_coco_boxes(
     ann_file: str | Path,
     image_dir: str | Path,
@@ -62,64 +51,52 @@ def read_coco_boxes(
     strict: bool = False,
     check_images: bool = True,
 ) -> CocoIndex:
-    """Parse a COCO json and validate it.
+    """Read a COCO json (:func:`boxcaseg.cocojson.load_coco`: its rules and errors) and
+    list its usable boxes.
 
-    Errors (raised as BoxcasegError naming the file / image id / annotation id; with
-    ``skip_bad`` skipped and counted instead): malformed json, an annotation pointing at
-    an unknown image, a missing or unreadable image file. Degenerate boxes
-    (non-finite, non-positive size, entirely outside the image) are skipped and counted
-    in one warning line (``strict``: an error). A ``file_name`` that leads outside
-    ``image_dir`` (absolute, ``..``, a link pointing out) is always an error, checked for
-    every image first (:func:`boxcaseg.paths.check_image_paths`).
+    With ``skip_bad``, an annotation pointing at an unknown image and the annotations of
+    a missing or unreadable image file are skipped and counted instead of raising.
+    Degenerate boxes (:func:`boxcaseg.cocojson.box_problem`) and annotations whose
+    ``area`` is given and not positive are skipped and counted in one warning line
+    (``strict``: an error). A ``file_name`` that leads outside ``image_dir`` is always an
+    error, checked for every image first.
     """
     ann_file = Path(ann_file)
     image_dir = Path(image_dir)
-    data = load_json(ann_file, "COCO annotation")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
-        raise BoxcasegError(f"{ann_file}: malformed COCO json (needs 'images' and 'annotations' lists)")
+    coco = load_coco(ann_file, "COCO annotation", skip_orphans=skip_bad)
     if not image_dir.is_dir():
         raise BoxcasegError(f"{image_dir}: image folder not found")
-    images: dict[int, dict] = {}
-    for rec in data["images"]:
-        if not isinstance(rec, dict) or "id" not in rec or "file_name" not in rec:
-            raise BoxcasegError(f"{ann_file}: malformed image record {str(rec)[:80]}")
-        images[rec["id"]] = rec
     # every file_name must stay inside image_dir (even with --skip-bad): checked before any work
-    paths = check_image_paths(image_dir, ((iid, rec["file_name"]) for iid, rec in images.items()))
+    paths = coco.paths(image_dir)
     bad_images: set = set()
     boxes = []
     n_crowd = n_degenerate = 0
     degenerate_examples = []
-    for ann in data["annotations"]:
-        if not isinstance(ann, dict) or "id" not in ann:
-            raise BoxcasegError(f"{ann_file}: malformed annotation record {str(ann)[:80]}")
+    for ann in coco.orphans:  # only with skip_bad
+        if is_crowd(ann):
+            n_crowd += 1
+        else:
+            bad_images.add(("unknown", ann["image_id"]))
+    for ann in coco.anns:
         aid = ann["id"]
-        if ann.get("iscrowd", 0):
+        if is_crowd(ann):
             n_crowd += 1
             continue
-        img = images.get(ann.get("image_id"))
-        if img is None:
-            msg = f"{ann_file}: annotation {aid} points at unknown image id {ann.get('image_id')}"
-            if skip_bad:
-                bad_images.add(("unknown", ann.get("image_id")))
-                continue
-            raise BoxcasegError(msg)
-        w, h = img.get("width"), img.get("height")
-        reason = degenerate_reason(ann.get("bbox"), w if w else math.inf, h if h else math.inf)
+        reason = coco.box_problem(ann)
         if reason is None and float(ann.get("area", 1) or 0) <= 0 and "area" in ann:
             reason = "non-positive area"
         if reason is not None:
             if strict:
-                raise BoxcasegError(f"{ann_file}: annotation {aid} (image id {img['id']}): {reason}")
+                raise degenerate_error(ann_file, ann, ann["image_id"], reason)
             n_degenerate += 1
             if len(degenerate_examples) < 3:
                 degenerate_examples.append(f"{aid} ({reason})")
             continue
-        boxes.append((aid, img["id"], tuple(float(v) for v in ann["bbox"])))
+        boxes.append((aid, ann["image_id"], tuple(float(v) for v in ann["bbox"])))
     if check_images:
         used = sorted({b[1] for b in boxes})
         for iid in used:
-            err = _check_image_file(paths[iid], iid)
+            err = check_image_file(paths[iid], iid)
             if err:
                 if not skip_bad:
                     raise BoxcasegError(err)
@@ -134,7 +111,7 @@ def read_coco_boxes(
                     ann_file, n_degenerate, ", ".join(degenerate_examples))
     if not boxes:
         raise BoxcasegError(f"{ann_file}: no usable (non-crowd, non-degenerate) box annotation")
-    return CocoIndex(images, boxes, n_crowd, n_degenerate, len(bad_images), paths)
+    return CocoIndex(coco.images, boxes, n_crowd, n_degenerate, len(bad_images), paths)
 
 
 def jitter_box(xyxy: tuple, rng: np.random.Generator, shift: float, smin: float, smax: float) -> tuple:

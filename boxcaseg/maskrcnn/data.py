@@ -16,12 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from boxcaseg.boxes import degenerate_reason
+from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.evaluate import CocoData, load_coco
 from boxcaseg.masks import decode
-from boxcaseg.paths import check_image_paths
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +29,10 @@ class CocoMaskDataset(Dataset):
 
     ``load(i, flip)`` returns ``(image [3, H, W] float32 in 0..1, target)`` with target
     ``{boxes [G, 4] float32 xyxy, labels [G] int64 (1..K), masks [G, H, W] uint8,
-    ignore_mask [G] bool, image_id int64}``. Crowd annotations are left out; degenerate
-    boxes are skipped with a warning; an annotation without segmentation keeps its box
+    ignore_mask [G] bool, image_id int64}``. The json is read by :mod:`boxcaseg.cocojson`
+    (image ids must be integers here: they become ``image_id``). Crowd annotations are left
+    out; degenerate boxes (the reader's rule) and boxes under one pixel inside their image
+    are skipped with a warning; an annotation without segmentation keeps its box
     and is flagged ``ignore_mask``. Labels are the rank of the category id among
     ``category_ids`` (the json's categories sorted by id, unless given).
     """
@@ -41,11 +41,13 @@ class CocoMaskDataset(Dataset):
                  category_ids: list[int] | None = None, use_ignore: bool = True, skip_empty: bool = True,
                  image_ids: list[int] | None = None):
         self.coco: CocoData = load_coco(ann_file, "annotation")
+        if bad := [i for i in self.coco.images if not isinstance(i, int)]:
+            raise BoxcasegError(f"{ann_file}: image id {bad[0]!r} is not an integer (Mask R-CNN needs integer image ids)")
         self.image_dir = Path(image_dir)
         # every file_name must stay inside the image folder: checked before any work
-        self.paths = check_image_paths(self.image_dir, ((i, im.get("file_name")) for i, im in self.coco.images.items()))
+        self.paths = self.coco.paths(self.image_dir)
         if category_ids is None:
-            category_ids = sorted(self.coco.categories) or sorted({int(a["category_id"]) for a in self.coco.anns})
+            category_ids = sorted(self.coco.categories) or sorted({a["category_id"] for a in self.coco.anns})
         self.category_ids = list(category_ids)
         self.label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
         self.use_ignore = use_ignore
@@ -61,13 +63,13 @@ class CocoMaskDataset(Dataset):
             h, w = int(img["height"]), int(img["width"])
             anns = []
             for a in self.coco.by_image.get(image_id, []):
-                if a.get("iscrowd", 0):
+                if is_crowd(a):
                     continue
-                cat = int(a.get("category_id", -1))
+                cat = a.get("category_id", -1)
                 if cat not in self.label_of:
                     raise BoxcasegError(f"{ann_file}: annotation {a.get('id')} has category_id {cat}, "
                                         "not among the model's categories")
-                reason = degenerate_reason(a.get("bbox"), w, h)
+                reason = self.coco.box_problem(a)
                 if reason is None:
                     x, y, bw, bh = (float(v) for v in a["bbox"])
                     x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
@@ -104,7 +106,7 @@ class CocoMaskDataset(Dataset):
         for i, a in enumerate(anns):
             x, y, bw, bh = (float(v) for v in a["bbox"])
             boxes[i] = (max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh))
-            labels[i] = self.label_of[int(a["category_id"])]
+            labels[i] = self.label_of[a["category_id"]]
             if a.get("segmentation") is None:
                 ignore[i] = True
             else:

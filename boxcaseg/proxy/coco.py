@@ -1,5 +1,9 @@
 """COCO instances json for proxy masks: validation, the per-image work list, the output.
 
+The json is validated by the one COCO reader (:mod:`boxcaseg.cocojson`: its rules for
+ids, ``iscrowd``, degenerate boxes and missing keys); this module builds the proxy's
+work on top of it.
+
 The output is the input json with every non-crowd annotation's ``segmentation``
 replaced by a compressed RLE (``counts`` as str) and two fields added:
 ``proxy_agreement`` (float) and ``ignore_mask`` (bool). Crowd annotations, images,
@@ -8,14 +12,13 @@ categories and every other field are left as they are.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from boxcaseg.boxes import degenerate_reason
+from boxcaseg.cocojson import CocoData, box_problem, degenerate_error, is_crowd, parse_coco
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.proxy.geometry import box_window, clipped_box_xyxy, crop_window
 
@@ -42,45 +45,10 @@ class ImageTask:
         return [i for i, r in enumerate(self.reasons) if r is None]
 
 
-def _is_crowd(ann: dict) -> bool:
-    return bool(ann.get("iscrowd", 0))
-
-
-def _int_size(img: dict, key: str, src: str) -> int:
-    v = img.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 or int(v) != v:
-        raise BoxcasegError(f"{src}: image id {img.get('id')!r} has no valid {key!r} ({v!r})")
-    return int(v)
-
-
-def validate_coco(data: Any, src: str | Path) -> None:
-    """Structure checks; a problem raises BoxcasegError naming the file and the id."""
-    src = str(src)
-    if not isinstance(data, dict):
-        raise BoxcasegError(f"{src}: malformed COCO json (top level is not an object)")
-    for key in ("images", "annotations"):
-        if not isinstance(data.get(key), list):
-            raise BoxcasegError(f"{src}: malformed COCO json (no {key!r} list)")
-    seen = set()
-    for img in data["images"]:
-        if not isinstance(img, dict) or "id" not in img:
-            raise BoxcasegError(f"{src}: malformed COCO json (an image entry without 'id': {str(img)[:80]})")
-        if img["id"] in seen:
-            raise BoxcasegError(f"{src}: image id {img['id']!r} appears twice")
-        seen.add(img["id"])
-        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-            raise BoxcasegError(f"{src}: image id {img['id']!r} has no 'file_name'")
-        _int_size(img, "width", src)
-        _int_size(img, "height", src)
-    ann_seen = set()
-    for ann in data["annotations"]:
-        if not isinstance(ann, dict) or "id" not in ann:
-            raise BoxcasegError(f"{src}: malformed COCO json (an annotation without 'id': {str(ann)[:80]})")
-        if ann["id"] in ann_seen:
-            raise BoxcasegError(f"{src}: annotation id {ann['id']!r} appears twice")
-        ann_seen.add(ann["id"])
-        if ann.get("image_id") not in seen:
-            raise BoxcasegError(f"{src}: annotation id {ann['id']!r} points at unknown image id {ann.get('image_id')!r}")
+def validate_coco(data: Any, src: str | Path) -> CocoData:
+    """Check ``data`` by the reader's rules (:func:`boxcaseg.cocojson.parse_coco`); a
+    problem raises BoxcasegError naming the file and the id. Returns the parsed json."""
+    return parse_coco(data, src)
 
 
 def build_tasks(data: dict, context: float, strict: bool, src: str | Path) -> list[ImageTask]:
@@ -97,14 +65,14 @@ def build_tasks(data: dict, context: float, strict: bool, src: str | Path) -> li
         by_id[img["id"]] = t
         tasks.append(t)
     for ann in data["annotations"]:
-        if _is_crowd(ann):
+        if is_crowd(ann):
             continue
         t = by_id[ann["image_id"]]
         bbox = ann.get("bbox")
-        reason = degenerate_reason(bbox, t.width, t.height)
+        reason = box_problem(bbox, t.width, t.height)
         if reason is not None:
             if strict:
-                raise BoxcasegError(f"{src}: annotation id {ann['id']!r} (image id {t.image_id!r}): {reason} ({bbox!r})")
+                raise degenerate_error(src, ann, t.image_id, reason)
             reason = f"degenerate box: {reason}"
         t.ann_ids.append(ann["id"])
         t.bboxes.append(bbox)
@@ -130,7 +98,7 @@ def apply_results(data: dict, results: dict, info: dict | None = None) -> dict:
         out["info"] = {**base, "boxcaseg_proxy": info}
     anns = []
     for ann in data["annotations"]:
-        if _is_crowd(ann):
+        if is_crowd(ann):
             anns.append(ann)
             continue
         res = results.get(ann_key(ann["id"]))
