@@ -1,4 +1,4 @@
-"""Evaluation: class-agnostic mask quality given GT boxes, COCO AP, VOC instance AP@k.
+"""The metrics: class-agnostic mask quality given GT boxes, COCO AP, VOC instance AP@k.
 
 Three evaluations, all on COCO-format inputs (read by :mod:`boxcaseg.cocojson`) and all
 through the one mask-IoU function :func:`boxcaseg.masks.mask_iou`:
@@ -14,8 +14,8 @@ through the one mask-IoU function :func:`boxcaseg.masks.mask_iou`:
 - :func:`voc_instance_ap` -- instance AP at mask IoU 0.25 / 0.5 / 0.7 / 0.75 by the
   SDS protocol (Hariharan et al. 2014, used by BBTP and the paper's Tab. 1).
 
-All metric values are fractions in [0, 1] (tables print them as percentages). A value
-that is undefined (no instance in a size bucket) is ``None``.
+All metric values are fractions in [0, 1] (:mod:`boxcaseg.evaluate.tables` prints them
+as percentages). A value that is undefined (no instance in a size bucket) is ``None``.
 Ids are compared as the jsons give them (the reader never casts them).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import logging
-import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -363,62 +362,3 @@ def voc_instance_ap(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.
     out["n_gt"] = int(sum(npos[c] for c in classes))
     out["n_det"] = len(results)
     return out
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
-def mask_quality_table(result: dict):
-    """A rich Table of :func:`mask_quality`'s result (percentages)."""
-    from rich.table import Table
-
-    t = Table(title="Mask quality given GT boxes (class-agnostic)")
-    for col in ("subset", "n", "mIoU*", "mIoU", "IoU@50", "IoU@75"):
-        t.add_column(col, justify="right" if col != "subset" else "left")
-    for name, r in [("all", result)] + [(s, result[s]) for s in SIZE_NAMES]:
-        t.add_row(name, str(r["n"]), _pct(r["miou_star"]), _pct(r["miou"]), _pct(r["iou50"]), _pct(r["iou75"]))
-    if result.get("missing"):
-        t.caption = f"{result['missing']} GT instance(s) without a prediction counted as IoU 0"
-    return t
-
-
-def coco_eval_table(result: dict):
-    """A rich Table of :func:`coco_eval`'s result: one row per COCO statistic."""
-    from rich.table import Table
-
-    t = Table(title="COCO AP (pycocotools)")
-    t.add_column("metric")
-    for iou_type in result:
-        t.add_column(iou_type, justify="right")
-    for k in COCO_STAT_NAMES:
-        row = []
-        for stats in result.values():
-            v = None if stats is None else stats[k]
-            row.append("n/a" if stats is None else ("-" if v < 0 else _pct(v)))
-        t.add_row(k, *row)
-    return t
-
-
-def voc_ap_table(result: dict, categories: dict[int, dict] | None = None):
-    from rich.table import Table
-
-    keys = [k for k in result if k.startswith("ap")]
-    t = Table(title="VOC instance AP (SDS protocol)")
-    t.add_column("class")
-    for k in keys:
-        t.add_column(f"AP@{int(k[2:]) / 100:g}", justify="right")
-    for c, aps in result["per_class"].items():
-        name = (categories or {}).get(c, {}).get("name", str(c))
-        t.add_row(name, *(_pct(aps[k]) for k in keys))
-    t.add_row("[bold]mean[/bold]", *(_pct(result[k]) for k in keys))
-    return t
-
-
-__all__ = [
-    "CocoData", "InstanceIoU", "load_coco", "instance_ious", "summarize_ious", "mask_quality",
-    "coco_eval", "voc_ap", "voc_instance_ap", "mask_quality_table", "coco_eval_table", "voc_ap_table",
-]
