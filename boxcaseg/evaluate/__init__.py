@@ -4,12 +4,10 @@
   COCOeval glue (:func:`coco_eval`), SDS instance AP@k (:func:`voc_instance_ap`);
 - :mod:`boxcaseg.evaluate.tables`: their printed tables.
 
-The jsons are read by :mod:`boxcaseg.cocojson` (:class:`CocoData` and :func:`load_coco`
-are re-exported here). The public names below are what ``boxcaseg evaluate``, the bench
-scripts and the tests import from ``boxcaseg.evaluate``.
+The jsons are read by :mod:`boxcaseg.cocojson`. The public names below are what
+``boxcaseg evaluate``, the bench scripts and the tests import from ``boxcaseg.evaluate``.
 """
 
-from boxcaseg.cocojson import CocoData, load_coco
 from boxcaseg.evaluate.metrics import (
     COCO_STAT_NAMES,
     MEDIUM_MAX,
@@ -28,6 +26,6 @@ from boxcaseg.evaluate.tables import coco_eval_table, mask_quality_table, voc_ap
 
 __all__ = [
     "COCO_STAT_NAMES", "MEDIUM_MAX", "SIZE_NAMES", "SMALL_MAX", "VOC_THRESHOLDS",
-    "CocoData", "InstanceIoU", "load_coco", "instance_ious", "summarize_ious", "mask_quality",
+    "InstanceIoU", "instance_ious", "summarize_ious", "mask_quality",
     "coco_eval", "voc_ap", "voc_instance_ap", "mask_quality_table", "coco_eval_table", "voc_ap_table",
 ]

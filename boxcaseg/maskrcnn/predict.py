@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.evaluate import load_coco
+from boxcaseg.cocojson import load_coco
 from boxcaseg.io import atomic_write_json
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.dist import resolve_device
