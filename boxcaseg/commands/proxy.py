@@ -51,7 +51,7 @@ def proxy_command(
     from boxcaseg.errors import BoxcasegError
     from boxcaseg.dist import env_rank_world
     from boxcaseg.proxy import ProxyConfig, generate_proxy_torchrun, merge_shards
-    from boxcaseg.proxy.pipeline import resolve_proxy_config
+    from boxcaseg.proxy.config import resolve_proxy_config
 
     from boxcaseg.formats import FORMATS
 

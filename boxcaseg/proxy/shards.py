@@ -1,4 +1,4 @@
-"""Shards, per-shard progress (resume after a kill) and joining shard files.
+"""Shard files: shards, per-shard progress (resume after a kill), joining shard files.
 
 A run processes the images ``sorted_by_id[K::N]`` of shard K/N (0 <= K < N; torchrun's
 RANK/WORLD_SIZE when no shard is given). Its images are cut into chunks of a fixed
@@ -8,7 +8,9 @@ run's fingerprint (input/model hashes and every option that changes the answer).
 restarted run with the same fingerprint skips the finished chunks; because chunks
 and the batches inside them are fixed, the output is identical to an uninterrupted
 run. A finished single run writes ``<out>``; a finished shard of N > 1 writes
-``<out stem>.shard-K-of-N<suffix>``, joined by :func:`merge_shards`.
+``<out stem>.shard-K-of-N<suffix>`` (:func:`write_shard_file`), joined by
+:func:`merge_shards` after checking that all N are there and come from one run.
+The stats every chunk and shard file carries are summed with :func:`add_stats`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import atomic_write_json, load_json
+from boxcaseg.proxy.coco import ann_key, apply_results, validate_coco
 
 FORMAT = 1
 
@@ -95,6 +98,17 @@ class ProgressStore:
             raise BoxcasegError(f"{self.path(chunk)}: holds other images than this run's chunk {chunk}; delete {self.root}")
         return payload
 
+    def collect(self, chunk_image_ids: list[list]) -> tuple[dict, dict[str, tuple]]:
+        """Every chunk of the shard (given by its image ids) -> (summed stats, {ann key: (rle, agreement, ignore)})."""
+        stats = empty_stats()
+        results: dict[str, tuple] = {}
+        for c, image_ids in enumerate(chunk_image_ids):
+            payload = self.load(c, image_ids)
+            stats = add_stats(stats, payload["stats"])
+            for ann_id, rle, agr, ignore in payload["results"]:
+                results[ann_key(ann_id)] = (rle, agr, ignore)
+        return stats, results
+
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         parent = self.root.parent
@@ -103,6 +117,15 @@ class ProgressStore:
                 parent.rmdir()
         except OSError:
             pass
+
+
+def write_shard_file(out: Path, shard: Shard, fingerprint: dict, stats: dict, info: dict, results: dict,
+                     summary: dict) -> Path:
+    """The finished shard K/N (N > 1) of ``out``, written atomically; returns its path."""
+    path = shard_file(out, shard)
+    atomic_write_json(path, {"format": FORMAT, "fingerprint": fingerprint, "stats": stats, "info": info,
+                             "results": [[k, *v] for k, v in results.items()], "summary": summary})
+    return path
 
 
 def find_shard_files(out: Path) -> tuple[int, dict[int, Path]]:
@@ -129,3 +152,64 @@ def common_fingerprint(fp: dict) -> dict[str, Any]:
     """The part of a fingerprint every shard of one run shares (shards may run on
     different devices: a CPU shard and a GPU shard of the same run can be joined)."""
     return {k: v for k, v in fp.items() if k not in ("shard", "device")}
+
+
+# --------------------------------------------------------------------------- stats in chunks and shard files
+
+
+def empty_stats() -> dict:
+    return {"instances": 0, "masks": 0, "flagged": 0, "low_agreement": 0, "empty_masks": 0, "degenerate": 0,
+            "bad_images": 0, "bad_image_annotations": 0, "agreement_sum": 0.0}
+
+
+def add_stats(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in empty_stats()}
+
+
+def stats_summary(stats: dict) -> dict:
+    s = {k: v for k, v in stats.items() if k != "agreement_sum"}
+    s["mean_agreement"] = round(stats["agreement_sum"] / stats["masks"], 6) if stats["masks"] else 0.0
+    return s
+
+
+# --------------------------------------------------------------------------- joining shard files
+
+
+def merge_shards(ann: str | Path, out: str | Path) -> dict:
+    """Join the shard files of ``out`` (``<stem>.shard-K-of-N<suffix>``) into ``out``.
+
+    Checks that all N shards are there and come from the same run (same input json,
+    model and options) and that the given ``ann`` is that input. Returns a summary.
+    """
+    from boxcaseg.export.onnx_export import file_sha256
+
+    ann, out = Path(ann), Path(out)
+    n, files = find_shard_files(out)
+    data = load_json(ann, "COCO annotation json")
+    validate_coco(data, ann)
+    sha = file_sha256(ann)
+    results: dict[str, tuple] = {}
+    common = None
+    stats = empty_stats()
+    for k in range(n):
+        shard = load_json(files[k], "shard file")
+        fp = shard.get("fingerprint") if isinstance(shard, dict) else None
+        if not isinstance(fp, dict) or shard.get("format") != FORMAT:
+            raise BoxcasegError(f"{files[k]}: not a boxcaseg proxy shard file")
+        if fp.get("shard") != [k, n]:
+            raise BoxcasegError(f"{files[k]}: holds shard {fp.get('shard')}, expected [{k}, {n}]")
+        if common is None:
+            common = common_fingerprint(fp)
+        elif common_fingerprint(fp) != common:
+            raise BoxcasegError(f"{files[k]}: made with other inputs or options than {files[0].name}")
+        if fp.get("ann_sha256") != sha:
+            raise BoxcasegError(f"{files[k]}: made from another annotation file than {ann}")
+        info = shard.get("info")
+        for ann_id, rle, agr, ignore in shard["results"]:
+            results[ann_id] = (rle, agr, ignore)
+        stats = add_stats(stats, shard.get("stats", {}))
+    atomic_write_json(out, apply_results(data, results, info))
+    s = stats_summary(stats)
+    s.update({"shards": n, "output": str(out)})
+    return s
+

@@ -1,0 +1,118 @@
+"""What a proxy run is: its options (:class:`ProxyConfig`, the `boxcaseg proxy` flags),
+their completion from the model (:func:`resolve_proxy_config`), the fingerprint that
+progress chunks and shard files carry (:func:`fingerprint`: every input and option that
+changes the answer) and the record the output json keeps (:func:`run_info`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from boxcaseg.errors import BoxcasegError
+from boxcaseg.proxy.shards import FORMAT, Shard
+
+
+@dataclass
+class ProxyConfig:
+    """Options of :func:`generate_proxy` (the `boxcaseg proxy` flags)."""
+
+    ann: Path                        # COCO instances json (boxes)
+    images: Path                     # its image folder
+    out: Path                        # output json (shard files / progress next to it)
+    model: Any = None                # None/"pretrained" (the shipped model), a checkpoint, .onnx or .engine
+    engine: str = "auto"             # auto | torch | onnx | trt (auto: by file, see export.engines.resolve_model)
+    context: float | None = None     # crop R x the box around its centre (>= 1); None: the model's
+    threshold: float | None = None   # on the probability (or min-max normalised with relative); None: the model's
+    relative: bool = False           # the published per-instance min-max normalisation
+    prior_weight: float | None = None  # blend of a soft inscribed-ellipse prior before the threshold; None: the model's
+    drop_thresh: float = 0.95        # agreement below -> ignore_mask
+    merge: bool = False              # True: smaller object better across the masks of an image; False (default):
+                                     # each box's own mask (trains an equal or better Mask R-CNN: RESULTS "merge_maskrcnn")
+    batch_size: int = 32             # instances per inference batch (fixed; part of the fingerprint)
+    workers: int = 2                 # decode/crop worker processes (0: in the main process)
+    threads: int = 0                 # engine CPU threads (0: its default)
+    shard: Any = None                # "K/N" or (K, N); None: torchrun RANK/WORLD_SIZE, else 0/1
+    checkpoint_every: int = 256      # images per progress chunk
+    skip_bad: bool = False           # a missing/corrupt image flags its annotations instead of stopping
+    strict: bool = False             # a degenerate box stops the run instead of being flagged
+    progress: bool = True            # rich progress bar
+    device: str | None = None        # torch engine device (default: cuda when available)
+
+    def check(self) -> None:
+        from boxcaseg.export.engines import ENGINE_KINDS
+
+        if self.engine not in ENGINE_KINDS:
+            raise BoxcasegError(f"--engine {self.engine!r}: choose from {', '.join(ENGINE_KINDS)}")
+        if self.context is None or self.threshold is None or self.prior_weight is None:
+            raise RuntimeError("ProxyConfig.check() before resolve_proxy_config()")
+        if not (math.isfinite(self.context) and self.context >= 1.0):
+            raise BoxcasegError(f"--context {self.context}: must be >= 1 (1 crops exactly the box)")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise BoxcasegError(f"--threshold {self.threshold}: must be in [0, 1]")
+        if not (math.isfinite(self.prior_weight) and 0.0 <= self.prior_weight <= 1.0):
+            raise BoxcasegError(f"--prior-weight {self.prior_weight}: must be in [0, 1]")
+        if not 0.0 <= self.drop_thresh <= 1.0:
+            raise BoxcasegError(f"--drop-thresh {self.drop_thresh}: must be in [0, 1]")
+        if self.batch_size < 1 or self.checkpoint_every < 1 or self.workers < 0:
+            raise BoxcasegError("--batch-size and --checkpoint-every must be >= 1, --workers >= 0")
+        if not Path(self.images).is_dir():
+            raise BoxcasegError(f"{self.images}: image folder not found")
+
+
+def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
+    """The run's identity: a progress chunk or shard file is reused or joined only under an equal one."""
+    from boxcaseg.export.engines import engine_device
+    from boxcaseg.export.onnx_export import file_sha256
+
+    return {
+        "format": FORMAT,
+        "ann_sha256": file_sha256(cfg.ann),
+        "model_sha256": file_sha256(cfg.model),
+        "engine": cfg.engine,
+        "device": engine_device(cfg.engine, cfg.device),
+        "infer_size": size,
+        "context": float(cfg.context),
+        "threshold": float(cfg.threshold),
+        "prior_weight": float(cfg.prior_weight),
+        "relative": bool(cfg.relative),
+        "drop_thresh": float(cfg.drop_thresh),
+        "merge": bool(cfg.merge),
+        "batch_size": int(cfg.batch_size),
+        "checkpoint_every": int(cfg.checkpoint_every),
+        "skip_bad": bool(cfg.skip_bad),
+        "strict": bool(cfg.strict),
+        "shard": [shard.index, shard.count],
+    }
+
+
+def resolve_proxy_config(cfg: ProxyConfig):
+    """``cfg`` with its model resolved (engine kind and file) and every setting left
+    None taken from the model; returns (resolved config, :class:`ResolvedModel`)."""
+    from boxcaseg.export.engines import resolve_model
+
+    if not Path(cfg.images).is_dir():
+        raise BoxcasegError(f"{cfg.images}: image folder not found")
+    rm = resolve_model(cfg.model, cfg.engine, cfg.device)
+    st = rm.settings
+    out = ProxyConfig(**{
+        **asdict(cfg), "ann": Path(cfg.ann), "images": Path(cfg.images), "out": Path(cfg.out),
+        "model": rm.path, "engine": rm.kind,
+        "context": st.context if cfg.context is None else float(cfg.context),
+        "threshold": st.threshold if cfg.threshold is None else float(cfg.threshold),
+        "prior_weight": st.prior_weight if cfg.prior_weight is None else float(cfg.prior_weight),
+    })
+    return out, rm
+
+
+def run_info(cfg: ProxyConfig, rm, fingerprint: dict) -> dict:
+    """What the output json records in ``info.boxcaseg_proxy``: the model and the settings in force."""
+    from boxcaseg import __version__
+
+    return {"version": __version__, "model": rm.label, "model_sha256": fingerprint["model_sha256"],
+            "engine": cfg.engine, "infer_size": rm.settings.infer_size, "alpha": rm.settings.alpha,
+            "context": cfg.context, "threshold": cfg.threshold, "prior_weight": cfg.prior_weight,
+            "relative": cfg.relative, "merge": cfg.merge, "drop_thresh": cfg.drop_thresh}
+

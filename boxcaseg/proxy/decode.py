@@ -1,0 +1,66 @@
+"""Decoding workers of a proxy run: each image is read and decoded once, in worker
+processes, and all its usable boxes are cropped (with context) and resized to S x S
+(:func:`~boxcaseg.data.transforms.crop_resize`); :func:`decoded_stream` yields them in
+work-list order. A bad image becomes an error record instead of an exception.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from boxcaseg.errors import BoxcasegError
+from boxcaseg.proxy.coco import ImageTask
+
+
+class DecodeDataset:
+    """Item i: image i decoded once, all its usable crops -> uint8 [k, 3, S, S] (torch)."""
+
+    def __init__(self, tasks: list[ImageTask], paths: dict, size: int):
+        # paths: image id -> file, checked to lie inside --images by generate_proxy
+        self.items = [(t.image_id, str(paths[t.image_id]), t.width, t.height, t.crops) for t in tasks]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        from boxcaseg.data.transforms import open_rgb
+        from boxcaseg.data.transforms import crop_resize
+
+        t0 = time.perf_counter()
+        image_id, path, w, h, crops = self.items[i]
+        try:
+            img = open_rgb(path)
+            if img.size != (w, h):
+                raise BoxcasegError(f"{path} is {img.size[0]}x{img.size[1]} pixels, the json says {w}x{h}")
+            arr = np.empty((len(crops), 3, self.size, self.size), np.uint8)
+            for k, c in enumerate(crops):
+                arr[k] = np.asarray(crop_resize(img, tuple(int(v) for v in c), self.size)).transpose(2, 0, 1)
+        except BoxcasegError as e:
+            return {"i": i, "error": f"image id {image_id!r}: {e.one_line()}", "t": time.perf_counter() - t0}
+        except Exception as e:  # noqa: BLE001 - decompression bombs, truncated data ...
+            msg = " ".join(str(e).split())[:200]
+            return {"i": i, "error": f"image id {image_id!r}: {path}: unreadable image ({type(e).__name__}: {msg})",
+                    "t": time.perf_counter() - t0}
+        return {"i": i, "crops": torch.from_numpy(arr), "t": time.perf_counter() - t0}
+
+
+def decoded_stream(tasks: list[ImageTask], paths: dict, size: int, workers: int):
+    """Decoded images in ``tasks`` order (a torch DataLoader over worker processes)."""
+    import multiprocessing as mp
+
+    from torch.utils.data import DataLoader
+
+    ds = DecodeDataset(tasks, paths, size)
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs["prefetch_factor"] = 4
+        if "fork" in mp.get_all_start_methods():
+            kwargs["multiprocessing_context"] = "fork"
+    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, **kwargs)
+    return iter(loader)
