@@ -126,14 +126,30 @@ def test_sharded_run_plus_merge_equals_single_run(setup, single_run, monkeypatch
     assert out.read_bytes() == single.read_bytes()
 
 
-def test_resume_after_kill_gives_identical_output(setup, single_run):
+@pytest.fixture
+def slow_chunks_cli():
+    """``slow_chunks_cli(seconds)``: the argv prefix of a ``boxcaseg`` CLI subprocess whose
+    proxy run sleeps ``seconds`` after each saved chunk (the library hook
+    ``boxcaseg.proxy.post.on_chunk_written``, installed by a tiny launcher before the CLI
+    runs: monkeypatching cannot reach a subprocess that the test kills)."""
+
+    def prefix(seconds: float) -> list[str]:
+        code = ("import time; import boxcaseg.proxy.post as post; "
+                f"post.on_chunk_written = lambda chunk: time.sleep({float(seconds)!r}); "
+                "from boxcaseg.cli import main; main()")
+        return [sys.executable, "-c", code]
+
+    return prefix
+
+
+def test_resume_after_kill_gives_identical_output(setup, single_run, slow_chunks_cli):
     single, _ = single_run
     out = setup["dir"] / "resume" / "proxy.json"
-    cmd = [sys.executable, "-m", "boxcaseg", "proxy", "--engine", "onnx", "--model", str(setup["onnx"]),
-           "--ann", str(setup["ann"]), "--images", str(setup["images"]), "-o", str(out),
-           "--batch-size", "4", "--checkpoint-every", "3", "--workers", "1", "--no-progress", "--merge"]
-    env = dict(os.environ, BOXCASEG_PROXY_TEST_CHUNK_DELAY="1.5")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = ["proxy", "--engine", "onnx", "--model", str(setup["onnx"]),
+            "--ann", str(setup["ann"]), "--images", str(setup["images"]), "-o", str(out),
+            "--batch-size", "4", "--checkpoint-every", "3", "--workers", "1", "--no-progress", "--merge"]
+    cmd = [sys.executable, "-m", "boxcaseg", *args]
+    proc = subprocess.Popen(slow_chunks_cli(1.5) + args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = out.parent / "proxy.json.progress" / "shard-0-of-1"
     deadline = time.time() + 120
     while not list(progress.glob("chunk-*.json")):

@@ -3,15 +3,19 @@ kernels release the GIL): per batch, probability maps -> box-local masks
 (:func:`~boxcaseg.proxy.postprocess.masks_from_probs`); at each chunk's end, merge +
 drop per image, RLE, and the chunk's results saved atomically to the
 :class:`~boxcaseg.proxy.shards.ProgressStore`.
+
+:data:`on_chunk_written` is a hook called with the chunk index after each saved chunk
+(None: nothing; the kill-and-resume test sets it to widen its window).
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from boxcaseg.masks import empty_rle
@@ -19,8 +23,8 @@ from boxcaseg.proxy.coco import ImageTask
 from boxcaseg.proxy.config import ProxyConfig
 from boxcaseg.proxy.shards import ProgressStore, empty_stats
 
-# seconds to sleep after each saved chunk; set by the kill-and-resume test only
-_TEST_CHUNK_DELAY = float(os.environ.get("BOXCASEG_PROXY_TEST_CHUNK_DELAY", "0") or 0)
+# called with the chunk index after each chunk file is saved (in the post thread)
+on_chunk_written: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -147,5 +151,5 @@ class PostThread(threading.Thread):
         payload = {"chunk": c, "image_ids": [t.image_id for t in self.chunks[c]], "results": results, "stats": st}
         self.store.save(c, payload)
         self.on_done(not_inferred)
-        if _TEST_CHUNK_DELAY:
-            time.sleep(_TEST_CHUNK_DELAY)  # tests only: widens the window for kill-and-resume
+        if on_chunk_written is not None:
+            on_chunk_written(c)
