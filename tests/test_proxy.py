@@ -126,6 +126,20 @@ def test_sharded_run_plus_merge_equals_single_run(setup, single_run, monkeypatch
     assert out.read_bytes() == single.read_bytes()
 
 
+def test_cli_merge_shards_joins_shard_files(setup, single_run, capsys):
+    """`boxcaseg proxy --merge-shards` (no --images): the shard files of --shard K/N runs -> OUT."""
+    from conftest import run_cli
+
+    single, _ = single_run
+    out = setup["dir"] / "cli_shards" / "proxy.json"
+    for k in range(2):
+        generate_proxy(cfg_for(setup, out, shard=f"{k}/2"))
+    assert not out.exists()
+    assert run_cli(["proxy", "--merge-shards", "--ann", str(setup["ann"]), "-o", str(out)]) == 0
+    assert "merged 2 shards" in capsys.readouterr().out
+    assert out.read_bytes() == single.read_bytes()
+
+
 @pytest.fixture
 def slow_chunks_cli():
     """``slow_chunks_cli(seconds)``: the argv prefix of a ``boxcaseg`` CLI subprocess whose

@@ -29,13 +29,13 @@ def proxy_command(
     checkpoint_every: int = typer.Option(256, "--checkpoint-every", help="Save progress every N images (resume by rerunning the command)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="A missing/corrupt image flags its annotations instead of stopping."),
     strict: bool = typer.Option(False, "--strict", help="A degenerate box stops the run instead of being flagged."),
-    merge: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json) into OUT."),
+    join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="Device of --engine torch (default: cuda when available)."),
 ) -> None:
     """Turn every non-crowd box of a COCO json into a proxy mask, and flag (ignore_mask)
     masks whose tight box disagrees with the GT box; --merge also applies the paper's
-    smaller-object-wins merge.
+    smaller-object-wins merge. --merge-shards joins the shard files of --shard K/N runs.
 
     Without --model the model shipped with boxcaseg runs. The inference settings
     (size, context, threshold, prior weight, alpha) default to the ones the model
@@ -64,7 +64,7 @@ def proxy_command(
             raise BoxcasegError(f"-o {out}: with --format {fmt} the output is a folder, not a .json file")
         folder, out = out, out / "boxcaseg-proxy.json"
         folder.mkdir(parents=True, exist_ok=True)
-    if merge:
+    if join_shards:
         s = merge_shards(ann, out)
         con.print(f"[green]merged[/] {s['shards']} shards into {s['output']}: {s['instances']} instances, "
                   f"{s['flagged']} flagged ignore_mask")
