@@ -144,12 +144,12 @@ def test_cli_merge_shards_joins_shard_files(setup, single_run, capsys):
 def slow_chunks_cli():
     """``slow_chunks_cli(seconds)``: the argv prefix of a ``boxcaseg`` CLI subprocess whose
     proxy run sleeps ``seconds`` after each saved chunk (the library hook
-    ``boxcaseg.proxy.post.on_chunk_written``, installed by a tiny launcher before the CLI
+    ``boxcaseg.proxy.chunk_writer.on_chunk_written``, installed by a tiny launcher before the CLI
     runs: monkeypatching cannot reach a subprocess that the test kills)."""
 
     def prefix(seconds: float) -> list[str]:
-        code = ("import time; import boxcaseg.proxy.post as post; "
-                f"post.on_chunk_written = lambda chunk: time.sleep({float(seconds)!r}); "
+        code = ("import time; import boxcaseg.proxy.chunk_writer as chunk_writer; "
+                f"chunk_writer.on_chunk_written = lambda chunk: time.sleep({float(seconds)!r}); "
                 "from boxcaseg.cli import main; main()")
         return [sys.executable, "-c", code]
 

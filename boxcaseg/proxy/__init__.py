@@ -3,7 +3,7 @@
 - :func:`generate_proxy` (:class:`ProxyConfig` -> summary): the batched, sharded,
   resumable run (:mod:`~boxcaseg.proxy.pipeline`; its options
   :mod:`~boxcaseg.proxy.config`, decoding workers :mod:`~boxcaseg.proxy.decode`,
-  post-processing thread :mod:`~boxcaseg.proxy.post`);
+  post-processing thread :mod:`~boxcaseg.proxy.chunk_writer`);
 - :func:`merge_shards` joins shard files (:mod:`~boxcaseg.proxy.shards`: shards,
   progress chunks, shard files);
 - :func:`generate_proxy_torchrun` runs one shard per torchrun rank and rank 0 joins them

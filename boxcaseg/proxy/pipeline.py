@@ -10,7 +10,7 @@ Flow (one shard):
 3. the main process packs crops of consecutive images into batches of exactly
    ``batch_size`` (the last batch of a chunk is padded, so every sample is always
    computed in a batch of the same size) and runs the engine;
-4. a post-processing thread (:mod:`boxcaseg.proxy.post`) overlaps with inference: maps ->
+4. a post-processing thread (:mod:`boxcaseg.proxy.chunk_writer`) overlaps with inference: maps ->
    box-local masks; at the end of each chunk, merge + drop per image, RLE, and the
    chunk's results written atomically;
 5. the finished run writes the output json (or the shard file,
@@ -35,7 +35,7 @@ from boxcaseg.paths import check_image_paths
 from boxcaseg.proxy.coco import apply_results, build_tasks, validate_coco
 from boxcaseg.proxy.config import ProxyConfig, fingerprint, resolve_proxy_config, run_info
 from boxcaseg.proxy.decode import decoded_stream
-from boxcaseg.proxy.post import PostThread, Timers
+from boxcaseg.proxy.chunk_writer import PostThread, Timers
 from boxcaseg.proxy.shards import ProgressStore, Shard, progress_dir, stats_summary, write_shard_file
 
 log = logging.getLogger(__name__)
