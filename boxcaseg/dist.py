@@ -45,24 +45,39 @@ def init_from_env() -> bool:
     return True
 
 
+def local_rank() -> int:
+    """This process's index on its machine: ``LOCAL_RANK`` under torchrun (set before any
+    process group exists), else 0."""
+    if is_distributed() or env_rank_world()[1] > 1:
+        return int(os.environ.get("LOCAL_RANK", 0))
+    return 0
+
+
 def resolve_device(name: str, setting: str = "device") -> torch.device:
     """A device setting ("auto", "cpu", "cuda", "cuda:K") as a torch device.
 
-    "auto": this process's GPU when CUDA is available (``LOCAL_RANK``'s under torchrun,
-    else GPU 0), otherwise the CPU. A CUDA name without CUDA is a one-line error.
+    "auto": this process's GPU when CUDA is available, otherwise the CPU; "cuda": this
+    process's GPU. This process's GPU is ``LOCAL_RANK``'s under torchrun (one GPU per
+    rank), else GPU 0; "cuda:K" picks one by hand. A CUDA name without CUDA, or a K the
+    machine does not have, is a one-line error naming ``setting``.
     """
     from boxcaseg.errors import BoxcasegError
 
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0)
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BoxcasegError(f"{setting}={name!r} but no CUDA device is available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise BoxcasegError(f"{setting}={name!r}: {str(e).splitlines()[0]}") from e
+    if device.type == "cuda":
+        index = local_rank() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise BoxcasegError(f"{setting}={name!r}: GPU {index} asked for, this machine has "
+                                f"{torch.cuda.device_count()}")
+        device = torch.device("cuda", index)
+    return device
 
 
 def barrier() -> None:

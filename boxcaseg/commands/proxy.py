@@ -31,7 +31,7 @@ def proxy_command(
     strict: bool = typer.Option(False, "--strict", help="A degenerate box stops the run instead of being flagged."),
     join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    device: Optional[str] = typer.Option(None, "--device", help="Device of --engine torch (default: cuda when available)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where every engine runs: cpu, cuda (this rank's GPU: LOCAL_RANK under torchrun, else GPU 0) or cuda:K (default: cuda when available)."),
 ) -> None:
     """Turn every non-crowd box of a COCO json into a proxy mask, and flag (ignore_mask)
     masks whose tight box disagrees with the GT box; --merge also applies the paper's

@@ -35,7 +35,7 @@ def segment_command(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Foreground threshold (default: the model's setting)."),
     prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Soft-ellipse prior weight (default: the model's setting)."),
     merge: bool = typer.Option(False, "--merge", help="A pixel claimed by several boxes goes to the smallest (default: each box its own mask)."),
-    device: Optional[str] = typer.Option(None, "--device", help="Device of the torch engine (cpu, cuda, cuda:K)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where the engine runs: cpu, cuda or cuda:K (default: cuda when available)."),
 ) -> None:
     """Masks for the given boxes of one image, with the shipped model unless --model says otherwise.
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from boxcaseg.dist import resolve_device
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.export.ort import import_onnxruntime, onnxruntime_available
 
@@ -60,7 +61,7 @@ class TorchEngine:
             torch.set_num_threads(threads)
         model, cfg = load_checkpoint_model(str(path))
         self.infer_size = int(cfg.model.infer_size)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto", "--device")  # this rank's GPU under torchrun
         with torch.no_grad():
             self.module = ProxyExportModel(model, self.infer_size).eval().to(self.device)
         self.output_stride = int(self.module.stride)
@@ -75,23 +76,30 @@ class TorchEngine:
             return self.module(x).float().cpu().numpy()
 
 
-def onnx_providers(cache_dir: str | Path | None = None) -> list:
+def onnx_providers(cache_dir: str | Path | None = None, device: str | None = None,
+                   available: list[str] | None = None) -> list:
     """ONNX Runtime providers to use, best first: TensorRT, CUDA, CPU (what is installed).
 
     ``onnxruntime-gpu`` brings the CUDA (and, with TensorRT libraries, the TensorRT)
-    provider; the plain ``onnxruntime`` package has the CPU provider only. The TensorRT
-    provider runs in fp16 and caches its engines in ``cache_dir``.
+    provider; the plain ``onnxruntime`` package has the CPU provider only. The GPU
+    providers run on ``device`` (:func:`boxcaseg.dist.resolve_device`: this rank's GPU
+    under torchrun, "cuda:K" by hand; "cpu" keeps ONNX Runtime on the CPU). The TensorRT
+    provider runs in fp16 and caches its engines in ``cache_dir``. ``available``: the
+    providers to choose from (default: what ONNX Runtime has).
     """
-    ort = import_onnxruntime()
-    avail = ort.get_available_providers()
+    if available is None:
+        available = import_onnxruntime().get_available_providers()
     providers: list = []
-    if "TensorrtExecutionProvider" in avail:
-        opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True}
-        if cache_dir is not None:
-            opts["trt_engine_cache_path"] = str(cache_dir)
-        providers.append(("TensorrtExecutionProvider", opts))
-    if "CUDAExecutionProvider" in avail:
-        providers.append("CUDAExecutionProvider")
+    gpu = {"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(available)
+    if gpu and device != "cpu":
+        device_id = resolve_device(device or "cuda", "--device").index
+        if "TensorrtExecutionProvider" in gpu:
+            opts = {"device_id": device_id, "trt_fp16_enable": True, "trt_engine_cache_enable": True}
+            if cache_dir is not None:
+                opts["trt_engine_cache_path"] = str(cache_dir)
+            providers.append(("TensorrtExecutionProvider", opts))
+        if "CUDAExecutionProvider" in gpu:
+            providers.append(("CUDAExecutionProvider", {"device_id": device_id}))
     providers.append("CPUExecutionProvider")
     return providers
 
@@ -101,7 +109,8 @@ class OnnxEngine:
 
     kind = "onnx"
 
-    def __init__(self, path: str | Path, providers: list | None = None, threads: int = 0):
+    def __init__(self, path: str | Path, providers: list | None = None, threads: int = 0,
+                 device: str | None = None):
         from boxcaseg.export.onnx_export import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
 
         ort = import_onnxruntime()
@@ -116,7 +125,7 @@ class OnnxEngine:
         opts.log_severity_level = 3
         try:
             cache = Path(path).with_name(Path(path).stem + ".ort-trt-cache")
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers or onnx_providers(cache))
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers or onnx_providers(cache, device))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise BoxcasegError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from e
         self.input_name, self.output_name = INPUT_NAME, OUTPUT_NAME
@@ -134,7 +143,7 @@ class TrtEngine:
 
     kind = "trt"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, device: str | None = None):
         import torch
 
         from boxcaseg.export.tensorrt import import_tensorrt, read_trt_metadata
@@ -145,6 +154,8 @@ class TrtEngine:
         self.infer_size = int(meta["boxcaseg.infer_size"])
         self.output_stride = int(meta.get("boxcaseg.output_stride", 4))
         self.max_batch = int(meta.get("tensorrt.max_batch", 1))
+        self.device = resolve_device(device or "cuda", "--device")  # this rank's GPU under torchrun
+        torch.cuda.set_device(self.device)  # TensorRT deserialises onto the current device
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
@@ -154,8 +165,7 @@ class TrtEngine:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.device = torch.device("cuda")
-        self.stream = torch.cuda.Stream()
+        self.stream = torch.cuda.Stream(self.device)
         self.description = f"trt (TensorRT {trt.__version__}, fp16={meta.get('tensorrt.fp16')})"
 
     def _run(self, x) -> np.ndarray:
@@ -193,22 +203,21 @@ def load_engine(kind: str, path: str | Path, threads: int = 0, device: str | Non
     if kind == "torch":
         return TorchEngine(path, device=device, threads=threads)
     if kind == "onnx":
-        return OnnxEngine(path, threads=threads)
+        return OnnxEngine(path, threads=threads, device=device)
     if kind == "trt":
-        return TrtEngine(path)
+        return TrtEngine(path, device=device)
     raise BoxcasegError(f"unknown engine {kind!r} (choose from {', '.join(ENGINE_KINDS)})")
 
 
 def engine_device(kind: str, device: str | None = None) -> str:
-    """Where ``kind`` will run (part of a proxy run's fingerprint): a provider or a device."""
+    """Where ``kind`` will run (part of a proxy run's fingerprint): a provider or a device
+    type; never a GPU index, so that ranks on different GPUs write joinable shards."""
     if kind == "onnx":
-        first = onnx_providers()[0]
+        first = onnx_providers(device=device)[0]
         return first[0] if isinstance(first, tuple) else first
     if kind == "trt":
         return "cuda"
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(device or "auto", "--device").type
 
 
 @dataclass

@@ -39,7 +39,7 @@ class ProxyConfig:
     skip_bad: bool = False           # a missing/corrupt image flags its annotations instead of stopping
     strict: bool = False             # a degenerate box stops the run instead of being flagged
     progress: bool = True            # rich progress bar
-    device: str | None = None        # torch engine device (default: cuda when available)
+    device: str | None = None        # every engine's device (default: this rank's GPU when CUDA is there)
 
     def check(self) -> None:
         from boxcaseg.export.engines import ENGINE_KINDS
