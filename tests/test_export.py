@@ -221,3 +221,41 @@ def test_bad_model_files_give_one_clear_line(exported, tmp_path):
         load_engine("trt", garbage)
     with pytest.raises(BoxcasegError, match="not found"):
         load_engine("onnx", tmp_path / "missing.onnx")
+
+
+def test_int8_graph_keeps_metadata_and_answers(tmp_path):
+    """--int8: a QDQ graph, smaller, with the float32 graph's metadata (+ how it was made),
+    calibrated on crops cut as the proxy cuts them, answering within a few percent."""
+    from boxcaseg.data.synthetic import make_synthetic_dataset
+    from boxcaseg.export.quantize import calibration_crops, quantize_onnx
+
+    syn = make_synthetic_dataset(tmp_path / "syn", n_images=16, n_salient=0, seed=3)
+    ckpt = tiny_checkpoint(tmp_path / "c.pt", seed=4)
+    rep = export_onnx(ckpt, tmp_path / "m.onnx")
+    crops = calibration_crops(syn.ann_file, syn.image_dir, S, 1.2, 20, seed=1)
+    assert crops.shape == (20, 3, S, S) and crops.dtype == np.uint8
+    again = calibration_crops(syn.ann_file, syn.image_dir, S, 1.2, 20, seed=1)
+    assert np.array_equal(crops, again)  # seeded
+    q = quantize_onnx(rep.onnx_path, tmp_path / "m.int8.onnx", crops)
+    proto = onnx.load(str(q))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert q.stat().st_size < rep.onnx_path.stat().st_size
+    meta, meta32 = read_onnx_metadata(q), read_onnx_metadata(rep.onnx_path)
+    ours = {k: v for k, v in meta.items() if k.startswith("boxcaseg.") and k != "boxcaseg.quantization"}
+    assert ours == {k: v for k, v in meta32.items() if k.startswith("boxcaseg.")}
+    assert "int8" in meta["boxcaseg.quantization"] and "20 crops" in meta["boxcaseg.quantization"]
+    assert len(calibration_crops(syn.ann_file, syn.image_dir, S, 1.2, 10_000)) < 10_000  # all there are
+    x = crops[:8]
+    p32 = load_engine("onnx", rep.onnx_path).predict(x)
+    p8 = load_engine("onnx", q).predict(x)
+    assert p8.shape == p32.shape
+    assert float(np.abs(p8 - p32).mean()) < 0.03
+
+
+def test_int8_needs_calibration_boxes(tmp_path, capsys):
+    from conftest import run_cli
+
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "m.onnx"), "--int8"]) == 2
+    assert "--int8 needs --calib-ann and --calib-images" in capsys.readouterr().err

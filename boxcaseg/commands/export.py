@@ -22,6 +22,12 @@ def export_command(
     alpha: Optional[float] = typer.Option(
         None, "--alpha", help="Fusion weight alpha*salient + (1-alpha)*transferred (default: the checkpoint's "
         "model.alpha, 0.7 in the paper; 1 = salient head alone)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write an int8 graph for CPUs (OUT with suffix .int8.onnx; "
+                              "ONNX Runtime static quantization calibrated on crops of --calib-ann's boxes)."),
+    calib_ann: Optional[Path] = typer.Option(None, "--calib-ann", help="COCO json whose boxes calibrate --int8 "
+                                             "(training boxes, not the set you measure on)."),
+    calib_images: Optional[Path] = typer.Option(None, "--calib-images", help="Image folder of --calib-ann."),
+    calib_crops: int = typer.Option(256, "--calib-crops", help="How many crops calibrate --int8."),
 ) -> None:
     """Export the proxy-mask inference graph: backbone + salient and transferred heads.
 
@@ -29,6 +35,9 @@ def export_command(
     the end. Input [B, 3, S, S] float32 RGB 0..255 (S = the checkpoint's model.infer_size,
     dynamic B); output [B, 1, S/4, S/4] probabilities. Checked with onnx.checker and
     against PyTorch with ONNX Runtime.
+
+    --int8 also writes an int8 graph for CPUs (bench/int8.py measures speed and masks
+    against float32).
 
     Example: boxcaseg export runs/cpu/last.pt -o model.onnx
     """
@@ -41,6 +50,10 @@ def export_command(
         raise BoxcasegError("--fp16 applies to the TensorRT engine: add --trt")
     if tta not in ("none", "flip"):
         raise BoxcasegError(f"--tta {tta!r}: choose none or flip")
+    if int8 and not (calib_ann and calib_images):
+        raise BoxcasegError("--int8 needs --calib-ann and --calib-images (boxes to calibrate on)")
+    if int8 and calib_crops < 1:
+        raise BoxcasegError(f"--calib-crops {calib_crops}: must be at least 1")
     from boxcaseg import weights
 
     ckpt = weights.pretrained_path() if weights.is_alias(ckpt) else Path(ckpt)
@@ -58,6 +71,16 @@ def export_command(
         + (f", {rep.bn_left} left" if rep.bn_left else "") + f"; exporter {rep.exporter}")
     if rep.engine_path:
         con.print(f"[green]wrote[/] {rep.engine_path} (TensorRT, batch 1..{max_batch}, fp16={fp16})")
+    if int8:
+        from boxcaseg.export.onnx_export import read_onnx_metadata
+        from boxcaseg.export.quantize import calibration_crops, quantize_onnx
+
+        meta = read_onnx_metadata(rep.onnx_path)
+        crops = calibration_crops(calib_ann, calib_images, rep.infer_size, float(meta.get("boxcaseg.context", 1.0)),
+                                  calib_crops)
+        q = quantize_onnx(rep.onnx_path, Path(out).with_suffix(".int8.onnx"), crops)
+        con.print(f"[green]wrote[/] {q}: int8 ({q.stat().st_size / 1e6:.1f} MB, float32 {rep.onnx_path.stat().st_size / 1e6:.1f} MB), "
+                  f"calibrated on {len(crops)} crops of {calib_ann}")
 
 
 def register(app: typer.Typer) -> None:
