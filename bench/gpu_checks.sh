@@ -4,7 +4,9 @@
 #   2. bench/mil_kernel.py on CUDA: Triton vs the published formulation, torch, torch.compile,
 #      the copy bandwidth, and a sweep of Triton tile shapes;
 #   3. bench/train_throughput.py: joint-training patches/s, Triton vs torch loss backend;
-#   4. bench/proxy_throughput.py: the proxy pipeline with the torch engine on the GPU.
+#   4. bench/proxy_throughput.py: the proxy pipeline with the torch engine on the GPU;
+#   5. with two GPUs or more: one GPU per rank under torchrun (each rank's engine on
+#      LOCAL_RANK's GPU and memory on no other), then a 2-rank proxy run with --merge-shards.
 # Usage (repo root, on the GPU machine):  bash bench/gpu_checks.sh [LOG_DIR]
 # Data: $BOXCASEG_DATA/coco-train (steps 3-4 skip without it). TensorRT is not needed here.
 set -u
@@ -33,4 +35,27 @@ if [ -f "${BOXCASEG_DATA:-../shared/data}/coco-train/instances.json" ]; then
     --limit-images 120 --workers 8 --batch-size 64
 else
   echo "no coco-train under BOXCASEG_DATA: training and proxy throughput skipped"
+fi
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  cat > "$LOG/rank_device.py" <<'PYEOF'
+import os
+import torch
+from boxcaseg import weights
+from boxcaseg.export.engines import load_engine
+e = load_engine("torch", weights.pretrained_path())
+e.predict(torch.zeros(4, 3, e.infer_size, e.infer_size))
+used = [i for i in range(torch.cuda.device_count()) if torch.cuda.memory_allocated(i) > 0]
+local = int(os.environ["LOCAL_RANK"])
+ok = e.device == torch.device("cuda", local) and used == [local]
+print(f"rank {os.environ['RANK']}: engine on {e.device}, memory on GPUs {used}: {'OK' if ok else 'WRONG'}")
+raise SystemExit(0 if ok else 1)
+PYEOF
+  TAIL=4 step rank_device 120 $PY -m torch.distributed.run --standalone --nproc-per-node 2 "$LOG/rank_device.py"
+  if [ -f "${BOXCASEG_DATA:-../shared/data}/coco-val/instances.json" ]; then
+    V=${BOXCASEG_DATA:-../shared/data}/coco-val
+    TAIL=6 step proxy_2gpu 180 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m boxcaseg proxy \
+      --ann "$V/instances.json" --images "$V/images" -o "$LOG/proxy_2gpu.json" --engine torch --no-progress
+  fi
+else
+  echo "one GPU: the 2-GPU device-per-rank check skipped"
 fi

@@ -65,7 +65,7 @@ class TorchEngine:
         with torch.no_grad():
             self.module = ProxyExportModel(model, self.infer_size).eval().to(self.device)
         self.output_stride = int(self.module.stride)
-        self.description = f"torch ({self.device.type}, {cfg.model.backbone})"
+        self.description = f"torch ({self.device}, {cfg.model.backbone})"
 
     def predict(self, batch: Any) -> np.ndarray:
         import torch
