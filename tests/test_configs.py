@@ -232,3 +232,14 @@ def test_pretrained_resnet_without_network_stops_with_one_line(monkeypatch, tmp_
     msg = e.value.one_line()
     assert msg == str(e.value)  # one line already
     assert "could not fetch" in msg and "resnet18-f37072fd.pth" in msg and "model.backbone_weights = FILE" in msg
+
+
+def test_boxes_only_note_says_what_learns():
+    """The boxes-only line tells which heads still learn, by the config's loss weights."""
+    from boxcaseg.commands.train import boxes_only_note
+
+    cpu = load_config("cpu").train
+    assert cpu.fused_mil_weight > 0
+    assert "only from the box terms on the fused map" in boxes_only_note(cpu)
+    cpu.fused_mil_weight = cpu.pairwise_weight = 0.0
+    assert "learn nothing new" in boxes_only_note(cpu)

@@ -53,9 +53,7 @@ def train_command(
         adopt_init_model(cfg, init_from)
     apply_overrides(cfg, list(set_))
     if dist.is_main() and not cfg.data.salient_dir and cfg.data.box_ann:
-        Console().print("[yellow]boxes only[/] (no data.salient_dir): no pixel loss; the salient head and the "
-                        "transfer MLP learn nothing new, only the box-supervised (MIL, smoothness, pairwise) "
-                        "losses train the network.")
+        Console().print(f"[yellow]boxes only[/] (no data.salient_dir): {boxes_only_note(cfg.train)}")
     if skip_bad:
         cfg.data.skip_bad = True
     if strict:
@@ -69,6 +67,16 @@ def train_command(
             f"[green]done[/]: {res.iters} iterations, loss {res.first_loss:.4f} -> {res.last_loss:.4f}, "
             f"{res.images_per_s:.1f} img/s; checkpoint {res.out_dir / 'last.pt'}, metrics {res.out_dir / 'metrics.jsonl'}")
     dist.cleanup()
+
+
+def boxes_only_note(t) -> str:
+    """What training without a salient set means, for this config's losses."""
+    if t.fused_mil_weight > 0 or t.pairwise_weight > 0:
+        return ("no pixel loss: no salient mask teaches object shapes. The weak head and the backbone learn "
+                "from MIL + smoothness; the salient head and the transfer MLP only from the box terms on the "
+                "fused map (fused MIL, pairwise).")
+    return ("no pixel loss: the salient head and the transfer MLP learn nothing new; MIL + smoothness "
+            "train the weak head and the backbone.")
 
 
 def adopt_init_model(cfg, init_from: str) -> None:
