@@ -403,3 +403,16 @@ def test_no_merge_keeps_each_box_own_mask(setup, tmp_path):
     for merge in (True, False):  # ignore_mask follows the agreement and --drop-thresh (0.95) in both modes
         for _mask, agreement, ignore in res[merge].values():
             assert ignore == (agreement < 0.95)
+
+
+def test_summary_times_every_stage_after_a_warm_up(single_run):
+    """Per-stage times (warm-up kept out of the steady-state clock) that add up: the post
+    thread's parts within its total, the steady rate at least the whole run's."""
+    _, s = single_run
+    t = s["timings"]
+    stages = ("warmup", "decode", "wait", "pack", "inference", "post", "masks", "write", "steady")
+    assert set(stages) <= set(t) and all(t[k] >= 0 for k in stages)
+    assert t["warmup"] > 0 and t["inference"] > 0 and t["steady"] > 0
+    assert t["masks"] + t["write"] <= t["post"] + 1e-3
+    assert t["steady"] + t["warmup"] <= s["seconds"] + 1e-3
+    assert s["steady_instances_per_s"] >= s["instances_per_s"] > 0

@@ -95,7 +95,11 @@ def proxy_command(
         f"{s['masks']} masks; flagged ignore_mask {s['flagged']} (agreement < {drop_thresh}: {s['low_agreement']}, "
         f"degenerate boxes: {s['degenerate']}, in {s['bad_images']} bad images: {s['bad_image_annotations']}); "
         f"empty masks {s['empty_masks']}; mean agreement {s['mean_agreement']:.3f}; crowd left as is {s['crowd']}")
-    con.print(f"{speed} over {s['seconds']:.1f} s; time shares {shares}; resumed chunks {s['resumed_chunks']}/{s['chunks']}")
+    steady = f" ({s['steady_instances_per_s']:.1f} after a {t['warmup']:.1f} s warm-up)" if s.get("steady_instances_per_s") else ""
+    con.print(f"{speed}{steady} over {s['seconds']:.1f} s; time shares {shares}; resumed chunks {s['resumed_chunks']}/{s['chunks']}")
+    if t.get("steady"):
+        con.print("stages (s): " + ", ".join(f"{k} {t[k]:.2f}" for k in ("warmup", "decode", "wait", "pack", "inference",
+                                                                            "post", "masks", "write")))
     if "merged" in s:
         m = s["merged"]
         con.print(f"[green]rank 0 merged[/] {m['shards']} shards into {m['output']}")

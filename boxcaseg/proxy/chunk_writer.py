@@ -29,10 +29,15 @@ on_chunk_written: Callable[[int], None] | None = None
 
 @dataclass
 class Timers:
+    warmup: float = 0.0      # engine load, its first batch and the Numba kernels' compilation (before the clock)
     decode: float = 0.0      # worker time: read + decode + crop + resize (summed over workers)
     wait: float = 0.0        # main process waiting for decoded images
-    inference: float = 0.0   # engine.predict
-    post: float = 0.0        # resize/threshold, merge/drop, RLE, chunk writes (post thread)
+    pack: float = 0.0        # crops copied into the fixed-size input batch
+    inference: float = 0.0   # engine.predict (host-to-device, the network, device-to-host)
+    post: float = 0.0        # post thread, all of it: masks, merge/drop, RLE, chunk files
+    masks: float = 0.0       # ... of which maps -> box-local masks (resize, prior, threshold)
+    write: float = 0.0       # ... of which chunk files (merge/drop, RLE, atomic save)
+    steady: float = 0.0      # wall time of the run after the warm-up (steady_instances_per_s's clock)
 
 
 
@@ -88,8 +93,10 @@ class PostThread(threading.Thread):
             crops = np.stack([t.crops[s] for t, s in refs])
             boxes = np.stack([t.boxes[s] for t, s in refs])
             gt = np.stack([t.gt_xyxy[s] for t, s in refs])
+            t0 = time.perf_counter()
             masks = masks_from_probs(probs, crops, boxes, self.cfg.threshold, self.cfg.relative, self.size, self.stride,
                                      gt, self.cfg.prior_weight)
+            self.timers.masks += time.perf_counter() - t0
             for (t, s), m in zip(refs, masks):
                 self.masks.setdefault(t.index, [None] * len(t.crops))[s] = m
             self.on_done(len(refs))
@@ -97,7 +104,9 @@ class PostThread(threading.Thread):
             _, t, why = item
             self.bad[t.index] = why
         elif kind == "end":
+            t0 = time.perf_counter()
             self._finish_chunk(item[1])
+            self.timers.write += time.perf_counter() - t0
 
     def _finish_chunk(self, c: int) -> None:
         from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop

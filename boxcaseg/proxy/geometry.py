@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 
 Window = tuple[int, int, int, int]  # x0, y0, x1, y1 (pixel edges, x1/y1 exclusive)
 

@@ -73,7 +73,8 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
 
     Summary keys: images, instances, masks, flagged, low_agreement, empty_masks,
     degenerate, bad_images, bad_image_annotations, crowd, mean_agreement, seconds,
-    instances_per_s, chunks, resumed_chunks, timings {decode, wait, inference, post},
+    instances_per_s, steady_instances_per_s (after the warm-up, the run's own decoding to writing),
+    chunks, resumed_chunks, timings {warmup, decode, wait, pack, inference, post, masks, write},
     shard, output, engine.
     """
     from boxcaseg.export.engines import load_engine
@@ -97,7 +98,9 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
     timers = Timers()
     engine_desc = cfg.engine
     if pending:
+        t_run = time.perf_counter()
         engine_desc = _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, load_engine, paths)
+        timers.steady = time.perf_counter() - t_run - timers.warmup
 
     stats, results = store.collect([[t.image_id for t in chunk] for chunk in chunks])
     seconds = time.perf_counter() - t_start
@@ -121,6 +124,8 @@ def _summary(stats, n_images, shard, chunks, pending, timers, seconds, data, eng
         "crowd": sum(1 for a in data["annotations"] if a.get("iscrowd", 0)),
         "seconds": round(seconds, 3),
         "instances_per_s": round(stats["masks"] / seconds, 2) if seconds > 0 and pending else None,
+        "steady_instances_per_s": (round(stats["masks"] / timers.steady, 2)
+                                   if timers.steady > 0 and pending else None),
         "chunks": len(chunks),
         "resumed_chunks": len(chunks) - len(pending),
         "timings": {k: round(v, 3) for k, v in asdict(timers).items()},
@@ -130,13 +135,27 @@ def _summary(stats, n_images, shard, chunks, pending, timers, seconds, data, eng
     return s
 
 
+def _warm_up(engine, cfg, size: int) -> None:
+    """One batch through the engine and the mask kernels (their compilation, the engine's first
+    call), so that the run's per-stage times describe the steady state."""
+    from boxcaseg.proxy.postprocess import masks_from_probs
+
+    probs = engine.predict(np.zeros((cfg.batch_size, 3, size, size), np.uint8))
+    win = np.array([[0, 0, 8, 8]], np.int64)
+    masks_from_probs(np.asarray(probs)[:1], win, win, cfg.threshold, cfg.relative, size, engine.output_stride,
+                     win.astype(np.float64), cfg.prior_weight)
+
+
 def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, load_engine, paths) -> str:
     """Decode -> batch -> infer -> post for the pending chunks; returns the engine description."""
     work = [t for c in pending for t in chunks[c] if len(t.crops)]
     stream = decoded_stream(work, paths, size, cfg.workers)  # forks before the engine's threads exist
+    t0 = time.perf_counter()
     engine = load_engine(cfg.engine, cfg.model, threads=cfg.threads, device=cfg.device)
     if engine.infer_size != size:
         raise BoxcasegError(f"{cfg.model}: engine input size {engine.infer_size} != metadata {size}")
+    _warm_up(engine, cfg, size)
+    timers.warmup += time.perf_counter() - t0
     prog, task = _make_progress(cfg.progress, total, done_before)
     post = PostThread(cfg, chunks, store, size, engine.output_stride, timers, lambda n: prog.advance(task, n))
     B = cfg.batch_size
@@ -173,10 +192,12 @@ def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, l
                     crops = item["crops"].numpy()
                     k = 0
                     while k < len(crops):
+                        t0 = time.perf_counter()
                         take = min(B - len(refs), len(crops) - k)
                         buf[len(refs):len(refs) + take] = crops[k:k + take]
                         refs.extend((t, s) for s in range(k, k + take))
                         k += take
+                        timers.pack += time.perf_counter() - t0
                         if len(refs) == B:
                             flush()
                 flush()
