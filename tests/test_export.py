@@ -259,3 +259,8 @@ def test_int8_needs_calibration_boxes(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "c.pt")
     assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "m.onnx"), "--int8"]) == 2
     assert "--int8 needs --calib-ann and --calib-images" in capsys.readouterr().err
+    out = tmp_path / "n.onnx"
+    assert run_cli(["export", str(ckpt), "-o", str(out), "--int8", "--calib-ann", str(tmp_path / "missing.json"),
+                    "--calib-images", str(tmp_path)]) == 2
+    assert "missing.json: calibration file not found" in capsys.readouterr().err
+    assert not out.exists()  # checked before anything is exported
