@@ -3,7 +3,6 @@
     python bench/model_card.py sweep --ckpt runs/pretrained/last.pt   # settings on coco-val
     python bench/model_card.py pack --ckpt runs/pretrained/last.pt --context 1.1 --threshold 0.4 --prior-weight 0.3
     python bench/model_card.py card                                    # the shipped model, no flags
-    python bench/model_card.py int8                                    # its int8 ONNX graph (CPU)
 
 ``sweep`` runs proxy masks of ``${BOXCASEG_DATA}/coco-val`` (GT boxes given) through the
 checkpoint's ONNX graph for each context x threshold x prior weight, per instance and
@@ -13,10 +12,7 @@ its config) and records its sha256 in ``boxcaseg/weights/__init__.py``. ``card``
 the shipped model exactly as ``boxcaseg proxy`` does without flags (and with
 ``--merge``), scores it with ``boxcaseg evaluate masks``'s function beside box-fill
 and the inscribed ellipse, lists the worst instances, and writes the table into
-``boxcaseg/weights/MODEL.md`` and bench/RESULTS.md (section "model_card"). ``int8``
-quantizes the shipped model's ONNX graph (``boxcaseg export --int8``'s code, 256 crops of
-coco-train boxes) into ``boxcaseg/weights/boxcaseg-lite0.int8.onnx`` and records its sha256
-(``--model pretrained-int8``; bench/int8.py measures it against float32).
+``boxcaseg/weights/MODEL.md`` and bench/RESULTS.md (section "model_card").
 """
 
 from __future__ import annotations
@@ -88,29 +84,6 @@ def pack(args) -> None:
     sha = file_sha256(dst)
     text = WEIGHTS_INIT.read_text()
     text = re.sub(r'^SHA256 = ".*?"(.*)$', f'SHA256 = "{sha}"\\1', text, count=1, flags=re.M)
-    WEIGHTS_INIT.write_text(text)
-    print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB, sha256 {sha}")
-
-
-def int8(args) -> None:
-    import tempfile
-
-    from boxcaseg import weights
-    from boxcaseg.export import export_onnx
-    from boxcaseg.export.onnx_export import file_sha256, read_onnx_metadata
-    from boxcaseg.export.quantize import calibration_crops, quantize_onnx
-
-    train = data_root() / "coco-train"
-    dst = REPO / "boxcaseg" / "weights" / weights.INT8_FILE
-    with tempfile.TemporaryDirectory() as tmp:
-        rep = export_onnx(weights.pretrained_path(), Path(tmp) / "m.onnx")
-        meta = read_onnx_metadata(rep.onnx_path)
-        crops = calibration_crops(train / "instances.json", train / "images", rep.infer_size,
-                                  float(meta["boxcaseg.context"]), args.calib_crops)
-        quantize_onnx(rep.onnx_path, dst, crops)
-    sha = file_sha256(dst)
-    text = WEIGHTS_INIT.read_text()
-    text = re.sub(r'^INT8_SHA256 = ".*?"(.*)$', f'INT8_SHA256 = "{sha}"\\1', text, count=1, flags=re.M)
     WEIGHTS_INIT.write_text(text)
     print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB, sha256 {sha}")
 
@@ -204,10 +177,8 @@ def main() -> None:
     c = sub.add_parser("card")
     c.add_argument("--out", default=str(REPO / "runs" / "card"))
     c.add_argument("--worst", type=int, default=8)
-    q = sub.add_parser("int8")
-    q.add_argument("--calib-crops", type=int, default=256)
     args = ap.parse_args()
-    {"sweep": sweep, "pack": pack, "card": card, "int8": int8}[args.cmd](args)
+    {"sweep": sweep, "pack": pack, "card": card}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -194,7 +194,7 @@ def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
     """
     from _timing import time_cpu_interleaved
 
-    from boxcaseg.data.transforms import MEAN, STD
+    from boxcaseg.imageops import MEAN, STD
     from boxcaseg.export import OnnxEngine, export_onnx
     from boxcaseg.proxy import masks_from_probs
 

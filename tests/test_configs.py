@@ -107,8 +107,7 @@ def test_the_wheel_holds_the_configs_and_the_shipped_model(tmp_path):
     (whl,) = (tmp_path / "whl").glob("boxcaseg-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
     assert {f"boxcaseg/configs/{n}.toml" for n in EXPECTED} <= names
-    assert {"boxcaseg/weights/boxcaseg-lite0.pt", "boxcaseg/weights/boxcaseg-lite0.int8.onnx",
-            "boxcaseg/weights/MODEL.md"} <= names
+    assert {"boxcaseg/weights/boxcaseg-lite0.pt", "boxcaseg/weights/MODEL.md"} <= names
     with zipfile.ZipFile(whl) as z:
         assert z.read("boxcaseg/weights/boxcaseg-lite0.pt") == (REPO / "boxcaseg/weights/boxcaseg-lite0.pt").read_bytes()
 

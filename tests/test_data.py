@@ -11,7 +11,8 @@ from PIL import Image
 from boxcaseg.data.coco import BoxPatchDataset, box_label, jitter_box
 from boxcaseg.data.transforms import crop_resize
 from boxcaseg.data.salient import SalientDataset
-from boxcaseg.data.transforms import MEAN, STD, open_rgb
+from boxcaseg.data.transforms import open_rgb
+from boxcaseg.imageops import MEAN, STD
 from boxcaseg.errors import BoxcasegError
 
 
@@ -154,7 +155,7 @@ def test_salient_box_crop(tmp_path):
 
 
 def test_denormalize_batch_inverts_normalize():
-    from boxcaseg.data.transforms import denormalize_batch, normalize
+    from boxcaseg.imageops import denormalize_batch, normalize
 
     img = np.random.default_rng(21).integers(0, 256, (9, 7, 3), dtype=np.uint8)
     back = denormalize_batch(normalize(img)[None])[0].permute(1, 2, 0).numpy()

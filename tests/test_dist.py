@@ -80,9 +80,6 @@ def test_every_engine_runs_on_its_ranks_gpu(cuda_present, monkeypatch, local_ran
 
 def test_torch_engine_opens_on_the_resolved_device(monkeypatch, tmp_path):
     """TorchEngine asks dist.resolve_device (CPU here: the call and its argument are what is checked)."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from test_export import tiny_checkpoint
 
     from boxcaseg.export import engines

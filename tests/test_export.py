@@ -178,7 +178,7 @@ def test_flip_tta_and_infer_size_override(exported, tmp_path, capsys):
     assert run_cli(["export", str(ckpt), "-o", str(a1), "--alpha", "1"]) == 0
     assert float(read_onnx_metadata(a1)["boxcaseg.alpha"]) == 1.0
     x64 = np.random.default_rng(8).integers(0, 256, (2, 3, S, S), dtype=np.uint8)
-    from boxcaseg.data.transforms import normalize_batch_uint8
+    from boxcaseg.imageops import normalize_batch_uint8
     with torch.no_grad():
         sal = torch.sigmoid(model.eval()(normalize_batch_uint8(torch.from_numpy(x64)))["salient"]).numpy()
     assert float(np.abs(load_engine("onnx", a1).predict(x64) - sal).max()) <= TOL_F32

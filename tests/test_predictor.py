@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -162,35 +161,6 @@ def test_shipped_model_loads_with_its_settings():
     st = read_model_settings("torch", weights.pretrained_path())
     assert st.infer_size == cfg.model.infer_size and st.context >= 1.0 and 0 < st.threshold < 1
     assert "coco-val" in weights.model_card()
-
-
-def test_shipped_int8_graph_is_the_shipped_model():
-    """pretrained-int8: the shipped model's int8 graph (sha256 checked), with its settings and
-    the sha256 of the checkpoint it was made from, answering like the float32 model."""
-    import onnx
-
-    from boxcaseg import weights
-    from boxcaseg.export.engines import read_model_settings, resolve_model
-    from boxcaseg.export.onnx_export import file_sha256
-    from boxcaseg.predictor import Segmenter
-
-    assert len(weights.INT8_SHA256) == 64
-    r = resolve_model("pretrained-int8")
-    assert r.kind == "onnx" and r.path == weights.pretrained_path(int8=True) and "int8" in r.label
-    assert file_sha256(r.path) == weights.INT8_SHA256
-    meta = {p.key: p.value for p in onnx.load(str(r.path), load_external_data=False).metadata_props}
-    assert meta["boxcaseg.checkpoint_sha256"] == weights.SHA256 and "int8" in meta["boxcaseg.quantization"]
-    st8, st = read_model_settings("onnx", r.path), read_model_settings("torch", weights.pretrained_path())
-    assert (st8.infer_size, st8.context, st8.threshold, st8.prior_weight, st8.alpha) == \
-        (st.infer_size, st.context, st.threshold, st.prior_weight, st.alpha)
-    rng = np.random.default_rng(0)
-    img = (rng.random((120, 160, 3)) * 60).astype(np.uint8)
-    img[30:90, 40:120] += 150  # a bright object on a dark background
-    boxes = [[40, 30, 80, 60], [10, 10, 50, 40]]
-    m8 = Segmenter("pretrained-int8").predict(img, boxes)
-    m32 = Segmenter("pretrained", engine="onnx").predict(img, boxes)
-    inter, union = (m8 & m32).sum(), (m8 | m32).sum()
-    assert union > 0 and inter / union > 0.9
 
 
 # --------------------------------------------------------------------------- Segmenter

@@ -14,7 +14,7 @@ def proxy_command(
     fmt: str = typer.Option("coco", "--format", help="coco (a COCO json with RLE masks) | yolo-seg (Ultralytics segmentation labels: one <image stem>.txt per image, one polygon per mask, classes.txt) | png (one instance-id PNG per image + instances.json)."),
     skip_flagged: bool = typer.Option(False, "--skip-flagged", help="yolo-seg / png: leave out masks flagged ignore_mask (default: written like the others; YOLO has no ignore flag and a missing label teaches a detector background)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder of --ann."),
-    model: Optional[str] = typer.Option(None, "--model", help="The model: omitted or 'pretrained' = the model shipped with boxcaseg, 'pretrained-int8' = its int8 graph (CPUs, 2x faster); else a checkpoint (last.pt), model.onnx or a TensorRT model.engine."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model: omitted or 'pretrained' = the model shipped with boxcaseg; else a checkpoint (last.pt), model.onnx or a TensorRT model.engine."),
     engine: str = typer.Option("auto", "--engine", help="auto | torch | onnx | trt. auto: by the model file; a checkpoint runs on PyTorch with a GPU, else through its ONNX graph (built once into ~/.cache/boxcaseg) on ONNX Runtime."),
     context: Optional[float] = typer.Option(None, "--context", help="Crop R x the box around its centre (1: exactly the box); masks stay inside the box. Default: the model's setting."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Foreground threshold on the probability. Default: the model's setting."),

@@ -29,7 +29,7 @@ def segment_command(
     xyxy: bool = typer.Option(False, "--xyxy", help="Boxes are x0,y0,x1,y1 instead of x,y,w,h."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Overlay PNG to write (the image at full size, each mask filled and outlined, boxes drawn)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="JSON to write: one COCO RLE (size, counts) per box, in the order given."),
-    model: Optional[str] = typer.Option(None, "--model", help="Omitted or 'pretrained': the model shipped with boxcaseg ('pretrained-int8': its int8 graph); else a checkpoint, .onnx or .engine."),
+    model: Optional[str] = typer.Option(None, "--model", help="Omitted or 'pretrained': the model shipped with boxcaseg; else a checkpoint, .onnx or .engine."),
     engine: str = typer.Option("auto", "--engine", help="auto | torch | onnx | trt."),
     context: Optional[float] = typer.Option(None, "--context", help="Crop R x the box (default: the model's setting)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Foreground threshold (default: the model's setting)."),

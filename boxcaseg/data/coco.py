@@ -25,7 +25,8 @@ from PIL import Image
 
 from boxcaseg.boxes import xywh_to_xyxy
 from boxcaseg.cocojson import check_image_file, degenerate_error, is_crowd, load_coco
-from boxcaseg.data.transforms import crop_resize, normalize, open_rgb
+from boxcaseg.data.transforms import crop_resize, open_rgb
+from boxcaseg.imageops import normalize
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import load_json
 

@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from boxcaseg.data.coco import jitter_box
-from boxcaseg.data.transforms import crop_resize, normalize, open_rgb
+from boxcaseg.data.transforms import crop_resize, open_rgb
+from boxcaseg.imageops import normalize
 from boxcaseg.errors import BoxcasegError
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,4 @@
-"""Image loading and the one crop-and-resize; the one normalisation (ImageNet mean/std) is
-:mod:`boxcaseg.imageops`'s, imported here for the data pipeline."""
+"""Image loading and the one crop-and-resize (the normalisation is :mod:`boxcaseg.imageops`'s)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.imageops import MEAN, STD, denormalize_batch, normalize, normalize_batch_uint8  # noqa: F401
+from boxcaseg.imageops import MEAN
 
 MEAN_RGB255 = tuple(int(round(m * 255)) for m in MEAN)  # fill colour for padding
 

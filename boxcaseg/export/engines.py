@@ -344,8 +344,8 @@ def cached_onnx(ckpt: Path) -> Path:
 def resolve_model(model: str | Path | None = None, engine: str = "auto", device: str | None = None) -> ResolvedModel:
     """Name a model the way users do and get what runs it.
 
-    ``model``: None or ``"pretrained"`` (the shipped model), ``"pretrained-int8"`` (its
-    int8 ONNX graph, for CPUs), a checkpoint, an ``.onnx`` file or a TensorRT plan. ``engine``: ``auto`` picks by file (a checkpoint runs on
+    ``model``: None or ``"pretrained"`` (the shipped model), a checkpoint, an ``.onnx``
+    file or a TensorRT plan. ``engine``: ``auto`` picks by file (a checkpoint runs on
     PyTorch when CUDA is there or ``device`` names it, else through its ONNX graph on
     ONNX Runtime when installed, else on PyTorch's CPU), or ``torch`` / ``onnx`` / ``trt``.
     A checkpoint asked to run on ``onnx`` is exported once into the per-user cache.
@@ -357,9 +357,6 @@ def resolve_model(model: str | Path | None = None, engine: str = "auto", device:
     if weights.is_alias(model):
         source = weights.pretrained_path()
         label = f"{weights.NAME} (shipped)"
-    elif weights.is_int8_alias(model):
-        source = weights.pretrained_path(int8=True)
-        label = f"{weights.NAME} int8 (shipped)"
     else:
         source = Path(model)
         if not source.is_file():

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from boxcaseg.data.transforms import MEAN, STD
+from boxcaseg.imageops import MEAN, STD
 from boxcaseg.export.fold import fold_batchnorms, fold_conv_bn_params
-from boxcaseg.model.boxcaseg import PROB_EPS
+from boxcaseg.model.boxcaseg import fuse
 
 
 class ProxyExportModel(nn.Module):
@@ -136,10 +136,8 @@ class ProxyExportModel(nn.Module):
         logits = self.out_conv(F.relu(hidden + self.bias1))
         if self.half_compute:
             logits = logits.float()
-        if self.prob_fusion:  # logit of alpha*p_salient + (1-alpha)*p_transferred, as the model's fuse()
-            p = self.alpha * torch.sigmoid(logits[:, :1]) + (1.0 - self.alpha) * torch.sigmoid(logits[:, 1:])
-            p = p.clamp(PROB_EPS, 1.0 - PROB_EPS)
-            logits = torch.log(p / (1.0 - p))
+        if self.prob_fusion:  # the two heads' logits blended as the training model does
+            logits = fuse(logits[:, :1], logits[:, 1:], self.alpha, "prob")
         if self.full_resolution:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
@@ -153,7 +151,7 @@ def reference_probs(model: nn.Module, x: torch.Tensor, full_resolution: bool = F
     flip_tta: the mean of the answer for ``x`` and, flipped back, for its mirror image
     (each computed on its own, unlike the export graph's single stacked pass).
     """
-    from boxcaseg.data.transforms import normalize_batch_uint8
+    from boxcaseg.imageops import normalize_batch_uint8
 
     def one(inp: torch.Tensor) -> torch.Tensor:
         fused = model.eval()(normalize_batch_uint8(inp))["fused"]

@@ -29,8 +29,7 @@ class DecodeDataset:
     def __getitem__(self, i: int) -> dict:
         import torch
 
-        from boxcaseg.data.transforms import open_rgb
-        from boxcaseg.data.transforms import crop_resize
+        from boxcaseg.data.transforms import crop_resize, open_rgb
 
         t0 = time.perf_counter()
         image_id, path, w, h, crops = self.items[i]
