@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi -L
 $PY -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__, torch.cuda.get_device_name())"
 TAIL=8 step kernels_cuda 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py
-step mil_kernel 180 $PY bench/mil_kernel.py --device cuda --n 16 64 --json --graphs \
+step mil_kernel 240 $PY bench/mil_kernel.py --device cuda --n 16 64 256 --json --graphs \
   --triton-blocks 1x128,2x128,4x128,8x64,8x128,16x64,16x128,32x32,32x64,32x128,4x256,8x256,64x64
 if [ -f "${BOXCASEG_DATA:-../shared/data}/coco-train/instances.json" ]; then
   TAIL=6 step train_throughput 150 $PY bench/train_throughput.py --device cuda --iters 60 --skip 15 \

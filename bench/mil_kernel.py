@@ -12,11 +12,17 @@ Backends, all in one run so their ratios are comparable:
 - torch      boxcaseg.kernels.mil_smooth_torch (max over one axis, shifted slices);
 - compile    torch.compile of the torch path, the whole loss in one graph;
 - numba      the fused CPU kernel (what ``backend="auto"`` runs on CPU);
-- triton     the fused Triton kernels (CUDA only).
+- triton     the fused Triton kernels (CUDA only), fed the compact bag labels uint8
+             [N, H + W] as the training loader makes them (the other rows read the mask).
 
 CPU: warm-up, then interleaved rounds, median (bench/_timing.py). GPU: do_bench median;
 also the bytes the loss must move (read the logits once, write the gradient once), the
-achieved GB/s and its ratio to a measured device-to-device copy of the same bytes.
+achieved GB/s and its ratio to a device-to-device copy of the same bytes (row ``copy``).
+``--graphs`` adds every GPU contender captured in a CUDA graph (rows ``X+graph``:
+``torch``, ``compile``, ``triton`` and the ``copy`` itself, each timed the same way), so
+that graph is compared with graph and eager with eager; the summary lines at the end
+state the issue's goals as ratios measured in this run (Triton graph time over copy
+graph time, torch.compile graph over Triton graph, original eager over Triton graph).
 ``--json`` prints, as its last line,
 ``{"device": ..., "rows": [{"backend", "n", "ms", "speedup_vs_original", "gbps"}], ...}``.
 """
@@ -43,6 +49,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from _timing import time_cpu_interleaved, time_cuda  # noqa: E402
 
 from boxcaseg.kernels.maps import NEIGHBOUR_OFFSETS  # noqa: E402
+from boxcaseg.kernels.mil_smooth_common import bag_labels  # noqa: E402
 from boxcaseg.kernels.mil_smooth_reference import (  # noqa: E402
     SMOOTH_WEIGHT,
     mil_loss_reference,
@@ -119,6 +126,37 @@ def default_blocks(h: int, w: int) -> tuple[int, int]:
     return mil_smooth_triton._default_blocks(h, w, True)
 
 
+def triton_extra_bytes(n: int, h: int, w: int) -> int:
+    """Bytes the Triton launch moves beyond the floor (logits in, gradient out), at its
+    default tile shape: bag labels read, per-tile row/column maxima and argmaxes written and
+    read back, the argmax pixels' read-modify-write, the sparse MIL values kept and the
+    per-tile / per-image partial sums. Halo re-reads (served by caches) are not counted."""
+    bh, bw = default_blocks(h, w)
+    n_rb, n_wb = -(-h // bh), -(-w // bw)
+    partial = 8 * n * (n_wb * h + n_rb * w)          # float32 max + int32 argmax, written then read
+    return (n * (h + w)                              # uint8 labels
+            + 2 * partial
+            + 2 * 4 * n * (h + w)                    # read-modify-write at each bag's argmax
+            + 12 * n * (h + w)                       # kept argmax, d, old value
+            + 2 * 4 * (n * n_rb * n_wb + n))         # partial sums written then read
+
+
+def goal_ratios(t: dict) -> dict:
+    """The issue's goals as ratios of this run's medians (present rows only)."""
+    out = {}
+    if "triton+graph" in t and "copy+graph" in t:
+        out["triton_graph_over_copy_graph"] = round(t["triton+graph"].median_ms / t["copy+graph"].median_ms, 2)
+    if "triton+graph" in t and "compile+graph" in t:
+        out["compile_graph_over_triton_graph"] = round(t["compile+graph"].median_ms / t["triton+graph"].median_ms, 2)
+    if "triton" in t and "compile" in t:
+        out["compile_eager_over_triton_eager"] = round(t["compile"].median_ms / t["triton"].median_ms, 2)
+    if "triton+graph" in t:
+        out["original_eager_over_triton_graph"] = round(t["original"].median_ms / t["triton+graph"].median_ms, 1)
+    if "triton" in t:
+        out["original_eager_over_triton_eager"] = round(t["original"].median_ms / t["triton"].median_ms, 1)
+    return out
+
+
 def make_inputs(n: int, device: str):
     gen = torch.Generator().manual_seed(n)
     x = (torch.randn(n, 1, H, W, generator=gen) * 2).to(device).requires_grad_(True)
@@ -137,20 +175,25 @@ def step_fn(loss_fn, x, m):
     return run
 
 
-def graphed_step(loss_fn, x, m):
-    """The forward + backward captured once in a CUDA graph; returns its replay. Shows the
-    device time of the kernels without Python, autograd and launch overhead."""
-    xs = x.detach().clone().requires_grad_(True)
+def graph_of(fn):
+    """``fn`` captured once in a CUDA graph (after warm-up calls on a side stream); returns
+    its replay: the device time without Python, autograd and launch overhead."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):                 # warm-up (compilation, caches) off the graph
         for _ in range(3):
-            torch.autograd.grad(loss_fn(xs, m), xs)
+            fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        torch.autograd.grad(loss_fn(xs, m), xs)
+        fn()
     return graph.replay
+
+
+def graphed_step(loss_fn, x, m):
+    """The forward + backward of ``loss_fn`` as a CUDA graph replay."""
+    xs = x.detach().clone().requires_grad_(True)
+    return graph_of(lambda: torch.autograd.grad(loss_fn(xs, m), xs))
 
 
 def first_call_in_fresh_process(backend: str, n: int, threads: int, env: dict | None = None) -> float:
@@ -195,8 +238,8 @@ def main() -> None:
                     help="GPU only: also time the Triton kernels with these tile shapes, e.g. "
                          "'8x128,16x128,32x64' (rows 'triton[BHxBW]'; the default shape is row 'triton')")
     ap.add_argument("--graphs", action="store_true",
-                    help="GPU only: also time torch and Triton captured in a CUDA graph (rows 'X+graph': "
-                         "device time without Python / autograd / launch overhead)")
+                    help="GPU only: also time torch, torch.compile, Triton and the copy captured in a CUDA "
+                         "graph (rows 'X+graph': device time without Python / autograd / launch overhead)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -224,25 +267,34 @@ def main() -> None:
                 cands[f"triton[{bh}x{bw}]"] = fused_loss("triton", (bh, bw))
         else:
             cands["numba"] = fused_loss("numba")
-        fns = {k: step_fn(f, x, m) for k, f in cands.items()}
-        if on_gpu and args.graphs:
-            for k in ("torch", "triton"):
-                try:
-                    fns[f"{k}+graph"] = graphed_step(cands[k], x, m)
-                except Exception as e:  # noqa: BLE001 - report, keep the other rows
-                    extra[f"{k}+graph_n{n}"] = f"capture failed: {type(e).__name__}: {str(e)[:200]}"
-        if on_gpu:
-            timings = {k: time_cuda(fn) for k, fn in fns.items()}
-        else:
-            timings = time_cpu_interleaved(fns, rounds=args.rounds)
+        labels = {k: m for k in cands}
+        for k in cands:
+            if k.startswith("triton"):
+                labels[k] = bag_labels(m)                  # what the training loader hands the kernels
+        fns = {k: step_fn(f, x, labels[k]) for k, f in cands.items()}
         bytes_moved = 2 * x.numel() * x.element_size()       # read logits once, write the gradient once
         copy_gbps = None
         if on_gpu:
             src = torch.empty_like(x, requires_grad=False)
             dst = torch.empty_like(src)
-            copy_ms = time_cuda(lambda: dst.copy_(src)).median_ms
-            copy_gbps = bytes_moved / copy_ms / 1e6
+            fns["copy"] = lambda: dst.copy_(src)
+        if on_gpu and args.graphs:
+            for k in [k for k in ("torch", "compile", "triton") if k in cands]:
+                try:
+                    fns[f"{k}+graph"] = graphed_step(cands[k], x, labels[k])
+                except Exception as e:  # noqa: BLE001 - report, keep the other rows
+                    extra[f"{k}+graph_n{n}"] = f"capture failed: {type(e).__name__}: {str(e)[:200]}"
+            fns["copy+graph"] = graph_of(lambda: dst.copy_(src))
+        if on_gpu:
+            timings = {k: time_cuda(fn) for k, fn in fns.items()}
+            copy_gbps = bytes_moved / timings["copy"].median_ms / 1e6
             extra[f"copy_gbps_n{n}"] = round(copy_gbps, 1)
+            extra[f"triton_extra_bytes_n{n}"] = triton_extra_bytes(n, H, W)
+            goals = goal_ratios(timings)
+            if goals:
+                extra[f"goals_n{n}"] = goals
+        else:
+            timings = time_cpu_interleaved(fns, rounds=args.rounds)
         base = timings["original"].median_ms
         for k, t in timings.items():
             gbps = bytes_moved / t.median_ms / 1e6

@@ -103,6 +103,7 @@ def boxcaseg_loss(
     pairwise_tau: float = 0.3,
     pairwise_dilation: int = 2,
     pseudo_weight: float = 0.0,
+    bags: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The joint training loss.
 
@@ -114,7 +115,10 @@ def boxcaseg_loss(
     input) on the fused map of the box patches; the dict then also has ``loss_fused_mil``
     / ``loss_pairwise``. ``target`` may carry a second channel, the soft proxy mask of
     each box patch (-1 = ignore; self-training): ``pseudo_weight`` > 0 adds a soft BCE of
-    the fused map of the box patches against it (``loss_pseudo``).
+    the fused map of the box patches against it (``loss_pseudo``). ``bags``: the MIL bag
+    labels of ``target`` in compact form (uint8 [N, H + W], see
+    :func:`boxcaseg.kernels.mil_smooth_common.bag_labels`; the training loader makes them),
+    which the Triton kernels read instead of the dense target.
     """
     pseudo = target[:, 1:2] if target.shape[1] > 1 else None
     target = target[:, :1]
@@ -123,7 +127,7 @@ def boxcaseg_loss(
     if weak.shape[-2:] != size:
         weak = F.interpolate(weak, size=size, mode="bilinear", align_corners=False)
     # One fused pass for both weak-map terms (its gradient is made for this weighting).
-    l_mil, l_smooth = dispatch.mil_smooth_loss(weak, target, smooth_weight, backend)
+    l_mil, l_smooth = dispatch.mil_smooth_loss(weak, target, smooth_weight, backend, bags=bags)
     if bool(is_salient.any()):
         fused = fused_logits[is_salient]
         if fused.shape[-2:] != size:
@@ -141,7 +145,8 @@ def boxcaseg_loss(
             if fused_mil_weight > 0:
                 up = fused_box if fused_box.shape[-2:] == size else F.interpolate(
                     fused_box, size=size, mode="bilinear", align_corners=False)
-                out["loss_fused_mil"] = dispatch.mil_loss(up, box_target, backend)
+                out["loss_fused_mil"] = dispatch.mil_loss(up, box_target, backend,
+                                                          bags=None if bags is None else bags[is_box])
                 total = total + fused_mil_weight * out["loss_fused_mil"]
             if pairwise_weight > 0:
                 if images is None:

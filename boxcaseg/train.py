@@ -217,16 +217,17 @@ def loss_step(cfg: Config, net: torch.nn.Module, device: torch.device):
     use_amp = t.amp and device.type == "cuda"
 
     def step(batch, it: int):
-        images, targets, is_sal = batch
+        images, targets, is_sal, bags = batch
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        bags = bags.to(device, non_blocking=True)
         is_sal = is_sal.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = net(images.contiguous(memory_format=memory_format))
         pw = t.pairwise_weight * (min(1.0, it / t.pairwise_ramp) if t.pairwise_ramp > 0 else 1.0)
         # the loss kernels take plain NCHW (row-major) maps, whatever the network's memory format
         losses = boxcaseg_loss(out["weak"].float().contiguous(), out["fused"].float().contiguous(),
-                               targets, is_sal, backend=t.backend,
+                               targets, is_sal, backend=t.backend, bags=bags,
                                images=images, fused_mil_weight=t.fused_mil_weight, pairwise_weight=pw,
                                pairwise_tau=t.pairwise_tau, pairwise_dilation=t.pairwise_dilation,
                                pseudo_weight=t.pseudo_weight)

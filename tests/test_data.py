@@ -250,7 +250,34 @@ def test_collate_pads_missing_label_channels_with_ignore():
 
     box = (torch.zeros(3, 8, 8), torch.stack([torch.ones(8, 8), torch.full((8, 8), 0.25)]), False)
     sal = (torch.zeros(3, 8, 8), torch.ones(1, 8, 8), True)
-    images, targets, is_sal = collate([box, sal])
+    images, targets, is_sal, bags = collate([box, sal])
     assert targets.shape == (2, 2, 8, 8)
     assert (targets[1, 1] == -1).all() and (targets[1, 0] == 1).all() and (targets[0, 1] == 0.25).all()
     assert is_sal.tolist() == [False, True]
+    assert bags.dtype == torch.uint8 and bags.shape == (2, 16) and (bags == 1).all()
+
+
+def test_collate_bag_labels_are_the_rows_and_columns_the_label_touches():
+    """The compact MIL bags the loss kernels read: row r is 1 when channel 0 has a pixel in
+    row r (the box extent; a salient mask's rows), then the same for columns; the pseudo
+    channel (-1 = ignore) plays no part."""
+    import numpy as np
+    import torch
+
+    from boxcaseg.data.sampler import collate
+
+    rng = np.random.default_rng(3)
+    items = []
+    for kind in range(4):
+        lab = torch.zeros(2, 9, 11)
+        if kind == 1:                                   # a box
+            lab[0, 2:5, 3:10] = 1
+        elif kind == 2:                                 # a scattered salient mask
+            lab[0] = torch.from_numpy((rng.random((9, 11)) < 0.05).astype(np.float32))
+        lab[1] = -1
+        items.append((torch.zeros(3, 9, 11), lab, kind == 2))
+    _, targets, _, bags = collate(items)
+    for i in range(4):
+        m = targets[i, 0].numpy()
+        want = [float(m[r].max()) for r in range(9)] + [float(m[:, c].max()) for c in range(11)]
+        assert bags[i].tolist() == want, i

@@ -389,3 +389,209 @@ def test_training_step_is_the_same_with_every_backend():
     for backend in ["auto", *FAST]:
         for p, q in zip(_one_step(backend), ref):
             assert_rel(p, q, 1e-9, backend)
+
+
+# ---------------------------------------------------------------- compact bag labels, the Triton launch
+
+def test_bag_labels_and_their_expansion():
+    """bag_labels = the reference's row/column maxima of a {0,1} mask; expanding them gives
+    a mask with the same maxima."""
+    from boxcaseg.kernels.mil_smooth_common import bag_labels, expand_bag_labels
+
+    gen = torch.Generator().manual_seed(21)
+    for kind in ("random", "border", "empty", "full"):
+        m = random_box_mask(5, 13, 8, gen, kind)
+        m[1] = (torch.rand(1, 13, 8, generator=gen) < 0.1).float()          # scattered, not a box
+        bags = bag_labels(m)
+        assert bags.dtype == torch.uint8 and bags.shape == (5, 13 + 8)
+        want = torch.cat([m[:, 0].amax(dim=2), m[:, 0].amax(dim=1)], dim=1)
+        assert torch.equal(bags.float(), want)
+        assert torch.equal(bag_labels(expand_bag_labels(bags, 13, 8)), bags)
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+def test_compact_bags_give_what_the_mask_gives(backend):
+    """Every backend takes the bags in compact form (uint8 [N, H + W]) instead of the mask."""
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(3, 1, 21, 17, generator=gen, dtype=torch.float64) * 3
+    m = random_box_mask(3, 21, 17, gen)
+    m[2] = (torch.rand(1, 21, 17, generator=gen) < 0.05).double()
+    outs = []
+    for kw in ({"box_mask": m}, {"box_mask": None, "bags": bag_labels(m)}):
+        xa = x.clone().requires_grad_(True)
+        mil, smooth = dispatch.mil_smooth_loss(xa, smooth_weight=W_SMOOTH, backend=backend, **kw)
+        (mil + W_SMOOTH * smooth).backward()
+        outs.append((mil.detach(), smooth.detach(), xa.grad))
+    for a, b in zip(*outs):
+        assert_rel(a, b, 1e-12, backend)
+    fm = dispatch.mil_loss(x, None, backend=backend, bags=bag_labels(m))
+    assert_rel(fm, mil_loss_reference(x, m), 1e-12, backend)
+    with pytest.raises(ValueError, match="H \\+ W"):
+        dispatch.mil_smooth_loss(x, None, W_SMOOTH, backend, bags=bag_labels(m)[:, 1:])
+
+
+def _tie_map(n, h, w, gen):
+    """Logits with many exact ties inside and across tiles (small integers)."""
+    return torch.randint(-2, 3, (n, 1, h, w), generator=gen).to(torch.float64) * 0.75
+
+
+@pytest.mark.parametrize("blocks", [(4, 8), (8, 4), (1, 16), (16, 1)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_triton_many_tiles_ties_odd_sizes_empty_and_full(blocks):
+    """Several tiles per map at odd sizes: the bag maxima are reduced across tiles with the
+    first argmax kept (ties across tile borders go to the lowest x / y, as in
+    first_argmax_mil_grad), empty and full label rows, values and gradients against the
+    float64 reference."""
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+    from boxcaseg.kernels.mil_smooth_triton import mil_smooth_loss_triton
+
+    gen = torch.Generator().manual_seed(23)
+    for n, h, w in [(4, 13, 19), (3, 1, 11), (3, 9, 1), (2, 17, 33)]:
+        for dt in (torch.float64, torch.float32):
+            x = _tie_map(n, h, w, gen)
+            m = torch.cat([random_box_mask(n - 2, h, w, gen), random_box_mask(1, h, w, gen, "empty"),
+                           random_box_mask(1, h, w, gen, "full")])
+            ref = reference(x, m.double())
+            g_ref = first_argmax_mil_grad(x, m.double()) + W_SMOOTH * ref["g_smooth"]
+            xa = x.to(dt).requires_grad_(True)
+            mil, smooth = mil_smooth_loss_triton(xa, bag_labels(m), True, True, (1.0, W_SMOOTH), blocks)
+            (mil + W_SMOOTH * smooth).backward()
+            what = f"{(n, h, w)} {dt} {blocks}"
+            assert_rel(mil, ref["mil"], RTOL[dt], what)
+            if float(ref["smooth"]) == 0.0:
+                assert float(smooth) == 0.0
+            else:
+                assert_rel(smooth, ref["smooth"], RTOL[dt], what)
+            assert_rel(xa.grad, g_ref, RTOL[dt], what)
+
+
+def test_triton_is_bitwise_reproducible():
+    """No float atomics, partials reduced in a fixed order: the same inputs give the same
+    bits, losses and gradient, run after run."""
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+    from boxcaseg.kernels.mil_smooth_triton import mil_smooth_loss_triton
+
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(3, 1, 37, 45, generator=gen) * 3
+    bags = bag_labels(random_box_mask(3, 37, 45, gen))
+    runs = []
+    for _ in range(2):
+        xa = x.clone().requires_grad_(True)
+        mil, smooth = mil_smooth_loss_triton(xa, bags, True, True, (1.0, W_SMOOTH), (8, 16))
+        (mil + W_SMOOTH * smooth).backward()
+        runs.append((mil.detach(), smooth.detach(), xa.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+_IN_LAUNCH = [False]
+
+
+class _CountLaunches:
+    """Stands in for a Triton kernel: counts ``kernel[grid](...)`` launches (and marks the
+    time inside one: the interpreter's own tensor copies are not the launcher's ops)."""
+
+    def __init__(self, kernel, log: list, name: str):
+        self.kernel, self.log, self.name = kernel, log, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.name)
+            _IN_LAUNCH[0] = True
+            try:
+                return self.kernel[grid](*args, **kwargs)
+            finally:
+                _IN_LAUNCH[0] = False
+        return launch
+
+
+def _record_aten_ops(fn):
+    """The aten ops ``fn`` runs outside kernel launches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not _IN_LAUNCH[0]:
+                ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = fn()
+    return out, ops
+
+
+@pytest.mark.parametrize("terms", ["both", "mil", "smooth"])
+def test_triton_three_launches_no_torch_compute_no_sync(monkeypatch, terms):
+    """Forward + backward is at most 3 kernel launches (tile, bags, backward) and, besides
+    them, only allocations and views: no fill, no reduction, no copy, no device-to-host
+    read (``.item()`` would show as _local_scalar_dense)."""
+    from boxcaseg.kernels import mil_smooth_triton as T
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+
+    log: list = []
+    for name in ("_tile_kernel", "_bags_kernel", "_backward_kernel"):
+        monkeypatch.setattr(T, name, _CountLaunches(getattr(T, name), log, name))
+    gen = torch.Generator().manual_seed(25)
+    x = (torch.randn(2, 1, 20, 24, generator=gen) * 2).requires_grad_(True)
+    bags = bag_labels(random_box_mask(2, 20, 24, gen))
+    has_mil, has_smooth = terms in ("both", "mil"), terms in ("both", "smooth")
+    T._coef_tensor.cache_clear()
+    T.mil_smooth_loss_triton(x, bags, has_mil, has_smooth, (1.0, W_SMOOTH), (8, 8))   # coefficients cached
+    log.clear()
+    ups = (torch.tensor(1.0), torch.tensor(W_SMOOTH))
+
+    def fwd_bwd():
+        mil, smooth = T.mil_smooth_loss_triton(x, bags, has_mil, has_smooth, (1.0, W_SMOOTH), (8, 8))
+        return torch.autograd.grad((mil, smooth), x, ups)
+
+    _, ops = _record_aten_ops(fwd_bwd)
+    assert log == ["_tile_kernel", "_bags_kernel", "_backward_kernel"]
+    allowed = {"empty", "select", "unsqueeze", "view", "alias", "detach", "slice", "as_strided", "lift_fresh"}
+    assert set(ops) <= allowed, sorted(set(ops) - allowed)
+
+
+def test_triton_backward_moves_nothing_when_upstream_is_the_forward_weighting():
+    """Upstream (1, w) = the weights the forward made G for: the backward kernel leaves the
+    buffer alone (a marked pixel keeps its mark). Any other upstream rewrites it exactly."""
+    from boxcaseg.kernels import mil_smooth_triton as T
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+
+    gen = torch.Generator().manual_seed(26)
+    x = torch.randn(2, 1, 15, 18, generator=gen) * 2
+    m = random_box_mask(2, 15, 18, gen)
+    ref = reference(x.double(), m.double())
+    for up, poisoned_stays in [((1.0, W_SMOOTH), True), ((2.0, 3.0), False)]:
+        xa = x.clone().requires_grad_(True)
+        mil, smooth = T.mil_smooth_loss_triton(xa, bag_labels(m), True, True, (1.0, W_SMOOTH), (4, 8))
+        g = mil.grad_fn.launch.g
+        g[1, 7, 9] = 123.0
+        grad, = torch.autograd.grad((mil, smooth), xa, (torch.tensor(up[0]), torch.tensor(up[1])))
+        assert (float(grad[1, 0, 7, 9]) == 123.0) == poisoned_stays
+        grad[1, 0, 7, 9] = 0.0
+        want = up[0] * ref["g_mil"] + up[1] * ref["g_smooth"]
+        want[1, 0, 7, 9] = 0.0
+        assert_rel(grad, want, 1e-5, str(up))
+
+
+def test_triton_backward_after_a_zero_smoothness_upstream():
+    """A retained graph's second backward: exact after (a, 0) for another (a', 0) (only the
+    MIL part is rewritten), NaN for a non-zero smoothness weight (the term was not kept;
+    documented in TritonMilSmoothFunction)."""
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+    from boxcaseg.kernels.mil_smooth_triton import mil_smooth_loss_triton
+
+    gen = torch.Generator().manual_seed(27)
+    x = torch.randn(2, 1, 12, 10, generator=gen) * 2
+    m = random_box_mask(2, 12, 10, gen)
+    ref = reference(x.double(), m.double())
+    xa = x.clone().requires_grad_(True)
+    mil, smooth = mil_smooth_loss_triton(xa, bag_labels(m), True, True, (1.0, W_SMOOTH))
+    g1, = torch.autograd.grad((mil, smooth), xa, (torch.tensor(1.0), torch.tensor(0.0)), retain_graph=True)
+    assert_rel(g1, ref["g_mil"], 1e-5, "(1, 0)")
+    g2, = torch.autograd.grad((mil, smooth), xa, (torch.tensor(3.0), torch.tensor(0.0)), retain_graph=True)
+    assert_rel(g2, 3 * ref["g_mil"], 1e-5, "(3, 0)")
+    g3, = torch.autograd.grad((mil, smooth), xa, (torch.tensor(1.0), torch.tensor(1.0)))
+    assert bool(torch.isnan(g3).any())

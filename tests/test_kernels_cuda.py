@@ -145,3 +145,64 @@ def test_forward_and_backward_do_not_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert_rel(x.grad, first, 1e-6, "second call")
+
+
+def test_compact_bags_reproducible_and_graph_captured():
+    """The training launch (compact bag labels, default tiles): bitwise the same run after
+    run and when replayed from a CUDA graph (no float atomics, no host sync), and exact
+    against the reference."""
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+
+    gen = torch.Generator().manual_seed(31)
+    x = (torch.randn(64, 1, 288, 288, generator=gen) * 3).to(CUDA)
+    m = random_box_mask(64, 288, 288, gen)
+    bags = bag_labels(m).to(CUDA)
+    xs = x.clone().requires_grad_(True)
+
+    def step():
+        mil, smooth = mil_smooth_triton.mil_smooth_loss_triton(xs, bags, True, True, (1.0, W_SMOOTH))
+        g, = torch.autograd.grad(mil + W_SMOOTH * smooth, xs)
+        return mil, smooth, g
+
+    eager = [tuple(t.clone() for t in step()) for _ in range(3)]
+    for run in eager[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(eager[0], run))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(eager[0], outs))
+    ref = reference(x.double().cpu(), m.double())
+    assert_rel(eager[0][0].cpu(), ref["mil"], 1e-5, "mil")
+    assert_rel(eager[0][1].cpu(), ref["smooth"], 1e-5, "smooth")
+    assert_rel(eager[0][2].cpu(), ref["g_total"], 1e-5, "gradient")
+
+
+def test_ties_across_tiles_and_the_last_image_ticket():
+    """Small-integer logits (ties inside and across tiles) at several GPU tile shapes: the
+    first argmax wins as in first_argmax_mil_grad; many images (many programs racing for
+    the last ticket) give the reference's mean every time."""
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+
+    gen = torch.Generator().manual_seed(32)
+    for n, h, w in [(3, 288, 288), (512, 9, 7)]:
+        x = torch.randint(-2, 3, (n, 1, h, w), generator=gen).double() * 0.75
+        m = random_box_mask(n, h, w, gen)
+        ref = reference(x, m.double())
+        g_ref = first_argmax_mil_grad(x, m.double()) + W_SMOOTH * ref["g_smooth"]
+        for block in [None, (4, 64), (32, 32)]:
+            for _ in range(5 if n > 100 else 1):
+                xa = x.float().to(CUDA).requires_grad_(True)
+                mil, smooth = mil_smooth_triton.mil_smooth_loss_triton(
+                    xa, bag_labels(m).to(CUDA), True, True, (1.0, W_SMOOTH), block)
+                (mil + W_SMOOTH * smooth).backward()
+                assert_rel(mil.cpu(), ref["mil"], 1e-5, f"mil {(n, h, w)} {block}")
+                assert_rel(smooth.cpu(), ref["smooth"], 1e-5, f"smooth {(n, h, w)} {block}")
+                assert_rel(xa.grad.cpu(), g_ref, 1e-5, f"gradient {(n, h, w)} {block}")

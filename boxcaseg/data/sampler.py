@@ -17,6 +17,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from boxcaseg.kernels.mil_smooth_common import bag_labels
+
 BOX, SALIENT = 0, 1
 
 
@@ -123,13 +125,16 @@ class MixedDataset(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """(images [N,3,S,S], targets [N,C,S,S], is_salient [N]). Labels with fewer channels than
-    the widest (salient masks beside box labels that carry a pseudo mask) get -1 (ignore)
-    in the missing ones."""
+    """(images [N,3,S,S], targets [N,C,S,S], is_salient [N], bags [N, 2S]). Labels with fewer
+    channels than the widest (salient masks beside box labels that carry a pseudo mask) get
+    -1 (ignore) in the missing ones. ``bags`` are the weak map's MIL bag labels in compact
+    form (uint8, each row's then each column's: the box extent, or the rows and columns the
+    salient mask touches), made here in the loader's workers so that the loss kernels
+    read no dense label map."""
     images = torch.stack([b[0] for b in batch])
     c = max(b[1].shape[0] for b in batch)
     targets = torch.stack([b[1] if b[1].shape[0] == c else
                            torch.cat([b[1], b[1].new_full((c - b[1].shape[0], *b[1].shape[1:]), -1.0)])
                            for b in batch])
     is_salient = torch.tensor([bool(b[2]) for b in batch])
-    return images, targets, is_salient
+    return images, targets, is_salient, bag_labels(targets[:, :1])

@@ -34,6 +34,7 @@ from typing import Literal, get_args
 import torch
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.kernels.mil_smooth_common import check_bag_labels, expand_bag_labels
 from boxcaseg.kernels.mil_smooth_reference import SMOOTH_WEIGHT, mil_loss_reference, smoothness_loss_reference
 
 logger = logging.getLogger("boxcaseg.kernels")
@@ -113,6 +114,21 @@ def resolve_backend(tensor: torch.Tensor, backend: str = "auto") -> str:
     return chosen
 
 
+def _labels_for(chosen: str, logits: torch.Tensor, box_mask: torch.Tensor | None,
+                bags: torch.Tensor | None) -> torch.Tensor:
+    """What ``chosen`` reads for the MIL bags: the Triton kernels read compact bag labels
+    [N, H + W] (``bags``, or made from ``box_mask``); the other backends a dense mask
+    (``box_mask``, or expanded from ``bags``)."""
+    if chosen == "triton":
+        return bags if bags is not None else box_mask
+    if box_mask is not None:
+        return box_mask
+    if bags is None:
+        raise ValueError("MIL needs box_mask [N, 1, H, W] or bags [N, H + W]")
+    check_bag_labels(bags, logits)
+    return expand_bag_labels(bags, logits.shape[2], logits.shape[3], logits.dtype)
+
+
 def _fused(chosen: str):
     if chosen == "triton":
         from boxcaseg.kernels.mil_smooth_triton import mil_smooth_loss_triton
@@ -125,42 +141,50 @@ def _fused(chosen: str):
 
 def mil_smooth_loss(
     logits: torch.Tensor,
-    box_mask: torch.Tensor,
+    box_mask: torch.Tensor | None,
     smooth_weight: float = SMOOTH_WEIGHT,
     backend: Backend = "auto",
+    bags: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mil, smooth)`` of one weak map in one pass where the backend allows.
 
-    logits, box_mask: [N, 1, H, W]. ``smooth_weight`` is the weight the caller gives the
-    smoothness term (``loss = mil + smooth_weight * smooth``): the fused backends write
-    that combination's gradient in the forward pass, so the backward costs nothing; any
-    other use of the two outputs stays correct (the gradient is then recomputed).
-    Returns float32 scalars (float64 for float64 logits; the reference backend returns
-    the logits' dtype).
+    logits, box_mask: [N, 1, H, W]; ``bags``: the same bags in compact form, uint8
+    [N, H + W] (row labels, then column labels; see
+    :func:`~boxcaseg.kernels.mil_smooth_common.bag_labels`), which the Triton kernels read
+    instead of the dense mask (either may be None, not both). ``smooth_weight`` is the
+    weight the caller gives the smoothness term (``loss = mil + smooth_weight * smooth``):
+    the fused backends write that combination's gradient in the forward pass, so the
+    backward costs nothing; any other use of the two outputs stays correct (the gradient
+    is then rescaled). Returns float32 scalars (float64 for float64 logits; the reference
+    backend returns the logits' dtype).
     """
     chosen = resolve_backend(logits, backend)
+    labels = _labels_for(chosen, logits, box_mask, bags)
     if chosen == "reference":
-        return mil_loss_reference(logits, box_mask), smoothness_loss_reference(logits)
+        return mil_loss_reference(logits, labels), smoothness_loss_reference(logits)
     if chosen == "torch":
         from boxcaseg.kernels.mil_smooth_torch import mil_smooth_loss_torch
 
-        return mil_smooth_loss_torch(logits, box_mask)
-    return _fused(chosen)(logits, box_mask, True, True, (1.0, float(smooth_weight)))
+        return mil_smooth_loss_torch(logits, labels)
+    return _fused(chosen)(logits, labels, True, True, (1.0, float(smooth_weight)))
 
 
-def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
-    """MIL loss of logits [N, 1, H, W] against bags from box_mask [N, 1, H, W] (see
+def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor | None, backend: Backend = "auto",
+             bags: torch.Tensor | None = None) -> torch.Tensor:
+    """MIL loss of logits [N, 1, H, W] against bags from box_mask [N, 1, H, W] or given in
+    compact form (``bags``, see :func:`mil_smooth_loss`) (see
     :mod:`~boxcaseg.kernels.mil_smooth_reference`), computed by ``backend`` (see the
     module docstring). On an exact tie of a bag's maximum the fast paths send the
     gradient to its first position (the reference splits it)."""
     chosen = resolve_backend(logits, backend)
+    labels = _labels_for(chosen, logits, box_mask, bags)
     if chosen == "reference":
-        return mil_loss_reference(logits, box_mask)
+        return mil_loss_reference(logits, labels)
     if chosen == "torch":
         from boxcaseg.kernels.mil_smooth_torch import mil_loss_torch
 
-        return mil_loss_torch(logits, box_mask)
-    return _fused(chosen)(logits, box_mask, True, False, (1.0, 0.0))[0]
+        return mil_loss_torch(logits, labels)
+    return _fused(chosen)(logits, labels, True, False, (1.0, 0.0))[0]
 
 
 def smoothness_loss(logits: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:

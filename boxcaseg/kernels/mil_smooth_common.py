@@ -52,6 +52,38 @@ def check_inputs(logits: torch.Tensor, box_mask: torch.Tensor | None) -> None:
         raise ValueError(f"empty logits {tuple(logits.shape)}")
 
 
+def bag_labels(mask: torch.Tensor) -> torch.Tensor:
+    """Compact MIL bag labels of a dense mask: ``uint8 [N, H + W]``, each row's label (1 when
+    the row has a non-zero pixel) then each column's. What the reference's
+    ``mask.amax`` along a bag gives for a {0, 1} mask."""
+    check_map("mask", mask)
+    m = mask[:, 0] != 0
+    return torch.cat([m.any(dim=2), m.any(dim=1)], dim=1).to(torch.uint8)
+
+
+def expand_bag_labels(labels: torch.Tensor, h: int, w: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A dense {0, 1} mask [N, 1, H, W] whose row and column maxima are ``labels`` [N, H + W]
+    (the outer product of row and column labels). Exact for labels made from any mask:
+    a labelled row then always meets a labelled column."""
+    rows = labels[:, :h].to(dtype)
+    cols = labels[:, h:].to(dtype)
+    return (rows[:, :, None] * cols[:, None, :])[:, None]
+
+
+def check_bag_labels(labels: torch.Tensor | None, logits: torch.Tensor) -> None:
+    """Raise unless ``labels`` is uint8/bool [N, H + W] on the logits' device."""
+    n, _, h, w = logits.shape
+    if labels is None:
+        raise ValueError("MIL needs bag labels [N, H + W] or a box mask [N, 1, H, W]")
+    if labels.dtype not in (torch.uint8, torch.bool):
+        raise TypeError(f"bag labels must be uint8 or bool, got {labels.dtype}")
+    if tuple(labels.shape) != (n, h + w):
+        raise ValueError(f"bag labels must be [N, H + W] = [{n}, {h + w}] for logits {tuple(logits.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"bag labels on {labels.device}, logits on {logits.device}")
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Arithmetic dtype: float64 stays float64, everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

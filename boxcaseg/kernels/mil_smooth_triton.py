@@ -1,39 +1,49 @@
-"""Fused Triton kernels of the MIL + smoothness loss, forward and backward.
+"""Fused Triton kernels of the MIL + smoothness loss: three launches per forward + backward.
 Checked against :mod:`boxcaseg.kernels.mil_smooth_reference` (float64) by tests/test_kernels.py
 (interpreter, CPU) and tests/test_kernels_cuda.py (compiled, GPU).
 
-Two launches per call:
+Inputs: the logits ``[N, 1, H, W]`` (any strides) and the bag labels in compact form,
+``uint8 [N, H + W]`` (row labels, then column labels; :func:`~boxcaseg.kernels.mil_smooth_common.bag_labels`
+makes them from a dense mask, the training data loader from the box extent or the
+salient mask). No dense label map is read.
 
-1. ``_mil_smooth_tile_kernel``, grid ``(N, ceil(H / BLOCK_H), ceil(W / BLOCK_W))``: each
-   program reads one ``BLOCK_H x BLOCK_W`` tile of the logits (any strides; the eight
-   neighbour tiles are re-reads that the caches serve) and
+1. ``_tile_kernel``, grid ``(N, ceil(H / BLOCK_H), ceil(W / BLOCK_W))``, one pass over the
+   map: each program loads its tile once, takes the sigmoid once per pixel (plus a
+   one-pixel halo: the row above and below, the column left and right, the four
+   corners), forms the neighbours' probabilities by register shuffles (``tl.gather``),
+   and
 
-   - adds the tile's share of the four directional sums of squared sigmoid
-     differences (each unordered pair is owned by its upper/left pixel),
-   - takes the tile's per-row and per-column max with the first argmax, and the
-     per-row/column max of the box mask (the bag labels),
-   - when a gradient is asked for, writes ``b * dsmooth/dlogits`` of every pixel of the
-     tile (through the sigmoid), in the logits' dtype.
+   - writes the tile's weighted share of the smoothness sum (each unordered pixel pair
+     is owned by its upper/left pixel) into a per-tile slot,
+   - writes the tile's per-row and per-column max with the first argmax into per-tile
+     slots (no atomics),
+   - when a gradient is asked for, writes ``b * dsmooth/dlogits`` of every pixel once,
+     in the logits' dtype.
 
-2. ``_mil_bags_kernel``, grid ``(N,)``: reduces the per-tile row/column maxima to the
-   bag scores (first argmax kept across tiles), sums the BCE-with-logits of the
-   N*(H+W) bags and, with a gradient, adds ``a * dmil/dbag`` at each bag's argmax (a
-   read-modify-write of H + W values per image) and keeps each bag's argmax index and
-   ``dmil/dbag`` (the sparse MIL gradient, for the backward).
+2. ``_bags_kernel``, grid ``(N,)``: reduces each image's per-tile maxima to its bag
+   scores (first argmax kept, tiles visited in order: deterministic), sums the
+   BCE-with-logits of its H + W bags and, with a gradient, adds ``a * dmil/dbag`` at
+   each bag's argmax (rows, then after a barrier columns: a row's and a column's argmax
+   may be the same pixel), keeping per bag its argmax, ``dmil/dbag`` and the value the
+   pixel held before (the sparse MIL part, for the backward). The last program to finish
+   (an integer ticket: order-free) sums the per-image and per-tile partials in a fixed
+   order and writes the two loss scalars. No host synchronisation, no float atomics:
+   the result is bitwise reproducible.
 
-Bytes: the logits are read once from DRAM and the gradient written once; the partial
-row/column buffers are ``12 * N * (H * W_tiles + W * H_tiles)`` bytes.
+3. ``_backward_kernel``, same grid as (1), run by the autograd backward: it reads the
+   upstream gradients on the device and, when they equal the weights the forward made
+   the gradient for (training: ``mil + w * smooth``), returns at once, so the backward
+   moves no memory; otherwise it rescales the dense part in place and rewrites the
+   argmax pixels exactly from the kept values. Repeated backward passes through a
+   retained graph are exact: the weights the buffer holds are kept on the device.
 
-Launchers :func:`mil_smooth_forward` (loss, and the gradient for expected upstream
-weights in the same pass) and :class:`TritonMilSmoothFunction` follow Liger-Kernel:
-the forward makes the gradient, the backward scales it by the upstream gradient and
-adds the sparse MIL part, all on the device: no host sync (see the class). Float
-coefficients reach the kernels as a small device tensor in the compute dtype, float32
-(float64 for float64 logits).
+Bytes of a forward + backward with a gradient: the logits read once and the gradient
+written once (plus the halo re-reads, which caches serve), the per-tile partials
+``8 * N * (H * W_tiles + W * H_tiles)`` bytes, the bag labels ``N * (H + W)``.
 
 On CPU tensors the kernels run in Triton's interpreter, which must be switched on with
 ``TRITON_INTERPRET=1`` *before* this module is imported; the launcher then defaults to
-one tile per map so that the interpreter runs 2N programs.
+one tile per map.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ import triton
 import triton.language as tl
 
 from boxcaseg.kernels.mil_smooth_common import (
+    bag_labels,
+    check_bag_labels,
     check_inputs,
     compute_dtype,
     mil_bag_count,
@@ -55,6 +67,12 @@ from boxcaseg.kernels.mil_smooth_common import (
 #: True when the kernels below were built for Triton's interpreter (CPU tensors).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
+# coefficient slots of the small device tensor the kernels read (compute dtype)
+_C_GH, _C_GV, _C_GD = 0, 1, 2          # smoothness gradient weights 2 * b * (1 / (4 count_d))
+_C_INV = 4                             # 1 / bags (slot 3 unused)
+_C_LH, _C_LV, _C_LD = 5, 6, 7          # smoothness loss weights 1 / (4 count_d)
+_C_A, _C_B = 8, 9                      # the weights (a, b) the forward's gradient is made for
+
 
 @triton.jit
 def _sigmoid(v):
@@ -62,66 +80,107 @@ def _sigmoid(v):
 
 
 @triton.jit
-def _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, DY: tl.constexpr, DX: tl.constexpr, CT: tl.constexpr):
-    """sigmoid of the tile shifted by (DY, DX), and where that neighbour exists."""
-    r = rows + DY
-    c = cols + DX
-    ok = inside & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-    v = tl.load(xbase + r * sxh + c * sxw, mask=ok, other=0.0).to(CT)
-    return _sigmoid(v), ok
+def _load_p(xbase, r, c, sxh, sxw, ok, CT: tl.constexpr):
+    """sigmoid of the logits at (r, c) where ``ok`` (halo loads; 0.5 elsewhere)."""
+    return _sigmoid(tl.load(xbase + r * sxh + c * sxw, mask=ok, other=0.0).to(CT))
 
 
 @triton.jit
-def _mil_smooth_tile_kernel(
+def _shift1(v, fill, BLOCK: tl.constexpr, D: tl.constexpr):
+    """1-D: ``v[j + D]``, ``fill`` (a scalar) where ``j + D`` leaves the block."""
+    j = tl.arange(0, BLOCK)
+    src = tl.minimum(tl.maximum(j + D, 0), BLOCK - 1)
+    edge = (j + D < 0) | (j + D >= BLOCK)
+    return tl.where(edge, fill, tl.gather(v, src, 0))
+
+
+@triton.jit
+def _shift2(t, fill, idx, edge, AXIS: tl.constexpr, FILL_ROW: tl.constexpr):
+    """2-D: ``t`` shifted along AXIS by the index map ``idx``; where ``edge``, ``fill`` (a
+    row vector broadcast over rows when FILL_ROW, else a column vector)."""
+    g = tl.gather(t, idx, AXIS)
+    if FILL_ROW:
+        return tl.where(edge, fill[None, :], g)
+    return tl.where(edge, fill[:, None], g)
+
+
+@triton.jit
+def _tile_kernel(
     x_ptr, sxn, sxh, sxw,
-    m_ptr, smn, smh, smw,
-    g_ptr,
-    sums_ptr,
-    rmax_ptr, rarg_ptr, rlab_ptr,
-    cmax_ptr, carg_ptr, clab_ptr,
+    g_ptr, part_ptr,
+    rmax_ptr, rarg_ptr, cmax_ptr, carg_ptr,
     H, W, n_rb, n_wb,
     coef_ptr,
     HAS_MIL: tl.constexpr, HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr,
     CT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """One tile. x: [N, H, W] strided; g: [N, H, W] contiguous; sums: [N, n_rb, n_wb, 4]
-    in CT; rmax/rarg/rlab: [N, n_wb, H]; cmax/carg/clab: [N, n_rb, W]; coef: [5] in CT, the
-    smoothness gradient weights (horizontal, vertical, diagonal) at 0..2."""
+    """One tile. x: [N, H, W] strided; g: [N, H, W] contiguous; part: [N, n_rb, n_wb] in CT
+    (the tile's weighted smoothness sum); rmax/rarg: [N, n_wb, H]; cmax/carg: [N, n_rb, W]."""
     n = tl.program_id(0).to(tl.int64)
     rb = tl.program_id(1)
     wb = tl.program_id(2)
-    r1 = rb * BLOCK_H + tl.arange(0, BLOCK_H)
-    c1 = wb * BLOCK_W + tl.arange(0, BLOCK_W)
-    rows = r1[:, None].to(tl.int64)
-    cols = c1[None, :].to(tl.int64)
-    inside = (rows < H) & (cols < W)
+    r1 = (rb * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    c1 = (wb * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)
+    rows = r1[:, None]
+    cols = c1[None, :]
+    in_r = r1 < H
+    in_c = c1 < W
+    inside = in_r[:, None] & in_c[None, :]
     xbase = x_ptr + n * sxn
     x = tl.load(xbase + rows * sxh + cols * sxw, mask=inside, other=0.0).to(CT)
 
     if HAS_SMOOTH:
-        p = _sigmoid(x)
-        p_r, ok_r = _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, 0, 1, CT)
-        p_d, ok_d = _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, 1, 0, CT)
-        p_dr, ok_dr = _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, 1, 1, CT)
-        p_dl, ok_dl = _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, 1, -1, CT)
-        d_r = tl.where(ok_r, p_r - p, 0.0)
+        p = _sigmoid(x)                                   # once per pixel of the tile
+        ii = tl.arange(0, BLOCK_H)[:, None] + tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.int32)
+        jj = tl.arange(0, BLOCK_W)[None, :] + tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.int32)
+        j_next = tl.minimum(jj + 1, BLOCK_W - 1)
+        j_prev = tl.maximum(jj - 1, 0)
+        i_next = tl.minimum(ii + 1, BLOCK_H - 1)
+        last_c = jj == BLOCK_W - 1
+        first_c = jj == 0
+        last_r = ii == BLOCK_H - 1
+        r_lo = rb.to(tl.int64) * BLOCK_H - 1
+        r_hi = rb.to(tl.int64) * BLOCK_H + BLOCK_H
+        c_lo = wb.to(tl.int64) * BLOCK_W - 1
+        c_hi = wb.to(tl.int64) * BLOCK_W + BLOCK_W
+        # the halo: column right and left, row below, its two corners
+        p_rc = _load_p(xbase, r1, c_hi, sxh, sxw, in_r & (c_hi < W), CT)
+        p_lc = _load_p(xbase, r1, c_lo, sxh, sxw, in_r & (c_lo >= 0), CT)
+        p_br = _load_p(xbase, r_hi, c1, sxh, sxw, in_c & (r_hi < H), CT)
+        p_br_r = _shift1(p_br, _load_p(xbase, r_hi, c_hi, sxh, sxw, (r_hi < H) & (c_hi < W), CT), BLOCK_W, 1)
+        p_br_l = _shift1(p_br, _load_p(xbase, r_hi, c_lo, sxh, sxw, (r_hi < H) & (c_lo >= 0), CT), BLOCK_W, -1)
+        # neighbours right, left, down, down-right, down-left
+        p_r = _shift2(p, p_rc, j_next, last_c, 1, False)
+        p_l = _shift2(p, p_lc, j_prev, first_c, 1, False)
+        p_d = _shift2(p, p_br, i_next, last_r, 0, True)
+        p_dr = _shift2(p_r, p_br_r, i_next, last_r, 0, True)
+        p_dl = _shift2(p_l, p_br_l, i_next, last_r, 0, True)
+        ok_d = inside & (rows + 1 < H)
+        d_r = tl.where(inside & (cols + 1 < W), p_r - p, 0.0)
         d_d = tl.where(ok_d, p_d - p, 0.0)
-        d_dr = tl.where(ok_dr, p_dr - p, 0.0)
-        d_dl = tl.where(ok_dl, p_dl - p, 0.0)
-        sbase = sums_ptr + ((n * n_rb + rb) * n_wb + wb) * 4
-        tl.store(sbase + 0, tl.sum(tl.sum(d_r * d_r, axis=1), axis=0))
-        tl.store(sbase + 1, tl.sum(tl.sum(d_d * d_d, axis=1), axis=0))
-        tl.store(sbase + 2, tl.sum(tl.sum(d_dr * d_dr, axis=1), axis=0))
-        tl.store(sbase + 3, tl.sum(tl.sum(d_dl * d_dl, axis=1), axis=0))
+        d_dr = tl.where(ok_d & (cols + 1 < W), p_dr - p, 0.0)
+        d_dl = tl.where(ok_d & (cols >= 1), p_dl - p, 0.0)
+        lh = tl.load(coef_ptr + 5)
+        lv = tl.load(coef_ptr + 6)
+        ld = tl.load(coef_ptr + 7)
+        s = (lh * tl.sum(tl.sum(d_r * d_r, axis=1), axis=0)
+             + lv * tl.sum(tl.sum(d_d * d_d, axis=1), axis=0)
+             + ld * tl.sum(tl.sum(d_dr * d_dr + d_dl * d_dl, axis=1), axis=0))
+        tl.store(part_ptr + (n * n_rb + rb) * n_wb + wb, s)
         if WRITE_GRAD:
-            p_l, ok_l = _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, 0, -1, CT)
-            p_u, ok_u = _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, -1, 0, CT)
-            p_ul, ok_ul = _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, -1, -1, CT)
-            p_ur, ok_ur = _neighbour_p(xbase, rows, cols, sxh, sxw, H, W, inside, -1, 1, CT)
-            d_l = tl.where(ok_l, p_l - p, 0.0)
+            i_prev = tl.maximum(ii - 1, 0)
+            first_r = ii == 0
+            p_ar = _load_p(xbase, r_lo, c1, sxh, sxw, in_c & (r_lo >= 0), CT)
+            p_ar_r = _shift1(p_ar, _load_p(xbase, r_lo, c_hi, sxh, sxw, (r_lo >= 0) & (c_hi < W), CT), BLOCK_W, 1)
+            p_ar_l = _shift1(p_ar, _load_p(xbase, r_lo, c_lo, sxh, sxw, (r_lo >= 0) & (c_lo >= 0), CT), BLOCK_W, -1)
+            p_u = _shift2(p, p_ar, i_prev, first_r, 0, True)
+            p_ul = _shift2(p_l, p_ar_l, i_prev, first_r, 0, True)
+            p_ur = _shift2(p_r, p_ar_r, i_prev, first_r, 0, True)
+            ok_u = inside & (rows >= 1)
+            d_l = tl.where(inside & (cols >= 1), p_l - p, 0.0)
             d_u = tl.where(ok_u, p_u - p, 0.0)
-            d_ul = tl.where(ok_ul, p_ul - p, 0.0)
-            d_ur = tl.where(ok_ur, p_ur - p, 0.0)
+            d_ul = tl.where(ok_u & (cols >= 1), p_ul - p, 0.0)
+            d_ur = tl.where(ok_u & (cols + 1 < W), p_ur - p, 0.0)
             # d loss / d p_i = sum_j w_d * (p_i - p_j) = -sum_j w_d * (p_j - p_i)
             wh = tl.load(coef_ptr + 0)
             wv = tl.load(coef_ptr + 1)
@@ -134,24 +193,15 @@ def _mil_smooth_tile_kernel(
         tl.store(g_ptr + (n * H + rows) * W + cols, zero, mask=inside)
 
     if HAS_MIL:
-        neg = float("-inf")
-        xm = tl.where(inside, x, neg)
-        mk = tl.load(m_ptr + n * smn + rows * smh + cols * smw, mask=inside, other=0).to(CT)
-        mk = tl.where(inside, mk, neg)
+        xm = tl.where(inside, x, float("-inf"))
         r_max, r_arg = tl.max(xm, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        r_lab = tl.max(mk, axis=1)
         r_off = (n * n_wb + wb) * H + r1
-        r_ok = r1 < H
-        tl.store(rmax_ptr + r_off, r_max, mask=r_ok)
-        tl.store(rarg_ptr + r_off, (r_arg + wb * BLOCK_W).to(tl.int32), mask=r_ok)
-        tl.store(rlab_ptr + r_off, r_lab, mask=r_ok)
+        tl.store(rmax_ptr + r_off, r_max, mask=in_r)
+        tl.store(rarg_ptr + r_off, (r_arg + wb * BLOCK_W).to(tl.int32), mask=in_r)
         c_max, c_arg = tl.max(xm, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        c_lab = tl.max(mk, axis=0)
         c_off = (n * n_rb + rb) * W + c1
-        c_ok = c1 < W
-        tl.store(cmax_ptr + c_off, c_max, mask=c_ok)
-        tl.store(carg_ptr + c_off, (c_arg + rb * BLOCK_H).to(tl.int32), mask=c_ok)
-        tl.store(clab_ptr + c_off, c_lab, mask=c_ok)
+        tl.store(cmax_ptr + c_off, c_max, mask=in_c)
+        tl.store(carg_ptr + c_off, (c_arg + rb * BLOCK_H).to(tl.int32), mask=in_c)
 
 
 @triton.jit
@@ -164,66 +214,145 @@ def _bce_with_logits(s, lab):
 
 @triton.jit
 def _reduce_bags(
-    n, g_ptr, max_ptr, arg_ptr, lab_ptr, bag_ptr, idx_ptr, d_ptr,
+    g_ptr, max_ptr, arg_ptr, lab_ptr, slab, sp_arg_ptr, sp_d_ptr, sp_old_ptr,
     L, n_part, mil_coef, inv_bags, g_stride_bag, g_stride_arg, g_img,
-    WRITE_GRAD: tl.constexpr, ADD_GRAD: tl.constexpr, CT: tl.constexpr, P_PART: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, CT: tl.constexpr, P_PART: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Bags of one kind (rows or columns) of image n: partials [N, n_part, L] -> loss sum,
-    and the gradient at each bag's argmax, g[n, ...] at bag * g_stride_bag + arg * g_stride_arg.
-    With a gradient, also each bag's flat argmax index into g (idx, int64) and its
-    d mil / d score (d, CT): the sparse MIL gradient the backward needs; ADD_GRAD also
-    adds a * d into g."""
+    """Bags of one kind (rows or columns) of one image: partials [n_part, L] -> the sum of
+    their BCE terms. With a gradient, adds ``mil_coef * dmil/dbag`` at each bag's argmax
+    (g at bag * g_stride_bag + arg * g_stride_arg) and keeps per bag the argmax, ``dmil/dbag``
+    (times 1 / bags) and the value the pixel held before."""
     k = tl.arange(0, P_PART)[:, None]
     acc = tl.zeros([BLOCK], dtype=CT)
     for l0 in range(0, L, BLOCK):
         l1 = l0 + tl.arange(0, BLOCK)
         l_ok = l1 < L
         ok = (k < n_part) & l_ok[None, :]
-        off = (n * n_part + k) * L + l1[None, :]
+        off = k * L + l1[None, :]
         v = tl.load(max_ptr + off, mask=ok, other=float("-inf"))
         a = tl.load(arg_ptr + off, mask=ok, other=0)
-        lb = tl.load(lab_ptr + off, mask=ok, other=float("-inf"))
         s, which = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
         arg = tl.sum(tl.where(k == which[None, :], a, 0), axis=0)
-        lab = tl.max(lb, axis=0)
+        lab = tl.load(lab_ptr + l1 * slab, mask=l_ok, other=0).to(CT)
         s = tl.where(l_ok, s, 0.0)
-        lab = tl.where(l_ok, lab, 0.0)
         acc += tl.where(l_ok, _bce_with_logits(s, lab), 0.0)
         if WRITE_GRAD:
-            flat = g_img + l1.to(tl.int64) * g_stride_bag + arg.to(tl.int64) * g_stride_arg
+            ptr = g_ptr + g_img + l1.to(tl.int64) * g_stride_bag + arg.to(tl.int64) * g_stride_arg
             # sigmoid(s) - lab, without the cancellation of a confident bag
-            dbag = (1.0 - lab) * _sigmoid(s) - lab * _sigmoid(-s)
-            if ADD_GRAD:
-                ptr = g_ptr + flat
-                old = tl.load(ptr, mask=l_ok, other=0.0).to(CT)
-                tl.store(ptr, (old + dbag * mil_coef).to(g_ptr.dtype.element_ty), mask=l_ok)
-            tl.store(idx_ptr + l1, flat, mask=l_ok)
-            tl.store(d_ptr + l1, dbag * inv_bags, mask=l_ok)
-    tl.store(bag_ptr, tl.sum(acc, axis=0))
+            dbag = ((1.0 - lab) * _sigmoid(s) - lab * _sigmoid(-s)) * inv_bags
+            old = tl.load(ptr, mask=l_ok, other=0.0).to(CT)
+            tl.store(ptr, (old + dbag * mil_coef).to(g_ptr.dtype.element_ty), mask=l_ok)
+            tl.store(sp_arg_ptr + l1, arg, mask=l_ok)
+            tl.store(sp_d_ptr + l1, dbag, mask=l_ok)
+            tl.store(sp_old_ptr + l1, old, mask=l_ok)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _mil_bags_kernel(
-    g_ptr, bags_ptr, idx_ptr, d_ptr,
-    rmax_ptr, rarg_ptr, rlab_ptr,
-    cmax_ptr, carg_ptr, clab_ptr,
-    H, W, n_rb, n_wb, coef_ptr,
-    WRITE_GRAD: tl.constexpr, ADD_GRAD: tl.constexpr, CT: tl.constexpr,
-    P_WB: tl.constexpr, P_RB: tl.constexpr, BLOCK: tl.constexpr,
+def _bags_kernel(
+    g_ptr, lab_ptr, slab_n, slab_l,
+    rmax_ptr, rarg_ptr, cmax_ptr, carg_ptr,
+    sp_arg_ptr, sp_d_ptr, sp_old_ptr,
+    img_ptr, part_ptr, n_parts, ticket_ptr, mil_ptr, smooth_ptr,
+    N, H, W, n_rb, n_wb, coef_ptr,
+    HAS_MIL: tl.constexpr, HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, CT: tl.constexpr,
+    P_WB: tl.constexpr, P_RB: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
-    """One image: row bags, then (after a barrier, as a row's and a column's argmax may
-    be the same pixel) column bags. bags: [N, 2] (row, column BCE sums); idx, d:
-    [N, H + W] (rows, then columns); coef[3] = a / bags, coef[4] = 1 / bags."""
+    """One image's bags: img[n] = the sum of its row and column BCE terms; sp_*: [N, H + W]
+    (rows, then columns). The last program to take a ticket writes mil (mean over the
+    bags) and smooth (the sum of the per-tile parts) and puts the ticket counter back to 0."""
     n = tl.program_id(0).to(tl.int64)
-    g_img = n * H * W
-    mil_coef = tl.load(coef_ptr + 3)
-    inv_bags = tl.load(coef_ptr + 4)
-    b_img = n * (H + W)
-    _reduce_bags(n, g_ptr, rmax_ptr, rarg_ptr, rlab_ptr, bags_ptr + n * 2, idx_ptr + b_img, d_ptr + b_img,
-                 H, n_wb, mil_coef, inv_bags, W, 1, g_img, WRITE_GRAD, ADD_GRAD, CT, P_WB, BLOCK)
+    if HAS_MIL:
+        mil_coef = tl.load(coef_ptr + 8)
+        inv_bags = tl.load(coef_ptr + 4)
+        g_img = n * H * W
+        b_img = n * (H + W)
+        lab = lab_ptr + n * slab_n
+        s_r = _reduce_bags(g_ptr, rmax_ptr + n * n_wb * H, rarg_ptr + n * n_wb * H, lab, slab_l,
+                           sp_arg_ptr + b_img, sp_d_ptr + b_img, sp_old_ptr + b_img,
+                           H, n_wb, mil_coef, inv_bags, W, 1, g_img, WRITE_GRAD, CT, P_WB, BLOCK)
+        tl.debug_barrier()
+        s_c = _reduce_bags(g_ptr, cmax_ptr + n * n_rb * W, carg_ptr + n * n_rb * W, lab + H * slab_l, slab_l,
+                           sp_arg_ptr + b_img + H, sp_d_ptr + b_img + H, sp_old_ptr + b_img + H,
+                           W, n_rb, mil_coef, inv_bags, 1, W, g_img, WRITE_GRAD, CT, P_RB, BLOCK)
+        tl.store(img_ptr + n, s_r + s_c)
     tl.debug_barrier()
-    _reduce_bags(n, g_ptr, cmax_ptr, carg_ptr, clab_ptr, bags_ptr + n * 2 + 1, idx_ptr + b_img + H, d_ptr + b_img + H,
-                 W, n_rb, mil_coef, inv_bags, 1, W, g_img, WRITE_GRAD, ADD_GRAD, CT, P_RB, BLOCK)
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == N - 1:                                   # every other image is done
+        mil = tl.zeros([RBLOCK], dtype=CT)
+        if HAS_MIL:
+            for i0 in range(0, N, RBLOCK):
+                i1 = i0 + tl.arange(0, RBLOCK)
+                mil += tl.load(img_ptr + i1, mask=i1 < N, other=0.0, cache_modifier=".cg")
+        tl.store(mil_ptr, tl.sum(mil, axis=0) * tl.load(coef_ptr + 4))
+        sm = tl.zeros([RBLOCK], dtype=CT)
+        if HAS_SMOOTH:
+            for i0 in range(0, n_parts, RBLOCK):
+                i1 = i0 + tl.arange(0, RBLOCK)
+                sm += tl.load(part_ptr + i1, mask=i1 < n_parts, other=0.0, cache_modifier=".cg")
+        tl.store(smooth_ptr, tl.sum(sm, axis=0))
+        tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _backward_kernel(
+    g_ptr, gm_ptr, gs_ptr, state_ptr, new_state_ptr, coef_ptr,
+    sp_arg_ptr, sp_d_ptr, sp_old_ptr, H, W,
+    HAS_MIL: tl.constexpr, HAS_SMOOTH: tl.constexpr, CT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """g holds ``a_cur * dmil + b_cur * dsmooth`` (state = (a_cur, b_cur)); make it
+    ``gm * dmil + gs * dsmooth`` in place, or return at once when it already is."""
+    a_cur = tl.load(state_ptr)
+    b_cur = tl.load(state_ptr + 1)
+    gm = a_cur
+    gs = b_cur
+    if HAS_MIL:
+        gm = tl.load(gm_ptr).to(CT)
+    if HAS_SMOOTH:
+        gs = tl.load(gs_ptr).to(CT)
+    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0)
+    if first:
+        tl.store(new_state_ptr, gm)
+        tl.store(new_state_ptr + 1, gs)
+    if (gm != a_cur) | (gs != b_cur):
+        n = tl.program_id(0).to(tl.int64)
+        r1 = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+        c1 = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)
+        rows = r1[:, None]
+        cols = c1[None, :]
+        in_r = r1 < H
+        in_c = c1 < W
+        inside = in_r[:, None] & in_c[None, :]
+        ptr = g_ptr + (n * H + rows) * W + cols
+        g = tl.load(ptr, mask=inside, other=0.0).to(CT)
+        if HAS_SMOOTH:
+            # b_cur == 0 (an earlier backward with a zero smoothness weight) kept no
+            # smoothness gradient to rescale: NaN unless it is still asked to be 0
+            zero_g = tl.where(gs == 0.0, 0.0, float("nan"))
+            scale = tl.where(b_cur == 0.0, zero_g, gs / tl.where(b_cur == 0.0, 1.0, b_cur))
+            out = g * scale
+        else:
+            out = g
+        if HAS_MIL:
+            b_img = n * (H + W)
+            ra = tl.load(sp_arg_ptr + b_img + r1, mask=in_r, other=-1)
+            rd = tl.load(sp_d_ptr + b_img + r1, mask=in_r, other=0.0)
+            ro = tl.load(sp_old_ptr + b_img + r1, mask=in_r, other=0.0)
+            ca = tl.load(sp_arg_ptr + b_img + H + c1, mask=in_c, other=-1)
+            cd = tl.load(sp_d_ptr + b_img + H + c1, mask=in_c, other=0.0)
+            co = tl.load(sp_old_ptr + b_img + H + c1, mask=in_c, other=0.0)
+            is_r = cols == ra[:, None].to(tl.int64)
+            is_c = rows == ca[None, :].to(tl.int64)
+            old = tl.where(is_r, ro[:, None], co[None, :])   # the pixel before any MIL term
+            dm = tl.where(is_r, rd[:, None], 0.0) + tl.where(is_c, cd[None, :], 0.0)
+            if HAS_SMOOTH:
+                k = gs / tl.load(coef_ptr + 9)
+                exact = k * old + gm * dm
+            else:
+                exact = gm * dm
+            out = tl.where(is_r | is_c, exact, out)
+        tl.store(ptr, out.to(g_ptr.dtype.element_ty), mask=inside)
 
 
 def _default_blocks(h: int, w: int, on_gpu: bool) -> tuple[int, int]:
@@ -248,31 +377,29 @@ def _coef_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.de
     return torch.tensor(values, dtype=dtype).to(device)
 
 
-def mil_smooth_forward(
-    logits: torch.Tensor,
-    box_mask: torch.Tensor | None,
-    has_mil: bool,
-    has_smooth: bool,
-    grad_weights: tuple[float, float] | None,
-    block_h: int | None = None,
-    block_w: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the kernels. Same contract as :func:`boxcaseg.kernels.mil_smooth_numba.mil_smooth_forward`.
-
-    logits: [N, 1, H, W] float32/float64/bfloat16/float16, any strides; box_mask:
-    [N, 1, H, W] bool/int/float (or None without MIL). ``grad_weights=(a, b)`` also
-    returns ``a * dmil/dlogits + b * dsmooth/dlogits`` ([N, 1, H, W], logits' dtype).
-    ``block_h``/``block_w`` (powers of two) override the tile shape.
-    """
-    mil, smooth, g, _ = _launch(logits, box_mask, has_mil, has_smooth, grad_weights, block_h, block_w)
-    return mil, smooth, g
+_tickets: dict[torch.device, torch.Tensor] = {}
 
 
-def _launch(logits, box_mask, has_mil, has_smooth, grad_weights, block_h=None, block_w=None, add_mil=True):
-    """:func:`mil_smooth_forward` plus, with a gradient and MIL, the sparse MIL gradient
-    ``(idx, d)``: ``dmil/dlogits`` is ``d`` scattered at the flat indices ``idx`` into
-    [N * H * W] (both [N, H + W]; rows first), else None. ``add_mil=False`` leaves the
-    MIL part out of the dense gradient (it is then ``b * dsmooth/dlogits`` only)."""
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The bags kernel's ticket counter on ``device``: zeroed once, put back to 0 by every
+    launch. Launches on one device share it, so they must not run concurrently on two
+    streams."""
+    t = _tickets.get(device)
+    if t is None:
+        t = _tickets[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
+
+
+class _Launch:
+    """What one forward launch leaves for the backward."""
+
+    __slots__ = ("g", "sparse", "coef", "grid", "blocks", "hw", "flags")
+
+
+def _launch(logits, labels, has_mil, has_smooth, grad_weights, block_h=None, block_w=None):
+    """Forward kernels (1) and (2). Returns ``(mil, smooth, launch)``; ``launch.g`` is
+    ``a * dmil/dlogits + b * dsmooth/dlogits`` for ``grad_weights=(a, b)`` ([N, H, W],
+    logits' dtype) or None without a gradient."""
     if logits.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(
             "Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before "
@@ -283,125 +410,159 @@ def _launch(logits, box_mask, has_mil, has_smooth, grad_weights, block_h=None, b
     x = logits.detach()[:, 0]
     ct_torch = compute_dtype(logits.dtype)
     ct = tl.float64 if ct_torch == torch.float64 else tl.float32
-    if has_mil:
-        m = box_mask.detach()[:, 0]
-        if m.dtype == torch.bool:
-            m = m.view(torch.uint8)
-    else:
-        m = x
     bh, bw = _default_blocks(h, w, dev.type == "cuda" and not INTERPRETED)
     bh, bw = block_h or bh, block_w or bw
     n_rb, n_wb = triton.cdiv(h, bh), triton.cdiv(w, bw)
     write_grad = grad_weights is not None
     a, b = grad_weights if write_grad else (0.0, 0.0)
     lwh, lwv, lwd = smooth_weights(n, h, w)
-
     n_bags = mil_bag_count(n, h, w)
-    coef = _coef_tensor((2.0 * b * lwh, 2.0 * b * lwv, 2.0 * b * lwd, float(a) / n_bags, 1.0 / n_bags), ct_torch, dev)
+    coef = _coef_tensor((2.0 * b * lwh, 2.0 * b * lwv, 2.0 * b * lwd, 0.0, 1.0 / n_bags,
+                         lwh, lwv, lwd, float(a), float(b)), ct_torch, dev)
     g = torch.empty((n, h, w), dtype=logits.dtype, device=dev) if write_grad else x
-    sums = torch.zeros((n, n_rb, n_wb, 4), dtype=ct_torch, device=dev)
-    dummy = sums
+    parts = torch.empty((n, n_rb, n_wb), dtype=ct_torch, device=dev)
     if has_mil:
+        lab = labels.view(torch.uint8) if labels.dtype == torch.bool else labels
         rmax = torch.empty((n, n_wb, h), dtype=ct_torch, device=dev)
         rarg = torch.empty((n, n_wb, h), dtype=torch.int32, device=dev)
-        rlab = torch.empty((n, n_wb, h), dtype=ct_torch, device=dev)
         cmax = torch.empty((n, n_rb, w), dtype=ct_torch, device=dev)
         carg = torch.empty((n, n_rb, w), dtype=torch.int32, device=dev)
-        clab = torch.empty((n, n_rb, w), dtype=ct_torch, device=dev)
+        img = torch.empty((n,), dtype=ct_torch, device=dev)
     else:
-        rmax = rarg = rlab = cmax = carg = clab = dummy
-    _mil_smooth_tile_kernel[(n, n_rb, n_wb)](
+        lab = rmax = rarg = cmax = carg = img = parts
+    _tile_kernel[(n, n_rb, n_wb)](
         x, x.stride(0), x.stride(1), x.stride(2),
-        m, m.stride(0), m.stride(1), m.stride(2),
-        g, sums, rmax, rarg, rlab, cmax, carg, clab,
+        g, parts, rmax, rarg, cmax, carg,
         h, w, n_rb, n_wb, coef,
         HAS_MIL=has_mil, HAS_SMOOTH=has_smooth, WRITE_GRAD=write_grad,
         CT=ct, BLOCK_H=bh, BLOCK_W=bw,
         num_warps=8 if bh * bw >= 2048 else 4,
     )
-    out_dt = ct_torch
-    if has_smooth:
-        tot = sums.to(torch.float64).sum(dim=(0, 1, 2))
-        smooth = (lwh * tot[0] + lwv * tot[1] + lwd * (tot[2] + tot[3])).to(out_dt)
-    else:
-        smooth = torch.zeros((), dtype=out_dt, device=dev)
     sparse = None
-    if has_mil:
-        bags = torch.empty((n, 2), dtype=ct_torch, device=dev)
-        if write_grad:
-            sparse = (torch.empty((n, h + w), dtype=torch.int64, device=dev),
-                      torch.empty((n, h + w), dtype=ct_torch, device=dev))
-        idx, d = sparse if write_grad else (dummy, dummy)
-        _mil_bags_kernel[(n,)](
-            g, bags, idx, d, rmax, rarg, rlab, cmax, carg, clab,
-            h, w, n_rb, n_wb, coef,
-            WRITE_GRAD=write_grad, ADD_GRAD=write_grad and add_mil, CT=ct,
-            P_WB=triton.next_power_of_2(n_wb), P_RB=triton.next_power_of_2(n_rb),
-            BLOCK=min(triton.next_power_of_2(max(h, w)), 1024 if INTERPRETED else 128),
-            num_warps=4,
-        )
-        mil = (bags.to(torch.float64).sum() / n_bags).to(out_dt)
-    else:
-        mil = torch.zeros((), dtype=out_dt, device=dev)
-    return mil, smooth, (g.unsqueeze(1) if write_grad else None), sparse
+    if write_grad and has_mil:
+        sparse = (torch.empty((n, h + w), dtype=torch.int32, device=dev),
+                  torch.empty((n, h + w), dtype=ct_torch, device=dev),
+                  torch.empty((n, h + w), dtype=ct_torch, device=dev))
+    sp = sparse or (parts, parts, parts)
+    mil = torch.empty((), dtype=ct_torch, device=dev)
+    smooth = torch.empty((), dtype=ct_torch, device=dev)
+    _bags_kernel[(n,)](
+        g, lab, lab.stride(0) if has_mil else 0, lab.stride(1) if has_mil else 0,
+        rmax, rarg, cmax, carg, *sp,
+        img, parts, n * n_rb * n_wb, _ticket(dev), mil, smooth,
+        n, h, w, n_rb, n_wb, coef,
+        HAS_MIL=has_mil, HAS_SMOOTH=has_smooth, WRITE_GRAD=write_grad, CT=ct,
+        P_WB=triton.next_power_of_2(n_wb), P_RB=triton.next_power_of_2(n_rb),
+        BLOCK=min(triton.next_power_of_2(max(h, w)), 1024 if INTERPRETED else 128),
+        RBLOCK=1024 if INTERPRETED else 256,
+        num_warps=4,
+    )
+    launch = _Launch()
+    launch.g = g if write_grad else None
+    launch.sparse, launch.coef = sparse, coef
+    launch.grid, launch.blocks, launch.hw = (n, n_rb, n_wb), (bh, bw), (h, w)
+    launch.flags = (has_mil, has_smooth, ct)
+    return mil, smooth, launch
+
+
+def _as_labels(logits: torch.Tensor, labels: torch.Tensor | None, has_mil: bool) -> torch.Tensor | None:
+    """Compact bag labels [N, H + W] from compact labels or a dense [N, 1, H, W] mask."""
+    if not has_mil:
+        return None
+    if labels is not None and labels.dim() == 4:
+        check_inputs(logits, labels)
+        return bag_labels(labels)
+    check_inputs(logits, None)
+    check_bag_labels(labels, logits)
+    return labels
+
+
+def mil_smooth_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    has_mil: bool,
+    has_smooth: bool,
+    grad_weights: tuple[float, float] | None,
+    block_h: int | None = None,
+    block_w: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the forward kernels: ``(mil, smooth, G or None)``.
+
+    logits: [N, 1, H, W] float32/float64/bfloat16/float16, any strides; labels: bag labels
+    uint8/bool [N, H + W] (rows, then columns) or a dense {0, 1} mask [N, 1, H, W] (None
+    without MIL). ``grad_weights=(a, b)`` also returns ``a * dmil/dlogits + b *
+    dsmooth/dlogits`` ([N, 1, H, W], logits' dtype). ``block_h``/``block_w`` (powers of
+    two) override the tile shape.
+    """
+    if has_mil or labels is None:
+        labels = _as_labels(logits, labels, has_mil)
+    mil, smooth, launch = _launch(logits, labels, has_mil, has_smooth, grad_weights, block_h, block_w)
+    return mil, smooth, (launch.g.unsqueeze(1) if launch.g is not None else None)
+
+
+def _backward(launch: _Launch, state: torch.Tensor, g_mil: torch.Tensor, g_smooth: torch.Tensor) -> torch.Tensor:
+    """Kernel (3): launch.g becomes ``g_mil * dmil + g_smooth * dsmooth`` in place (nothing
+    moves when it already is); returns the new device state (the weights g now holds)."""
+    has_mil, has_smooth, ct = launch.flags
+    h, w = launch.hw
+    new_state = torch.empty(2, dtype=state.dtype, device=state.device)
+    sp = launch.sparse or (state, state, state)
+    _backward_kernel[launch.grid](
+        launch.g, g_mil, g_smooth, state, new_state, launch.coef, *sp, h, w,
+        HAS_MIL=has_mil, HAS_SMOOTH=has_smooth, CT=ct,
+        BLOCK_H=launch.blocks[0], BLOCK_W=launch.blocks[1],
+        num_warps=8 if launch.blocks[0] * launch.blocks[1] >= 2048 else 4,
+    )
+    return new_state
 
 
 class TritonMilSmoothFunction(torch.autograd.Function):
-    """(mil, smooth) = f(logits, box_mask) by the Triton kernels, with a backward that
-    needs no device-to-host sync.
+    """(mil, smooth) = f(logits, bag labels) by the Triton kernels; three launches per
+    forward + backward, no host synchronisation.
 
-    With both terms, the forward writes the dense smoothness gradient ``b * dsmooth``
-    (``grad_weights=(a, b)``, b the caller's smoothness weight) and keeps the MIL gradient
-    in sparse form (one value per bag, at its argmax). For any upstream ``(gm, gs)`` the
-    backward returns ``(gs / b) * G + gm * dmil`` (one pass over G plus a scatter of
-    N * (H + W) values), exact whatever the weighting. MIL alone keeps the MIL part in G
-    and returns ``(gm / a) * G``; smoothness alone ``(gs / b) * G``. A zero weight on a
-    term in use (b = 0 with smoothness) falls back to reading the upstream values (a sync)
-    and recomputing.
+    The forward writes ``G = a * dmil + b * dsmooth`` for the caller's weights
+    ``grad_weights=(a, b)`` (a zero weight on a term in use is replaced by 1, so that the
+    term's gradient is kept). The backward hands G back: untouched when the upstream
+    gradients are ``(a, b)`` (decided on the device by kernel (3), which then moves
+    nothing), else rewritten in place for the upstream ones (any weighting, exact at the
+    argmax pixels). Caveats of the in-place buffer: a later backward through a retained
+    graph rewrites the gradient an earlier one returned (a leaf's ``.grad`` is a copy and
+    is safe), and after a backward with a zero smoothness upstream gradient a later one
+    with a non-zero one through the same graph gives NaN (the term was not kept).
     """
 
     @staticmethod
-    def forward(ctx, logits, box_mask, has_mil, has_smooth, grad_weights, blocks):
+    def forward(ctx, logits, labels, has_mil, has_smooth, grad_weights, blocks):
         need_grad = ctx.needs_input_grad[0]
-        b = grad_weights[1]
-        split = has_mil and has_smooth and b != 0.0      # dense smoothness + sparse MIL
-        mil, smooth, g, sparse = _launch(logits, box_mask, has_mil, has_smooth,
-                                         grad_weights if need_grad else None, *(blocks or (None, None)),
-                                         add_mil=not split)
-        ctx.flags = (has_mil, has_smooth, grad_weights, split)
+        a, b = grad_weights
+        weights = (a if a != 0.0 or not has_mil else 1.0, b if b != 0.0 or not has_smooth else 1.0)
+        mil, smooth, launch = _launch(logits, labels, has_mil, has_smooth,
+                                      weights if need_grad else None, *(blocks or (None, None)))
         if need_grad:
-            idx, d = sparse if split else (None, None)
-            ctx.save_for_backward(logits, box_mask if has_mil else None, g, idx, d)
+            ctx.launch = launch
+            ctx.state = launch.coef[_C_A:_C_B + 1]
         return mil, smooth
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mil, g_smooth):
-        has_mil, has_smooth, (a, b), split = ctx.flags
-        logits, box_mask, g, idx, d = ctx.saved_tensors
-        if split:
-            out = g * (g_smooth / b)
-            out.view(-1).index_add_(0, idx.view(-1), (d * g_mil).view(-1).to(out.dtype))
-            return out, None, None, None, None, None
-        if has_smooth and not has_mil and b != 0.0:
-            return g * (g_smooth / b), None, None, None, None, None
-        if has_mil and not has_smooth and a != 0.0:
-            return g * (g_mil / a), None, None, None, None, None
-        # a zero weight on a term in use: read the upstream values (a sync) and recompute
-        gm = float(g_mil.item()) if has_mil else 0.0
-        gs = float(g_smooth.item()) if has_smooth else 0.0
-        return _launch(logits, box_mask, has_mil, has_smooth, (gm, gs))[2], None, None, None, None, None
+        launch = ctx.launch
+        ctx.state = _backward(launch, ctx.state, g_mil, g_smooth)
+        return launch.g.unsqueeze(1), None, None, None, None, None
 
 
 def mil_smooth_loss_triton(
     logits: torch.Tensor,
-    box_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
     has_mil: bool = True,
     has_smooth: bool = True,
     grad_weights: tuple[float, float] = (1.0, 1.0),
     blocks: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mil, smooth) through :class:`TritonMilSmoothFunction`; ``blocks=(block_h, block_w)``
-    overrides the tile shape (bench/mil_kernel.py's sweep)."""
-    check_inputs(logits, box_mask if has_mil else None)
-    return TritonMilSmoothFunction.apply(logits, box_mask, has_mil, has_smooth, tuple(map(float, grad_weights)), blocks)
+    """(mil, smooth) through :class:`TritonMilSmoothFunction`. ``labels``: bag labels
+    uint8/bool [N, H + W] or a dense mask [N, 1, H, W] (turned into bag labels first);
+    ``blocks=(block_h, block_w)`` overrides the tile shape (bench/mil_kernel.py's sweep)."""
+    lab = _as_labels(logits, labels, has_mil)
+    if not has_mil:
+        check_inputs(logits, None)
+    return TritonMilSmoothFunction.apply(logits, lab, has_mil, has_smooth, tuple(map(float, grad_weights)), blocks)
