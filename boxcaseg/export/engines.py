@@ -4,6 +4,15 @@
 float32, s = S / output_stride. Every engine is per-sample (BatchNorm folded), so a
 sample's answer does not depend on what else is in its batch.
 
+``predict`` is ``submit(batch).result()``: ``submit`` starts a batch and returns a
+:class:`Pending` whose ``result()`` waits for it, so a caller can pack the next batch
+while one runs. ``input_buffers(B)`` gives the host buffers to pack into (page-locked
+on CUDA, so that the copy to the device is asynchronous). Only the torch engine on CUDA
+runs asynchronously (:class:`TorchEngine`: its own copy stream, double-buffered device
+inputs, an optional CUDA graph, the results copied back into page-locked buffers);
+everywhere else ``submit`` computes the batch before it returns (the same API, one
+pipeline).
+
 - :class:`TorchEngine`: a ``boxcaseg train`` checkpoint, run through the same
   export wrapper in PyTorch (CUDA when present);
 - :class:`OnnxEngine`: an exported ``.onnx`` through ONNX Runtime (TensorRT or CUDA
@@ -31,6 +40,15 @@ log = logging.getLogger(__name__)
 ENGINE_KINDS = ("torch", "onnx", "trt")
 
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class Pending(Protocol):
+    def result(self) -> np.ndarray: ...      # the probabilities [B, 1, s, s] float32 (a fresh array)
+
+    def timings(self) -> dict | None: ...    # {"h2d", "gpu"} seconds by CUDA events; None off CUDA
+
+
 class Engine(Protocol):
     kind: str
     infer_size: int
@@ -39,6 +57,33 @@ class Engine(Protocol):
 
     def predict(self, batch: Any) -> np.ndarray: ...
 
+    def submit(self, batch: Any) -> Pending: ...
+
+    def input_buffers(self, batch_size: int, n: int = 2) -> list[np.ndarray]: ...
+
+
+class Ready:
+    """A batch computed before ``submit`` returned (every engine but torch on CUDA)."""
+
+    def __init__(self, probs: np.ndarray):
+        self.probs = probs
+
+    def result(self) -> np.ndarray:
+        return self.probs
+
+    def timings(self) -> None:
+        return None
+
+
+class _SyncEngine:
+    """``submit`` = ``predict`` now; plain host buffers."""
+
+    def submit(self, batch: Any) -> Ready:
+        return Ready(self.predict(batch))
+
+    def input_buffers(self, batch_size: int, n: int = 2) -> list[np.ndarray]:
+        return [np.zeros((batch_size, 3, self.infer_size, self.infer_size), np.uint8) for _ in range(n)]
+
 
 def _as_numpy_f32(batch: Any) -> np.ndarray:
     if hasattr(batch, "numpy") and not isinstance(batch, np.ndarray):
@@ -46,34 +91,228 @@ def _as_numpy_f32(batch: Any) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+def check_engine_options(kind: str, precision: str = "fp32", channels_last: bool = False,
+                         cuda_graph: bool = False) -> None:
+    """BoxcasegError in one line for a torch-engine option given to another engine, or an unknown precision."""
+    if precision not in PRECISIONS:
+        raise BoxcasegError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    if kind != "torch":
+        asked = [f for f, on in (("--precision " + precision, precision != "fp32"), ("--channels-last", channels_last),
+                                 ("--cuda-graph", cuda_graph)) if on]
+        if asked:
+            raise BoxcasegError(f"{', '.join(asked)}: options of the torch engine (--engine torch with a checkpoint), "
+                                f"not of --engine {kind}")
+
+
 class TorchEngine:
-    """A checkpoint run directly: the export wrapper in PyTorch (CUDA when available)."""
+    """A checkpoint run directly: the export wrapper in PyTorch (CUDA when available).
+
+    ``precision``: fp32 (default), fp16 (CUDA only) or bf16: the network (body and heads)
+    in that type, the normalisation and the final sigmoid in float32 (the wrapper's
+    ``half_precision_copy``). ``channels_last``: NHWC memory format for the network.
+    ``cuda_graph`` (CUDA only; ignored on the CPU): each batch size is captured once in a
+    CUDA graph (after three eager warm-up passes) and replayed from a static input.
+
+    On CUDA, :meth:`submit` is asynchronous: the batch (uint8) is copied on a copy stream
+    into one of two device buffers (events order it after the batch that last read that
+    buffer), the network runs on a compute stream, and the probabilities are copied back
+    into one of two page-locked host buffers; :meth:`input_buffers` gives page-locked
+    buffers to pack into. A buffer passed to ``submit`` must stay unchanged until that
+    batch's ``result()`` returned. On the CPU ``submit`` computes the batch at once.
+    """
 
     kind = "torch"
 
-    def __init__(self, path: str | Path, device: str | None = None, threads: int = 0):
+    def __init__(self, path: str | Path, device: str | None = None, threads: int = 0, precision: str = "fp32",
+                 channels_last: bool = False, cuda_graph: bool = False):
         import torch
 
         from boxcaseg.export.wrapper import ProxyExportModel
         from boxcaseg.model import load_checkpoint_model
 
+        check_engine_options("torch", precision)
         if threads:
             torch.set_num_threads(threads)
         model, cfg = load_checkpoint_model(str(path))
         self.infer_size = int(cfg.model.infer_size)
         self.device = resolve_device(device or "auto", "--device")  # this rank's GPU under torchrun
+        self.cuda = self.device.type == "cuda"
+        if precision == "fp16" and not self.cuda:
+            raise BoxcasegError("--precision fp16: needs a CUDA device (bf16 runs on the CPU too)")
+        self.precision, self.channels_last = precision, bool(channels_last)
+        self.cuda_graph = bool(cuda_graph) and self.cuda
         with torch.no_grad():
-            self.module = ProxyExportModel(model, self.infer_size).eval().to(self.device)
+            module = ProxyExportModel(model, self.infer_size).eval()
+            if precision != "fp32":
+                module = module.half_precision_copy({"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+            if self.channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            self.module = module.to(self.device)
         self.output_stride = int(self.module.stride)
-        self.description = f"torch ({self.device}, {cfg.model.backbone})"
+        extra = [precision] if precision != "fp32" else []
+        extra += ["channels_last"] * self.channels_last + ["cuda graph"] * self.cuda_graph
+        self.description = f"torch ({', '.join([str(self.device), cfg.model.backbone, *extra])})"
+        self._lanes: dict[int, _CudaLane] = {}
+        self._pinned: dict[tuple, Any] = {}  # (data pointer, shape) -> page-locked tensor given out
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.compute_stream = torch.cuda.Stream(self.device)
+
+    def _forward(self, x):
+        """uint8 or float pixels already on the engine's device -> float32 probabilities there."""
+        import torch
+
+        x = x.float()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.module(x).float()
 
     def predict(self, batch: Any) -> np.ndarray:
+        if self.cuda:
+            return self.submit(batch).result()
         import torch
 
         x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
         with torch.inference_mode():
-            x = x.to(self.device, non_blocking=True).float()
-            return self.module(x).float().cpu().numpy()
+            if self.precision == "fp32" and not self.channels_last:  # exactly the bytes of before
+                x = x.to(self.device, non_blocking=True).float()
+                return self.module(x).float().cpu().numpy()
+            return self._forward(x.to(self.device)).cpu().numpy()
+
+    def submit(self, batch: Any) -> "Pending":
+        if not self.cuda:
+            return Ready(self.predict(batch))
+        return self._submit_cuda(batch)
+
+    def input_buffers(self, batch_size: int, n: int = 2) -> list[np.ndarray]:
+        """``n`` host buffers [B, 3, S, S] uint8 to pack batches into (page-locked on CUDA)."""
+        shape = (batch_size, 3, self.infer_size, self.infer_size)
+        if not self.cuda:
+            return [np.zeros(shape, np.uint8) for _ in range(n)]
+        import torch
+
+        out = []
+        for _ in range(n):
+            t = torch.zeros(shape, dtype=torch.uint8, pin_memory=True)
+            self._pinned[(t.data_ptr(), shape)] = t
+            out.append(t.numpy())
+        return out
+
+    # ----------------------------------------------------------------------- CUDA only
+
+    def _host_tensor(self, batch: Any):
+        """``batch`` as a CPU uint8/float tensor: one of our page-locked buffers when it is one."""
+        import torch
+
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, np.ndarray):
+            t = self._pinned.get((batch.__array_interface__["data"][0], batch.shape))
+            if t is not None and batch.dtype == np.uint8:
+                return t
+        return torch.from_numpy(np.ascontiguousarray(batch))
+
+    def _lane(self, x) -> "_CudaLane":
+        key = (tuple(x.shape), x.dtype)
+        lane = self._lanes.get(key)
+        if lane is None:
+            import torch
+
+            with torch.cuda.device(self.device):  # the capture and the pools on the engine's GPU, from any thread
+                lane = self._lanes[key] = _CudaLane(self, tuple(x.shape), x.dtype)
+        return lane
+
+    def _submit_cuda(self, batch: Any) -> "CudaPending":
+        import torch
+
+        host = self._host_tensor(batch)
+        if host.device.type != "cpu":  # already on a device: copy on the copy stream all the same
+            host = host.to(self.device)
+        lane = self._lane(host)
+        i = lane.next
+        lane.next ^= 1
+        if lane.owner[i] is not None:  # that slot's previous result not read yet: read it out first
+            lane.owner[i]._fetch()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        with torch.no_grad(), torch.cuda.device(self.device):
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(lane.free[i])        # no earlier batch still reads dev_in[i]
+                ev[0].record(self.copy_stream)
+                lane.dev_in[i].copy_(host, non_blocking=True)
+                ev[1].record(self.copy_stream)
+            self.compute_stream.wait_event(ev[1])
+            with torch.cuda.stream(self.compute_stream):
+                ev[2].record(self.compute_stream)
+                if lane.graph is not None:
+                    lane.static_in.copy_(lane.dev_in[i])
+                    lane.free[i].record(self.compute_stream)
+                    lane.graph.replay()
+                    out = lane.static_out
+                else:
+                    out = self._forward(lane.dev_in[i])
+                    lane.free[i].record(self.compute_stream)
+                lane.host_out[i].copy_(out, non_blocking=True)
+                ev[3].record(self.compute_stream)
+        pending = CudaPending(lane, i, ev)
+        lane.owner[i] = pending
+        return pending
+
+
+class _CudaLane:
+    """Buffers (and the CUDA graph) of one input shape: two device inputs, two page-locked outputs."""
+
+    def __init__(self, engine: TorchEngine, shape: tuple, dtype):
+        import torch
+
+        dev = engine.device
+        self.dev_in = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(2)]
+        self.free = [torch.cuda.Event() for _ in range(2)]
+        self.owner: list = [None, None]
+        self.next = 0
+        self.graph = self.static_in = None
+        with torch.no_grad():
+            if engine.cuda_graph:
+                self.static_in = torch.zeros(shape, dtype=dtype, device=dev)
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # allocator and cuDNN warm-up before the capture
+                        engine._forward(self.static_in)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.static_out = engine._forward(self.static_in)
+                out_shape = tuple(self.static_out.shape)
+            else:
+                out_shape = tuple(engine._forward(self.dev_in[0]).shape)
+        torch.cuda.synchronize(dev)
+        self.host_out = [torch.empty(out_shape, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+
+
+class CudaPending:
+    """A batch in flight on the GPU; ``result()`` waits for its copy back."""
+
+    def __init__(self, lane: _CudaLane, slot: int, events: list):
+        self.lane, self.slot, self.events = lane, slot, events
+        self.probs: np.ndarray | None = None
+
+    def _fetch(self) -> None:
+        if self.probs is None:
+            self.events[3].synchronize()
+            self.probs = self.lane.host_out[self.slot].numpy().copy()
+            if self.lane.owner[self.slot] is self:
+                self.lane.owner[self.slot] = None
+
+    def result(self) -> np.ndarray:
+        self._fetch()
+        return self.probs
+
+    def timings(self) -> dict:
+        """Seconds by CUDA events: the host-to-device copy, and the GPU from the network's
+        start to the end of the copy back (both after ``result()``)."""
+        self._fetch()
+        e = self.events
+        return {"h2d": e[0].elapsed_time(e[1]) / 1000.0, "gpu": e[2].elapsed_time(e[3]) / 1000.0}
 
 
 def onnx_providers(cache_dir: str | Path | None = None, device: str | None = None,
@@ -104,7 +343,7 @@ def onnx_providers(cache_dir: str | Path | None = None, device: str | None = Non
     return providers
 
 
-class OnnxEngine:
+class OnnxEngine(_SyncEngine):
     """An exported ONNX file through ONNX Runtime."""
 
     kind = "onnx"
@@ -138,7 +377,7 @@ class OnnxEngine:
         return self.session.run([self.output_name], {self.input_name: _as_numpy_f32(batch)})[0]
 
 
-class TrtEngine:
+class TrtEngine(_SyncEngine):
     """A TensorRT plan written by ``boxcaseg export --trt`` (needs TensorRT and a CUDA GPU)."""
 
     kind = "trt"
@@ -192,16 +431,21 @@ class TrtEngine:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, 0)
 
 
-def load_engine(kind: str, path: str | Path, threads: int = 0, device: str | None = None) -> Engine:
+def load_engine(kind: str, path: str | Path, threads: int = 0, device: str | None = None, precision: str = "fp32",
+                channels_last: bool = False, cuda_graph: bool = False) -> Engine:
     """Open ``path`` as a ``kind`` engine ("torch": checkpoint, "onnx": .onnx, "trt": plan).
 
+    ``precision``, ``channels_last``, ``cuda_graph``: the torch engine's options
+    (:class:`TorchEngine`); another engine given one raises BoxcasegError.
     A file that is not what ``kind`` expects raises BoxcasegError in one line.
     """
     path = Path(path)
     if not path.is_file():
         raise BoxcasegError(f"{path}: model file not found")
+    check_engine_options(kind, precision, channels_last, cuda_graph)
     if kind == "torch":
-        return TorchEngine(path, device=device, threads=threads)
+        return TorchEngine(path, device=device, threads=threads, precision=precision, channels_last=channels_last,
+                           cuda_graph=cuda_graph)
     if kind == "onnx":
         return OnnxEngine(path, threads=threads, device=device)
     if kind == "trt":

@@ -104,12 +104,16 @@ class ProxyExportModel(nn.Module):
         self.alpha = alpha
         self.stride = 1 if self.full_resolution else int(model.backbone.stride)
         self.half_compute = False
+        self.compute_dtype = torch.float16  # of the body and heads when half_compute
 
-    def half_precision_copy(self) -> "ProxyExportModel":
-        """A copy computing in float16 between float32 input and output (TensorRT fp16)."""
-        twin = copy.deepcopy(self).half()
+    def half_precision_copy(self, dtype: torch.dtype = torch.float16) -> "ProxyExportModel":
+        """A copy computing in ``dtype`` (float16: TensorRT fp16; float16 or bfloat16: the torch
+        engine's --precision) between float32 input and output: the normalisation and the
+        final sigmoid stay in float32."""
+        twin = copy.deepcopy(self).to(dtype)
         twin.mean.data, twin.inv_std.data = self.mean.data.clone(), self.inv_std.data.clone()
         twin.half_compute = True
+        twin.compute_dtype = dtype
         return twin.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +125,7 @@ class ProxyExportModel(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean) * self.inv_std
-        feats = self.body(z.half() if self.half_compute else z)
+        feats = self.body(z.to(self.compute_dtype) if self.half_compute else z)
         feats = [feats] if self.neck else [feats[i] for i in self.keep]
         size = feats[0].shape[-2:]
         for f in feats[1:]:
