@@ -32,6 +32,10 @@ def proxy_command(
     join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="Where every engine runs: cpu, cuda (this rank's GPU: LOCAL_RANK under torchrun, else GPU 0) or cuda:K (default: cuda when available)."),
+    precision: str = typer.Option("fp32", "--precision", help="Torch engine: the network in fp32 | fp16 (CUDA only) | bf16 (normalisation and sigmoid stay fp32). Not fp32 changes the masks a little (bench/RESULTS.md \"proxy_gpu\")."),
+    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last", help="Torch engine: NHWC memory format (faster convolutions on GPUs with tensor cores)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="Torch engine on CUDA: capture the fixed-size batch once in a CUDA graph and replay it (ignored on the CPU)."),
+    post_workers: Optional[int] = typer.Option(None, "--post-workers", help="Post-processing processes (masks, merge/drop, RLE, chunk files), one chunk each; 0: one thread. Default: 0 up to 4 cores, else cores/4 (at most 4). Same output either way."),
 ) -> None:
     """Turn every non-crowd box of a COCO json into a proxy mask, and flag (ignore_mask)
     masks whose tight box disagrees with the GT box; --merge also applies the paper's
@@ -76,7 +80,8 @@ def proxy_command(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
         relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, merge=merge_masks, batch_size=batch_size, workers=workers, threads=threads,
         shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
-        progress=not no_progress and env_rank_world()[0] == 0, device=device,
+        progress=not no_progress and env_rank_world()[0] == 0, device=device, precision=precision,
+        channels_last=channels_last, cuda_graph=cuda_graph, post_workers=post_workers,
     )
     resolved = resolve_proxy_config(cfg)
     cfg, rm = resolved
@@ -98,8 +103,10 @@ def proxy_command(
     steady = f" ({s['steady_instances_per_s']:.1f} after a {t['warmup']:.1f} s warm-up)" if s.get("steady_instances_per_s") else ""
     con.print(f"{speed}{steady} over {s['seconds']:.1f} s; time shares {shares}; resumed chunks {s['resumed_chunks']}/{s['chunks']}")
     if t.get("steady"):
-        con.print("stages (s): " + ", ".join(f"{k} {t[k]:.2f}" for k in ("warmup", "decode", "wait", "pack", "inference",
-                                                                            "post", "masks", "write")))
+        con.print("stages (s): " + ", ".join(f"{k} {t[k]:.2f}" if t.get(k) is not None else f"{k} -"
+                                             for k in ("prepare", "warmup", "decode", "wait", "pack", "inference", "h2d",
+                                                       "gpu", "post", "masks", "write"))
+                  + ("" if t.get("gpu") is not None else " (h2d, gpu: CUDA events, none here)"))
     if "merged" in s:
         m = s["merged"]
         con.print(f"[green]rank 0 merged[/] {m['shards']} shards into {m['output']}")

@@ -1,18 +1,25 @@
-"""Post-processing of a proxy run, in a thread that overlaps with inference (the Numba
-kernels release the GIL): per batch, probability maps -> box-local masks
-(:func:`~boxcaseg.proxy.postprocess.masks_from_probs`); at each chunk's end, merge +
+"""Post-processing of a proxy run: probability maps -> box-local masks
+(:func:`~boxcaseg.proxy.postprocess.masks_from_probs`), and at each chunk's end merge +
 drop per image, RLE, and the chunk's results saved atomically to the
-:class:`~boxcaseg.proxy.shards.ProgressStore`.
+:class:`~boxcaseg.proxy.shards.ProgressStore` (:func:`write_chunk`).
+
+Two ways to run it, the same bytes: :class:`PostThread` (``--post-workers 0``), one thread
+that overlaps with inference (the Numba kernels release the GIL), masks per batch; and
+:class:`PostPool` (``--post-workers N``), N forked processes, one whole chunk per task
+(masks, merge/drop, RLE, the chunk file), for machines whose cores outrun one thread.
 
 :data:`on_chunk_written` is a hook called with the chunk index after each saved chunk
-(None: nothing; the kill-and-resume test sets it to widen its window).
+(None: nothing; the kill-and-resume tests set it to widen their window); pool workers
+call the hook as it was when the pool forked.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,22 +30,96 @@ from boxcaseg.proxy.coco import ImageTask
 from boxcaseg.proxy.config import ProxyConfig
 from boxcaseg.proxy.shards import ProgressStore, empty_stats
 
-# called with the chunk index after each chunk file is saved (in the post thread)
+# called with the chunk index after each chunk file is saved (in the post thread or a pool worker)
 on_chunk_written: Callable[[int], None] | None = None
 
 
 @dataclass
 class Timers:
-    warmup: float = 0.0      # engine load, its first batch and the Numba kernels' compilation (before the clock)
+    prepare: float = 0.0     # json read + validation + task building (overlapping the warm-up)
+    warmup: float = 0.0      # engine load, its first batch (CUDA graph capture) and the Numba kernels' compilation,
+                             # in a thread beside `prepare`; the steady clock starts once both are done
     decode: float = 0.0      # worker time: read + decode + crop + resize (summed over workers)
     wait: float = 0.0        # main process waiting for decoded images
     pack: float = 0.0        # crops copied into the fixed-size input batch
-    inference: float = 0.0   # engine.predict (host-to-device, the network, device-to-host)
-    post: float = 0.0        # post thread, all of it: masks, merge/drop, RLE, chunk files
+    inference: float = 0.0   # main process in engine submit + result (the whole engine call on the CPU;
+                             # on a GPU only what packing did not hide)
+    h2d: float | None = None  # host-to-device copies by CUDA events (None: no CUDA engine)
+    gpu: float | None = None  # network + copy back on the GPU by CUDA events (None: no CUDA engine)
+    post: float = 0.0        # post-processing, all of it: masks, merge/drop, RLE, chunk files (summed over pool workers)
     masks: float = 0.0       # ... of which maps -> box-local masks (resize, prior, threshold)
     write: float = 0.0       # ... of which chunk files (merge/drop, RLE, atomic save)
     steady: float = 0.0      # wall time of the run after the warm-up (steady_instances_per_s's clock)
 
+
+def chunk_masks(cfg: ProxyConfig, probs: np.ndarray, refs: list, size: int, stride: int) -> list[np.ndarray]:
+    """Box-local masks for ``refs`` [(task, slot)] from their maps ``probs`` (same order)."""
+    from boxcaseg.proxy.postprocess import masks_from_probs
+
+    crops = np.stack([t.crops[s] for t, s in refs])
+    boxes = np.stack([t.boxes[s] for t, s in refs])
+    gt = np.stack([t.gt_xyxy[s] for t, s in refs])
+    return masks_from_probs(probs, crops, boxes, cfg.threshold, cfg.relative, size, stride, gt, cfg.prior_weight)
+
+
+def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[int, list], bad: dict[int, str],
+                store: ProgressStore) -> int:
+    """Chunk ``c``: merge + drop per image, RLE, stats, saved atomically; returns the number of
+    annotations not inferred (degenerate boxes, bad images). ``masks``/``bad``: task index ->
+    masks per usable slot / why the image is unusable (the chunk's entries are popped)."""
+    from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
+
+    results = []
+    st = empty_stats()
+    drop = cfg.drop_thresh
+    not_inferred = 0
+    for t in tasks:
+        n = len(t.ann_ids)
+        st["instances"] += n
+        why = bad.pop(t.index, None)
+        ms = masks.pop(t.index, None)
+        agreement = np.zeros(len(t.crops))
+        merged: list = [None] * len(t.crops)
+        if why is not None:
+            st["bad_images"] += 1
+            st["bad_image_annotations"] += len(t.crops)
+            not_inferred += len(t.crops)
+        elif len(t.crops):
+            if ms is None or any(m is None for m in ms):
+                raise RuntimeError(f"image id {t.image_id!r}: masks missing at chunk end")
+            merged, agreement = merge_and_drop(t.boxes, ms, t.gt_xyxy, t.areas, merge=cfg.merge)
+        slot = 0
+        for a in range(n):
+            reason = t.reasons[a]
+            if reason is not None:
+                st["degenerate"] += 1
+                not_inferred += 1
+                results.append([t.ann_ids[a], empty_rle(t.height, t.width), 0.0, True])
+                st["flagged"] += 1
+                continue
+            m = merged[slot]
+            if m is None:
+                rle, agr, ignore = empty_rle(t.height, t.width), 0.0, True
+                st["flagged"] += 1
+            else:
+                x0, y0 = int(t.boxes[slot, 0]), int(t.boxes[slot, 1])
+                rle = encode_window_fast(m, x0, y0, t.height, t.width)
+                agr = float(agreement[slot])
+                ignore = bool(agr < drop)
+                st["masks"] += 1
+                st["agreement_sum"] += agr
+                if not m.any():
+                    st["empty_masks"] += 1
+                if ignore:
+                    st["flagged"] += 1
+                    st["low_agreement"] += 1
+            results.append([t.ann_ids[a], rle, agr, ignore])
+            slot += 1
+    payload = {"chunk": c, "image_ids": [t.image_id for t in tasks], "results": results, "stats": st}
+    store.save(c, payload)
+    if on_chunk_written is not None:
+        on_chunk_written(c)
+    return not_inferred
 
 
 class PostThread(threading.Thread):
@@ -84,18 +165,36 @@ class PostThread(threading.Thread):
                 except queue.Empty:
                     continue
 
-    def _handle(self, item) -> None:
-        from boxcaseg.proxy.postprocess import masks_from_probs
+    # the sink interface of the main loop (PostPool has the same)
+    def batch(self, c: int, probs: np.ndarray, refs: list) -> None:
+        self.put(("batch", probs, refs))
 
+    def bad_image(self, c: int, t: ImageTask, why: str) -> None:
+        self.put(("bad", t, why))
+
+    def end(self, c: int) -> None:
+        self.put(("end", c))
+
+    def close(self) -> None:
+        self.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        if self.is_alive():
+            self.stop_now = True
+            try:
+                self.q.put_nowait(None)
+            except queue.Full:
+                pass
+
+    def _handle(self, item) -> None:
         kind = item[0]
         if kind == "batch":
             _, probs, refs = item
-            crops = np.stack([t.crops[s] for t, s in refs])
-            boxes = np.stack([t.boxes[s] for t, s in refs])
-            gt = np.stack([t.gt_xyxy[s] for t, s in refs])
             t0 = time.perf_counter()
-            masks = masks_from_probs(probs, crops, boxes, self.cfg.threshold, self.cfg.relative, self.size, self.stride,
-                                     gt, self.cfg.prior_weight)
+            masks = chunk_masks(self.cfg, probs, refs, self.size, self.stride)
             self.timers.masks += time.perf_counter() - t0
             for (t, s), m in zip(refs, masks):
                 self.masks.setdefault(t.index, [None] * len(t.crops))[s] = m
@@ -105,60 +204,111 @@ class PostThread(threading.Thread):
             self.bad[t.index] = why
         elif kind == "end":
             t0 = time.perf_counter()
-            self._finish_chunk(item[1])
+            c = item[1]
+            self.on_done(write_chunk(self.cfg, c, self.chunks[c], self.masks, self.bad, self.store))
             self.timers.write += time.perf_counter() - t0
 
-    def _finish_chunk(self, c: int) -> None:
-        from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
 
-        results = []
-        st = empty_stats()
-        drop = self.cfg.drop_thresh
-        not_inferred = 0
-        for t in self.chunks[c]:
-            n = len(t.ann_ids)
-            st["instances"] += n
-            bad = self.bad.pop(t.index, None)
-            masks = self.masks.pop(t.index, None)
-            agreement = np.zeros(len(t.crops))
-            merged: list = [None] * len(t.crops)
-            if bad is not None:
-                st["bad_images"] += 1
-                st["bad_image_annotations"] += len(t.crops)
-                not_inferred += len(t.crops)
-            elif len(t.crops):
-                if masks is None or any(m is None for m in masks):
-                    raise RuntimeError(f"image id {t.image_id!r}: masks missing at chunk end")
-                merged, agreement = merge_and_drop(t.boxes, masks, t.gt_xyxy, t.areas, merge=self.cfg.merge)
-            slot = 0
-            for a in range(n):
-                reason = t.reasons[a]
-                if reason is not None:
-                    st["degenerate"] += 1
-                    not_inferred += 1
-                    results.append([t.ann_ids[a], empty_rle(t.height, t.width), 0.0, True])
-                    st["flagged"] += 1
-                    continue
-                m = merged[slot]
-                if m is None:
-                    rle, agr, ignore = empty_rle(t.height, t.width), 0.0, True
-                    st["flagged"] += 1
-                else:
-                    x0, y0 = int(t.boxes[slot, 0]), int(t.boxes[slot, 1])
-                    rle = encode_window_fast(m, x0, y0, t.height, t.width)
-                    agr = float(agreement[slot])
-                    ignore = bool(agr < drop)
-                    st["masks"] += 1
-                    st["agreement_sum"] += agr
-                    if not m.any():
-                        st["empty_masks"] += 1
-                    if ignore:
-                        st["flagged"] += 1
-                        st["low_agreement"] += 1
-                results.append([t.ann_ids[a], rle, agr, ignore])
-                slot += 1
-        payload = {"chunk": c, "image_ids": [t.image_id for t in self.chunks[c]], "results": results, "stats": st}
-        self.store.save(c, payload)
-        self.on_done(not_inferred)
-        if on_chunk_written is not None:
-            on_chunk_written(c)
+# --------------------------------------------------------------------------- the process pool
+
+_POOL_STATE: dict = {}
+
+
+def _pool_init(state: dict, parent: int) -> None:
+    """In each forked worker: the run's state, and death with the parent (a killed run leaves no writer behind)."""
+    _POOL_STATE.update(state, parent=parent)
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _pool_chunk(c: int, probs: np.ndarray, refs_pos: np.ndarray, bad_pos: list) -> dict:
+    """One whole chunk in a pool worker: masks, merge/drop, RLE, the chunk file."""
+    st = _POOL_STATE
+    cfg, tasks = st["cfg"], st["chunks"][c]
+    t0 = time.perf_counter()
+    refs = [(tasks[int(p)], int(s)) for p, s in refs_pos]
+    masks: dict[int, list] = {}
+    if refs:
+        for (t, s), m in zip(refs, chunk_masks(cfg, probs, refs, st["size"], st["stride"])):
+            masks.setdefault(t.index, [None] * len(t.crops))[s] = m
+    t1 = time.perf_counter()
+    bad = {tasks[p].index: why for p, why in bad_pos}
+    if os.getppid() != st["parent"]:  # the run was killed: write nothing more
+        os._exit(1)
+    not_inferred = write_chunk(cfg, c, tasks, masks, bad, st["store"])
+    t2 = time.perf_counter()
+    return {"masks": t1 - t0, "write": t2 - t1, "post": t2 - t0, "not_inferred": not_inferred}
+
+
+class PostPool:
+    """Post-processing in ``workers`` forked processes, one whole chunk per task.
+
+    The main process keeps each chunk's maps until its end, then hands the chunk over;
+    at most ``2 * workers`` chunks wait or run at once. Worker times are summed into the
+    timers (like decode). Fork after the warm-up: the workers inherit compiled kernels.
+    """
+
+    def __init__(self, cfg: ProxyConfig, chunks: list[list[ImageTask]], store: ProgressStore,
+                 size: int, stride: int, timers: Timers, on_done, workers: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.chunks, self.timers, self.on_done = chunks, timers, on_done
+        self.limit = 2 * workers
+        state = {"cfg": cfg, "chunks": chunks, "store": store, "size": size, "stride": stride}
+        self.ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_pool_init,
+                                      initargs=(state, os.getpid()))
+        self.ex.submit(os.getpid).result()  # forks every worker now, before the main loop's threads grow
+        self.acc: dict[int, list] = {}       # chunk -> [(probs, refs)]
+        self.bad: dict[int, list] = {}       # chunk -> [(task position, why)]
+        self.futures: deque = deque()
+        self._pos: dict[int, dict[int, int]] = {}
+
+    def start(self) -> None:
+        pass
+
+    def batch(self, c: int, probs: np.ndarray, refs: list) -> None:
+        self.acc.setdefault(c, []).append((probs, refs))
+        self.on_done(len(refs))
+
+    def _position(self, c: int, t: ImageTask) -> int:
+        pos = self._pos.get(c)
+        if pos is None:
+            pos = self._pos[c] = {u.index: k for k, u in enumerate(self.chunks[c])}
+        return pos[t.index]
+
+    def bad_image(self, c: int, t: ImageTask, why: str) -> None:
+        self.bad.setdefault(c, []).append((self._position(c, t), why))
+
+    def end(self, c: int) -> None:
+        parts = self.acc.pop(c, [])
+        refs = [(self._position(c, t), s) for _, rr in parts for t, s in rr]
+        probs = np.concatenate([p for p, _ in parts]) if parts else np.zeros((0, 1, 1, 1), np.float32)
+        refs_pos = np.array(refs, np.int64).reshape(-1, 2)
+        self._pos.pop(c, None)
+        while len(self.futures) >= self.limit:
+            self._reap(self.futures.popleft())
+        self.futures.append(self.ex.submit(_pool_chunk, c, probs, refs_pos, self.bad.pop(c, [])))
+
+    def _reap(self, fut) -> None:
+        r = fut.result()
+        for k in ("post", "masks", "write"):
+            setattr(self.timers, k, getattr(self.timers, k) + r[k])
+        self.on_done(r["not_inferred"])
+
+    def close(self) -> None:
+        try:
+            while self.futures:
+                self._reap(self.futures.popleft())
+        finally:
+            self.ex.shutdown(wait=True)
+
+    def abort(self) -> None:
+        self.ex.shutdown(wait=False, cancel_futures=True)

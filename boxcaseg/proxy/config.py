@@ -40,12 +40,20 @@ class ProxyConfig:
     strict: bool = False             # a degenerate box stops the run instead of being flagged
     progress: bool = True            # rich progress bar
     device: str | None = None        # every engine's device (default: this rank's GPU when CUDA is there)
+    precision: str = "fp32"          # torch engine: fp32 | fp16 (CUDA) | bf16 (the network's type; fingerprinted)
+    channels_last: bool = False      # torch engine: NHWC memory format (fingerprinted: other kernels, other last bits)
+    cuda_graph: bool = False         # torch engine on CUDA: the fixed-size batch replayed from a CUDA graph
+    post_workers: int | None = None  # post-processing processes, one chunk each (0: one thread; None: by the cores,
+                                     # pipeline.default_post_workers); the same bytes either way
 
     def check(self) -> None:
-        from boxcaseg.export.engines import ENGINE_KINDS
+        from boxcaseg.export.engines import ENGINE_KINDS, check_engine_options
 
         if self.engine not in ENGINE_KINDS:
             raise BoxcasegError(f"--engine {self.engine!r}: choose from {', '.join(ENGINE_KINDS)}")
+        check_engine_options(self.engine, self.precision, self.channels_last, self.cuda_graph)
+        if self.post_workers is not None and self.post_workers < 0:
+            raise BoxcasegError(f"--post-workers {self.post_workers}: must be >= 0 (0: a thread)")
         if self.context is None or self.threshold is None or self.prior_weight is None:
             raise RuntimeError("ProxyConfig.check() before resolve_proxy_config()")
         if not (math.isfinite(self.context) and self.context >= 1.0):
@@ -67,7 +75,7 @@ def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
     from boxcaseg.export.engines import engine_device
     from boxcaseg.export.onnx_export import file_sha256
 
-    return {
+    fp = {
         "format": FORMAT,
         "ann_sha256": file_sha256(cfg.ann),
         "model_sha256": file_sha256(cfg.model),
@@ -86,6 +94,18 @@ def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
         "strict": bool(cfg.strict),
         "shard": [shard.index, shard.count],
     }
+    fp.update(_torch_options(cfg))  # only when not the defaults: earlier progress and shard files stay valid
+    return fp
+
+
+def _torch_options(cfg: ProxyConfig) -> dict:
+    """The torch engine's options that change the answer, when they are not the defaults."""
+    out: dict = {}
+    if cfg.precision != "fp32":
+        out["precision"] = cfg.precision
+    if cfg.channels_last:
+        out["channels_last"] = True
+    return out
 
 
 def resolve_proxy_config(cfg: ProxyConfig):
@@ -114,5 +134,5 @@ def run_info(cfg: ProxyConfig, rm, fingerprint: dict) -> dict:
     return {"version": __version__, "model": rm.label, "model_sha256": fingerprint["model_sha256"],
             "engine": cfg.engine, "infer_size": rm.settings.infer_size, "alpha": rm.settings.alpha,
             "context": cfg.context, "threshold": cfg.threshold, "prior_weight": cfg.prior_weight,
-            "relative": cfg.relative, "merge": cfg.merge, "drop_thresh": cfg.drop_thresh}
+            "relative": cfg.relative, "merge": cfg.merge, "drop_thresh": cfg.drop_thresh, **_torch_options(cfg)}
 

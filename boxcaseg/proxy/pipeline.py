@@ -9,12 +9,20 @@ Flow (one shard):
    S x S (:mod:`boxcaseg.proxy.decode`);
 3. the main process packs crops of consecutive images into batches of exactly
    ``batch_size`` (the last batch of a chunk is padded, so every sample is always
-   computed in a batch of the same size) and runs the engine;
-4. a post-processing thread (:mod:`boxcaseg.proxy.chunk_writer`) overlaps with inference: maps ->
+   computed in a batch of the same size) and submits them to the engine, one batch in
+   flight: batch k+1 is submitted before batch k's maps are collected, and packed into
+   the other of two host buffers while batch k runs (on a GPU; on the CPU ``submit``
+   computes at once, the same code);
+4. post-processing (:mod:`boxcaseg.proxy.chunk_writer`) overlaps with inference: maps ->
    box-local masks; at the end of each chunk, merge + drop per image, RLE, and the
-   chunk's results written atomically;
+   chunk's results written atomically; in a thread (``post_workers`` 0) or a process
+   pool, one chunk per worker;
 5. the finished run writes the output json (or the shard file,
    :mod:`boxcaseg.proxy.shards`) atomically.
+
+The engine is loaded and warmed up (its first batch, a CUDA graph's capture, the Numba
+kernels' compilation) in a thread while step 1 reads the json; the steady clock starts
+when both are done.
 
 Options and their resolution from the model: :mod:`boxcaseg.proxy.config`; one shard
 per torchrun rank and the rank-0 join: :mod:`boxcaseg.proxy.distributed`.
@@ -23,9 +31,10 @@ per torchrun rank and the rank-0 join: :mod:`boxcaseg.proxy.distributed`.
 from __future__ import annotations
 
 import logging
-import queue
+import os
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
@@ -35,7 +44,7 @@ from boxcaseg.paths import check_image_paths
 from boxcaseg.proxy.coco import apply_results, build_tasks, validate_coco
 from boxcaseg.proxy.config import ProxyConfig, fingerprint, resolve_proxy_config, run_info
 from boxcaseg.proxy.decode import decoded_stream
-from boxcaseg.proxy.chunk_writer import PostThread, Timers
+from boxcaseg.proxy.chunk_writer import PostPool, PostThread, Timers
 from boxcaseg.proxy.shards import ProgressStore, Shard, progress_dir, stats_summary, write_shard_file
 
 log = logging.getLogger(__name__)
@@ -74,37 +83,42 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
     Summary keys: images, instances, masks, flagged, low_agreement, empty_masks,
     degenerate, bad_images, bad_image_annotations, crowd, mean_agreement, seconds,
     instances_per_s, steady_instances_per_s (after the warm-up, the run's own decoding to writing),
-    chunks, resumed_chunks, timings {warmup, decode, wait, pack, inference, post, masks, write},
-    shard, output, engine.
+    chunks, resumed_chunks, timings {prepare, warmup, decode, wait, pack, inference, h2d, gpu, post,
+    masks, write, steady} (seconds; h2d and gpu by CUDA events, None without a CUDA engine),
+    post_workers, shard, output, engine.
     """
-    from boxcaseg.export.engines import load_engine
-
     t_start = time.perf_counter()
     cfg, rm = resolved if resolved is not None else resolve_proxy_config(cfg)
     cfg.check()
+    if cfg.post_workers is None:
+        cfg = replace(cfg, post_workers=default_post_workers())
     shard = Shard.parse(cfg.shard)
     size = rm.settings.infer_size
-    data = load_json(cfg.ann, "COCO annotation json")
-    validate_coco(data, cfg.ann)
-    tasks = build_tasks(data, cfg.context, cfg.strict, cfg.ann)
-    paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))  # before any work: inside --images
-    mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
-    per = cfg.checkpoint_every
-    chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
-    store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size))
-    pending = [c for c in range(len(chunks)) if not store.done(c)]
-    total = sum(len(t.ann_ids) for t in mine)
-    done_before = sum(len(t.ann_ids) for c in range(len(chunks)) if c not in set(pending) for t in chunks[c])
     timers = Timers()
-    engine_desc = cfg.engine
-    if pending:
-        t_run = time.perf_counter()
-        engine_desc = _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, load_engine, paths)
-        timers.steady = time.perf_counter() - t_run - timers.warmup
+    warm = EngineWarmUp(cfg, size)  # beside the json read below
+    try:
+        data = load_json(cfg.ann, "COCO annotation json")
+        validate_coco(data, cfg.ann)
+        tasks = build_tasks(data, cfg.context, cfg.strict, cfg.ann)
+        paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))  # before any work: inside --images
+        mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
+        per = cfg.checkpoint_every
+        chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
+        store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size))
+        pending = [c for c in range(len(chunks)) if not store.done(c)]
+        total = sum(len(t.ann_ids) for t in mine)
+        done_before = sum(len(t.ann_ids) for c in range(len(chunks)) if c not in set(pending) for t in chunks[c])
+        timers.prepare = time.perf_counter() - t_start
+        engine_desc = cfg.engine
+        if pending:
+            engine_desc = _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, warm, paths)
+    finally:
+        warm.join()  # never leave the engine loading behind an error (nor a CUDA init at exit)
 
     stats, results = store.collect([[t.image_id for t in chunk] for chunk in chunks])
     seconds = time.perf_counter() - t_start
     summary = _summary(stats, len(mine), shard, chunks, pending, timers, seconds, data, engine_desc)
+    summary["post_workers"] = cfg.post_workers
     info = run_info(cfg, rm, store.fingerprint)
     summary["settings"] = info
     if shard.count == 1:
@@ -128,49 +142,116 @@ def _summary(stats, n_images, shard, chunks, pending, timers, seconds, data, eng
                                    if timers.steady > 0 and pending else None),
         "chunks": len(chunks),
         "resumed_chunks": len(chunks) - len(pending),
-        "timings": {k: round(v, 3) for k, v in asdict(timers).items()},
+        "timings": {k: None if v is None else round(v, 3) for k, v in asdict(timers).items()},
         "shard": f"{shard.index}/{shard.count}",
         "engine": engine_desc,
     })
     return s
 
 
+def default_post_workers(cpus: int | None = None) -> int:
+    """``--post-workers`` when not given: a thread (0) up to 4 cores, else a process per 4 cores, at most 4."""
+    cpus = cpus or os.cpu_count() or 1
+    return 0 if cpus <= 4 else min(4, cpus // 4)
+
+
+class EngineWarmUp(threading.Thread):
+    """Loads the engine and warms it up (:func:`_warm_up`) in a thread, beside the json read."""
+
+    def __init__(self, cfg: ProxyConfig, size: int):
+        super().__init__(daemon=True, name="proxy-engine")
+        self.cfg, self.size = cfg, size
+        self.engine = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.start()
+
+    def run(self) -> None:
+        from boxcaseg.export.engines import load_engine
+
+        t0 = time.perf_counter()
+        try:
+            cfg = self.cfg
+            engine = load_engine(cfg.engine, cfg.model, threads=cfg.threads, device=cfg.device, precision=cfg.precision,
+                                 channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph)
+            if engine.infer_size != self.size:
+                raise BoxcasegError(f"{cfg.model}: engine input size {engine.infer_size} != metadata {self.size}")
+            _warm_up(engine, cfg, self.size)
+            self.engine = engine
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+
+    def wait(self):
+        """The warmed-up engine (the thread's error, if it failed)."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.engine
+
+
 def _warm_up(engine, cfg, size: int) -> None:
-    """One batch through the engine and the mask kernels (their compilation, the engine's first
-    call), so that the run's per-stage times describe the steady state."""
+    """One batch through the engine (a CUDA graph is captured then) and the post-processing
+    kernels (their compilation), so that the run's per-stage times describe the steady state."""
+    from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
     from boxcaseg.proxy.postprocess import masks_from_probs
 
     probs = engine.predict(np.zeros((cfg.batch_size, 3, size, size), np.uint8))
     win = np.array([[0, 0, 8, 8]], np.int64)
-    masks_from_probs(np.asarray(probs)[:1], win, win, cfg.threshold, cfg.relative, size, engine.output_stride,
-                     win.astype(np.float64), cfg.prior_weight)
+    masks = masks_from_probs(np.asarray(probs)[:1], win, win, cfg.threshold, cfg.relative, size, engine.output_stride,
+                             win.astype(np.float64), cfg.prior_weight)
+    merged, _ = merge_and_drop(win, masks, win.astype(np.float64), np.ones(1), merge=cfg.merge)
+    encode_window_fast(merged[0], 0, 0, 8, 8)
 
 
-def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, load_engine, paths) -> str:
+def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, warm, paths) -> str:
     """Decode -> batch -> infer -> post for the pending chunks; returns the engine description."""
     work = [t for c in pending for t in chunks[c] if len(t.crops)]
-    stream = decoded_stream(work, paths, size, cfg.workers)  # forks before the engine's threads exist
-    t0 = time.perf_counter()
-    engine = load_engine(cfg.engine, cfg.model, threads=cfg.threads, device=cfg.device)
-    if engine.infer_size != size:
-        raise BoxcasegError(f"{cfg.model}: engine input size {engine.infer_size} != metadata {size}")
-    _warm_up(engine, cfg, size)
-    timers.warmup += time.perf_counter() - t0
-    prog, task = _make_progress(cfg.progress, total, done_before)
-    post = PostThread(cfg, chunks, store, size, engine.output_stride, timers, lambda n: prog.advance(task, n))
-    B = cfg.batch_size
-    buf = np.zeros((B, 3, size, size), np.uint8)
-    refs: list = []
+    stream = decoded_stream(work, paths, size, cfg.workers)  # decoding starts while the engine warms up
+    engine = warm.wait()
+    timers.warmup = warm.seconds
+    device = getattr(engine, "device", None)
+    if device is not None and device.type == "cuda":  # the engine thread's current device, in this thread too (TensorRT)
+        import torch
 
-    def flush() -> None:
+        torch.cuda.set_device(device)
+    t_steady = time.perf_counter()
+    prog, task = _make_progress(cfg.progress, total, done_before)
+    advance = lambda n: prog.advance(task, n)  # noqa: E731
+    if cfg.post_workers:
+        post = PostPool(cfg, chunks, store, size, engine.output_stride, timers, advance, cfg.post_workers)
+    else:
+        post = PostThread(cfg, chunks, store, size, engine.output_stride, timers, advance)
+    B = cfg.batch_size
+    bufs = engine.input_buffers(B, 2)  # page-locked on CUDA: batch k+1 is packed in one while batch k runs
+    cur = 0
+    refs: list = []
+    inflight: list = []  # [(pending, refs, chunk)]: at most one batch
+
+    def collect() -> None:
+        pend, rr, c = inflight.pop()
+        t0 = time.perf_counter()
+        probs = pend.result()
+        timers.inference += time.perf_counter() - t0
+        tm = pend.timings()
+        if tm is not None:
+            timers.h2d = (timers.h2d or 0.0) + tm["h2d"]
+            timers.gpu = (timers.gpu or 0.0) + tm["gpu"]
+        post.batch(c, np.array(probs[:len(rr)], copy=True), rr)
+
+    def submit(c: int) -> None:
+        nonlocal cur
         if not refs:
             return
-        buf[len(refs):] = 0
+        bufs[cur][len(refs):] = 0
         t0 = time.perf_counter()
-        probs = engine.predict(buf)
+        pend = engine.submit(bufs[cur])
         timers.inference += time.perf_counter() - t0
-        post.put(("batch", np.array(probs[:len(refs)], copy=True), list(refs)))
+        if inflight:
+            collect()  # batch k's maps while batch k+1 runs
+        inflight.append((pend, list(refs), c))
         refs.clear()
+        cur ^= 1
 
     post.start()
     try:
@@ -187,32 +268,29 @@ def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, l
                         if not cfg.skip_bad:
                             raise BoxcasegError(item["error"])
                         log.warning("skipped (flagged): %s", item["error"])
-                        post.put(("bad", t, item["error"]))
+                        post.bad_image(c, t, item["error"])
                         continue
                     crops = item["crops"].numpy()
                     k = 0
                     while k < len(crops):
                         t0 = time.perf_counter()
+                        buf = bufs[cur]
                         take = min(B - len(refs), len(crops) - k)
                         buf[len(refs):len(refs) + take] = crops[k:k + take]
                         refs.extend((t, s) for s in range(k, k + take))
                         k += take
                         timers.pack += time.perf_counter() - t0
                         if len(refs) == B:
-                            flush()
-                flush()
-                post.put(("end", c))
-            post.put(None)
-            post.join()
+                            submit(c)
+                submit(c)
+                if inflight:
+                    collect()  # the chunk's last batch before its end
+                post.end(c)
+            post.close()
+    except BaseException:
+        post.abort()
+        raise
     finally:
-        if post.is_alive():
-            post.stop_now = True
-            try:
-                post.q.put_nowait(None)
-            except queue.Full:
-                pass
         del stream
-    if post.error is not None:
-        raise post.error
+    timers.steady = time.perf_counter() - t_steady
     return engine.description
-
