@@ -1,6 +1,7 @@
 """Proxy-mask throughput on real COCO images: the published-style pipeline vs ours.
 
-    python bench/proxy_throughput.py [--ckpt last.pt] [--limit-images N] [--json]
+    python bench/proxy_throughput.py [--ckpt last.pt | --model lite0|hrnet_w48] [--limit-images N]
+        [--min-instances N] [--precision fp16 --cuda-graph --channels-last --post-workers K] [--quality]
 
 (a) published-style, re-written here from DESIGN.md: the image re-read per annotation,
     crop resized to S in float64 (skimage.transform.resize, as the published loader),
@@ -12,10 +13,17 @@
 (d) ours, --engine trt when TensorRT and a GPU are there.
 Ours is the whole `generate_proxy` call: json load, decode, crop, inference, masks,
 merge/drop, RLE, progress files and the output json. Instances/s = masks produced /
-wall seconds. Without --ckpt, the CPU recipe's model (the shipped ``cpu`` config:
-efficientnet_lite0, S = 320) is built with fixed random weights (speed does not
-depend on training). `--variants` also times the export choices (stride-4 vs full
-resolution output, normalisation in the graph vs in numpy). The last line is JSON.
+wall seconds; steady = after the warm-up (engine load, first batch, kernels); one line per
+engine gives every stage's seconds (decode, post, masks, write summed over workers; h2d and
+gpu by CUDA events, "-" without CUDA). Without --ckpt / --model, the CPU recipe's model
+(the shipped ``cpu`` config: efficientnet_lite0, S = 256) is built with fixed random
+weights (speed does not depend on training); ``--model lite0`` is the shipped model
+(S = 256), ``--model hrnet_w48`` the paper's (``paper-coco`` config, S = 320, random weights).
+``--min-instances N`` repeats the images (new ids, same files) until the json holds at
+least N instances. ``--quality`` adds each run's mIoU* against the json's GT masks and,
+for a torch run not in fp32, the fp32 torch run beside it. `--variants` also times the
+export choices (stride-4 vs full resolution output, normalisation in the graph vs in
+numpy). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -39,15 +47,16 @@ def data_root() -> Path:
     return Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
 
 
-def make_checkpoint(path: Path, backbone: str | None) -> Path:
+def make_checkpoint(path: Path, backbone: str | None, config: str = "cpu") -> Path:
     import torch
 
     from boxcaseg.config import load_config
     from boxcaseg.model import build_model
 
-    cfg = load_config("cpu")
+    cfg = load_config(config)
     if backbone:
         cfg.model.backbone = backbone
+    cfg.model.pretrained = False
     cfg.model.backbone_weights = ""          # random weights: speed does not depend on them
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -69,13 +78,27 @@ def make_checkpoint(path: Path, backbone: str | None) -> Path:
     return path
 
 
-def subset_json(ann: Path, limit: int | None, out: Path) -> Path:
-    if not limit:
+def subset_json(ann: Path, limit: int | None, out: Path, min_instances: int = 0) -> Path:
+    """The first ``limit`` images (0: all), repeated (new image and annotation ids, the same
+    files) until the json holds at least ``min_instances`` non-crowd instances."""
+    if not limit and not min_instances:
         return ann
     data = json.loads(ann.read_text())
-    keep = {im["id"] for im in sorted(data["images"], key=lambda im: im["id"])[:limit]}
-    data["images"] = [im for im in data["images"] if im["id"] in keep]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    images = sorted(data["images"], key=lambda im: im["id"])
+    if limit:
+        images = images[:limit]
+    keep = {im["id"] for im in images}
+    anns = [a for a in data["annotations"] if a["image_id"] in keep]
+    per_pass = sum(1 for a in anns if not a.get("iscrowd", 0))
+    repeats = max(1, -(-min_instances // per_pass)) if min_instances and per_pass else 1
+    if repeats > 1:
+        new_images, new_anns = [], []
+        for r in range(repeats):
+            ids = {im["id"]: r * 10_000_000 + k for k, im in enumerate(images)}
+            new_images += [{**im, "id": ids[im["id"]]} for im in images]
+            new_anns += [{**a, "id": r * 10_000_000 + k, "image_id": ids[a["image_id"]]} for k, a in enumerate(anns)]
+        images, anns = new_images, new_anns
+    data["images"], data["annotations"] = images, anns
     out.write_text(json.dumps(data))
     return out
 
@@ -171,18 +194,30 @@ def run_published(ckpt: Path, ann: Path, images: Path, batch_size: int) -> dict:
 # --------------------------------------------------------------------------- ours
 
 
-def run_ours(engine: str, model: Path, ann: Path, images: Path, out: Path, batch_size: int, workers: int) -> dict:
+STAGES = ("prepare", "warmup", "decode", "wait", "pack", "inference", "h2d", "gpu", "post", "masks", "write", "steady")
+
+
+def run_ours(engine: str, model: Path, ann: Path, images: Path, out: Path, batch_size: int, workers: int,
+             **opts) -> dict:
+    """One ``generate_proxy`` call; ``opts``: ProxyConfig options (precision, cuda_graph, post_workers, ...)."""
     from boxcaseg.proxy import ProxyConfig, generate_proxy
 
     t0 = time.perf_counter()
     s = generate_proxy(ProxyConfig(ann=ann, images=images, out=out, model=model, engine=engine,
-                                   batch_size=batch_size, workers=workers, progress=False))
+                                   batch_size=batch_size, workers=workers, progress=False, **opts))
     wall = time.perf_counter() - t0
     t = s["timings"]
     busy = t["decode"] + t["inference"] + t["post"]
     return {"engine": s["engine"], "instances": s["masks"], "seconds": round(wall, 2),
             "instances_per_s": round(s["masks"] / wall, 2), "steady_instances_per_s": s["steady_instances_per_s"],
-            "timings_s": t, "shares": {k: round(t[k] / busy, 3) for k in ("decode", "inference", "post")}}
+            "post_workers": s["post_workers"], "timings_s": t,
+            "shares": {k: round(t[k] / busy, 3) for k in ("decode", "inference", "post")}}
+
+
+def stage_line(r: dict) -> str:
+    """One number per stage (seconds; decode/post/masks/write summed over workers; h2d, gpu by CUDA events)."""
+    t = r["timings_s"]
+    return ", ".join(f"{k} {t[k]:.2f}" if t.get(k) is not None else f"{k} -" for k in STAGES)
 
 
 def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
@@ -223,10 +258,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="COCO folder with instances.json and images/ (default $BOXCASEG_DATA/coco-train)")
     ap.add_argument("--ckpt", type=Path, default=None, help="a boxcaseg checkpoint (default: CPU recipe, random weights)")
+    ap.add_argument("--model", default=None, choices=("lite0", "hrnet_w48"),
+                    help="lite0: the shipped model (S=256); hrnet_w48: the paper-coco config, S=320, random weights")
     ap.add_argument("--backbone", default=None, help="backbone of the generated checkpoint (default: the cpu config's)")
     ap.add_argument("--limit-images", type=int, default=0, help="first N images only (0: all)")
+    ap.add_argument("--min-instances", type=int, default=0, help="repeat the images until at least N instances (0: once)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="decode workers of our pipeline (the CLI default)")
+    ap.add_argument("--post-workers", type=int, default=None, help="post-processing processes (default: the CLI's, by cores)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch engine's network type")
+    ap.add_argument("--cuda-graph", action="store_true", help="torch engine: replay the batch from a CUDA graph")
+    ap.add_argument("--channels-last", action="store_true", help="torch engine: NHWC memory format")
+    ap.add_argument("--device", default=None, help="engines' device (default: cuda when there)")
+    ap.add_argument("--threads", type=int, default=0, help="engine CPU threads (0: its default)")
+    ap.add_argument("--quality", action="store_true",
+                    help="mIoU* of each run against the json's GT masks (and the fp32 torch run beside a non-fp32 one)")
     ap.add_argument("--engines", default="published,torch,onnx,trt")
     ap.add_argument("--variants", action="store_true", help="also time the export variants")
     ap.add_argument("--json", action="store_true", help="(kept for symmetry: the last line is always JSON)")
@@ -237,48 +283,75 @@ def main() -> None:
     if not ann.is_file():
         sys.exit(f"no {ann}: set BOXCASEG_DATA (see ../shared/data/README.md)")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    torch_opts = {"precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last}
+    common = {"post_workers": args.post_workers, "device": args.device, "threads": args.threads}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        ckpt = args.ckpt or make_checkpoint(tmp / "ckpt.pt", args.backbone)
-        ann_used = subset_json(ann, args.limit_images, tmp / "subset.json")
+        if args.ckpt:
+            ckpt = args.ckpt
+        elif args.model == "lite0":
+            from boxcaseg import weights
+
+            ckpt = weights.pretrained_path()
+        elif args.model == "hrnet_w48":
+            ckpt = make_checkpoint(tmp / "ckpt.pt", None, "paper-coco")
+        else:
+            ckpt = make_checkpoint(tmp / "ckpt.pt", args.backbone)
+        ann_used = subset_json(ann, args.limit_images, tmp / "subset.json", args.min_instances)
         from boxcaseg.config import config_from_checkpoint
         from boxcaseg.io import safe_torch_load
 
         cfg = config_from_checkpoint(safe_torch_load(ckpt)["config"], str(ckpt))
-        report = {"data": str(folder), "images": args.limit_images or "all", "backbone": cfg.model.backbone,
-                  "infer_size": cfg.model.infer_size, "batch_size": args.batch_size, "workers": args.workers,
+        n_inst = sum(1 for a in json.loads(ann_used.read_text())["annotations"] if not a.get("iscrowd", 0))
+        report = {"data": str(folder), "images": args.limit_images or "all", "instances_in_json": n_inst,
+                  "backbone": cfg.model.backbone, "infer_size": cfg.model.infer_size, "batch_size": args.batch_size,
+                  "workers": args.workers, **torch_opts, **common,
                   "cpus": os.cpu_count(), "loadavg_start": [round(v, 2) for v in os.getloadavg()], "results": {}}
         from quality import config_summary
 
-        report["config"] = config_summary(cfg, str(args.ckpt or "cpu (random weights)"))
-        print(f"{report['config']}; data {folder} ({args.limit_images or 'all'} images)")
+        report["config"] = config_summary(cfg, str(args.ckpt or args.model or "cpu (random weights)"))
+        print(f"{report['config']}; data {folder} ({args.limit_images or 'all'} images, {n_inst} instances)")
         res = report["results"]
+
+        def ours(name: str, kind: str, model: Path, label: str, **opts) -> None:
+            res[name] = run_ours(kind, model, ann_used, images, tmp / f"out_{name}.json", args.batch_size, args.workers,
+                                 **common, **opts)
+            if args.quality:
+                from boxcaseg.evaluate.metrics import mask_quality
+
+                res[name]["miou_star"] = round(mask_quality(ann_used, tmp / f"out_{name}.json")["miou_star"], 5)
+            print(f"{label}:", json.dumps(res[name]))
+            print(f"  stages (s): {stage_line(res[name])}")
+
         if "published" in engines:
             res["published"] = run_published(ckpt, ann_used, images, args.batch_size)
             print("(a) published-style:", json.dumps(res["published"]))
         if "torch" in engines:
-            res["torch"] = run_ours("torch", ckpt, ann_used, images, tmp / "out_torch.json", args.batch_size, args.workers)
-            print("(b) ours, torch engine:", json.dumps(res["torch"]))
+            ours("torch", "torch", ckpt, "(b) ours, torch engine", **torch_opts)
+            if args.quality and args.precision != "fp32":
+                ours("torch_fp32", "torch", ckpt, "(b') ours, torch engine fp32 (reference)",
+                     cuda_graph=args.cuda_graph, channels_last=args.channels_last)
+                report["miou_star_minus_fp32"] = round(res["torch"]["miou_star"] - res["torch_fp32"]["miou_star"], 5)
+                print("mIoU* minus fp32's:", report["miou_star_minus_fp32"])
         onnx_path = None
         if "onnx" in engines or "trt" in engines:
             from boxcaseg.export import export_onnx
 
             onnx_path = export_onnx(ckpt, tmp / "model.onnx").onnx_path
         if "onnx" in engines:
-            res["onnx"] = run_ours("onnx", onnx_path, ann_used, images, tmp / "out_onnx.json", args.batch_size, args.workers)
-            print("(c) ours, onnx engine:", json.dumps(res["onnx"]))
+            ours("onnx", "onnx", onnx_path, "(c) ours, onnx engine")
         if "trt" in engines:
             from boxcaseg.export import trt_missing
 
             missing = trt_missing()
             if missing:
                 res["trt"] = {"skipped": "missing " + " and ".join(missing)}
+                print("(d) ours, trt engine:", json.dumps(res["trt"]))
             else:
                 from boxcaseg.export import export_onnx
 
                 rep = export_onnx(ckpt, tmp / "trt.onnx", trt=True, fp16=True, max_batch=args.batch_size)
-                res["trt"] = run_ours("trt", rep.engine_path, ann_used, images, tmp / "out_trt.json", args.batch_size, args.workers)
-            print("(d) ours, trt engine:", json.dumps(res["trt"]))
+                ours("trt", "trt", rep.engine_path, "(d) ours, trt engine")
         base = res.get("published", {}).get("instances_per_s")
         if base:
             report["ratio_to_published"] = {k: round(v["instances_per_s"] / base, 2)
