@@ -139,6 +139,9 @@ def test_engine_options_are_checked(setup):  # noqa: F811
         load_engine("onnx", setup["onnx"], precision="bf16")
     with pytest.raises(BoxcasegError, match="options of the torch engine"):
         generate_proxy(cfg_for(setup, setup["dir"] / "opt" / "p.json", cuda_graph=True))
+    with pytest.raises(BoxcasegError, match="needs a CUDA device"):
+        generate_proxy(cfg_for(setup, setup["dir"] / "opt" / "p.json", engine="torch", model=setup["ckpt"],
+                               device="cpu", precision="fp16"))
     with pytest.raises(BoxcasegError, match="--post-workers"):
         generate_proxy(cfg_for(setup, setup["dir"] / "opt" / "p.json", post_workers=-1))
     eng = load_engine("torch", setup["ckpt"], device="cpu", cuda_graph=True)  # ignored on the CPU

@@ -47,11 +47,13 @@ class ProxyConfig:
                                      # pipeline.default_post_workers); the same bytes either way
 
     def check(self) -> None:
-        from boxcaseg.export.engines import ENGINE_KINDS, check_engine_options
+        from boxcaseg.export.engines import ENGINE_KINDS, check_engine_options, engine_device
 
         if self.engine not in ENGINE_KINDS:
             raise BoxcasegError(f"--engine {self.engine!r}: choose from {', '.join(ENGINE_KINDS)}")
         check_engine_options(self.engine, self.precision, self.channels_last, self.cuda_graph)
+        if self.precision == "fp16" and engine_device(self.engine, self.device) != "cuda":  # before any work
+            raise BoxcasegError("--precision fp16: needs a CUDA device (bf16 runs on the CPU too)")
         if self.post_workers is not None and self.post_workers < 0:
             raise BoxcasegError(f"--post-workers {self.post_workers}: must be >= 0 (0: a thread)")
         if self.context is None or self.threshold is None or self.prior_weight is None:
