@@ -53,6 +53,8 @@ def make_checkpoint(path: Path, backbone: str | None, config: str = "cpu") -> Pa
     from boxcaseg.config import load_config
     from boxcaseg.model import build_model
 
+    for var in ("COCO_ROOT", "DUTS_SINGLE"):  # data paths of the paper configs: unused, no data is read here
+        os.environ.setdefault(var, str(data_root()))
     cfg = load_config(config)
     if backbone:
         cfg.model.backbone = backbone
