@@ -156,15 +156,10 @@ def slow_chunks_cli():
     return prefix
 
 
-def test_resume_after_kill_gives_identical_output(setup, single_run, slow_chunks_cli):
-    single, _ = single_run
-    out = setup["dir"] / "resume" / "proxy.json"
-    args = ["proxy", "--engine", "onnx", "--model", str(setup["onnx"]),
-            "--ann", str(setup["ann"]), "--images", str(setup["images"]), "-o", str(out),
-            "--batch-size", "4", "--checkpoint-every", "3", "--workers", "1", "--no-progress", "--merge"]
-    cmd = [sys.executable, "-m", "boxcaseg", *args]
-    proc = subprocess.Popen(slow_chunks_cli(1.5) + args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    progress = out.parent / "proxy.json.progress" / "shard-0-of-1"
+def kill_after_first_chunk(argv: list[str], progress: Path) -> list[str]:
+    """Start the CLI ``argv``, SIGKILL it once its first chunk file is in ``progress``;
+    returns the chunk files saved by then."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list(progress.glob("chunk-*.json")):
         assert proc.poll() is None, proc.communicate()
@@ -172,7 +167,18 @@ def test_resume_after_kill_gives_identical_output(setup, single_run, slow_chunks
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = sorted(p.name for p in progress.glob("chunk-*.json"))
+    return sorted(p.name for p in progress.glob("chunk-*.json"))
+
+
+def test_resume_after_kill_gives_identical_output(setup, single_run, slow_chunks_cli):
+    single, _ = single_run
+    out = setup["dir"] / "resume" / "proxy.json"
+    args = ["proxy", "--engine", "onnx", "--model", str(setup["onnx"]),
+            "--ann", str(setup["ann"]), "--images", str(setup["images"]), "-o", str(out),
+            "--batch-size", "4", "--checkpoint-every", "3", "--workers", "1", "--no-progress", "--merge"]
+    cmd = [sys.executable, "-m", "boxcaseg", *args]
+    progress = out.parent / "proxy.json.progress" / "shard-0-of-1"
+    done = kill_after_first_chunk(slow_chunks_cli(1.5) + args, progress)
     assert 1 <= len(done) < 4 and not out.exists()
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

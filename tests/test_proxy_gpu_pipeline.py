@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,8 +33,8 @@ import numpy as np
 import pytest
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.proxy import ProxyConfig, generate_proxy, merge_shards
-from test_proxy import cfg_for, setup, single_run, slow_chunks_cli, write_set, rgb  # noqa: F401 - fixtures
+from boxcaseg.proxy import generate_proxy, merge_shards
+from test_proxy import cfg_for, kill_after_first_chunk, setup, single_run, slow_chunks_cli, write_set, rgb  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {"bf16": (1.0, 0.015, 0.02), "fp16": (0.35, 0.002, 0.003), "fp32": (0.01, 1e-4, 0.001)}
@@ -82,6 +81,20 @@ def assert_close(p: np.ndarray, ref: np.ndarray, tol: tuple, thr: float = 0.4) -
 # --------------------------------------------------------------------------- engines: submit / result
 
 
+
+def run_in_flight(eng, bufs, batches):
+    """The pipeline's pattern: batch k+1 packed into the other buffer and submitted before
+    batch k is collected. Returns the results in order and the last Pending."""
+    got, inflight = [], None
+    for k, b in enumerate(batches):
+        bufs[k % 2][:] = b
+        pend = eng.submit(bufs[k % 2])
+        if inflight is not None:
+            got.append(inflight.result())
+        inflight = pend
+    got.append(inflight.result())
+    return got, inflight
+
 @pytest.fixture(scope="module")
 def engines(setup):  # noqa: F811
     from boxcaseg.export import load_engine
@@ -100,14 +113,7 @@ def test_submit_then_result_equals_predict_in_order(engines, kind):
     expected = [eng.predict(b) for b in batches]
     bufs = eng.input_buffers(4, 2)
     assert len(bufs) == 2 and all(b.shape == (4, 3, S, S) and b.dtype == np.uint8 for b in bufs)
-    got, inflight = [], None
-    for k, b in enumerate(batches):
-        bufs[k % 2][:] = b
-        pend = eng.submit(bufs[k % 2])
-        if inflight is not None:
-            got.append(inflight.result())
-        inflight = pend
-    got.append(inflight.result())
+    got, inflight = run_in_flight(eng, bufs, batches)
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(g, e)
     assert inflight.timings() is None  # CUDA events only
@@ -199,16 +205,8 @@ def test_pool_resume_after_kill_gives_identical_output(setup, single_run, slow_c
     args = ["proxy", "--engine", "onnx", "--model", str(setup["onnx"]), "--ann", str(setup["ann"]),
             "--images", str(setup["images"]), "-o", str(out), "--batch-size", "4", "--checkpoint-every", "3",
             "--workers", "1", "--no-progress", "--merge", "--post-workers", "2"]
-    proc = subprocess.Popen(slow_chunks_cli(1.5) + args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = out.parent / "proxy.json.progress" / "shard-0-of-1"
-    deadline = time.time() + 120
-    while not list(progress.glob("chunk-*.json")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no progress file appeared"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in progress.glob("chunk-*.json"))
+    done = kill_after_first_chunk(slow_chunks_cli(1.5) + args, progress)
     time.sleep(2.5)  # a pool worker outliving the run would finish its 1.5 s hook and write the next chunk
     assert sorted(p.name for p in progress.glob("chunk-*.json")) == done
     assert 1 <= len(done) < 4 and not out.exists()
@@ -296,15 +294,8 @@ def test_cuda_precision_graph_against_fp32(lite0, precision, graph, cl):
     assert_close(sync, ref, TOL[precision])
     bufs = eng.input_buffers(32, 2)
     assert all(b.shape == x.shape for b in bufs)
-    got, inflight = [], None
     order = [x, x[::-1].copy(), x, x[::-1].copy()]
-    for k, b in enumerate(order):
-        bufs[k % 2][:] = b
-        pend = eng.submit(bufs[k % 2])
-        if inflight is not None:
-            got.append(inflight.result())
-        inflight = pend
-    got.append(inflight.result())
+    got, inflight = run_in_flight(eng, bufs, order)
     for g, b in zip(got, order):
         np.testing.assert_allclose(g, eng.predict(b), atol=1e-6)
     tm = inflight.timings()
