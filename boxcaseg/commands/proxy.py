@@ -32,7 +32,7 @@ def proxy_command(
     join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="Where every engine runs: cpu, cuda (this rank's GPU: LOCAL_RANK under torchrun, else GPU 0) or cuda:K (default: cuda when available)."),
-    precision: str = typer.Option("fp32", "--precision", help="Torch engine: the network in fp32 | fp16 (CUDA only) | bf16 (normalisation and sigmoid stay fp32). Not fp32 changes the masks a little (bench/RESULTS.md \"proxy_gpu\")."),
+    precision: str = typer.Option("fp32", "--precision", help="Torch engine: the network in fp32 | fp16 (CUDA only) | bf16 (normalisation and sigmoid stay fp32). Anything but fp32 changes the masks a little (bf16 on a CPU: coco-val mIoU* +0.0004 against fp32) and is recorded in the output's info."),
     channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last", help="Torch engine: NHWC memory format (faster convolutions on GPUs with tensor cores)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="Torch engine on CUDA: capture the fixed-size batch once in a CUDA graph and replay it (ignored on the CPU)."),
     post_workers: Optional[int] = typer.Option(None, "--post-workers", help="Post-processing processes (masks, merge/drop, RLE, chunk files), one chunk each; 0: one thread. Default: 0 up to 4 cores, else cores/4 (at most 4). Same output either way."),
