@@ -67,10 +67,9 @@ from boxcaseg.kernels.mil_smooth_common import (
 #: True when the kernels below were built for Triton's interpreter (CPU tensors).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-# coefficient slots of the small device tensor the kernels read (compute dtype)
-_C_GH, _C_GV, _C_GD = 0, 1, 2          # smoothness gradient weights 2 * b * (1 / (4 count_d))
-_C_INV = 4                             # 1 / bags (slot 3 unused)
-_C_LH, _C_LV, _C_LD = 5, 6, 7          # smoothness loss weights 1 / (4 count_d)
+# coefficient slots of the small device tensor the kernels read (compute dtype): 0-2 the
+# smoothness gradient weights 2 * b / (4 count_d), 3 unused, 4 = 1 / bags, 5-7 the smoothness
+# loss weights 1 / (4 count_d), 8-9 the weights (a, b) the forward's gradient is made for
 _C_A, _C_B = 8, 9                      # the weights (a, b) the forward's gradient is made for
 
 
@@ -466,13 +465,14 @@ def _launch(logits, labels, has_mil, has_smooth, grad_weights, block_h=None, blo
 
 
 def _as_labels(logits: torch.Tensor, labels: torch.Tensor | None, has_mil: bool) -> torch.Tensor | None:
-    """Compact bag labels [N, H + W] from compact labels or a dense [N, 1, H, W] mask."""
-    if not has_mil:
-        return None
-    if labels is not None and labels.dim() == 4:
+    """Checks the logits; compact bag labels [N, H + W] from compact labels or a dense
+    [N, 1, H, W] mask (None without MIL)."""
+    if has_mil and labels is not None and labels.dim() == 4:
         check_inputs(logits, labels)
         return bag_labels(labels)
     check_inputs(logits, None)
+    if not has_mil:
+        return None
     check_bag_labels(labels, logits)
     return labels
 
@@ -494,8 +494,7 @@ def mil_smooth_forward(
     dsmooth/dlogits`` ([N, 1, H, W], logits' dtype). ``block_h``/``block_w`` (powers of
     two) override the tile shape.
     """
-    if has_mil or labels is None:
-        labels = _as_labels(logits, labels, has_mil)
+    labels = _as_labels(logits, labels, has_mil)
     mil, smooth, launch = _launch(logits, labels, has_mil, has_smooth, grad_weights, block_h, block_w)
     return mil, smooth, (launch.g.unsqueeze(1) if launch.g is not None else None)
 
@@ -563,6 +562,4 @@ def mil_smooth_loss_triton(
     uint8/bool [N, H + W] or a dense mask [N, 1, H, W] (turned into bag labels first);
     ``blocks=(block_h, block_w)`` overrides the tile shape (bench/mil_kernel.py's sweep)."""
     lab = _as_labels(logits, labels, has_mil)
-    if not has_mil:
-        check_inputs(logits, None)
     return TritonMilSmoothFunction.apply(logits, lab, has_mil, has_smooth, tuple(map(float, grad_weights)), blocks)
