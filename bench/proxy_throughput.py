@@ -270,7 +270,8 @@ def main() -> None:
     ap.add_argument("--post-workers", type=int, default=None, help="post-processing processes (default: the CLI's, by cores)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="torch engine's network type")
     ap.add_argument("--cuda-graph", action="store_true", help="torch engine: replay the batch from a CUDA graph")
-    ap.add_argument("--channels-last", action="store_true", help="torch engine: NHWC memory format")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch engine: NHWC memory format (default: the engine's, on for the CPU)")
     ap.add_argument("--device", default=None, help="engines' device (default: cuda when there)")
     ap.add_argument("--threads", type=int, default=0, help="engine CPU threads (0: its default)")
     ap.add_argument("--quality", action="store_true",

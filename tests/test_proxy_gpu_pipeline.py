@@ -126,12 +126,31 @@ def test_torch_bf16_and_channels_last_close_to_fp32_on_cpu():
     from boxcaseg.export import load_engine
 
     x = real_crops(16)
-    ref = load_engine("torch", weights.pretrained_path(), device="cpu").predict(x)
-    for precision, cl in (("bf16", False), ("bf16", True), ("fp32", True)):
+    plain = load_engine("torch", weights.pretrained_path(), device="cpu", channels_last=False)
+    assert not plain.channels_last and "channels_last" not in plain.description
+    ref = plain.predict(x)
+    for precision, cl in (("bf16", False), ("bf16", True), ("fp32", True), ("fp32", None)):
         eng = load_engine("torch", weights.pretrained_path(), device="cpu", precision=precision, channels_last=cl)
         assert precision in eng.description or precision == "fp32"
+        assert eng.channels_last == (cl is not False)  # None: NHWC on the CPU
+        assert ("channels_last" in eng.description) == eng.channels_last
         assert_close(eng.predict(x), ref, TOL[precision])
         assert_close(eng.submit(x).result(), ref, TOL[precision])
+
+
+def test_channels_last_default_follows_the_device(setup):  # noqa: F811
+    """None picks NHWC on the CPU and NCHW on CUDA; an explicit choice wins. A CPU torch run
+    records it in the fingerprint and the output's settings; NCHW and the ONNX engine record
+    nothing (their earlier progress files stay valid)."""
+    from boxcaseg.export.engines import torch_channels_last
+    from boxcaseg.proxy.config import _torch_options
+
+    assert torch_channels_last(None, "cpu") and not torch_channels_last(None, "cuda")
+    assert not torch_channels_last(False, "cpu") and torch_channels_last(True, "cuda")
+    out = setup["dir"] / "cl" / "p.json"
+    assert _torch_options(cfg_for(setup, out, engine="torch", model=setup["ckpt"], device="cpu")) == {"channels_last": True}
+    assert _torch_options(cfg_for(setup, out, engine="torch", model=setup["ckpt"], device="cpu", channels_last=False)) == {}
+    assert _torch_options(cfg_for(setup, out)) == {}
 
 
 def test_engine_options_are_checked(setup):  # noqa: F811

@@ -33,7 +33,7 @@ def proxy_command(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="Where every engine runs: cpu, cuda (this rank's GPU: LOCAL_RANK under torchrun, else GPU 0) or cuda:K (default: cuda when available)."),
     precision: str = typer.Option("fp32", "--precision", help="Torch engine: the network in fp32 | fp16 (CUDA only) | bf16 (normalisation and sigmoid stay fp32). Anything but fp32 changes the masks a little (bf16 on a CPU: coco-val mIoU* +0.0004 against fp32) and is recorded in the output's info."),
-    channels_last: bool = typer.Option(False, "--channels-last/--no-channels-last", help="Torch engine: NHWC memory format (faster convolutions on GPUs with tensor cores)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Torch engine: NHWC memory format. Default: on for the CPU (the shipped model runs about 3x faster there, same scores), off on CUDA. Recorded in the output's info."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="Torch engine on CUDA: capture the fixed-size batch once in a CUDA graph and replay it (ignored on the CPU)."),
     post_workers: Optional[int] = typer.Option(None, "--post-workers", help="Post-processing processes (masks, merge/drop, RLE, chunk files), one chunk each; 0: one thread. Default: 0 up to 4 cores, else cores/4 (at most 4). Same output either way."),
 ) -> None:

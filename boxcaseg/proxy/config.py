@@ -41,7 +41,8 @@ class ProxyConfig:
     progress: bool = True            # rich progress bar
     device: str | None = None        # every engine's device (default: this rank's GPU when CUDA is there)
     precision: str = "fp32"          # torch engine: fp32 | fp16 (CUDA) | bf16 (the network's type; fingerprinted)
-    channels_last: bool = False      # torch engine: NHWC memory format (fingerprinted: other kernels, other last bits)
+    channels_last: bool | None = None  # torch engine: NHWC memory format; None: on the CPU yes, on CUDA no
+                                     # (engines.torch_channels_last; fingerprinted: other kernels, other last bits)
     cuda_graph: bool = False         # torch engine on CUDA: the fixed-size batch replayed from a CUDA graph
     post_workers: int | None = None  # post-processing processes, one chunk each (0: one thread; None: by the cores,
                                      # pipeline.default_post_workers); the same bytes either way
@@ -96,16 +97,18 @@ def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
         "strict": bool(cfg.strict),
         "shard": [shard.index, shard.count],
     }
-    fp.update(_torch_options(cfg))  # only when not the defaults: earlier progress and shard files stay valid
+    fp.update(_torch_options(cfg))  # only off the plain fp32 NCHW path: its progress and shard files stay valid
     return fp
 
 
 def _torch_options(cfg: ProxyConfig) -> dict:
     """The torch engine's options that change the answer, when they are not the defaults."""
+    from boxcaseg.export.engines import engine_device, torch_channels_last
+
     out: dict = {}
     if cfg.precision != "fp32":
         out["precision"] = cfg.precision
-    if cfg.channels_last:
+    if cfg.engine == "torch" and torch_channels_last(cfg.channels_last, engine_device("torch", cfg.device)):
         out["channels_last"] = True
     return out
 
