@@ -81,7 +81,6 @@ def assert_close(p: np.ndarray, ref: np.ndarray, tol: tuple, thr: float = 0.4) -
 # --------------------------------------------------------------------------- engines: submit / result
 
 
-
 def run_in_flight(eng, bufs, batches):
     """The pipeline's pattern: batch k+1 packed into the other buffer and submitted before
     batch k is collected. Returns the results in order and the last Pending."""
@@ -94,6 +93,7 @@ def run_in_flight(eng, bufs, batches):
         inflight = pend
     got.append(inflight.result())
     return got, inflight
+
 
 @pytest.fixture(scope="module")
 def engines(setup):  # noqa: F811

@@ -111,7 +111,7 @@ def torch_channels_last(channels_last: bool | None, device_type: str) -> bool:
     return device_type == "cpu" if channels_last is None else bool(channels_last)
 
 
-class TorchEngine:
+class TorchEngine(_SyncEngine):
     """A checkpoint run directly: the export wrapper in PyTorch (CUDA when available).
 
     ``precision``: fp32 (default), fp16 (CUDA only) or bf16: the network (body and heads)
@@ -182,23 +182,18 @@ class TorchEngine:
 
         x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
         with torch.inference_mode():
-            if self.precision == "fp32" and not self.channels_last:  # exactly the bytes of before
-                x = x.to(self.device, non_blocking=True).float()
-                return self.module(x).float().cpu().numpy()
             return self._forward(x.to(self.device)).cpu().numpy()
 
     def submit(self, batch: Any) -> "Pending":
-        if not self.cuda:
-            return Ready(self.predict(batch))
-        return self._submit_cuda(batch)
+        return self._submit_cuda(batch) if self.cuda else super().submit(batch)
 
     def input_buffers(self, batch_size: int, n: int = 2) -> list[np.ndarray]:
         """``n`` host buffers [B, 3, S, S] uint8 to pack batches into (page-locked on CUDA)."""
-        shape = (batch_size, 3, self.infer_size, self.infer_size)
         if not self.cuda:
-            return [np.zeros(shape, np.uint8) for _ in range(n)]
+            return super().input_buffers(batch_size, n)
         import torch
 
+        shape = (batch_size, 3, self.infer_size, self.infer_size)
         out = []
         for _ in range(n):
             t = torch.zeros(shape, dtype=torch.uint8, pin_memory=True)
