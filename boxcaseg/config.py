@@ -15,9 +15,11 @@ expected, a shipped name (``cpu``, ``paper-coco``, ``maskrcnn-cpu`` ...) works t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +80,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    box_ann: str = ""                     # COCO instances json (boxes)
-    box_images: str = ""                  # its image folder
-    salient_dir: str = ""                 # folder with images/ and masks/
+    # Any number of box sets (COCO json + image folder each, paired by position) and salient
+    # folders: one string or a list. Patches are drawn across the sets of a kind in proportion
+    # to their sizes, or to box_weights / salient_weights (one positive number per set).
+    box_ann: str | list[str] = ""         # COCO instances json(s) (boxes)
+    box_images: str | list[str] = ""      # their image folder(s), one per json
+    salient_dir: str | list[str] = ""     # folder(s) with images/ and masks/
+    box_weights: list[float] = field(default_factory=list)      # [] = in proportion to the sets' boxes
+    salient_weights: list[float] = field(default_factory=list)  # [] = in proportion to the folders' pairs
     patch_size: int = 288
     salient_resize: int = 320
     salient_box_crop: float = 0.0         # P(salient sample = its object's jittered box, as proxy sees it)
@@ -94,6 +101,42 @@ class DataConfig:
     workers: int = 2
     skip_bad: bool = False
     strict: bool = False
+
+    def box_sets(self) -> list[tuple[str, str]]:
+        """The box sets as (json, image folder) pairs; BoxcasegError when the lists do not pair."""
+        anns, dirs = _as_list(self.box_ann), _as_list(self.box_images)
+        if anns and not dirs:
+            raise BoxcasegError("data.box_ann is set but data.box_images (the image folder) is not")
+        if dirs and not anns:
+            raise BoxcasegError("data.box_images is set but data.box_ann (the COCO json) is not")
+        if len(anns) != len(dirs):
+            raise BoxcasegError(f"{len(anns)} box json(s) (data.box_ann / --box-ann) but {len(dirs)} image "
+                                "folder(s) (data.box_images / --box-images): give one folder per json, in order")
+        _check_weights("data.box_weights", self.box_weights, len(anns))
+        return list(zip(anns, dirs))
+
+    def salient_sets(self) -> list[str]:
+        """The salient folders; BoxcasegError when salient_weights does not fit them."""
+        dirs = _as_list(self.salient_dir)
+        _check_weights("data.salient_weights", self.salient_weights, len(dirs))
+        return dirs
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    """A config path field as a list of its non-empty entries."""
+    items = value if isinstance(value, list) else [value]
+    return [str(v) for v in items if str(v)]
+
+
+def _check_weights(name: str, weights: list[float], n_sets: int) -> None:
+    if not weights:
+        return
+    if len(weights) != n_sets:
+        raise BoxcasegError(f"{name}: {len(weights)} weight(s) for {n_sets} set(s) (one per set, or none: "
+                            "in proportion to their sizes)")
+    for w in weights:
+        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0):
+            raise BoxcasegError(f"{name}: {w!r} is not a finite number > 0")
 
 
 @dataclass
@@ -143,6 +186,16 @@ class Config:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # str | list[str]: a list stays a list
+        options = typing.get_args(tp)
+        is_list = [typing.get_origin(o) is list for o in options]
+        for option in [o for o, lst in zip(options, is_list) if lst == isinstance(value, list)]:
+            try:
+                return _coerce(value, option, where)
+            except BoxcasegError:
+                continue
+        raise BoxcasegError(f"{where}: expected {' or '.join(getattr(o, '__name__', str(o)) for o in options)}, "
+                            f"got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -160,6 +213,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise BoxcasegError(f"{where}: expected {tp.__name__}, got {value!r}")
     if tp is int and isinstance(value, bool):
         raise BoxcasegError(f"{where}: expected int, got {value!r}")
+    return value
+
+
+def _expand_strings(value: Any, source: str) -> Any:
+    """``${ENV}`` expanded in a string value or in the strings of a list value."""
+    if isinstance(value, str):
+        return expand_env(value, source)
+    if isinstance(value, list):
+        return [expand_env(v, source) if isinstance(v, str) else v for v in value]
     return value
 
 
@@ -182,8 +244,8 @@ def from_dict(cls: type[T], data: dict, source: str = "config", expand: bool = T
                 raise BoxcasegError(f"{source}: [{key}] must be a table")
             kwargs[key] = from_dict(tp, value, source, expand)
         else:
-            if isinstance(value, str) and expand:
-                value = expand_env(value, source)
+            if expand:
+                value = _expand_strings(value, source)
             kwargs[key] = _coerce(value, tp, f"{source}: {key}")
     return cls(**kwargs)
 
@@ -296,8 +358,7 @@ def apply_overrides(cfg: T, overrides: dict[str, Any] | list[str] | None) -> T:
         if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
             raise BoxcasegError(f"override {key!r}: unknown field")
         tp = typing.get_type_hints(type(obj))[name]
-        if isinstance(value, str):
-            value = expand_env(value, f"override {key}")
+        value = _expand_strings(value, f"override {key}")
         setattr(obj, name, _coerce(value, tp, f"override {key}"))
     return cfg
 

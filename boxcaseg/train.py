@@ -17,7 +17,7 @@ import torch
 from boxcaseg.config import Config, config_from_checkpoint
 from boxcaseg.data.coco import BoxPatchDataset
 from boxcaseg.data.salient import SalientDataset
-from boxcaseg.data.sampler import MixedBatchSampler, MixedDataset, collate
+from boxcaseg.data.sampler import ConcatSets, MixedBatchSampler, MixedDataset, SetMix, collate
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import safe_torch_load
 from boxcaseg.losses import boxcaseg_loss
@@ -30,22 +30,64 @@ __all__ = ["CKPT_NAME", "TrainResult", "train"]
 
 
 def build_datasets(cfg: Config):
+    """(box dataset, salient dataset, data sets record): each kind one dataset over all its sets
+    (:class:`ConcatSets`), None when the config has none of that kind. Every set is read (its
+    json, its folders, every image's file) before any training; a bad one stops the run with
+    one line naming it."""
     d = cfg.data
-    box_ds = sal_ds = None
-    if d.box_ann:
-        if not d.box_images:
-            raise BoxcasegError("data.box_ann is set but data.box_images (the image folder) is not")
-        box_ds = BoxPatchDataset(d.box_ann, d.box_images, d.patch_size, d.jitter_shift,
-                                 (d.jitter_scale_min, d.jitter_scale_max), d.hflip_box, d.skip_bad, d.strict,
-                                 pseudo_ann=d.pseudo_ann or None)
-    elif d.pseudo_ann:
+    box_sets, sal_dirs = d.box_sets(), d.salient_sets()
+    if d.pseudo_ann and not box_sets:
         raise BoxcasegError("data.pseudo_ann is set but data.box_ann (the boxes it belongs to) is not")
-    if d.salient_dir:
-        sal_ds = SalientDataset(d.salient_dir, d.salient_resize, d.patch_size, d.skip_bad, d.salient_box_crop,
-                                d.jitter_shift, (d.jitter_scale_min, d.jitter_scale_max))
-    if box_ds is None and sal_ds is None:
+    if d.pseudo_ann and len(box_sets) > 1:
+        raise BoxcasegError(f"data.pseudo_ann belongs to one box set; the config has {len(box_sets)} (data.box_ann)")
+    box_parts = [_read_set("box", k, len(box_sets), lambda ann=ann, images=images: BoxPatchDataset(
+        ann, images, d.patch_size, d.jitter_shift, (d.jitter_scale_min, d.jitter_scale_max), d.hflip_box,
+        d.skip_bad, d.strict, pseudo_ann=d.pseudo_ann or None)) for k, (ann, images) in enumerate(box_sets)]
+    sal_parts = [_read_set("salient", k, len(sal_dirs), lambda folder=folder: SalientDataset(
+        folder, d.salient_resize, d.patch_size, d.skip_bad, d.salient_box_crop, d.jitter_shift,
+        (d.jitter_scale_min, d.jitter_scale_max))) for k, folder in enumerate(sal_dirs)]
+    if not box_parts and not sal_parts:
         raise BoxcasegError("no training data: set data.box_ann/data.box_images and/or data.salient_dir")
+    box_ds = _one_dataset(box_parts)
+    sal_ds = _one_dataset(sal_parts)
     return box_ds, sal_ds
+
+
+def _read_set(kind: str, k: int, n: int, build):
+    """One set's dataset; with several sets an error says which one (its message names the file)."""
+    try:
+        return build()
+    except BoxcasegError as e:
+        if n == 1:
+            raise
+        raise BoxcasegError(f"{kind} set {k + 1} of {n}: {e}") from e
+
+
+def _one_dataset(parts: list):
+    return None if not parts else parts[0] if len(parts) == 1 else ConcatSets(parts)
+
+
+def set_mixes(cfg: Config, box_ds, sal_ds) -> tuple[SetMix, SetMix]:
+    """How the box and the salient sets are drawn (in proportion to their sizes, or to the weights)."""
+    def mix(ds, weights):
+        sizes = [len(p) for p in ds.datasets] if isinstance(ds, ConcatSets) else [len(ds)] if ds else []
+        return SetMix(sizes, weights or None)
+
+    return mix(box_ds, cfg.data.box_weights), mix(sal_ds, cfg.data.salient_weights)
+
+
+def data_sets_record(cfg: Config, box_ds, sal_ds) -> list[dict]:
+    """What a checkpoint records of its training data: each set's kind, source, item count (usable
+    boxes or pairs), configured weight (None: by size) and share of its kind's draws."""
+    box_mix, sal_mix = set_mixes(cfg, box_ds, sal_ds)
+    out = []
+    for kind, sources, mix, weights in (
+            ("box", [a for a, _ in cfg.data.box_sets()], box_mix, cfg.data.box_weights),
+            ("salient", cfg.data.salient_sets(), sal_mix, cfg.data.salient_weights)):
+        for k, src in enumerate(sources):
+            out.append({"kind": kind, "source": str(src), "items": mix.sizes[k],
+                        "weight": float(weights[k]) if weights else None, "share": mix.shares()[k]})
+    return out
 
 
 ARCHITECTURE_FIELDS = ("backbone", "out_indices", "backbone_kwargs", "neck_channels", "neck_convs",
@@ -105,9 +147,13 @@ def train(
     net = run.wrap(model)
     end = min(t.max_iters, stop_at) if stop_at else t.max_iters
     loader = build_loader(cfg, box_ds, sal_ds, n_box, n_sal, run, step, end)
+    data_sets = data_sets_record(cfg, box_ds, sal_ds)
     if run.is_main:
         log.info("training %s for %d iterations (%d box + %d salient per batch, %d process(es), %s)",
                  cfg.model.backbone, t.max_iters, n_box, n_sal, run.world, run.device)
+        for rec in data_sets:
+            log.info("%s set %s: %d %s, %.1f%% of the %s draws", rec["kind"], rec["source"], rec["items"],
+                     "boxes" if rec["kind"] == "box" else "pairs", 100 * rec["share"], rec["kind"])
     net.train()
     if t.freeze_backbone_bn:  # eval-mode BN: the pretrained statistics, no updates (affine weights still learn)
         for m in model.backbone.modules():
@@ -116,6 +162,7 @@ def train(
     return run.fit(net=net, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
                    step=loss_step(cfg, net, run.device), start=step, end=end, max_iters=t.max_iters,
                    ckpt_every=t.ckpt_every, config=cfg.to_dict(), stats=_stats, ema=ema,
+                   extra_state={"data_sets": data_sets},
                    show_progress=show_progress)
 
 
@@ -200,7 +247,8 @@ def warm_start(cfg: Config, model: torch.nn.Module, is_main: bool) -> int:
 
 def build_loader(cfg: Config, box_ds, sal_ds, n_box: int, n_sal: int, run: Run, step: int, end: int):
     """Mixed batches of iterations ``step + 1 .. end``, this rank's share of every global batch."""
-    sampler = MixedBatchSampler(len(box_ds) if box_ds else 0, len(sal_ds) if sal_ds else 0, n_box, n_sal,
+    box_mix, sal_mix = set_mixes(cfg, box_ds, sal_ds)
+    sampler = MixedBatchSampler(box_mix, sal_mix, n_box, n_sal,
                                 seed=cfg.train.seed, rank=run.rank, world_size=run.world, start_step=step, end_step=end)
     workers = cfg.data.workers
     return torch.utils.data.DataLoader(

@@ -13,9 +13,20 @@ def train_command(
                                          help="A shipped config by name (cpu, paper-coco, paper-voc: "
                                          "`boxcaseg config list`) or a TOML file; paths in it may use ${ENV}."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: last.pt (checkpoint) and metrics.jsonl."),
-    box_ann: Optional[str] = typer.Option(None, help="COCO instances json with the training boxes (data.box_ann)."),
-    box_images: Optional[str] = typer.Option(None, help="Image folder of --box-ann (data.box_images)."),
-    salient_dir: Optional[str] = typer.Option(None, help="Salient folder with images/ and masks/ (data.salient_dir)."),
+    box_ann: Optional[list[str]] = typer.Option(
+        None, "--box-ann", metavar="JSON", help="COCO instances json with training boxes (data.box_ann). Repeatable: several box "
+        "sets, each with its own --box-images, in the same order; replaces the config's sets."),
+    box_images: Optional[list[str]] = typer.Option(
+        None, "--box-images", metavar="DIR", help="Image folder of a --box-ann, one per json (data.box_images)."),
+    salient_dir: Optional[list[str]] = typer.Option(
+        None, "--salient-dir", metavar="DIR", help="Salient folder with images/ and masks/ (data.salient_dir). Repeatable; "
+        "replaces the config's folders."),
+    box_weight: Optional[list[float]] = typer.Option(
+        None, "--box-weight", metavar="W", help="Draw weight of each box set, one per set (data.box_weights); default: "
+        "in proportion to the sets' boxes."),
+    salient_weight: Optional[list[float]] = typer.Option(
+        None, "--salient-weight", metavar="W", help="Draw weight of each salient folder (data.salient_weights); default: "
+        "in proportion to their pairs."),
     max_iters: Optional[int] = typer.Option(None, help="Iterations of the poly schedule (train.max_iters)."),
     batch_size: Optional[int] = typer.Option(None, help="Patches per batch per process; the box:salient ratio of the config is kept."),
     lr: Optional[float] = typer.Option(None, help="Base learning rate (train.lr)."),
@@ -45,14 +56,15 @@ def train_command(
     from boxcaseg.train import train
 
     overrides = {
-        "data.box_ann": box_ann, "data.box_images": box_images, "data.salient_dir": salient_dir,
-        "train.max_iters": max_iters, "train.lr": lr, "data.workers": workers, "train.backend": backend,
+        "data.box_ann": _one_or_list(box_ann), "data.box_images": _one_or_list(box_images),
+        "data.salient_dir": _one_or_list(salient_dir), "data.box_weights": box_weight or None,
+        "data.salient_weights": salient_weight or None, "train.max_iters": max_iters, "train.lr": lr, "data.workers": workers, "train.backend": backend,
     }
     cfg = load_config(config, overrides)
     if init_from:
         adopt_init_model(cfg, init_from)
     apply_overrides(cfg, list(set_))
-    if dist.is_main() and not cfg.data.salient_dir and cfg.data.box_ann:
+    if dist.is_main() and not cfg.data.salient_sets() and cfg.data.box_sets():
         Console().print(f"[yellow]boxes only[/] (no data.salient_dir): {boxes_only_note(cfg.train)}")
     if skip_bad:
         cfg.data.skip_bad = True
@@ -67,6 +79,13 @@ def train_command(
             f"[green]done[/]: {res.iters} iterations, loss {res.first_loss:.4f} -> {res.last_loss:.4f}, "
             f"{res.images_per_s:.1f} img/s; checkpoint {res.out_dir / 'last.pt'}, metrics {res.out_dir / 'metrics.jsonl'}")
     dist.cleanup()
+
+
+def _one_or_list(values: Optional[list[str]]):
+    """A repeatable path flag as a config value: None (not given), one string, or a list."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
 
 
 def boxes_only_note(t) -> str:
