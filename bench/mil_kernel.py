@@ -123,7 +123,7 @@ def fused_loss(backend: str, blocks: tuple[int, int] | None = None):
 def default_blocks(h: int, w: int) -> tuple[int, int]:
     from boxcaseg.kernels import mil_smooth_triton
 
-    return mil_smooth_triton._default_blocks(h, w, True)
+    return mil_smooth_triton.tile_shape(h, w, True)
 
 
 def triton_extra_bytes(n: int, h: int, w: int) -> int:
@@ -288,6 +288,11 @@ def main() -> None:
         if on_gpu:
             timings = {k: time_cuda(fn) for k, fn in fns.items()}
             copy_gbps = bytes_moved / timings["copy"].median_ms / 1e6
+            # the copy as measured: its time, and the bytes it moves (the tensor read + written)
+            extra[f"copy_us_n{n}"] = round(timings["copy"].median_ms * 1000, 2)
+            if "copy+graph" in timings:
+                extra[f"copy_graph_us_n{n}"] = round(timings["copy+graph"].median_ms * 1000, 2)
+            extra[f"copy_mb_read_plus_written_n{n}"] = round(bytes_moved / 1e6, 2)
             extra[f"copy_gbps_n{n}"] = round(copy_gbps, 1)
             extra[f"triton_extra_bytes_n{n}"] = triton_extra_bytes(n, H, W)
             goals = goal_ratios(timings)

@@ -88,3 +88,26 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_distributed():
         torch_dist.destroy_process_group()
+
+
+def worker_context(uses_cuda: bool, preload: tuple[str, ...] = ()):
+    """The multiprocessing context for this process's workers (data loaders, pools).
+
+    ``fork`` (fast; children inherit imported modules and compiled kernels) unless this
+    process uses CUDA: then ``forkserver``, whose children are forked from a clean server
+    process started before any of this process's threads could hold a lock (a fork while
+    another thread initialises CUDA or captures a graph can deadlock the child), and never
+    from a CUDA process. ``preload``: modules the server imports once for its children.
+    Where neither exists (not Linux): the platform's default.
+    """
+    import multiprocessing as mp
+
+    methods = mp.get_all_start_methods()
+    if uses_cuda and "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        if preload:
+            ctx.set_forkserver_preload(list(preload))
+        return ctx
+    if "fork" in methods:
+        return mp.get_context("fork")
+    return mp.get_context()

@@ -146,7 +146,8 @@ def boxcaseg_loss(
                 up = fused_box if fused_box.shape[-2:] == size else F.interpolate(
                     fused_box, size=size, mode="bilinear", align_corners=False)
                 out["loss_fused_mil"] = dispatch.mil_loss(up, box_target, backend,
-                                                          bags=None if bags is None else bags[is_box])
+                                                          bags=None if bags is None else bags[is_box],
+                                                          weight=fused_mil_weight)
                 total = total + fused_mil_weight * out["loss_fused_mil"]
             if pairwise_weight > 0:
                 if images is None:

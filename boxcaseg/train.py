@@ -18,6 +18,7 @@ from boxcaseg.config import Config, config_from_checkpoint
 from boxcaseg.data.coco import BoxPatchDataset
 from boxcaseg.data.salient import SalientDataset
 from boxcaseg.data.sampler import ConcatSets, MixedBatchSampler, MixedDataset, SetMix, collate
+from boxcaseg.dist import worker_context
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import safe_torch_load
 from boxcaseg.losses import boxcaseg_loss
@@ -89,6 +90,9 @@ def data_sets_record(cfg: Config, box_ds, sal_ds) -> list[dict]:
                         "weight": float(weights[k]) if weights else None, "share": mix.shares()[k]})
     return out
 
+
+#: what the loader's workers import (preloaded by a fork server)
+LOADER_MODULES = ("numpy", "PIL.Image", "torch", "boxcaseg.data.coco", "boxcaseg.data.salient", "boxcaseg.data.sampler")
 
 ARCHITECTURE_FIELDS = ("backbone", "out_indices", "backbone_kwargs", "neck_channels", "neck_convs",
                       "head_channels", "transfer_hidden")
@@ -251,10 +255,13 @@ def build_loader(cfg: Config, box_ds, sal_ds, n_box: int, n_sal: int, run: Run, 
     sampler = MixedBatchSampler(box_mix, sal_mix, n_box, n_sal,
                                 seed=cfg.train.seed, rank=run.rank, world_size=run.world, start_step=step, end_step=end)
     workers = cfg.data.workers
+    cuda = run.device.type == "cuda"
     return torch.utils.data.DataLoader(
         MixedDataset(box_ds, sal_ds), batch_sampler=sampler, collate_fn=collate,
-        num_workers=workers, pin_memory=run.device.type == "cuda",
+        num_workers=workers, pin_memory=cuda,
         worker_init_fn=worker_init if workers else None, prefetch_factor=4 if workers else None,
+        # workers of a CUDA process come from a fork server, never a fork of the CUDA process
+        multiprocessing_context=worker_context(cuda, LOADER_MODULES) if workers else None,
     )
 
 

@@ -538,7 +538,7 @@ def test_triton_three_launches_no_torch_compute_no_sync(monkeypatch, terms):
     x = (torch.randn(2, 1, 20, 24, generator=gen) * 2).requires_grad_(True)
     bags = bag_labels(random_box_mask(2, 20, 24, gen))
     has_mil, has_smooth = terms in ("both", "mil"), terms in ("both", "smooth")
-    T._coef_tensor.cache_clear()
+    T._coefs.clear()
     T.mil_smooth_loss_triton(x, bags, has_mil, has_smooth, (1.0, W_SMOOTH), (8, 8))   # coefficients cached
     log.clear()
     ups = (torch.tensor(1.0), torch.tensor(W_SMOOTH))
@@ -595,3 +595,92 @@ def test_triton_backward_after_a_zero_smoothness_upstream():
     assert_rel(g2, 3 * ref["g_mil"], 1e-5, "(3, 0)")
     g3, = torch.autograd.grad((mil, smooth), xa, (torch.tensor(1.0), torch.tensor(1.0)))
     assert bool(torch.isnan(g3).any())
+
+
+# --------------------------------------------------------------------------- GPU faults, checked here
+
+
+def test_coef_tensors_never_evicted_and_never_copied_inside_a_capture(monkeypatch):
+    """A captured CUDA graph points to its coefficient tensor: none is ever evicted (a
+    training's worth and many more stay the same objects), and a set not seen before
+    during a capture is an error instead of a host-to-device copy the graph cannot hold."""
+    from boxcaseg.kernels import mil_smooth_triton as T
+
+    dev = torch.device("cpu")
+    first = T._coef_tensor((1.0, 2.0, 0.5), torch.float32, dev)
+    for i in range(600):
+        T._coef_tensor((float(i), 3.0), torch.float64, dev)
+    assert T._coef_tensor((1.0, 2.0, 0.5), torch.float32, dev) is first
+    assert first.tolist() == [1.0, 2.0, 0.5]
+    monkeypatch.setattr(T, "_capturing", lambda device: True)
+    assert T._coef_tensor((1.0, 2.0, 0.5), torch.float32, dev) is first   # seen before: no copy
+    with pytest.raises(RuntimeError, match="eagerly first"):
+        T._coef_tensor((9.0, 9.0), torch.float32, dev)
+
+
+def test_one_ticket_per_stream(monkeypatch):
+    """Launches on two streams never share the last-image ticket; one stream keeps its own."""
+    from boxcaseg.kernels import mil_smooth_triton as T
+
+    dev = torch.device("cpu")
+    stream = {"id": 11}
+    monkeypatch.setattr(T, "_stream_key", lambda device: (device, stream["id"]))
+    a = T._ticket(dev)
+    assert T._ticket(dev) is a
+    stream["id"] = 12
+    b = T._ticket(dev)
+    assert b is not a and int(b) == 0
+    stream["id"] = 11
+    assert T._ticket(dev) is a
+    monkeypatch.setattr(T, "_capturing", lambda device: True)   # a graph's own counter, zeroed
+    c1, c2 = T._ticket(dev), T._ticket(dev)
+    assert c1 is not a and c2 is not c1 and int(c1) == 0
+    assert T._tickets[(dev, 11)] is a and T._tickets[(dev, 12)] is b and len([k for k in T._tickets if k[1] in (11, 12)]) == 2
+
+
+def test_fused_mil_weight_takes_the_fast_backward():
+    """The recipes' fused MIL weight (2) is the weight the forward makes the gradient for:
+    the backward kernel leaves the buffer alone (a poisoned pixel stays), and the gradient
+    is the reference's times the weight."""
+    from boxcaseg.kernels.mil_smooth_common import bag_labels
+
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(3, 1, 14, 17, generator=gen) * 2
+    m = random_box_mask(3, 14, 17, gen)
+    ref = reference(x.double(), m.double())
+    xa = x.clone().requires_grad_(True)
+    loss = dispatch.mil_loss(xa, None, backend="triton", bags=bag_labels(m), weight=2.0)
+    g = loss.grad_fn.launch.g
+    g[2, 5, 6] = 77.0
+    (2.0 * loss).backward()
+    assert float(xa.grad[2, 0, 5, 6]) == 77.0          # the backward moved nothing
+    xa.grad[2, 0, 5, 6] = 0.0
+    want = 2.0 * ref["g_mil"]
+    want[2, 0, 5, 6] = 0.0
+    assert_rel(xa.grad, want, 1e-5, "fused MIL weight 2")
+    assert_rel(loss.detach(), ref["mil"], 1e-5, "mil")
+
+
+def test_boxcaseg_loss_hands_the_fused_mil_weight_to_the_kernels(monkeypatch):
+    """boxcaseg_loss asks the fused backend for the gradient of ``fused_mil_weight * mil``."""
+    calls = []
+    real = dispatch._fused
+
+    def spy(chosen):
+        fn = real(chosen)
+
+        def wrapped(logits, labels, has_mil, has_smooth, grad_weights, *a):
+            calls.append((has_mil, has_smooth, grad_weights))
+            return fn(logits, labels, has_mil, has_smooth, grad_weights, *a)
+        return wrapped
+
+    monkeypatch.setattr(dispatch, "_fused", spy)
+    gen = torch.Generator().manual_seed(42)
+    n, s = 4, 16
+    target = random_box_mask(n, s, s, gen)
+    weak = torch.randn(n, 1, s, s, generator=gen, requires_grad=True)
+    fused = torch.randn(n, 1, s, s, generator=gen, requires_grad=True)
+    is_sal = torch.tensor([False, False, True, False])
+    out = losses.boxcaseg_loss(weak, fused, target, is_sal, backend="numba", fused_mil_weight=2.0)
+    out["loss"].backward()
+    assert (True, False, (2.0, 0.0)) in calls, calls

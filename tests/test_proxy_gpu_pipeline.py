@@ -199,6 +199,57 @@ def test_pool_post_processing_gives_the_thread_bytes(setup, single_run):  # noqa
     assert sharded.read_bytes() == single.read_bytes()
 
 
+def test_workers_of_a_cuda_run_come_from_a_fork_server(setup, single_run, monkeypatch):  # noqa: F811
+    """A run whose engine uses CUDA (faked here) starts its decode workers and its post pool
+    from a fork server (never a fork of the process whose engine thread initialises CUDA),
+    and writes the same bytes."""
+    import multiprocessing as mp
+
+    from boxcaseg import dist
+    from boxcaseg.proxy import chunk_writer, decode, pipeline
+
+    assert dist.worker_context(True).get_start_method() == "forkserver"
+    assert dist.worker_context(False).get_start_method() == "fork"
+    seen = []
+    real_ctx = dist.worker_context
+
+    def spy(uses_cuda, preload=()):
+        ctx = real_ctx(uses_cuda, preload)
+        seen.append(ctx.get_start_method())
+        return ctx
+
+    monkeypatch.setattr(dist, "worker_context", spy)
+    monkeypatch.setattr(pipeline, "uses_cuda", lambda cfg: True)
+    single, _ = single_run
+    out = setup["dir"] / "forkserver" / "proxy.json"
+    generate_proxy(cfg_for(setup, out, workers=1, post_workers=1))
+    assert seen == ["forkserver", "forkserver"]          # the decode loader, then the post pool
+    assert out.read_bytes() == single.read_bytes()
+    assert mp.get_start_method(allow_none=True) in (None, "fork")  # the process default is untouched
+    assert chunk_writer.PostPool and decode.WORKER_MODULES
+
+
+def test_training_loader_of_a_cuda_run_uses_a_fork_server(monkeypatch):
+    """The training loaders' workers: forked on a CPU run, from a fork server on a CUDA one."""
+    import torch
+
+    from boxcaseg import train as train_mod
+    from boxcaseg.config import Config
+
+    class FakeRun:
+        rank, world = 0, 1
+
+        def __init__(self, kind):
+            self.device = torch.device(kind)
+
+    cfg = Config()
+    cfg.data.workers = 2
+    box = [0] * 10
+    for kind, method in (("cpu", "fork"), ("cuda", "forkserver")):
+        loader = train_mod.build_loader(cfg, box, None, 2, 0, FakeRun(kind), 0, 3)
+        assert loader.multiprocessing_context.get_start_method() == method
+
+
 def test_pool_with_bad_images_and_errors(setup, tmp_path):  # noqa: F811
     """Bad images flagged by the pool as by the thread; without --skip-bad the run stops."""
     boxes = [{"id": i, "image_id": i, "bbox": b, "category_id": 1, "iscrowd": 0}

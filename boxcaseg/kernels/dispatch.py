@@ -170,12 +170,15 @@ def mil_smooth_loss(
 
 
 def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor | None, backend: Backend = "auto",
-             bags: torch.Tensor | None = None) -> torch.Tensor:
+             bags: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
     """MIL loss of logits [N, 1, H, W] against bags from box_mask [N, 1, H, W] or given in
     compact form (``bags``, see :func:`mil_smooth_loss`) (see
     :mod:`~boxcaseg.kernels.mil_smooth_reference`), computed by ``backend`` (see the
-    module docstring). On an exact tie of a bag's maximum the fast paths send the
-    gradient to its first position (the reference splits it)."""
+    module docstring). ``weight``: the weight the caller gives this loss (``total = ... +
+    weight * mil``); the fused backends write that gradient in the forward pass, so the
+    backward moves nothing (any other use stays correct, rescaled). On an exact tie of a
+    bag's maximum the fast paths send the gradient to its first position (the reference
+    splits it)."""
     chosen = resolve_backend(logits, backend)
     labels = _labels_for(chosen, logits, box_mask, bags)
     if chosen == "reference":
@@ -184,7 +187,7 @@ def mil_loss(logits: torch.Tensor, box_mask: torch.Tensor | None, backend: Backe
         from boxcaseg.kernels.mil_smooth_torch import mil_loss_torch
 
         return mil_loss_torch(logits, labels)
-    return _fused(chosen)(logits, labels, True, False, (1.0, 0.0))[0]
+    return _fused(chosen)(logits, labels, True, False, (float(weight), 0.0))[0]
 
 
 def smoothness_loss(logits: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:

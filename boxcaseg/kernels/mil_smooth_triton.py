@@ -48,7 +48,6 @@ one tile per map.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -94,13 +93,19 @@ def _shift1(v, fill, BLOCK: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _shift2(t, fill, idx, edge, AXIS: tl.constexpr, FILL_ROW: tl.constexpr):
-    """2-D: ``t`` shifted along AXIS by the index map ``idx``; where ``edge``, ``fill`` (a
-    row vector broadcast over rows when FILL_ROW, else a column vector)."""
-    g = tl.gather(t, idx, AXIS)
-    if FILL_ROW:
-        return tl.where(edge, fill[None, :], g)
-    return tl.where(edge, fill[:, None], g)
+def _shift_cols(t, fill, idx, edge):
+    """2-D: ``t`` shifted along its columns by the index map ``idx``; where ``edge``, ``fill``
+    (a column vector [BLOCK_H], broadcast over the columns)."""
+    return tl.where(edge, fill[:, None], tl.gather(t, idx, 1))
+
+
+@triton.jit
+def _shift_rows(t, fill, idx, edge):
+    """2-D: ``t`` shifted along its rows by the index map ``idx``; where ``edge``, ``fill``
+    (a row vector [BLOCK_W], broadcast over the rows). (One helper per axis: code after an
+    early ``return`` under a constexpr ``if`` is still compiled, and the other axis's
+    broadcast fails to compile for any tile that is not square.)"""
+    return tl.where(edge, fill[None, :], tl.gather(t, idx, 0))
 
 
 @triton.jit
@@ -149,11 +154,11 @@ def _tile_kernel(
         p_br_r = _shift1(p_br, _load_p(xbase, r_hi, c_hi, sxh, sxw, (r_hi < H) & (c_hi < W), CT), BLOCK_W, 1)
         p_br_l = _shift1(p_br, _load_p(xbase, r_hi, c_lo, sxh, sxw, (r_hi < H) & (c_lo >= 0), CT), BLOCK_W, -1)
         # neighbours right, left, down, down-right, down-left
-        p_r = _shift2(p, p_rc, j_next, last_c, 1, False)
-        p_l = _shift2(p, p_lc, j_prev, first_c, 1, False)
-        p_d = _shift2(p, p_br, i_next, last_r, 0, True)
-        p_dr = _shift2(p_r, p_br_r, i_next, last_r, 0, True)
-        p_dl = _shift2(p_l, p_br_l, i_next, last_r, 0, True)
+        p_r = _shift_cols(p, p_rc, j_next, last_c)
+        p_l = _shift_cols(p, p_lc, j_prev, first_c)
+        p_d = _shift_rows(p, p_br, i_next, last_r)
+        p_dr = _shift_rows(p_r, p_br_r, i_next, last_r)
+        p_dl = _shift_rows(p_l, p_br_l, i_next, last_r)
         ok_d = inside & (rows + 1 < H)
         d_r = tl.where(inside & (cols + 1 < W), p_r - p, 0.0)
         d_d = tl.where(ok_d, p_d - p, 0.0)
@@ -172,9 +177,9 @@ def _tile_kernel(
             p_ar = _load_p(xbase, r_lo, c1, sxh, sxw, in_c & (r_lo >= 0), CT)
             p_ar_r = _shift1(p_ar, _load_p(xbase, r_lo, c_hi, sxh, sxw, (r_lo >= 0) & (c_hi < W), CT), BLOCK_W, 1)
             p_ar_l = _shift1(p_ar, _load_p(xbase, r_lo, c_lo, sxh, sxw, (r_lo >= 0) & (c_lo >= 0), CT), BLOCK_W, -1)
-            p_u = _shift2(p, p_ar, i_prev, first_r, 0, True)
-            p_ul = _shift2(p_l, p_ar_l, i_prev, first_r, 0, True)
-            p_ur = _shift2(p_r, p_ar_r, i_prev, first_r, 0, True)
+            p_u = _shift_rows(p, p_ar, i_prev, first_r)
+            p_ul = _shift_rows(p_l, p_ar_l, i_prev, first_r)
+            p_ur = _shift_rows(p_r, p_ar_r, i_prev, first_r)
             ok_u = inside & (rows >= 1)
             d_l = tl.where(inside & (cols >= 1), p_l - p, 0.0)
             d_u = tl.where(ok_u, p_u - p, 0.0)
@@ -218,20 +223,28 @@ def _reduce_bags(
     WRITE_GRAD: tl.constexpr, CT: tl.constexpr, P_PART: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Bags of one kind (rows or columns) of one image: partials [n_part, L] -> the sum of
-    their BCE terms. With a gradient, adds ``mil_coef * dmil/dbag`` at each bag's argmax
-    (g at bag * g_stride_bag + arg * g_stride_arg) and keeps per bag the argmax, ``dmil/dbag``
-    (times 1 / bags) and the value the pixel held before."""
+    their BCE terms. The tiles' partials are visited P_PART at a time, in tile order, and
+    a later tile's maximum replaces the running one only when it is strictly larger: the
+    first argmax of the whole bag is kept. With a gradient, adds ``mil_coef * dmil/dbag``
+    at each bag's argmax (g at bag * g_stride_bag + arg * g_stride_arg) and keeps per bag
+    the argmax, ``dmil/dbag`` (times 1 / bags) and the value the pixel held before."""
     k = tl.arange(0, P_PART)[:, None]
     acc = tl.zeros([BLOCK], dtype=CT)
     for l0 in range(0, L, BLOCK):
         l1 = l0 + tl.arange(0, BLOCK)
         l_ok = l1 < L
-        ok = (k < n_part) & l_ok[None, :]
-        off = k * L + l1[None, :]
-        v = tl.load(max_ptr + off, mask=ok, other=float("-inf"))
-        a = tl.load(arg_ptr + off, mask=ok, other=0)
-        s, which = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        arg = tl.sum(tl.where(k == which[None, :], a, 0), axis=0)
+        s = tl.full([BLOCK], float("-inf"), CT)
+        arg = tl.zeros([BLOCK], dtype=tl.int32)
+        for k0 in range(0, n_part, P_PART):
+            ok = (k0 + k < n_part) & l_ok[None, :]
+            off = (k0 + k) * L + l1[None, :]
+            v = tl.load(max_ptr + off, mask=ok, other=float("-inf"))
+            a = tl.load(arg_ptr + off, mask=ok, other=0)
+            s_k, which = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            arg_k = tl.sum(tl.where(k == which[None, :], a, 0), axis=0)
+            take = (s_k > s) | (k0 == 0)
+            arg = tl.where(take, arg_k, arg)
+            s = tl.where(take, s_k, s)
         lab = tl.load(lab_ptr + l1 * slab, mask=l_ok, other=0).to(CT)
         s = tl.where(l_ok, s, 0.0)
         acc += tl.where(l_ok, _bce_with_logits(s, lab), 0.0)
@@ -255,7 +268,7 @@ def _bags_kernel(
     img_ptr, part_ptr, n_parts, ticket_ptr, mil_ptr, smooth_ptr,
     N, H, W, n_rb, n_wb, coef_ptr,
     HAS_MIL: tl.constexpr, HAS_SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr, CT: tl.constexpr,
-    P_WB: tl.constexpr, P_RB: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+    P_PART: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     """One image's bags: img[n] = the sum of its row and column BCE terms; sp_*: [N, H + W]
     (rows, then columns). The last program to take a ticket writes mil (mean over the
@@ -269,11 +282,11 @@ def _bags_kernel(
         lab = lab_ptr + n * slab_n
         s_r = _reduce_bags(g_ptr, rmax_ptr + n * n_wb * H, rarg_ptr + n * n_wb * H, lab, slab_l,
                            sp_arg_ptr + b_img, sp_d_ptr + b_img, sp_old_ptr + b_img,
-                           H, n_wb, mil_coef, inv_bags, W, 1, g_img, WRITE_GRAD, CT, P_WB, BLOCK)
+                           H, n_wb, mil_coef, inv_bags, W, 1, g_img, WRITE_GRAD, CT, P_PART, BLOCK)
         tl.debug_barrier()
         s_c = _reduce_bags(g_ptr, cmax_ptr + n * n_rb * W, carg_ptr + n * n_rb * W, lab + H * slab_l, slab_l,
                            sp_arg_ptr + b_img + H, sp_d_ptr + b_img + H, sp_old_ptr + b_img + H,
-                           W, n_rb, mil_coef, inv_bags, 1, W, g_img, WRITE_GRAD, CT, P_RB, BLOCK)
+                           W, n_rb, mil_coef, inv_bags, 1, W, g_img, WRITE_GRAD, CT, P_PART, BLOCK)
         tl.store(img_ptr + n, s_r + s_c)
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
@@ -354,38 +367,87 @@ def _backward_kernel(
         tl.store(ptr, out.to(g_ptr.dtype.element_ty), mask=inside)
 
 
-def _default_blocks(h: int, w: int, on_gpu: bool) -> tuple[int, int]:
-    """Tile shape. GPU: ~2K elements per program (untuned: no GPU measured yet).
-    Interpreter: the whole map in one tile (up to 2**20 elements)."""
-    bw = triton.next_power_of_2(w)
-    bh = triton.next_power_of_2(h)
+#: The tile shapes the launcher uses on a GPU, 2,048 elements each (8 warps): 16 x 128 for maps
+#: wider than 64 pixels, 32 x 64 up to 64, 64 x 32 up to 32. A finite set, so that every
+#: configuration the launcher can choose is compiled ahead by tests/test_triton_compile.py.
+GPU_TILES: tuple[tuple[int, int], ...] = ((16, 128), (32, 64), (64, 32))
+#: Bag reduction: tiles' partials visited P_PART at a time, bags BAGS_BLOCK at a time, the
+#: final sums REDUCE_BLOCK at a time (on a GPU; the interpreter takes larger blocks).
+P_PART = 8
+BAGS_BLOCK, REDUCE_BLOCK = 128, 256
+
+
+def tile_shape(h: int, w: int, on_gpu: bool) -> tuple[int, int]:
+    """Tile shape (BLOCK_H, BLOCK_W). GPU: one of :data:`GPU_TILES` by the map's width
+    (untuned: no GPU measured yet). Interpreter: the whole map in one tile (up to 2**20
+    elements; the interpreter pays per program, not per element)."""
     if on_gpu:
-        bw = min(bw, 128)
-        bh = min(bh, max(1, 2048 // bw))
-    else:
-        bw = min(bw, 1024)
-        bh = min(bh, max(1, (1 << 20) // bw))
-    return bh, bw
+        bw = min(max(triton.next_power_of_2(w), 32), 128)
+        return 2048 // bw, bw
+    bw = min(triton.next_power_of_2(w), 1024)
+    return min(triton.next_power_of_2(h), max(1, (1 << 20) // bw)), bw
 
 
-@functools.lru_cache(maxsize=256)
+def tile_warps(block_h: int, block_w: int) -> int:
+    return 8 if block_h * block_w >= 2048 else 4
+
+
+def bags_blocks(h: int, w: int) -> tuple[int, int]:
+    """(BLOCK, RBLOCK) of the bags kernel: fixed on a GPU, the whole map in the interpreter."""
+    if INTERPRETED:
+        return min(triton.next_power_of_2(max(h, w)), 1024), 1024
+    return BAGS_BLOCK, REDUCE_BLOCK
+
+
+#: Coefficient tensors by (values, dtype, device), never evicted: a captured CUDA graph may
+#: point to any of them, so none is ever freed or replaced.
+_coefs: dict[tuple, torch.Tensor] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _coef_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The kernels' float coefficients as a device tensor in the compute dtype (Triton
-    passes Python floats as float32, too coarse for float64 maps). Cached: a training
-    loop asks for the same few, so the host-to-device copy (a sync) happens once each."""
-    return torch.tensor(values, dtype=dtype).to(device)
+    passes Python floats as float32, too coarse for float64 maps). A training loop asks
+    for the same few, so the host-to-device copy (a synchronisation) happens once each,
+    and never inside a CUDA-graph capture: there a coefficient set not seen before is an
+    error (run the call once before capturing it)."""
+    key = (values, dtype, device)
+    t = _coefs.get(key)
+    if t is None:
+        if _capturing(device):
+            raise RuntimeError("MIL/smoothness Triton kernels: these shapes and weights were not run before the "
+                               "CUDA-graph capture; run the same call once eagerly first (its coefficients need a "
+                               "host-to-device copy, which a capture cannot hold)")
+        t = _coefs[key] = torch.tensor(values, dtype=dtype).to(device)
+    return t
 
 
-_tickets: dict[torch.device, torch.Tensor] = {}
+_tickets: dict[tuple, torch.Tensor] = {}
+
+
+def _stream_key(device: torch.device) -> tuple:
+    """The device and the stream a launch goes to (CPU: the device alone)."""
+    if device.type == "cuda":
+        return device, torch.cuda.current_stream(device).cuda_stream
+    return device, 0
 
 
 def _ticket(device: torch.device) -> torch.Tensor:
-    """The bags kernel's ticket counter on ``device``: zeroed once, put back to 0 by every
-    launch. Launches on one device share it, so they must not run concurrently on two
-    streams."""
-    t = _tickets.get(device)
+    """The bags kernel's ticket counter: zeroed once, put back to 0 by every launch.
+
+    One per stream of ``device``: launches on one stream run one after the other, and
+    launches on two streams never share a counter. Inside a CUDA-graph capture, a counter
+    of the graph's own (allocated in its memory pool, zeroed by a node of the graph), so a
+    replay shares it with no eager launch; replay one graph on one stream at a time."""
+    if _capturing(device):
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    key = _stream_key(device)
+    t = _tickets.get(key)
     if t is None:
-        t = _tickets[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        t = _tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return t
 
 
@@ -409,7 +471,7 @@ def _launch(logits, labels, has_mil, has_smooth, grad_weights, block_h=None, blo
     x = logits.detach()[:, 0]
     ct_torch = compute_dtype(logits.dtype)
     ct = tl.float64 if ct_torch == torch.float64 else tl.float32
-    bh, bw = _default_blocks(h, w, dev.type == "cuda" and not INTERPRETED)
+    bh, bw = tile_shape(h, w, dev.type == "cuda" and not INTERPRETED)
     bh, bw = block_h or bh, block_w or bw
     n_rb, n_wb = triton.cdiv(h, bh), triton.cdiv(w, bw)
     write_grad = grad_weights is not None
@@ -435,7 +497,7 @@ def _launch(logits, labels, has_mil, has_smooth, grad_weights, block_h=None, blo
         h, w, n_rb, n_wb, coef,
         HAS_MIL=has_mil, HAS_SMOOTH=has_smooth, WRITE_GRAD=write_grad,
         CT=ct, BLOCK_H=bh, BLOCK_W=bw,
-        num_warps=8 if bh * bw >= 2048 else 4,
+        num_warps=tile_warps(bh, bw),
     )
     sparse = None
     if write_grad and has_mil:
@@ -445,15 +507,14 @@ def _launch(logits, labels, has_mil, has_smooth, grad_weights, block_h=None, blo
     sp = sparse or (parts, parts, parts)
     mil = torch.empty((), dtype=ct_torch, device=dev)
     smooth = torch.empty((), dtype=ct_torch, device=dev)
+    block, rblock = bags_blocks(h, w)
     _bags_kernel[(n,)](
         g, lab, lab.stride(0) if has_mil else 0, lab.stride(1) if has_mil else 0,
         rmax, rarg, cmax, carg, *sp,
         img, parts, n * n_rb * n_wb, _ticket(dev), mil, smooth,
         n, h, w, n_rb, n_wb, coef,
         HAS_MIL=has_mil, HAS_SMOOTH=has_smooth, WRITE_GRAD=write_grad, CT=ct,
-        P_WB=triton.next_power_of_2(n_wb), P_RB=triton.next_power_of_2(n_rb),
-        BLOCK=min(triton.next_power_of_2(max(h, w)), 1024 if INTERPRETED else 128),
-        RBLOCK=1024 if INTERPRETED else 256,
+        P_PART=P_PART, BLOCK=block, RBLOCK=rblock,
         num_warps=4,
     )
     launch = _Launch()
@@ -510,7 +571,7 @@ def _backward(launch: _Launch, state: torch.Tensor, g_mil: torch.Tensor, g_smoot
         launch.g, g_mil, g_smooth, state, new_state, launch.coef, *sp, h, w,
         HAS_MIL=has_mil, HAS_SMOOTH=has_smooth, CT=ct,
         BLOCK_H=launch.blocks[0], BLOCK_W=launch.blocks[1],
-        num_warps=8 if launch.blocks[0] * launch.blocks[1] >= 2048 else 4,
+        num_warps=tile_warps(*launch.blocks),
     )
     return new_state
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from boxcaseg.config import config_from_checkpoint
+from boxcaseg.dist import worker_context
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import safe_torch_load
 from boxcaseg.training import Run, TrainResult, worker_init
@@ -95,6 +96,8 @@ def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.workers,
         generator=torch.Generator().manual_seed(t.seed),  # leaves the global RNG alone
         worker_init_fn=worker_init if cfg.data.workers else None,
+        # workers of a CUDA process come from a fork server, never a fork of the CUDA process
+        multiprocessing_context=worker_context(run.device.type == "cuda") if cfg.data.workers else None,
     )
     if run.is_main:
         log.info("Mask R-CNN (%s) on %d images of %s, %d classes, %d iterations, %d process(es) on %s",

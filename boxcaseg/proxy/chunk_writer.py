@@ -214,8 +214,10 @@ class PostThread(threading.Thread):
 _POOL_STATE: dict = {}
 
 
-def _pool_init(state: dict, parent: int) -> None:
-    """In each forked worker: the run's state, and death with the parent (a killed run leaves no writer behind)."""
+def _pool_init(state: dict) -> None:
+    """In each worker: the run's state, and death with the parent -- the run (forked) or the
+    fork server, which exits with the run -- so a killed run leaves no writer behind."""
+    parent = os.getppid()
     _POOL_STATE.update(state, parent=parent)
     try:
         import ctypes
@@ -224,7 +226,7 @@ def _pool_init(state: dict, parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent:
+    if os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(1)
 
 
@@ -248,23 +250,27 @@ def _pool_chunk(c: int, probs: np.ndarray, refs_pos: np.ndarray, bad_pos: list) 
 
 
 class PostPool:
-    """Post-processing in ``workers`` forked processes, one whole chunk per task.
+    """Post-processing in ``workers`` processes, one whole chunk per task.
 
     The main process keeps each chunk's maps until its end, then hands the chunk over;
     at most ``2 * workers`` chunks wait or run at once. Worker times are summed into the
-    timers (like decode). Fork after the warm-up: the workers inherit compiled kernels.
+    timers (like decode). Forked after the warm-up (the workers inherit compiled kernels),
+    or, when the run uses CUDA, from a fork server (:func:`boxcaseg.dist.worker_context`:
+    never a fork of a process whose other threads may hold CUDA's locks).
     """
 
     def __init__(self, cfg: ProxyConfig, chunks: list[list[ImageTask]], store: ProgressStore,
-                 size: int, stride: int, timers: Timers, on_done, workers: int):
-        import multiprocessing as mp
+                 size: int, stride: int, timers: Timers, on_done, workers: int, uses_cuda: bool = False):
         from concurrent.futures import ProcessPoolExecutor
+
+        from boxcaseg.dist import worker_context
+        from boxcaseg.proxy.decode import WORKER_MODULES
 
         self.chunks, self.timers, self.on_done = chunks, timers, on_done
         self.limit = 2 * workers
         state = {"cfg": cfg, "chunks": chunks, "store": store, "size": size, "stride": stride}
-        self.ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_pool_init,
-                                      initargs=(state, os.getpid()))
+        self.context = worker_context(uses_cuda, WORKER_MODULES)
+        self.ex = ProcessPoolExecutor(workers, mp_context=self.context, initializer=_pool_init, initargs=(state,))
         self.ex.submit(os.getpid).result()  # forks every worker now, before the main loop's threads grow
         self.acc: dict[int, list] = {}       # chunk -> [(probs, refs)]
         self.bad: dict[int, list] = {}       # chunk -> [(task position, why)]

@@ -49,17 +49,22 @@ class DecodeDataset:
         return {"i": i, "crops": torch.from_numpy(arr), "t": time.perf_counter() - t0}
 
 
-def decoded_stream(tasks: list[ImageTask], paths: dict, size: int, workers: int):
-    """Decoded images in ``tasks`` order (a torch DataLoader over worker processes)."""
-    import multiprocessing as mp
+#: what the decode and post-processing workers import (preloaded by a fork server)
+WORKER_MODULES = ("numpy", "PIL.Image", "torch", "boxcaseg.data.transforms", "boxcaseg.proxy.decode",
+                  "boxcaseg.proxy.chunk_writer")
 
+
+def decoded_stream(tasks: list[ImageTask], paths: dict, size: int, workers: int, uses_cuda: bool = False):
+    """Decoded images in ``tasks`` order (a torch DataLoader over worker processes; forked,
+    or from a fork server when this process uses CUDA: :func:`boxcaseg.dist.worker_context`)."""
     from torch.utils.data import DataLoader
+
+    from boxcaseg.dist import worker_context
 
     ds = DecodeDataset(tasks, paths, size)
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs["prefetch_factor"] = 4
-        if "fork" in mp.get_all_start_methods():
-            kwargs["multiprocessing_context"] = "fork"
+        kwargs["multiprocessing_context"] = worker_context(uses_cuda, WORKER_MODULES)
     loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, **kwargs)
     return iter(loader)

@@ -204,10 +204,20 @@ def _warm_up(engine, cfg, size: int) -> None:
     encode_window_fast(merged[0], 0, 0, 8, 8)
 
 
+def uses_cuda(cfg: ProxyConfig) -> bool:
+    """Whether this run's engine runs on CUDA in this process (torch on a GPU, ONNX Runtime's
+    CUDA or TensorRT provider, a TensorRT engine)."""
+    from boxcaseg.export.engines import engine_device
+
+    where = engine_device(cfg.engine, cfg.device)
+    return where == "cuda" or where.startswith(("CUDA", "Tensorrt"))
+
+
 def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, warm, paths) -> str:
     """Decode -> batch -> infer -> post for the pending chunks; returns the engine description."""
     work = [t for c in pending for t in chunks[c] if len(t.crops)]
-    stream = decoded_stream(work, paths, size, cfg.workers)  # decoding starts while the engine warms up
+    cuda = uses_cuda(cfg)  # its workers then come from a fork server: the engine thread may be initialising CUDA
+    stream = decoded_stream(work, paths, size, cfg.workers, cuda)  # decoding starts while the engine warms up
     engine = warm.wait()
     timers.warmup = warm.seconds
     device = getattr(engine, "device", None)
@@ -219,7 +229,7 @@ def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, w
     prog, task = _make_progress(cfg.progress, total, done_before)
     advance = lambda n: prog.advance(task, n)  # noqa: E731
     if cfg.post_workers:
-        post = PostPool(cfg, chunks, store, size, engine.output_stride, timers, advance, cfg.post_workers)
+        post = PostPool(cfg, chunks, store, size, engine.output_stride, timers, advance, cfg.post_workers, cuda)
     else:
         post = PostThread(cfg, chunks, store, size, engine.output_stride, timers, advance)
     B = cfg.batch_size
