@@ -135,13 +135,16 @@ def variant_config(name: str, seed: int):
     return load_config("cpu", overrides)
 
 
-def cmd_train(name: str, seed: int) -> None:
+def cmd_train(name: str, seed: int, threads: int = 0) -> None:
     from boxcaseg.train import train
 
     make_subsets()
     out = run_dir(name, seed)
     resume = (out / "last.pt").is_file()
-    res = train(variant_config(name, seed), out, resume=resume)
+    cfg = variant_config(name, seed)
+    if threads:
+        cfg.train.threads = threads
+    res = train(cfg, out, resume=resume)
     print(f"{name} seed {seed}: {res.iters} iterations, {res.images_per_s:.1f} img/s -> {out / 'last.pt'}")
 
 
@@ -227,6 +230,8 @@ def main() -> None:
     ap.add_argument("name", nargs="?", help="variant (train, eval): " + ", ".join(variants()))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for eval (0: all cores)")
+    ap.add_argument("--train-threads", type=int, default=0,
+                    help="torch threads for train (0: the recipe's; 1 runs two trainings side by side on 2 cores)")
     ap.add_argument("--no-write", action="store_true", help="report: print, do not touch bench/RESULTS.md")
     args = ap.parse_args()
     if args.command in ("train", "eval") and args.name not in variants():
@@ -235,7 +240,7 @@ def main() -> None:
         for k, v in make_subsets().items():
             print(k, v, len((v / "names.txt").read_text().split()))
     elif args.command == "train":
-        cmd_train(args.name, args.seed)
+        cmd_train(args.name, args.seed, args.train_threads)
     elif args.command == "eval":
         cmd_eval(args.name, args.seed, args.threads)
     else:

@@ -92,6 +92,24 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def data_line() -> str:
+    """What the shipped model was trained on, from its file (``data_sets``, written by ``pack``)."""
+    from boxcaseg import weights
+    from boxcaseg.io import safe_torch_load
+
+    sets = safe_torch_load(weights.pretrained_path()).get("data_sets")
+    if not sets:
+        return "Training data: not recorded in the model file (packed before data sets were recorded)."
+    parts = []
+    for kind, unit in (("box", "boxes"), ("salient", "pairs")):
+        mine = [r for r in sets if r["kind"] == kind]
+        if mine:
+            parts.append(f"{kind} sets " + ", ".join(
+                f"{r['source']} ({r['items']:,} {unit}, {100 * r['share']:.0f}% of the draws"
+                + (f", weight {r['weight']:g}" if r.get("weight") else "") + ")" for r in mine))
+    return "Training data (recorded in the model file): " + "; ".join(parts) + "."
+
+
 def card(args) -> None:
     from boxcaseg.baselines import box_fill_predictions, ellipse_predictions
     from boxcaseg.evaluate import instance_ious, mask_quality
@@ -132,6 +150,8 @@ def card(args) -> None:
     weak = sorted(((sum(v) / len(v), k, len(v)) for k, v in by_cat.items() if len(v) >= 5))[:6]
     s_default = timing[False][1]
     body = "\n".join([
+        data_line(),
+        "",
         f"Settings in force (embedded in the model, chosen on coco-val): S={info['infer_size']}, context {info['context']:g}, "
         f"threshold {info['threshold']:g}, prior weight {info['prior_weight']:g}, alpha {info['alpha']:g}; engine "
         f"{info['engine']} (ONNX Runtime, CPU); drop below agreement {info['drop_thresh']:g}.",

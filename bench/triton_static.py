@@ -6,7 +6,8 @@ Compiles every launch configuration (boxcaseg.kernels.triton_aot) for sm_80 and 
 prints, for the training's default configuration (float32 maps, MIL + smoothness, with the
 gradient, the 16x128 tile of maps wider than 64 pixels), each kernel's registers per thread,
 spilled bytes and shared memory, plus the extremes over the whole matrix. ``--write`` puts
-the table into bench/RESULTS.md (section "triton_static"). No GPU is involved: these are the
+the table into bench/RESULTS.md (section "triton_static_<version>": one per Triton version; run
+it with the lent GPU machine's Triton on the path, e.g. ``PYTHONPATH=/tmp/t36``, for theirs). No GPU is involved: these are the
 only GPU figures a machine without one can produce.
 """
 
@@ -51,7 +52,8 @@ def main() -> None:
     n_arch = len(results) // 2
     tile90 = next(x for x in results if x["label"] == DEFAULT["tile"] and x["arch"] == 90)["registers"]
     body = (
-        "## triton_static: the Triton kernels compiled for real GPUs, on the CPU (`python bench/triton_static.py --write`)\n\n"
+        f"## triton_static ({triton.__version__}): the Triton kernels compiled for real GPUs, on the CPU "
+        "(`python bench/triton_static.py --write`)\n\n"
         f"Triton {triton.__version__} (`triton.compile(ASTSource(...), target=GPUTarget(\"cuda\", arch, 32))` and the "
         "wheel's ptxas, `ptxas -v` for registers and spills; no GPU involved). Every launch configuration the "
         f"launcher can choose compiles: {len(results) - len(failed)} of {len(results)} ({n_arch} per target: 3 "
@@ -71,7 +73,7 @@ def main() -> None:
     if args.write:
         from quality import write_section
 
-        write_section("triton_static", body)
+        write_section(f"triton_static_{triton.__version__.replace('.', '_')}", body)
 
 
 if __name__ == "__main__":

@@ -256,3 +256,15 @@ def test_cli_repeatable_flags_train(two_sets, tmp_path, capsys):
     rec = torch.load(out / "last.pt", weights_only=True)["data_sets"]
     assert [r["kind"] for r in rec] == ["box", "box", "salient", "salient"]
     assert rec[2]["share"] == pytest.approx(0.5, abs=0.06) and rec[3]["weight"] == 1.0
+
+
+def test_pack_keeps_what_the_model_was_trained_on(two_sets, tmp_path):
+    from boxcaseg.model.pack import pack_checkpoint
+
+    a, b = two_sets
+    train(several_config(two_sets, max_iters=2), tmp_path / "run", show_progress=False)
+    packed = pack_checkpoint(tmp_path / "run" / "last.pt", tmp_path / "m.pt")
+    rec = packed["data_sets"]
+    assert [r["source"] for r in rec] == ["coco/instances.json", "coco/instances.json", "a/salient", "b/salient"]
+    assert [r["items"] for r in rec][2:] == [12, 5]
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["data_sets"] == rec

@@ -54,5 +54,8 @@ def pack_checkpoint(ckpt: str | Path, out: str | Path, *, context: float | None 
         raise BoxcasegError(f"{ckpt}: weights do not fit its config ({str(e).splitlines()[0]})") from e
     obj = {"format": PACK_FORMAT, "model": state, "config": cfg.to_dict(), "iter": int(src.get("iter", 0)),
            "source_sha256": file_sha256(ckpt), **(extra or {})}
+    if isinstance(src.get("data_sets"), list):  # what it was trained on, each set named by its last two path parts
+        obj["data_sets"] = [dict(r, source="/".join(Path(str(r.get("source", ""))).parts[-2:]))
+                            for r in src["data_sets"] if isinstance(r, dict)]
     atomic_torch_save(obj, out)
     return obj
