@@ -55,3 +55,22 @@ def test_the_gpu_launcher_only_picks_compiled_tiles():
         assert bw >= min(128, w) or bw == 128  # a row of the map fits the tile, or the widest tile
     assert T.tile_shape(192, 192, True) == (16, 128) and T.tile_shape(50, 40, True) == (32, 64)
     assert T.tile_shape(9, 7, True) == (64, 32)
+
+
+def test_gpu_check_script_budget_fits_one_call():
+    """bench/gpu_checks.sh: the steps' limits add up to at most its DEADLINE, which leaves room in
+    one 600-second device call; a bigger step list is refused before anything runs."""
+    import re
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_checks.sh"
+    r = subprocess.run(["bash", str(script), "--budget"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"= (\d+) s of DEADLINE (\d+) s", r.stdout)
+    total, deadline = int(m.group(1)), int(m.group(2))
+    assert total <= deadline <= 560
+    steps = dict(s.split(":") for s in re.search(r"budget: (.*) =", r.stdout).group(1).split())
+    assert sum(map(int, steps.values())) == total and list(steps)[:3] == ["imports", "tests", "mil"]
+    over = subprocess.run(["bash", str(script), "--budget"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DEADLINE": str(total - 1)})
+    assert over.returncode == 1 and "exceed" in over.stdout
