@@ -95,10 +95,7 @@ class CocoMaskDataset(Dataset):
         image_id = int(img["id"])
         h, w = int(img["height"]), int(img["width"])
         path = self.paths[image_id]
-        rgb = read_rgb(path, image_id)
-        if rgb.shape[:2] != (h, w):
-            raise BoxcasegError(f"{path}: image is {rgb.shape[0]}x{rgb.shape[1]}, its json entry (image id "
-                                f"{image_id}) says {h}x{w}")
+        rgb = read_rgb(path, image_id, (w, h))  # in the frame of the json's size (EXIF orientation)
         boxes = np.zeros((len(anns), 4), np.float32)
         masks = np.zeros((len(anns), h, w), np.uint8)
         ignore = np.zeros(len(anns), bool)
