@@ -114,6 +114,17 @@ class CocoData:
         ids = self.images if ids is None else ids
         return check_image_paths(image_dir, ((i, self.images[i].get("file_name")) for i in ids))
 
+    def check_mask(self, ann: dict) -> None:
+        """The checks of :meth:`rle` (:func:`boxcaseg.masks.check_segmentation`, the size of its
+        image) without rasterising: for every annotation of a json before any work."""
+        from boxcaseg.masks import check_segmentation
+
+        h, w = self.image_hw(ann["image_id"], ann.get("id"))
+        size = check_segmentation(ann["segmentation"], h, w, ann.get("id"))
+        if list(size) != [h, w]:
+            raise BoxcasegError(f"{self.source}: annotation {ann.get('id')}: mask size {size[0]}x{size[1]} differs "
+                                f"from image {ann['image_id']} size {h}x{w}")
+
     def rle(self, ann: dict, hw: tuple[int, int] | None = None) -> dict:
         """The annotation's mask as compressed RLE (bytes counts), checked against its image size."""
         from boxcaseg.masks import to_rle

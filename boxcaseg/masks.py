@@ -127,6 +127,30 @@ def _checked_rle(segm: dict, ann_id: Any) -> dict:
     return {"size": [h, w], "counts": counts}
 
 
+def _checked_uncompressed(segm: dict, ann_id: Any) -> tuple[int, int, list[int]]:
+    h, w = _size_of(segm, ann_id)
+    counts = segm["counts"]
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) and 0 <= v for v in counts) \
+            or sum(counts) != h * w:
+        raise UnreadableMask(f"annotation {ann_id}: uncompressed RLE counts are not non-negative integers "
+                             f"adding up to its {h}x{w} size")
+    return h, w, [int(v) for v in counts]
+
+
+def check_segmentation(segm: Any, height: int, width: int, ann_id: Any = None) -> tuple[int, int]:
+    """The checks of :func:`to_rle` without rasterising anything (cheap enough for every
+    annotation of a training json up front); returns the mask's (height, width)."""
+    if isinstance(segm, list):
+        polygons(segm, height, width, ann_id)
+        return height, width
+    if isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+        h, w, _ = _checked_uncompressed(segm, ann_id)
+        return h, w
+    if isinstance(segm, dict) and "counts" in segm:
+        return tuple(_checked_rle(segm, ann_id)["size"])
+    raise BoxcasegError(f"annotation {ann_id}: segmentation is neither polygons nor RLE")
+
+
 def to_rle(segm: Any, height: int, width: int, ann_id: Any = None) -> dict:
     """Any COCO segmentation (polygons, RLE, uncompressed RLE) -> compressed RLE (bytes counts).
 
@@ -142,14 +166,8 @@ def to_rle(segm: Any, height: int, width: int, ann_id: Any = None) -> dict:
             return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
         return _pycocotools(lambda: mask_utils.merge(mask_utils.frPyObjects(polys, height, width)), ann_id)
     if isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-        h, w = _size_of(segm, ann_id)
-        counts = segm["counts"]
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) and 0 <= v for v in counts) \
-                or sum(counts) != h * w:
-            raise UnreadableMask(f"annotation {ann_id}: uncompressed RLE counts are not non-negative integers "
-                                 f"adding up to its {h}x{w} size")
-        return _pycocotools(lambda: mask_utils.frPyObjects({"size": [h, w], "counts": [int(v) for v in counts]}, h, w),
-                            ann_id)
+        h, w, counts = _checked_uncompressed(segm, ann_id)
+        return _pycocotools(lambda: mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w), ann_id)
     if isinstance(segm, dict) and "counts" in segm:
         return _checked_rle(segm, ann_id)
     raise BoxcasegError(f"annotation {ann_id}: segmentation is neither polygons nor RLE")
