@@ -396,8 +396,10 @@ def load_toml(path: str | os.PathLike) -> dict:
         raise BoxcasegError(f"{path}: config file not found")
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise BoxcasegError(f"{path}: malformed TOML ({e})") from e
+    except RecursionError:
+        raise BoxcasegError(f"{path}: malformed TOML (nested too deeply)") from None
 
 
 def shipped_configs() -> dict[str, Path]:

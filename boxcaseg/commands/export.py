@@ -54,8 +54,10 @@ def export_command(
         raise BoxcasegError("--int8 needs --calib-ann and --calib-images (boxes to calibrate on)")
     if int8 and calib_crops < 1:
         raise BoxcasegError(f"--calib-crops {calib_crops}: must be at least 1")
-    if int8 and not Path(calib_ann).is_file():
-        raise BoxcasegError(f"{calib_ann}: calibration file not found (--calib-ann)")
+    if int8:
+        from boxcaseg.io import check_input_file
+
+        check_input_file(calib_ann, "calibration")
     if int8 and not Path(calib_images).is_dir():
         raise BoxcasegError(f"{calib_images}: not a folder (--calib-images)")
     from boxcaseg import weights
