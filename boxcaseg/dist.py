@@ -64,7 +64,7 @@ def check_device_name(name: str | None, setting: str = "--device") -> None:
 
     if name is None or name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(name)):
         return
-    raise BoxcasegError(f"{setting} {name!r}: not a device boxcaseg runs on (choose {DEVICE_NAMES})")
+    raise BoxcasegError(f"{setting}={name!r}: not a device boxcaseg runs on (choose {DEVICE_NAMES})")
 
 
 def resolve_device(name: str, setting: str = "device") -> torch.device:

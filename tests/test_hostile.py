@@ -400,11 +400,11 @@ def _cases() -> dict[str, Case]:
     for name, box in huge.items():
         cases[name] = Case(lambda c, o, b=box: segment(c, box=b, json_out=o / "m.json"), "box 0")
     cases["segment --device tpu"] = Case(lambda c, o: segment(c, json_out=o / "m.json", extra=["--device", "tpu"]),
-                                         "--device 'tpu'")
+                                         "--device='tpu'")
     cases["segment --device tpu (onnx model)"] = Case(
         lambda c, o: ["segment", str(c.images / "a.jpg"), "--box", "6,6,30,24", "--device", "tpu", "--json",
-                      str(o / "m.json")], "--device 'tpu'")
-    cases["proxy --device tpu"] = Case(lambda c, o: proxy(c, o / "p.json") + ["--device", "tpu"], "--device 'tpu'")
+                      str(o / "m.json")], "--device='tpu'")
+    cases["proxy --device tpu"] = Case(lambda c, o: proxy(c, o / "p.json") + ["--device", "tpu"], "--device='tpu'")
     cases["evaluate masks --strict garbage RLE"] = Case(
         lambda c, o: ["evaluate", "masks", "--gt", str(c.good), "--pred", str(c.files["pred-garbage-rle"]), "--strict"],
         "annotation 1 (image id 1)")
