@@ -9,6 +9,9 @@ Step 3, Proxy Mask R-CNN: :mod:`boxcaseg.maskrcnn`; metrics in :mod:`boxcaseg.ev
 __version__ = "0.1.0"
 
 from boxcaseg.errors import BoxcasegError  # noqa: E402
+from boxcaseg.usercache import use_user_cache_for_numba  # noqa: E402
+
+use_user_cache_for_numba()  # compiled kernels go to the user's cache, never into the package
 
 
 def __getattr__(name: str):

@@ -71,7 +71,8 @@ def grabcut_predictions(ann_file: str | Path, image_dir: str | Path, iters: int 
     def fn(a, im):
         if im["id"] not in cache:
             cache.clear()
-            cache[im["id"]] = np.asarray(open_rgb(paths[im["id"]]))[:, :, ::-1].copy()
+            cache[im["id"]] = np.asarray(open_rgb(paths[im["id"]], "image", (int(im["width"]), int(im["height"])),
+                                                  f" (image id {im['id']})"))[:, :, ::-1].copy()
         img = cache[im["id"]]
         h, w = img.shape[:2]
         x, y, bw, bh = (float(v) for v in a["bbox"])

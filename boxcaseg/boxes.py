@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import numbers
+from typing import Any, Sequence
 
 import numpy as np
+
+REACH = 1.0  # how far (in image widths / heights) a usable box may reach beyond its image
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> tuple[float, float, float, float]:
@@ -18,24 +21,39 @@ def xyxy_to_xywh(box: Sequence[float]) -> tuple[float, float, float, float]:
     return x0, y0, x1 - x0, y1 - y0
 
 
-def degenerate_reason(box_xywh: Sequence[float], width: int, height: int) -> str | None:
-    """Why a COCO box cannot be used, or None when it is fine.
+def box_numbers_problem(box: Any) -> str | None:
+    """Why ``box`` is not four finite numbers, or None.
 
-    Degenerate: wrong length, non-finite values, non-positive width/height, or a box
-    that lies entirely outside its ``width`` x ``height`` image.
+    Strings and booleans are not numbers (``"1234"`` is not the box [1, 2, 3, 4]).
     """
-    if box_xywh is None or len(box_xywh) != 4:
+    if not isinstance(box, (list, tuple, np.ndarray)) or len(box) != 4:
         return "bbox is not 4 numbers"
-    try:
-        x, y, w, h = (float(v) for v in box_xywh)
-    except (TypeError, ValueError):
-        return "bbox is not numeric"
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) for v in box):
+        return "bbox is not numeric (4 numbers; strings and booleans are not numbers)"
+    if not all(math.isfinite(float(v)) for v in box):
         return "bbox has non-finite values"
+    return None
+
+
+def degenerate_reason(box_xywh: Any, width: int, height: int) -> str | None:
+    """Why a COCO box cannot be used, or None when it is fine: the one box rule.
+
+    Usable: four finite numbers (:func:`box_numbers_problem`), a positive width and
+    height, meeting its ``width`` x ``height`` image, and within reach of it: no edge
+    further than ``REACH`` image widths (heights) beyond the image, so that a crop of it
+    stays the size of images (``[-1e12, -1e12, 2e12, 2e12]`` is not a box of a photo).
+    """
+    problem = box_numbers_problem(box_xywh)
+    if problem is not None:
+        return problem
+    x, y, w, h = (float(v) for v in box_xywh)
     if w <= 0 or h <= 0:
         return "bbox has non-positive size"
-    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+    x1, y1 = x + w, y + h
+    if x >= width or y >= height or x1 <= 0 or y1 <= 0:
         return "bbox lies entirely outside its image"
+    if x < -REACH * width or y < -REACH * height or x1 > (1 + REACH) * width or y1 > (1 + REACH) * height:
+        return f"bbox reaches more than {REACH:g} image size(s) beyond its {width}x{height} image"
     return None
 
 

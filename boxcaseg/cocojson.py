@@ -15,8 +15,9 @@ visualize and the baselines load their json through :func:`load_coco` (or
   its file is found through :mod:`boxcaseg.paths`'s resolver (:meth:`CocoData.paths`).
 - ``iscrowd`` is absent, 0, 1, false or true; a crowd annotation is one where it is true
   (:func:`is_crowd`).
-- a box is degenerate (:func:`box_problem`) when it is not four finite numbers, has a
-  zero or negative width or height, or lies entirely outside its image. What to do with
+- a box is degenerate (:func:`box_problem`) when it is not four finite numbers (strings
+  and booleans are not numbers), has a zero or negative width or height, lies entirely
+  outside its image, or reaches more than one image size beyond it. What to do with
   one is the consumer's choice: training and Mask R-CNN skip it, the proxy flags it,
   ``--strict`` makes it an error (:func:`degenerate_error`).
 
@@ -45,8 +46,8 @@ def is_crowd(ann: dict) -> bool:
 
 
 def box_problem(bbox: Any, width: int, height: int) -> str | None:
-    """The degenerate-box rule: why a COCO ``xywh`` box on a ``width`` x ``height`` image
-    cannot be used (not 4 finite numbers, non-positive size, entirely outside), or None."""
+    """The degenerate-box rule (:func:`boxcaseg.boxes.degenerate_reason`): why a COCO ``xywh``
+    box on a ``width`` x ``height`` image cannot be used, or None."""
     return degenerate_reason(bbox, width, height)
 
 
@@ -56,18 +57,13 @@ def degenerate_error(src: Any, ann: dict, image_id: Any, reason: str) -> Boxcase
                          f"({ann.get('bbox')!r})")
 
 
-def check_image_file(path: Path, image_id: Any) -> str | None:
-    """Why the image file at ``path`` cannot be used (missing, unreadable header), or None."""
-    if not path.is_file():
-        return f"{path}: image file not found (image id {image_id})"
-    from PIL import Image
+def check_image_file(path: Path, image_id: Any, decode: bool = False, size: tuple[int, int] | None = None) -> str | None:
+    """Why the image file at ``path`` cannot be used (missing, not a regular file, unreadable
+    header, a size other than ``size`` (width, height) in either frame or, with ``decode``,
+    pixels that do not decode), or None (:func:`boxcaseg.images.check_image`)."""
+    from boxcaseg.images import check_image
 
-    try:
-        with Image.open(path) as im:
-            im.size  # header only
-    except Exception as e:  # PIL raises several types for corrupt headers
-        return f"{path}: unreadable image (image id {image_id}: {type(e).__name__})"
-    return None
+    return check_image(path, "image", f" (image id {image_id})", decode=decode, size=size)
 
 
 @dataclass
@@ -102,6 +98,11 @@ class CocoData:
             raise BoxcasegError(f"{self.source}: annotation {ann_id} refers to unknown image id {image_id}")
         return int(img["height"]), int(img["width"])
 
+    def image_size(self, image_id: Any) -> tuple[int, int]:
+        """(width, height) the json records for an image: the frame its boxes are in."""
+        img = self.images[image_id]
+        return int(img["width"]), int(img["height"])
+
     def box_problem(self, ann: dict) -> str | None:
         """:func:`box_problem` of the annotation's ``bbox`` on its image."""
         img = self.images[ann["image_id"]]
@@ -112,6 +113,17 @@ class CocoData:
         inside ``image_dir`` (:func:`boxcaseg.paths.check_image_paths`)."""
         ids = self.images if ids is None else ids
         return check_image_paths(image_dir, ((i, self.images[i].get("file_name")) for i in ids))
+
+    def check_mask(self, ann: dict) -> None:
+        """The checks of :meth:`rle` (:func:`boxcaseg.masks.check_segmentation`, the size of its
+        image) without rasterising: for every annotation of a json before any work."""
+        from boxcaseg.masks import check_segmentation
+
+        h, w = self.image_hw(ann["image_id"], ann.get("id"))
+        size = check_segmentation(ann["segmentation"], h, w, ann.get("id"))
+        if list(size) != [h, w]:
+            raise BoxcasegError(f"{self.source}: annotation {ann.get('id')}: mask size {size[0]}x{size[1]} differs "
+                                f"from image {ann['image_id']} size {h}x{w}")
 
     def rle(self, ann: dict, hw: tuple[int, int] | None = None) -> dict:
         """The annotation's mask as compressed RLE (bytes counts), checked against its image size."""

@@ -291,13 +291,39 @@ def check_checkpoint_backbone(name: str, source: str, timm_prefix: bool = False)
                             "not name a hub, a URL or a path)")
 
 
+# [model] fields that are sizes of layers: 0 means "the default", negative means nothing
+_MODEL_SIZES = ("head_channels", "neck_channels", "neck_convs", "transfer_hidden")
+# [model] fields that are inference settings (boxcaseg.infer_settings names them without the prefix)
+MODEL_INFER_SETTINGS = {"infer_size": "infer_size", "infer_context": "context", "infer_threshold": "threshold",
+                        "infer_prior_weight": "prior_weight", "alpha": "alpha"}
+
+
+def check_model_values(model: ModelConfig, source: str) -> None:
+    """The values of a [model] section, not only its keys: the inference settings by
+    :func:`boxcaseg.infer_settings.check_setting`, layer sizes >= 0, feature indices >= 0.
+    (What timm itself refuses -- a kwarg the backbone does not take, a feature index it
+    does not have -- is a one-line error when the network is built.) BoxcasegError naming
+    ``source`` and the field."""
+    from boxcaseg.infer_settings import check_setting
+
+    for field_name, setting in MODEL_INFER_SETTINGS.items():
+        check_setting(setting, getattr(model, field_name), f"{source}: model.{field_name}")
+    for name in _MODEL_SIZES:
+        v = getattr(model, name)
+        if v < 0:
+            raise BoxcasegError(f"{source}: model.{name} {v!r}: must be >= 0 (0: the default)")
+    if any(i < 0 for i in model.out_indices):
+        raise BoxcasegError(f"{source}: model.out_indices {model.out_indices!r}: feature indices are >= 0")
+
+
 def config_from_checkpoint(data: Any, source: str, cls: type[T] = Config) -> T:
     """The config stored in a checkpoint, read as untrusted input.
 
     Unlike a config file: no ``${ENV}`` expansion (the text stays as it is); the backbone
     must be a plain timm model name (:func:`check_checkpoint_backbone`); ``backbone_kwargs``
     keys must be in :data:`CHECKPOINT_BACKBONE_KWARGS` with plain values (numbers, booleans,
-    short names, short lists of ints). For a BoxCaseg :class:`Config`, ``model.pretrained``
+    short names, short lists of ints). For a BoxCaseg :class:`Config` the values are
+    checked too (:func:`check_model_values`: inference settings, layer sizes), and ``model.pretrained``
     becomes False and ``model.backbone_weights`` and ``train.init_from`` are cleared: the
     checkpoint holds every weight, so building its network reads no other file and nothing
     from the network. ``data.*`` paths are kept as text and read by nothing. (A Mask R-CNN
@@ -319,6 +345,7 @@ def config_from_checkpoint(data: Any, source: str, cls: type[T] = Config) -> T:
                 raise BoxcasegError(f"{source}: model.backbone_kwargs.{key} = {str(value)[:60]!r} is not a plain "
                                     "number, boolean or short name")
     if isinstance(cfg, Config):
+        check_model_values(cfg.model, source)
         cfg.model.pretrained = False
         cfg.model.backbone_weights = ""
         cfg.train.init_from = ""
@@ -369,8 +396,10 @@ def load_toml(path: str | os.PathLike) -> dict:
         raise BoxcasegError(f"{path}: config file not found")
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise BoxcasegError(f"{path}: malformed TOML ({e})") from e
+    except RecursionError:
+        raise BoxcasegError(f"{path}: malformed TOML (nested too deeply)") from None
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -58,13 +58,13 @@ def run_demo(opt: DemoOptions, console=None) -> dict:
     from boxcaseg.data.synthetic import make_synthetic_dataset
     from boxcaseg.evaluate import mask_quality
     from boxcaseg.export import export_onnx
-    from boxcaseg.io import atomic_write_json
+    from boxcaseg.io import atomic_write_json, check_output_dir
     from boxcaseg.proxy import ProxyConfig, generate_proxy
     from boxcaseg.report import markdown_table, plot_loss_curve
     from boxcaseg.train import train
 
     con = console or Console(highlight=False)
-    out = Path(opt.out)
+    out = check_output_dir(opt.out, "--out")  # before any work
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     timings = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as torch_dist
@@ -53,6 +54,19 @@ def local_rank() -> int:
     return 0
 
 
+DEVICE_NAMES = "auto, cpu, cuda or cuda:K"
+
+
+def check_device_name(name: str | None, setting: str = "--device") -> None:
+    """BoxcasegError unless ``name`` is None or a device boxcaseg runs on: auto, cpu, cuda, cuda:K
+    (torch knows many more names -- tpu is not one, mps or xla are -- that no engine here runs on)."""
+    from boxcaseg.errors import BoxcasegError
+
+    if name is None or name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(name)):
+        return
+    raise BoxcasegError(f"{setting}={name!r}: not a device boxcaseg runs on (choose {DEVICE_NAMES})")
+
+
 def resolve_device(name: str, setting: str = "device") -> torch.device:
     """A device setting ("auto", "cpu", "cuda", "cuda:K") as a torch device.
 
@@ -63,6 +77,7 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
     """
     from boxcaseg.errors import BoxcasegError
 
+    check_device_name(name, setting)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

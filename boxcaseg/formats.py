@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.io import atomic_write_bytes, atomic_write_json
+from boxcaseg.images import image_size
+from boxcaseg.io import atomic_write_bytes, atomic_write_json, check_input_file
 from boxcaseg.masks import decode, tight_box_xyxy
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 # Ultralytics' image suffixes (lower-case)
 IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic")
 FORMATS = ("coco", "yolo-seg", "png")
+FORMAT_INDEX = {"yolo-seg": "classes.txt", "png": "instances.json"}  # the file of a folder output beside the per-image ones
 _TOL = 1e-6
 
 
@@ -61,9 +63,7 @@ _TOL = 1e-6
 def read_names(names: str | os.PathLike) -> list[str]:
     """Class names from a names.txt (one per line) or an Ultralytics data.yaml (``names:``
     as a list or a dict ``{id: name}`` with ids 0..n-1)."""
-    path = Path(names)
-    if not path.is_file():
-        raise BoxcasegError(f"{path}: class names file not found")
+    path = check_input_file(names, "class names")
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
@@ -74,6 +74,8 @@ def read_names(names: str | os.PathLike) -> list[str]:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise BoxcasegError(f"{path}: malformed YAML ({' '.join(str(e).split())})") from e
+        except RecursionError:
+            raise BoxcasegError(f"{path}: malformed YAML (nested too deeply)") from None
         raw = data.get("names") if isinstance(data, dict) else None
         if isinstance(raw, list):
             out = [str(n) for n in raw]
@@ -139,24 +141,15 @@ def _parse_label_line(tokens: list[str], n_classes: int, where: str) -> tuple[in
                         + (" or a segmentation polygon 'class x1 y1 x2 y2 x3 y3 ...'" if n > 5 else ""))
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:  # header only
-            return im.size
-    except Exception as e:  # PIL raises several types on unreadable / huge files
-        why = " ".join(str(e).split())[:80]
-        raise BoxcasegError(f"{path}: not a readable image ({type(e).__name__}: {why})") from e
-
-
 def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
                  names: str | os.PathLike) -> dict:
     """An Ultralytics detection dataset -> a COCO instances dict (boxes, ``segmentation: []``).
 
     Images are the files with an image suffix under ``images_dir`` (recursively, sorted);
-    ``IMAGE.ext`` (relative path) pairs with ``labels_dir/IMAGE.txt``. ``file_name`` is the
-    path relative to ``images_dir``; image ids and annotation ids count from 1;
+    ``IMAGE.ext`` (relative path) pairs with ``labels_dir/IMAGE.txt``. ``width`` / ``height``
+    are the size as displayed (a photo's EXIF orientation applied), the frame YOLO labels
+    are normalised to, as Ultralytics reads them. ``file_name`` is the path relative to
+    ``images_dir``; image ids and annotation ids count from 1;
     ``category_id`` = class index + 1. ``info`` holds the conversion counts
     (``images_without_label_file``, ``polygon_lines``).
 
@@ -196,7 +189,7 @@ def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
     out_images, out_anns = [], []
     n_without, n_poly = 0, 0
     for image_id, (lab, p) in enumerate(label_of.items(), start=1):
-        width, height = _image_size(p)
+        width, height = image_size(p)  # as displayed: YOLO labels are normalised to the upright photo
         out_images.append({"id": image_id, "file_name": p.relative_to(images_dir).as_posix(),
                            "width": int(width), "height": int(height)})
         if not lab.is_file():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from boxcaseg.errors import BoxcasegError
 
@@ -77,15 +79,30 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def check_input_file(path: str | os.PathLike, what: str = "input") -> Path:
+    """``path`` as a Path when it is a regular file (a link to one counts); else a BoxcasegError
+    naming it: missing, or not a regular file (a folder, a FIFO, a device: reading those
+    blocks or means nothing)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BoxcasegError(f"{path}: {what} file not found") from None
+    except OSError as e:
+        raise BoxcasegError(f"{path}: cannot read the {what} file ({e.strerror or type(e).__name__})") from e
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise BoxcasegError(f"{path}: {what} file is {kind}")
+    return path
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     """Load a checkpoint or weight file with ``weights_only=True``: no code runs."""
     import pickle
 
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise BoxcasegError(f"{path}: file not found")
+    path = check_input_file(path, "checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
@@ -94,15 +111,105 @@ def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
 
 
 def load_json(path: str | os.PathLike, what: str = "json") -> Any:
-    """Load a JSON file; a missing or malformed file raises BoxcasegError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise BoxcasegError(f"{path}: {what} file not found")
+    """Load a JSON file; a missing, malformed or absurdly nested file raises BoxcasegError naming it."""
+    path = check_input_file(path, what)
     try:
         with open(path, "rb") as f:
             return json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BoxcasegError(f"{path}: malformed {what} ({e})") from e
+    except RecursionError:
+        raise BoxcasegError(f"{path}: malformed {what} (nested too deeply)") from None
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """The folder ``path`` will be written in is a folder (or can be made one) where files can be created."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BoxcasegError(f"{what} {path}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # the real test (os.access says yes to root under /sys)
+    except OSError as e:
+        raise BoxcasegError(f"{what} {path}: cannot write in {folder} ({e.strerror or type(e).__name__})") from e
+
+
+def check_output_file(path: str | os.PathLike, what: str = "-o",
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Before any work: ``path`` can be written as a file, and is none of ``inputs``.
+
+    BoxcasegError (one line, ``what`` naming the option) when it is a folder or another
+    non-regular file, when its folder is a file or cannot be written, or when it is one
+    of the command's inputs (a command never writes over what it reads).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise BoxcasegError(f"{what} {path}: is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise BoxcasegError(f"{what} {path}: exists and is not a regular file")
+    for inp in inputs:
+        if inp is not None and Path(inp).exists() and path.exists() and _same_file(path, Path(inp)):
+            raise BoxcasegError(f"{what} {path}: is an input of this command ({inp}); it is never written over")
+    _check_writable(path, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "-o",
+                     input_dirs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Before any work: ``path`` is (or can be made) a folder to write files in, and none of
+    ``input_dirs`` (files named after the inputs would replace them)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BoxcasegError(f"{what} {path}: is a file, not a folder")
+    for inp in input_dirs:
+        if inp is not None and path.is_dir() and Path(inp).is_dir() and _same_file(path, Path(inp)):
+            raise BoxcasegError(f"{what} {path}: is the input folder {inp}; write elsewhere")
+    _check_writable(path / ".boxcaseg-probe", what)
+    return path
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A folder to write a command's files in; they appear in ``out`` only when the block
+    ends without an error (each moved into place by a rename), so a failing command leaves
+    no partial output. Folders made for it are removed again on an error."""
+    out = Path(out)
+    missing = []
+    p = out.parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir()
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield stage
+        out.mkdir(exist_ok=True)
+        for f in sorted(stage.rglob("*")):
+            if f.is_file():
+                target = out / f.relative_to(stage)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for d in missing:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 class JsonlWriter:

@@ -26,15 +26,20 @@ BOX_FORMATS = ("xywh", "xyxy")
 
 
 def as_rgb_image(image: Any, what: str = "image"):
-    """A path, a PIL image or an HxWx3 (or HxW) uint8 array -> PIL RGB image."""
+    """A path, a PIL image or an HxWx3 (or HxW) uint8 array -> PIL RGB image.
+
+    A file or a PIL image with an EXIF orientation is turned upright (as displayed: the
+    frame people draw boxes in; :mod:`boxcaseg.images`).
+    """
     from PIL import Image
 
     from boxcaseg.data.transforms import open_rgb, to_rgb
+    from boxcaseg.images import upright
 
     if isinstance(image, (str, Path)):
         return open_rgb(image, what)
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(upright(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise BoxcasegError(f"{what}: expected an HxWx3 uint8 array, got {image.dtype} {list(image.shape)}")
@@ -52,6 +57,8 @@ def boxes_xywh(boxes: Any, box_format: str = "xywh") -> np.ndarray:
         arr = np.asarray(boxes, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise BoxcasegError(f"boxes: not numbers ({e})") from e
+    if arr.size == 0:  # no boxes: [], [[]] or an empty K x 4 array alike
+        arr = arr.reshape(0, 4)
     if arr.ndim == 1 and arr.size == 4:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != 4:
@@ -74,18 +81,15 @@ class Segmenter:
                  threads: int = 0, context: float | None = None, threshold: float | None = None,
                  prior_weight: float | None = None, batch_size: int = 32):
         from boxcaseg.export.engines import load_engine, resolve_model
+        from boxcaseg.infer_settings import check_setting
 
         self.model = resolve_model(model, engine, device)
         st = self.model.settings
         self.context = st.context if context is None else float(context)
         self.threshold = st.threshold if threshold is None else float(threshold)
         self.prior_weight = st.prior_weight if prior_weight is None else float(prior_weight)
-        if not (np.isfinite(self.context) and self.context >= 1.0):
-            raise BoxcasegError(f"context {self.context}: must be >= 1 (1 crops exactly the box)")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise BoxcasegError(f"threshold {self.threshold}: must be in [0, 1]")
-        if not 0.0 <= self.prior_weight <= 1.0:
-            raise BoxcasegError(f"prior_weight {self.prior_weight}: must be in [0, 1]")
+        for name in ("context", "threshold", "prior_weight"):
+            check_setting(name, getattr(self, name))
         if batch_size < 1:
             raise BoxcasegError(f"batch_size {batch_size}: must be >= 1")
         self.batch_size = int(batch_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from boxcaseg.config import Config, config_from_checkpoint
+from boxcaseg.config import Config, check_model_values, config_from_checkpoint
 from boxcaseg.data.coco import BoxPatchDataset
 from boxcaseg.data.salient import SalientDataset
 from boxcaseg.data.sampler import ConcatSets, MixedBatchSampler, MixedDataset, SetMix, collate
@@ -181,7 +181,8 @@ def load_resume(run: Run, cfg: Config) -> dict:
 
 
 def check_train_settings(cfg: Config) -> None:
-    """One-line errors for [train] values no run can use."""
+    """One-line errors for [train] (and [model]: :func:`boxcaseg.config.check_model_values`) values no run can use."""
+    check_model_values(cfg.model, "config")
     t = cfg.train
     for name in ("fused_mil_weight", "pairwise_weight", "pairwise_tau", "pairwise_ramp", "pseudo_weight"):
         v = getattr(t, name)

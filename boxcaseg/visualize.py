@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from boxcaseg.boxes import degenerate_reason
 from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import instance_ious
-from boxcaseg.io import atomic_write_bytes
+from boxcaseg.io import atomic_write_bytes, check_output_dir, staged_folder
 from boxcaseg.masks import decode
 from boxcaseg.paths import resolve_image_path
 
@@ -82,7 +83,7 @@ def _draw_boxes(img, anns: list[dict], labels: dict[int, str] | None = None) -> 
 
     d = ImageDraw.Draw(img)
     for a in anns:
-        if not a.get("bbox"):
+        if degenerate_reason(a.get("bbox"), *img.size) is not None:  # no box, or none to draw (the one box rule)
             continue
         x, y, w, h = (float(v) for v in a["bbox"])
         colour = FLAGGED if a.get("ignore_mask") else BOX
@@ -183,7 +184,8 @@ def worst_iou_sheet(coco: CocoData, gt: CocoData, image_dir: Path, n: int = 24, 
     for i, r in enumerate(records):
         img = gt.images[r.image_id]
         if r.image_id not in cache:
-            cache = {r.image_id: read_rgb(resolve_image_path(image_dir, img.get("file_name"), r.image_id), r.image_id)}
+            cache = {r.image_id: read_rgb(resolve_image_path(image_dir, img.get("file_name"), r.image_id), r.image_id,
+                                          (int(img["width"]), int(img["height"])))}
         rgb = cache[r.image_id]
         h, w = rgb.shape[:2]
         g = gt_by_id[r.ann_id]
@@ -191,7 +193,7 @@ def worst_iou_sheet(coco: CocoData, gt: CocoData, image_dir: Path, n: int = 24, 
         p = pred_by_id.get(r.ann_id)
         pm = decode(coco.rle(p, (h, w)), h, w, r.ann_id).astype(bool) if p is not None else np.zeros_like(gm)
         colour = FLAGGED if (p is not None and p.get("ignore_mask")) else _colour(r.ann_id)
-        box = g.get("bbox") or [0, 0, w, h]
+        box = g.get("bbox") if degenerate_reason(g.get("bbox"), w, h) is None else [0, 0, w, h]
         cx, cy = (i % cols) * (cell_w + 6) + 3, (i // cols) * (cell_h + 6) + 3
         sheet.paste(_crop_tile(rgb, pm, box, colour, tile), (cx, cy))
         sheet.paste(_crop_tile(rgb, gm, box, (60, 200, 60), tile), (cx + tile + 2, cy))
@@ -207,7 +209,7 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     image_dir = Path(images)
     if not image_dir.is_dir():
         raise BoxcasegError(f"{image_dir}: image folder not found")
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "-o", input_dirs=[image_dir])  # before any work; overlays never replace images
     gt_data = load_coco(gt, "ground-truth") if gt is not None else None
     coco = load_coco(ann, "annotation", images_from=gt_data)
     if not coco.images:
@@ -222,13 +224,19 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     ious: dict[int, float] = {}
     if gt_data is not None and any("id" in a for a in coco.anns):
         ious = {r.ann_id: r.iou for r in instance_ious(gt_data, coco)}
+    with staged_folder(out) as stage:  # all PNGs, or none (an unreadable image stops the run)
+        written = _write_overlays(coco, gt_data, ids, paths, ious, image_dir, worst, out, stage)
+    sheet_path = written.pop() if written and written[-1].name == "worst_iou.png" else None
+    log.info("visualize: %d overlay(s)%s in %s", len(written), " and worst_iou.png" if sheet_path else "", out)
+    return VisualizeResult(written, sheet_path)
+
+
+def _write_overlays(coco, gt_data, ids, paths, ious, image_dir, worst, out, stage) -> list[Path]:
+    """Render every overlay (and the contact sheet last) into ``stage``; the paths they will have in ``out``."""
     written = []
     for image_id in ids:
         img = coco.images[image_id]
-        rgb = read_rgb(paths[image_id], image_id)
-        if rgb.shape[:2] != (int(img["height"]), int(img["width"])):
-            raise BoxcasegError(f"{paths[image_id]}: image is {rgb.shape[0]}x{rgb.shape[1]}, its json "
-                                f"entry (image id {image_id}) says {img['height']}x{img['width']}")
+        rgb = read_rgb(paths[image_id], image_id, (int(img["width"]), int(img["height"])))
         anns = coco.by_image[image_id]
         gt_anns = gt_data.by_image.get(image_id, []) if gt_data is not None else None
         overlay = render_overlay(rgb, anns, coco, gt_anns, gt_data, {k: ious[k] for k in
@@ -236,16 +244,14 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
         path = out / f"{Path(img['file_name']).stem}.png"
         if path in written or path.name == "worst_iou.png":
             path = out / f"{Path(img['file_name']).stem}-{image_id}.png"
-        _save_png(overlay, path)
+        _save_png(overlay, stage / path.name)
         written.append(path)
-    sheet_path = None
     if gt_data is not None and worst > 0 and ious:
         sheet = worst_iou_sheet(coco, gt_data, image_dir, worst)
         if sheet is not None:
-            sheet_path = out / "worst_iou.png"
-            _save_png(sheet, sheet_path)
-    log.info("visualize: %d overlay(s)%s in %s", len(written), " and worst_iou.png" if sheet_path else "", out)
-    return VisualizeResult(written, sheet_path)
+            _save_png(sheet, stage / "worst_iou.png")
+            written.append(out / "worst_iou.png")
+    return written
 
 
 def write_overlays(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | os.PathLike,

@@ -183,7 +183,7 @@ def test_flip_tta_and_infer_size_override(exported, tmp_path, capsys):
         sal = torch.sigmoid(model.eval()(normalize_batch_uint8(torch.from_numpy(x64)))["salient"]).numpy()
     assert float(np.abs(load_engine("onnx", a1).predict(x64) - sal).max()) <= TOL_F32
     assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "a2.onnx"), "--alpha", "1.5"]) == 2
-    with pytest.raises(BoxcasegError, match="multiple of the output stride 4"):
+    with pytest.raises(BoxcasegError, match="--infer-size 50: must be a multiple of 4"):
         export_onnx(ckpt, tmp_path / "bad.onnx", infer_size=50)
     assert run_cli(["export", str(ckpt), "-o", str(tmp_path / "b.onnx"), "--tta", "rotate"]) == 2
     assert "--tta" in capsys.readouterr().err

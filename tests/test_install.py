@@ -321,3 +321,65 @@ def test_ci_finds_the_data_of_the_repository_it_was_cloned_from(tmp_path):
     _git("-C", str(clone), "remote", "set-url", "origin", str(src))
     line, found = _find_data(clone)
     assert found is None and "none found" in line
+
+
+# --------------------------------------------------------------------------- nothing written into the package
+
+
+@pytest.mark.slow
+def test_a_wheel_install_holds_exactly_the_wheels_files_after_a_proxy_run(ckpt, tmp_path):
+    """pip-install the wheel into a venv (torch and the rest from this environment), run the
+    proxy (Numba compiles its kernels), and the installed package is still exactly what the
+    wheel's RECORD lists: compiled caches went to the user cache ($BOXCASEG_CACHE/numba)."""
+    pytest.importorskip("setuptools")
+    pytest.importorskip("wheel")
+    import csv
+    import venv
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copytree(REPO / "boxcaseg", src / "boxcaseg",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "whl")], cwd=src, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (whl,) = (tmp_path / "whl").glob("boxcaseg-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    py = env_dir / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NUMBA_CACHE_DIR")}
+    env.update({"BOXCASEG_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    proc = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(whl)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    work = tmp_path / "work"
+    (work / "images").mkdir(parents=True)
+    _image(work / "images")
+    (work / "ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "img.png", "width": 64, "height": 48}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [15, 10, 30, 20], "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    code = textwrap.dedent(f"""
+        import boxcaseg, sys
+        print("BOXCASEG " + boxcaseg.__file__)
+        from boxcaseg.cli import main
+        main(["proxy", "--ann", "ann.json", "--images", "images", "-o", "out.json", "--model", {str(ckpt)!r},
+              "--engine", "torch", "--device", "cpu", "--workers", "0", "--no-progress", "--batch-size", "2"])
+    """)
+    proc = subprocess.run([str(py), "-c", code], cwd=work, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (work / "out.json").is_file()
+    (site,) = env_dir.glob("lib/python*/site-packages")
+    installed_from = proc.stdout.split("BOXCASEG ", 1)[1].splitlines()[0]
+    assert Path(installed_from).is_relative_to(site / "boxcaseg"), installed_from  # the wheel's copy ran
+
+    (record,) = site.glob("boxcaseg-*.dist-info/RECORD")
+    with open(record, newline="") as f:
+        listed = {row[0] for row in csv.reader(f) if row and row[0].startswith("boxcaseg/")}
+    present = {p.relative_to(site).as_posix() for p in (site / "boxcaseg").rglob("*") if not p.is_dir()}
+    assert present == listed, sorted(present ^ listed)[:10]
+    assert list((tmp_path / "cache" / "numba").rglob("*.nbi")), "the kernels were cached in the user cache"

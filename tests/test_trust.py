@@ -3,8 +3,9 @@
 A. A checkpoint's config is read without ``${ENV}`` expansion and with plain model fields
    only (:func:`boxcaseg.config.config_from_checkpoint`): no timm kwargs that load files,
    no hub / URL / path backbone names, no weight file or download.
-B. A json's ``file_name`` must stay inside ``--images`` (:mod:`boxcaseg.paths`): ``..``,
-   absolute names and links pointing outside stop every command with one line.
+B. A json's ``file_name`` must stay inside ``--images`` (:mod:`boxcaseg.paths`): ``..``
+   and absolute names stop every command with one line; symbolic links the folder itself
+   holds are followed (datasets made by linking images into split folders).
 """
 
 from __future__ import annotations
@@ -205,13 +206,17 @@ def _image(path: Path, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> dict:
-    """imgs/a.png, imgs/sub/a.png, outside.png (beside imgs/) and imgs/link.png -> ../outside.png."""
+    """imgs/a.png, imgs/sub/a.png, outside.png (beside imgs/), imgs/link.png -> ../outside.png and
+    imgs/deep -> elsewhere/deeper (a linked folder whose parent holds another a.png)."""
     root = tmp_path_factory.mktemp("trust-files")
     images = root / "imgs"
     _image(images / "a.png", 0)
     _image(images / "sub" / "a.png", 1)
     _image(root / "outside.png", 2)
     os.symlink(root / "outside.png", images / "link.png")
+    _image(root / "elsewhere" / "a.png", 3)
+    (root / "elsewhere" / "deeper").mkdir()
+    os.symlink(root / "elsewhere" / "deeper", images / "deep")
     return {"root": root, "images": images, "outside": root / "outside.png"}
 
 
@@ -253,7 +258,7 @@ def _argv(command: str, ann: Path, images: Path, out: Path, ckpt: Path, mr_ckpt:
 
 
 COMMANDS = ["train", "proxy", "maskrcnn-train", "maskrcnn-predict", "visualize"]
-BAD = {"dotdot": "../outside.png", "absolute": None, "symlink": "link.png"}
+BAD = {"dotdot": "../outside.png", "absolute": None, "dotdot-through-link": "deep/../../outside.png"}
 
 
 @pytest.mark.parametrize("kind", list(BAD))
@@ -298,6 +303,33 @@ def test_subfolder_file_name_still_works(folder, ckpt, maskrcnn_run, tmp_path, c
     assert made.is_file()
 
 
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "maskrcnn-train"])
+def test_a_linked_image_is_followed(folder, ckpt, maskrcnn_run, tmp_path, command, capsys):
+    """imgs/link.png -> ../outside.png (the folder's own link) is read: the command succeeds
+    on the linked file's pixels."""
+    ann = coco_json(tmp_path / "linked.json", "link.png")
+    out = tmp_path / "out"
+    code, err = run(_argv(command, ann, folder["images"], out, ckpt, maskrcnn_run[1]), capsys)
+    assert code == 0, err
+    made = {"train": out / "last.pt", "proxy": out / "proxy.json", "maskrcnn-predict": out / "results.json",
+            "visualize": out / "link.png"}[command]
+    assert made.is_file()
+    if command == "visualize":  # a pixel far from both boxes is the linked file's own
+        overlay = np.asarray(Image.open(made).convert("RGB"))
+        assert (overlay[H - 2, W - 2] == np.asarray(Image.open(folder["outside"]).convert("RGB"))[H - 2, W - 2]).all()
+
+
+def test_dotdot_through_a_linked_folder_stays_by_name(folder):
+    """``deep/../a.png`` is ``a.png`` of the image folder (the name, normalised), not the a.png
+    beside the linked folder's target (where the operating system's ``..`` would lead)."""
+    from boxcaseg.paths import resolve_image_path
+
+    images = folder["images"]
+    p = resolve_image_path(images, "deep/../a.png", 1)
+    assert p == images / "a.png"
+    assert p.read_bytes() == (images / "a.png").read_bytes() != (folder["root"] / "elsewhere" / "a.png").read_bytes()
+
+
 @pytest.mark.parametrize("kind", list(BAD))
 def test_baselines_grabcut(folder, tmp_path, kind):
     pytest.importorskip("cv2")
@@ -316,7 +348,8 @@ def test_resolver_edge_cases(folder):
 
     images = folder["images"]
     assert resolve_image_path(images, "sub/a.png", 1) == images / "sub" / "a.png"
-    assert resolve_image_path(images, "sub/../a.png", 1) == images / "sub/../a.png"  # stays inside
+    assert resolve_image_path(images, "sub/../a.png", 1) == images / "a.png"  # stays inside (normalised)
+    assert resolve_image_path(images, "link.png", 1) == images / "link.png"  # the folder's own link
     for bad in ("", None, 7, ".", "sub/../../outside.png", "/etc/passwd", "a\x00.png"):
         with pytest.raises(BoxcasegError, match="image id 3"):
             resolve_image_path(images, bad, 3)

@@ -50,8 +50,9 @@ def register(app: typer.Typer) -> None:
         Images without a label file are kept without boxes (YOLO background images); a label file without an image, a malformed line, a class outside the names or a value outside 0..1 is an error naming the file and line.
         """
         from boxcaseg.formats import yolo_to_coco as convert
-        from boxcaseg.io import atomic_write_json
+        from boxcaseg.io import atomic_write_json, check_output_file
 
+        check_output_file(out, "-o", inputs=[names])  # before any work
         coco = convert(images, labels, names)
         atomic_write_json(out, coco)
         info = coco["info"]

@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         pred: Path = typer.Option(..., "--pred", help="Predicted masks: a COCO json (e.g. a proxy json) whose "
                                   "annotation ids match the GT's."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+        strict: bool = typer.Option(False, "--strict", help="A prediction without a segmentation or with an "
+                                    "unreadable RLE is an error (default: scored 0 and counted in the table's header)."),
     ) -> None:
         """Class-agnostic mask quality given GT boxes: mIoU*, mIoU, IoU@50, IoU@75, by COCO size.
 
@@ -31,7 +33,7 @@ def register(app: typer.Typer) -> None:
         """
         from boxcaseg.evaluate import mask_quality, mask_quality_table
 
-        result = mask_quality(gt, pred)
+        result = mask_quality(gt, pred, strict=strict)
         _emit(result, as_json, lambda: mask_quality_table(result))
 
     @ev.command("coco")

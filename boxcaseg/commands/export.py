@@ -54,13 +54,21 @@ def export_command(
         raise BoxcasegError("--int8 needs --calib-ann and --calib-images (boxes to calibrate on)")
     if int8 and calib_crops < 1:
         raise BoxcasegError(f"--calib-crops {calib_crops}: must be at least 1")
-    if int8 and not Path(calib_ann).is_file():
-        raise BoxcasegError(f"{calib_ann}: calibration file not found (--calib-ann)")
+    if int8:
+        from boxcaseg.io import check_input_file
+
+        check_input_file(calib_ann, "calibration")
     if int8 and not Path(calib_images).is_dir():
         raise BoxcasegError(f"{calib_images}: not a folder (--calib-images)")
     from boxcaseg import weights
+    from boxcaseg.io import check_output_file
 
     ckpt = weights.pretrained_path() if weights.is_alias(ckpt) else Path(ckpt)
+    if int8:  # before any work: the int8 graph is written last, from crops of the calibration json's boxes
+        check_output_file(Path(out).with_suffix(".int8.onnx"), "-o", inputs=[ckpt, calib_ann])
+        from boxcaseg.cocojson import load_coco
+
+        load_coco(calib_ann, "calibration").paths(calib_images)
     rep = export_onnx(ckpt, out, trt=trt, fp16=fp16, max_batch=max_batch, engine_out=engine_out,
                       infer_size=infer_size, flip_tta=tta == "flip", alpha=alpha)
     con = Console(highlight=False, soft_wrap=True)

@@ -57,7 +57,8 @@ def proxy_command(
     from boxcaseg.proxy import ProxyConfig, generate_proxy_torchrun, merge_shards
     from boxcaseg.proxy.config import resolve_proxy_config
 
-    from boxcaseg.formats import FORMATS
+    from boxcaseg.formats import FORMAT_INDEX, FORMATS
+    from boxcaseg.io import check_output_dir, check_output_file
 
     con = Console(highlight=False, soft_wrap=True, stderr=False)
     if fmt not in FORMATS:
@@ -66,8 +67,11 @@ def proxy_command(
     if fmt != "coco":
         if out.suffix.lower() == ".json":
             raise BoxcasegError(f"-o {out}: with --format {fmt} the output is a folder, not a .json file")
+        # png files are named after the images: never into the image folder itself
+        check_output_dir(out, "-o", input_dirs=[images] if fmt == "png" else [])
         folder, out = out, out / "boxcaseg-proxy.json"
-        folder.mkdir(parents=True, exist_ok=True)
+        check_output_file(folder / FORMAT_INDEX[fmt], "-o", inputs=[ann])
+    check_output_file(out, "-o", inputs=[ann])  # before any work (a model export, inference)
     if join_shards:
         s = merge_shards(ann, out)
         con.print(f"[green]merged[/] {s['shards']} shards into {s['output']}: {s['instances']} instances, "

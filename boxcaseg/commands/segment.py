@@ -45,15 +45,17 @@ def segment_command(
     Example: boxcaseg segment street.jpg --box 48,30,120,200 --box 300,60,80,90 -o overlay.png --json masks.json
     """
     from boxcaseg.errors import BoxcasegError
-    from boxcaseg.io import atomic_write_json
+    from boxcaseg.io import atomic_write_json, check_output_file
     from boxcaseg.masks import encode
     from boxcaseg.predictor import Segmenter, as_rgb_image
 
     boxes = [parse_box(b) for b in box]
     fmt = "xyxy" if xyxy else "xywh"
-    for path, what in ((out, "-o"), (json_out, "--json")):
-        if path is not None and not path.parent.exists():
-            raise BoxcasegError(f"{what} {path}: folder {path.parent} does not exist")
+    for path, what in ((out, "-o"), (json_out, "--json")):  # before any work; never over the image
+        if path is not None:
+            check_output_file(path, what, inputs=[image])
+    if out is not None and json_out is not None and out.absolute() == json_out.absolute():
+        raise BoxcasegError(f"-o and --json are both {out}: give two files")
     img = as_rgb_image(image)
     seg = Segmenter(model, engine=engine, device=device, context=context, threshold=threshold, prior_weight=prior_weight)
     typer.echo(seg.describe())

@@ -102,6 +102,7 @@ def adopt_init_model(cfg, init_from: str) -> None:
     """``--init-from``: the run's network is the one of those weights ([model] from the checkpoint)."""
     from boxcaseg.config import config_from_checkpoint
     from boxcaseg.io import safe_torch_load
+    from boxcaseg.model import build_checkpoint_model
     from boxcaseg.train import resolve_init
 
     path = resolve_init(init_from)
@@ -111,6 +112,7 @@ def adopt_init_model(cfg, init_from: str) -> None:
 
         raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (--init-from)")
     cfg.model = config_from_checkpoint(init["config"], str(path)).model  # pretrained off, no weight file
+    build_checkpoint_model(cfg.model, str(path))  # a network timm cannot build is named here, before any work
     cfg.train.init_from = str(path)
 
 

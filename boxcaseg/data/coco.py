@@ -56,7 +56,9 @@ def read_coco_boxes(
     list its usable boxes.
 
     With ``skip_bad``, an annotation pointing at an unknown image and the annotations of
-    a missing or unreadable image file are skipped and counted instead of raising.
+    a missing or unreadable image file are skipped and counted instead of raising; every
+    image is then decoded up front, so a truncated file is one of them. Without it, the
+    headers are read up front (a file that does not decode stops the run when it is met).
     Degenerate boxes (:func:`boxcaseg.cocojson.box_problem`) and annotations whose
     ``area`` is given and not positive are skipped and counted in one warning line
     (``strict``: an error). A ``file_name`` that leads outside ``image_dir`` is always an
@@ -97,7 +99,8 @@ def read_coco_boxes(
     if check_images:
         used = sorted({b[1] for b in boxes})
         for iid in used:
-            err = check_image_file(paths[iid], iid)
+            # with skip_bad every image is decoded: a truncated file is skipped here, not met mid-run
+            err = check_image_file(paths[iid], iid, decode=skip_bad, size=coco.image_size(iid))
             if err:
                 if not skip_bad:
                     raise BoxcasegError(err)
@@ -224,7 +227,9 @@ class BoxPatchDataset(torch.utils.data.Dataset):
         idx, seed = key if isinstance(key, tuple) else (key, key)
         rng = np.random.default_rng(seed)
         aid, iid, xywh = self.index.boxes[idx]
-        img = open_rgb(self.image_path(iid), f"image (image id {iid}, annotation {aid})")
+        rec = self.index.images[iid]
+        img = open_rgb(self.image_path(iid), "image", (int(rec["width"]), int(rec["height"])),
+                       f" (image id {iid}, annotation {aid})")
         gt = xywh_to_xyxy(xywh)
         region = jitter_box(gt, rng, self.shift, *self.scale)
         patch = crop_resize(img, region, self.patch_size)

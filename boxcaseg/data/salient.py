@@ -24,6 +24,7 @@ from PIL import Image
 
 from boxcaseg.data.coco import jitter_box
 from boxcaseg.data.transforms import crop_resize, open_rgb
+from boxcaseg.images import read_image
 from boxcaseg.imageops import normalize
 from boxcaseg.errors import BoxcasegError
 
@@ -32,18 +33,17 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def open_mask(path: Path) -> Image.Image:
+    """A mask file as an L image (16-bit and float masks scaled to 0..255), read by
+    :func:`boxcaseg.images.read_image` (regular files only, as displayed)."""
+    im = read_image(path, "mask")
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = arr.max() if arr.size else 0
-                arr = arr * (255.0 / hi) if hi > 255 else arr
-                return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-            return im.convert("L")
-    except FileNotFoundError as e:
-        raise BoxcasegError(f"{path}: mask not found") from e
-    except Exception as e:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = arr.max() if arr.size else 0
+            arr = arr * (255.0 / hi) if hi > 255 else arr
+            return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        return im.convert("L")
+    except Exception as e:  # noqa: BLE001 - a mode Pillow cannot convert
         raise BoxcasegError(f"{path}: unreadable mask ({type(e).__name__}: {e})") from e
 
 

@@ -6,14 +6,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
-from boxcaseg.errors import BoxcasegError
 from boxcaseg.imageops import MEAN
+from boxcaseg.images import read_image
 
 MEAN_RGB255 = tuple(int(round(m * 255)) for m in MEAN)  # fill colour for padding
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -31,23 +29,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: str | Path, what: str = "image") -> Image.Image:
-    """Decode an image file to RGB; a missing or corrupt file raises BoxcasegError naming it."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except FileNotFoundError as e:
-        raise BoxcasegError(f"{path}: {what} file not found") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BoxcasegError(f"{path}: unreadable {what} ({e})") from e
+def open_rgb(path: str | Path, what: str = "image", size: tuple[int, int] | None = None, where: str = "") -> Image.Image:
+    """Decode an image file to RGB (:func:`boxcaseg.images.read_image`: regular files only,
+    in the frame of ``size`` (width, height) when given, else as displayed); a missing or
+    corrupt file raises BoxcasegError naming it."""
+    return to_rgb(read_image(path, what, where, size))
 
 
-def read_rgb(path: str | Path, image_id=None) -> np.ndarray:
-    """An image file as [H, W, 3] uint8 RGB; errors name the file and the image id."""
-    if not Path(path).is_file():
-        raise BoxcasegError(f"{path}: image file not found (image id {image_id})")
-    return np.asarray(open_rgb(path, f"image (image id {image_id})" if image_id is not None else "image"))
+def read_rgb(path: str | Path, image_id=None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 RGB; errors name the file and the image id.
+    ``size``: the (width, height) its json records (picks the frame, see :mod:`boxcaseg.images`)."""
+    where = f" (image id {image_id})" if image_id is not None else ""
+    return np.asarray(open_rgb(path, "image", size, where))
 
 
 def crop_resize(img: Image.Image, region, size: int, fill=None) -> Image.Image:

@@ -91,15 +91,12 @@ def parse_voc_xml(xml: Path) -> tuple[str, int, int, list[VocObject]]:
 
 
 def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
+    from boxcaseg.images import read_image
 
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise BoxcasegError(f"{path}: expected an indexed (palette) or grey PNG, got mode {im.mode}")
-            return np.asarray(im)
-    except (OSError, SyntaxError) as e:
-        raise BoxcasegError(f"{path}: unreadable PNG ({e})") from e
+    im = read_image(path, "PNG")
+    if im.mode not in ("P", "L"):
+        raise BoxcasegError(f"{path}: expected an indexed (palette) or grey PNG, got mode {im.mode}")
+    return np.asarray(im)
 
 
 def _read_sbd_mat(path: Path, key: str) -> np.ndarray:
@@ -211,8 +208,9 @@ def voc_to_coco(root: str | os.PathLike, split: str | None = None,
 
 def write_voc_as_coco(root: str | os.PathLike, out: str | os.PathLike, split: str | None = None) -> dict:
     """:func:`voc_to_coco` written atomically to ``out``; returns the dict."""
-    from boxcaseg.io import atomic_write_json
+    from boxcaseg.io import atomic_write_json, check_output_file
 
+    check_output_file(out, "-o")  # before any work
     coco = voc_to_coco(root, split)
     atomic_write_json(out, coco)
     return coco

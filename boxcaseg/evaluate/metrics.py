@@ -31,10 +31,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from boxcaseg.boxes import box_numbers_problem
 from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.masks import area as rle_area
-from boxcaseg.masks import mask_iou, to_rle
+from boxcaseg.masks import UnreadableMask, mask_iou, to_rle
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,26 @@ class InstanceIoU:
     category_id: Any
     area: float          # the GT annotation's area (COCO size split)
     iou: float           # 0 when the prediction is missing
-    found: bool          # a prediction with this id exists
+    found: bool          # a prediction with this id and a usable mask exists
     ignored: bool = False  # the prediction is flagged ``ignore_mask`` (proxy json)
+    problem: str | None = None  # a prediction exists but scores 0: NO_MASK or UNREADABLE_MASK
 
 
-def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list) -> list[InstanceIoU]:
+NO_MASK = "no segmentation"
+UNREADABLE_MASK = "unreadable RLE"
+
+
+def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list,
+                  strict: bool = False) -> list[InstanceIoU]:
     """IoU of every non-crowd GT annotation with the prediction of the same annotation id.
 
     ``pred`` may be a full COCO instances json (a proxy json) or a list of annotations
     carrying ``id``; a prediction matches the GT annotation whose id equals its own (as
-    given: ``7`` and ``"7"`` differ). Image sizes come from the GT json.
+    given: ``7`` and ``"7"`` differ). Image sizes come from the GT json. A prediction
+    without a segmentation, or whose RLE counts do not decode to a mask of its size
+    (:class:`boxcaseg.masks.UnreadableMask`), scores 0 and says so in ``problem``
+    (``strict``: a BoxcasegError naming it). Any other malformed mask (a polygon with
+    NaN, an RLE size that is not two integers) is a BoxcasegError.
     """
     gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
     if not isinstance(pred, CocoData):
@@ -94,18 +105,30 @@ def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pa
         gt_rles, pred_rles, slots = [], [], []
         for a in anns:
             p = by_id.get(a["id"])
+            problem = None
+            if p is not None and p["image_id"] != image_id:
+                raise BoxcasegError(f"{pred.source}: annotation {a['id']} is on image {p['image_id']}, "
+                                    f"the GT on image {image_id}")
+            rle = None
             if p is not None and p.get("segmentation") is None:
-                p = None  # an annotation kept without a mask counts as missing
-            if p is not None:
-                if p["image_id"] != image_id:
-                    raise BoxcasegError(f"{pred.source}: annotation {a['id']} is on image {p['image_id']}, "
-                                        f"the GT on image {image_id}")
+                problem = NO_MASK  # an annotation kept without a mask scores 0
+            elif p is not None:
+                try:
+                    rle = pred.rle(p, hw)
+                except UnreadableMask:
+                    problem = UNREADABLE_MASK
+            if problem is not None and strict:
+                raise BoxcasegError(f"{pred.source}: annotation {a['id']} (image id {image_id}): the prediction has "
+                                    f"{'no segmentation' if problem == NO_MASK else 'RLE counts that do not decode to its mask size'}"
+                                    " (--strict)")
+            if rle is not None:
                 gt_rles.append(gt.rle(a, hw))
-                pred_rles.append(pred.rle(p, hw))
+                pred_rles.append(rle)
                 slots.append(len(out))
             area = float(a["area"]) if a.get("area") is not None else float(rle_area([gt.rle(a, hw)])[0])
             out.append(InstanceIoU(a["id"], image_id, a.get("category_id", 0), area, 0.0,
-                                   p is not None, bool(p.get("ignore_mask", False)) if p is not None else False))
+                                   rle is not None, bool(p.get("ignore_mask", False)) if rle is not None else False,
+                                   problem))
         if slots:
             ious = np.diagonal(mask_iou(gt_rles, pred_rles))
             for slot, v in zip(slots, ious):
@@ -135,15 +158,21 @@ def summarize_ious(records: Sequence[InstanceIoU]) -> dict:
     }
 
 
-def mask_quality(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list) -> dict:
+def mask_quality(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list,
+                 strict: bool = False) -> dict:
     """Class-agnostic mask quality given GT boxes; see the module docstring.
 
-    Returns ``{miou_star, miou, iou50, iou75, n, missing, small: {...}, medium: {...},
-    large: {...}}`` where each size object has the same five keys.
+    Returns ``{miou_star, miou, iou50, iou75, n, missing, without_mask, unreadable_mask,
+    small: {...}, medium: {...}, large: {...}}`` where each size object has the first
+    five keys. ``missing``: GT instances scored 0 for want of a usable prediction, among
+    them ``without_mask`` (the prediction has no segmentation) and ``unreadable_mask``
+    (its RLE does not decode); ``strict`` makes those two an error (:func:`instance_ious`).
     """
-    records = instance_ious(gt, pred)
+    records = instance_ious(gt, pred, strict)
     result = summarize_ious(records)
     result["missing"] = sum(1 for r in records if not r.found)
+    result["without_mask"] = sum(1 for r in records if r.problem == NO_MASK)
+    result["unreadable_mask"] = sum(1 for r in records if r.problem == UNREADABLE_MASK)
     for size in SIZE_NAMES:
         result[size] = summarize_ious([r for r in records if _coco_size(r.area) == size])
     return result
@@ -165,16 +194,26 @@ def _results_list(pred: CocoData, gt: CocoData) -> list[dict]:
         if gt.categories and cat not in gt.categories:
             raise BoxcasegError(f"{pred.source}: detection on image {image_id} has category_id {cat}, "
                                 "which the GT json lacks")
-        r = {"image_id": image_id, "category_id": cat, "score": float(a.get("score", 1.0))}
+        score = a.get("score", 1.0)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not np.isfinite(score):
+            raise BoxcasegError(f"{pred.source}: {_name(a)} on image {image_id}: score {score!r} is not a finite number")
+        r = {"image_id": image_id, "category_id": cat, "score": float(score)}
         if "segmentation" in a and a["segmentation"] is not None:
             rle = pred.rle(a, gt.image_hw(image_id, a.get("id")))
             r["segmentation"] = {"size": [int(s) for s in rle["size"]],
                                  "counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes)
                                  else rle["counts"]}
-        if a.get("bbox"):
+        if a.get("bbox") is not None:
+            problem = box_numbers_problem(a["bbox"])
+            if problem is not None:
+                raise BoxcasegError(f"{pred.source}: {_name(a)} on image {image_id}: {problem} ({a['bbox']!r:.60})")
             r["bbox"] = [float(v) for v in a["bbox"]]
         out.append(r)
     return out
+
+
+def _name(a: dict) -> str:
+    return f"annotation {a['id']!r}" if "id" in a else "a detection"
 
 
 def _coco_api(gt: CocoData):
@@ -184,6 +223,9 @@ def _coco_api(gt: CocoData):
     for a in gt.anns:
         a = dict(a)
         a.setdefault("iscrowd", 0)
+        problem = box_numbers_problem(a.get("bbox")) if "bbox" in a or "segmentation" not in a else None
+        if problem is not None:
+            raise BoxcasegError(f"{gt.source}: annotation {a.get('id')!r}: {problem} ({a.get('bbox')!r:.60})")
         if a.get("area") is None:
             a["area"] = float(rle_area([gt.rle(a)])[0]) if "segmentation" in a else float(a["bbox"][2] * a["bbox"][3])
         anns.append(a)

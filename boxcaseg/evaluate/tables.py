@@ -15,7 +15,13 @@ def mask_quality_table(result: dict):
     """A rich Table of :func:`~boxcaseg.evaluate.metrics.mask_quality`'s result (percentages)."""
     from rich.table import Table
 
-    t = Table(title="Mask quality given GT boxes (class-agnostic)")
+    title = "Mask quality given GT boxes (class-agnostic)"
+    bad = [f"{result[k]} prediction(s) {what}" for k, what in (("without_mask", "without a segmentation"),
+                                                                  ("unreadable_mask", "with an unreadable RLE"))
+           if result.get(k)]
+    if bad:
+        title += "\n" + " and ".join(bad) + " scored 0 (--strict: an error)"
+    t = Table(title=title)
     for col in ("subset", "n", "mIoU*", "mIoU", "IoU@50", "IoU@75"):
         t.add_column(col, justify="right" if col != "subset" else "left")
     for name, r in [("all", result)] + [(s, result[s]) for s in SIZE_NAMES]:

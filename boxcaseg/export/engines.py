@@ -34,6 +34,7 @@ import numpy as np
 from boxcaseg.dist import resolve_device
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.export.ort import import_onnxruntime, onnxruntime_available
+from boxcaseg.usercache import cache_dir  # noqa: F401 - the per-user cache folder (ONNX graphs here)
 
 log = logging.getLogger(__name__)
 
@@ -355,11 +356,13 @@ class OnnxEngine(_SyncEngine):
                  device: str | None = None):
         from boxcaseg.export.onnx_export import INPUT_NAME, OUTPUT_NAME, read_onnx_metadata
 
+        from boxcaseg.infer_settings import settings_from_metadata
+
         ort = import_onnxruntime()
         meta = read_onnx_metadata(path)
         self.metadata = meta
-        self.infer_size = int(meta["boxcaseg.infer_size"])
-        self.output_stride = int(meta.get("boxcaseg.output_stride", 4))
+        st = settings_from_metadata(meta, str(path))
+        self.infer_size, self.output_stride = st["infer_size"], st["output_stride"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -390,11 +393,13 @@ class TrtEngine(_SyncEngine):
 
         from boxcaseg.export.tensorrt import import_tensorrt, read_trt_metadata
 
+        from boxcaseg.infer_settings import settings_from_metadata
+
         trt = import_tensorrt()
         meta = read_trt_metadata(path)
         self.metadata = meta
-        self.infer_size = int(meta["boxcaseg.infer_size"])
-        self.output_stride = int(meta.get("boxcaseg.output_stride", 4))
+        st = settings_from_metadata(meta, str(path))
+        self.infer_size, self.output_stride = st["infer_size"], st["output_stride"]
         self.max_batch = int(meta.get("tensorrt.max_batch", 1))
         self.device = resolve_device(device or "cuda", "--device")  # this rank's GPU under torchrun
         torch.cuda.set_device(self.device)  # TensorRT deserialises onto the current device
@@ -469,7 +474,8 @@ def engine_device(kind: str, device: str | None = None) -> str:
 
 @dataclass
 class InferSettings:
-    """How a model is meant to be run: what travels with a checkpoint, ONNX file or engine."""
+    """How a model is meant to be run: what travels with a checkpoint, ONNX file or engine
+    (the ranges of each value: :mod:`boxcaseg.infer_settings`)."""
 
     infer_size: int
     context: float = 1.0
@@ -493,15 +499,12 @@ class ResolvedModel:
     settings: InferSettings
 
 
-def _settings_from_meta(meta: dict) -> InferSettings:
-    def f(key: str, default: float) -> float:
-        try:
-            return float(meta.get(key, default))
-        except (TypeError, ValueError):
-            return default
+def _settings_from_meta(meta: dict, source: str | Path) -> InferSettings:
+    """The settings of a model file's metadata, checked (:func:`boxcaseg.infer_settings.settings_from_metadata`)."""
+    from boxcaseg.infer_settings import settings_from_metadata
 
-    return InferSettings(int(meta["boxcaseg.infer_size"]), f("boxcaseg.context", 1.0), f("boxcaseg.threshold", 0.5),
-                         f("boxcaseg.prior_weight", 0.0), f("boxcaseg.alpha", 0.7))
+    st = settings_from_metadata(meta, str(source))
+    return InferSettings(st["infer_size"], st["context"], st["threshold"], st["prior_weight"], st["alpha"])
 
 
 def read_model_settings(kind: str, path: str | Path) -> InferSettings:
@@ -516,14 +519,14 @@ def read_model_settings(kind: str, path: str | Path) -> InferSettings:
     if kind == "onnx":
         from boxcaseg.export.onnx_export import read_onnx_metadata
 
-        return _settings_from_meta(read_onnx_metadata(path))
+        return _settings_from_meta(read_onnx_metadata(path), path)
     if kind == "trt":
         from boxcaseg.export.tensorrt import read_trt_metadata, trt_missing
 
         missing = trt_missing()
         if missing:
             raise BoxcasegError("--engine trt: missing " + " and ".join(missing))
-        return _settings_from_meta(read_trt_metadata(path))
+        return _settings_from_meta(read_trt_metadata(path), path)
     if kind == "torch":
         from boxcaseg.config import config_from_checkpoint
         from boxcaseg.io import safe_torch_load
@@ -550,16 +553,6 @@ def file_kind(path: Path) -> str:
     if suffix in (".engine", ".plan", ".trt"):
         return "trt"
     return "torch"
-
-
-def cache_dir() -> Path:
-    """Per-user cache: ``$BOXCASEG_CACHE``, else ``$XDG_CACHE_HOME/boxcaseg``, else ``~/.cache/boxcaseg``."""
-    import os
-
-    if os.environ.get("BOXCASEG_CACHE"):
-        return Path(os.environ["BOXCASEG_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "boxcaseg"
 
 
 def cached_onnx(ckpt: Path) -> Path:
@@ -598,9 +591,11 @@ def resolve_model(model: str | Path | None = None, engine: str = "auto", device:
     A checkpoint asked to run on ``onnx`` is exported once into the per-user cache.
     """
     from boxcaseg import weights
+    from boxcaseg.dist import check_device_name
 
     if engine not in ("auto", *ENGINE_KINDS):
         raise BoxcasegError(f"--engine {engine!r}: choose from auto, {', '.join(ENGINE_KINDS)}")
+    check_device_name(device, "--device")
     if weights.is_alias(model):
         source = weights.pretrained_path()
         label = f"{weights.NAME} (shipped)"

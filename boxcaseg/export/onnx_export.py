@@ -194,7 +194,8 @@ def export_onnx(
     from boxcaseg.export.ort import ONNXRUNTIME_HINT, onnxruntime_available
     from boxcaseg.export.tensorrt import build_trt_engine, trt_missing
     from boxcaseg.export.wrapper import ProxyExportModel
-    from boxcaseg.io import atomic_write_bytes
+    from boxcaseg.infer_settings import check_setting
+    from boxcaseg.io import atomic_write_bytes, check_output_file
     from boxcaseg.model import load_checkpoint_model
 
     if trt:
@@ -204,15 +205,18 @@ def export_onnx(
     if max_batch < 1:
         raise BoxcasegError(f"--max-batch must be >= 1 (got {max_batch})")
     ckpt, out = Path(ckpt), Path(out)
-    model, cfg = load_checkpoint_model(str(ckpt))
+    check_output_file(out, "-o", inputs=[ckpt])  # before any work; never over the checkpoint
+    if trt:
+        check_output_file(Path(engine_out) if engine_out else out.with_suffix(".engine"), "--engine-out", inputs=[ckpt])
     if alpha is not None:
-        if not 0.0 <= alpha <= 1.0:
-            raise BoxcasegError(f"--alpha {alpha}: must lie in [0, 1]")
+        check_setting("alpha", alpha, "--alpha")
+    if infer_size is not None:
+        check_setting("infer_size", infer_size, "--infer-size")
+    model, cfg = load_checkpoint_model(str(ckpt))  # its own settings checked (config_from_checkpoint)
+    if alpha is not None:
         model.alpha = cfg.model.alpha = float(alpha)
     size = int(infer_size if infer_size is not None else cfg.model.infer_size)
     what = "--infer-size" if infer_size is not None else "model.infer_size"
-    if size < 8:
-        raise BoxcasegError(f"{ckpt}: {what} {size} is too small (at least 8)")
     with torch.no_grad():
         wrapper = ProxyExportModel(model, size, full_resolution=full_resolution, flip_tta=flip_tta).eval()
     if size % wrapper.stride:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from boxcaseg.cocojson import CocoData, is_crowd, load_coco
+from boxcaseg.cocojson import CocoData, check_image_file, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.masks import decode
@@ -32,7 +32,8 @@ class CocoMaskDataset(Dataset):
     ignore_mask [G] bool, image_id int64}``. The json is read by :mod:`boxcaseg.cocojson`
     (image ids must be integers here: they become ``image_id``). Crowd annotations are left
     out; degenerate boxes (the reader's rule) and boxes under one pixel inside their image
-    are skipped with a warning; an annotation without segmentation keeps its box
+    are skipped with a warning; every mask is checked (not rasterised) and every image's
+    header read up front; an annotation without segmentation keeps its box
     and is flagged ``ignore_mask``. Labels are the rank of the category id among
     ``category_ids`` (the json's categories sorted by id, unless given).
     """
@@ -75,6 +76,11 @@ class CocoMaskDataset(Dataset):
                     x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
                     if x1 - x0 < 1 or y1 - y0 < 1:
                         reason = "bbox is under one pixel inside its image"
+                if reason is None and a.get("segmentation") is not None:
+                    try:  # a mask that cannot be read stops the run here, before any work
+                        self.coco.check_mask(a)
+                    except BoxcasegError as e:
+                        raise BoxcasegError(f"{ann_file}: {e.one_line()}" if str(ann_file) not in str(e) else str(e)) from e
                 if reason is not None:
                     skipped += 1
                     log.warning("%s: annotation %s on image %s skipped: %s", ann_file, a.get("id"), image_id, reason)
@@ -86,6 +92,10 @@ class CocoMaskDataset(Dataset):
             log.warning("%s: %d annotation(s) with degenerate boxes skipped", ann_file, skipped)
         if not self.entries:
             raise BoxcasegError(f"{ann_file}: no image with a usable annotation")
+        for img, _ in self.entries:  # headers up front (as the BoxCaseg trainer reads them): a bad file stops here
+            err = check_image_file(self.paths[img["id"]], img["id"], size=(int(img["width"]), int(img["height"])))
+            if err:
+                raise BoxcasegError(err)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -95,10 +105,7 @@ class CocoMaskDataset(Dataset):
         image_id = int(img["id"])
         h, w = int(img["height"]), int(img["width"])
         path = self.paths[image_id]
-        rgb = read_rgb(path, image_id)
-        if rgb.shape[:2] != (h, w):
-            raise BoxcasegError(f"{path}: image is {rgb.shape[0]}x{rgb.shape[1]}, its json entry (image id "
-                                f"{image_id}) says {h}x{w}")
+        rgb = read_rgb(path, image_id, (w, h))  # in the frame of the json's size (EXIF orientation)
         boxes = np.zeros((len(anns), 4), np.float32)
         masks = np.zeros((len(anns), h, w), np.uint8)
         ignore = np.zeros(len(anns), bool)

@@ -14,9 +14,9 @@ import torch
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.cocojson import load_coco
-from boxcaseg.io import atomic_write_json
+from boxcaseg.io import atomic_write_json, check_output_file
 from boxcaseg.data.transforms import read_rgb
-from boxcaseg.dist import resolve_device
+from boxcaseg.dist import check_device_name, resolve_device
 from boxcaseg.maskrcnn.train import load_checkpoint, model_from_checkpoint
 from boxcaseg.masks import encode
 from boxcaseg.paths import check_image_paths
@@ -26,9 +26,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def list_images(images: str | os.PathLike, ann: str | os.PathLike | None = None,
-                image_ids: list[int] | None = None) -> list[tuple[int, Path]]:
-    """(image id, path) pairs: the images of ``ann`` (optionally only ``image_ids``), or
-    every image file of the folder in sorted name order with ids 1..N."""
+                image_ids: list[int] | None = None) -> list[tuple[int, Path, tuple[int, int] | None]]:
+    """(image id, path, (width, height) the json records or None) triples: the images of
+    ``ann`` (optionally only ``image_ids``), or every image file of the folder in sorted
+    name order with ids 1..N (read as displayed)."""
     images = Path(images)
     if not images.is_dir():
         raise BoxcasegError(f"{images}: image folder not found")
@@ -39,11 +40,11 @@ def list_images(images: str | os.PathLike, ann: str | os.PathLike | None = None,
         if missing:
             raise BoxcasegError(f"{ann}: image ids {missing[:5]} not in the json")
         paths = check_image_paths(images, ((i, coco.images[i].get("file_name")) for i in ids))  # inside --images
-        return [(i, paths[i]) for i in ids]
+        return [(i, paths[i], (int(coco.images[i]["width"]), int(coco.images[i]["height"]))) for i in ids]
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise BoxcasegError(f"{images}: no image files")
-    return list(enumerate(files, start=1))
+    return [(i, p, None) for i, p in enumerate(files, start=1)]
 
 
 @torch.inference_mode()
@@ -67,6 +68,9 @@ def predict_maskrcnn(
     probabilities pasted at the image size and thresholded at ``mask_thresh``. Defaults
     come from the checkpoint's ``[predict]`` config. Written atomically to ``out`` if given.
     """
+    check_device_name(device, "--device")
+    if out is not None:
+        check_output_file(out, "-o", inputs=[checkpoint, ann])  # before any work
     items = list_images(images, ann, image_ids)  # a bad json or file name stops before the model loads
     ckpt = load_checkpoint(checkpoint)
     model, cfg, cats = model_from_checkpoint(ckpt, str(checkpoint))
@@ -89,10 +93,10 @@ def predict_maskrcnn(
         task = progress.add_task("predict", total=len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            batch = [torch.from_numpy(np.array(read_rgb(path, image_id))).permute(2, 0, 1).float().div_(255).to(dev)
-                     for image_id, path in chunk]
+            batch = [torch.from_numpy(np.array(read_rgb(path, image_id, size))).permute(2, 0, 1).float().div_(255).to(dev)
+                     for image_id, path, size in chunk]
             outputs = model(batch)
-            for (image_id, _), o in zip(chunk, outputs):
+            for (image_id, _, _), o in zip(chunk, outputs):
                 masks = (o["masks"][:, 0] >= mask_thresh).cpu().numpy().astype(np.uint8)
                 boxes = o["boxes"].cpu().numpy()
                 for box, label, score, m in zip(boxes, o["labels"].tolist(), o["scores"].tolist(), masks):

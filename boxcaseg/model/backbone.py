@@ -40,6 +40,15 @@ def warn_random_init(backbone: str, download: str = "timm's") -> None:
     log.warning(random_init_message(backbone, download))
 
 
+def _cannot_build(name: str, kwargs: dict, e: BaseException) -> BoxcasegError:
+    """timm refused the arguments (a kwarg the model does not take, an out-of-range feature
+    index, a value its asserts reject): one line naming the backbone and what it was given."""
+    given = {k: v for k, v in kwargs.items() if k != "feature_location" or v}
+    why = str(e).splitlines()[0][:120] if str(e) else ""
+    return BoxcasegError(f"backbone {name!r} with {given}: timm cannot build it ({type(e).__name__}"
+                         f"{': ' + why if why else ''})")
+
+
 class TimmBackbone(nn.Module):
     """x: [N, 3, H, W] -> features [N, C, ceil(H/4), ceil(W/4)] (concat of all levels)."""
 
@@ -66,7 +75,9 @@ class TimmBackbone(nn.Module):
         except RuntimeError as e:
             if "Unknown model" in str(e) or "Unknown" in str(e):
                 raise BoxcasegError(f"backbone {name!r}: not a timm model ({e})") from e
-            raise
+            raise _cannot_build(name, kwargs, e) from e
+        except (TypeError, ValueError, AssertionError, IndexError, KeyError) as e:  # arguments the model refuses
+            raise _cannot_build(name, kwargs, e) from e
         except Exception as e:
             if pretrained:
                 raise BoxcasegError(
@@ -74,7 +85,7 @@ class TimmBackbone(nn.Module):
                     f"{str(e).splitlines()[0] if str(e) else ''}); offline, set model.pretrained=false and "
                     "model.backbone_weights=FILE"
                 ) from e
-            raise
+            raise _cannot_build(name, kwargs, e) from e
         reductions = self.body.feature_info.reduction()
         channels = self.body.feature_info.channels()
         if not out_indices:

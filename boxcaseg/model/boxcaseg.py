@@ -78,6 +78,16 @@ def build_model(cfg: ModelConfig | Config) -> BoxCaseg:
     return BoxCaseg(cfg)
 
 
+def build_checkpoint_model(cfg: ModelConfig, source: str) -> BoxCaseg:
+    """The network a checkpoint's (or model file's) [model] config describes; a config
+    that cannot be built (a backbone kwarg timm refuses, an unknown variant) is one
+    BoxcasegError line naming ``source``."""
+    try:
+        return BoxCaseg(cfg)
+    except BoxcasegError as e:
+        raise BoxcasegError(f"{source}: {e.one_line()}") from e
+
+
 def load_checkpoint_model(path: str, map_location: str = "cpu") -> tuple[BoxCaseg, Config]:
     """Rebuild a trained BoxCaseg from a ``boxcaseg train`` checkpoint (weights_only load).
 
@@ -90,7 +100,7 @@ def load_checkpoint_model(path: str, map_location: str = "cpu") -> tuple[BoxCase
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (no 'model'/'config' entries)")
     cfg = config_from_checkpoint(ckpt["config"], str(path))  # pretrained off, no weight file
-    model = BoxCaseg(cfg.model)
+    model = build_checkpoint_model(cfg.model, str(path))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -23,33 +22,30 @@ def pack_checkpoint(ckpt: str | Path, out: str | Path, *, context: float | None 
     """
     from boxcaseg.config import config_from_checkpoint
     from boxcaseg.export.onnx_export import file_sha256
-    from boxcaseg.io import atomic_torch_save, safe_torch_load
-    from boxcaseg.model import build_model
+    from boxcaseg.infer_settings import check_setting
+    from boxcaseg.io import atomic_torch_save, check_output_file, safe_torch_load
+    from boxcaseg.model import build_checkpoint_model
 
     ckpt = Path(ckpt)
+    check_output_file(out, "-o", inputs=[ckpt])  # before any work; never over the checkpoint it reads
     src = safe_torch_load(ckpt)
     if not isinstance(src, dict) or "model" not in src or "config" not in src:
         raise BoxcasegError(f"{ckpt}: not a boxcaseg checkpoint (no 'model'/'config' entries)")
     cfg = config_from_checkpoint(src["config"], str(ckpt))  # untrusted: no ${ENV}, plain model fields
     m = cfg.model
-    for name, value, ok in (("context", context, lambda v: math.isfinite(v) and v >= 1.0),
-                            ("threshold", threshold, lambda v: 0.0 <= v <= 1.0),
-                            ("prior_weight", prior_weight, lambda v: 0.0 <= v <= 1.0)):
+    for name, value in (("context", context), ("threshold", threshold), ("prior_weight", prior_weight)):
         if value is not None:
-            if not ok(float(value)):
-                raise BoxcasegError(f"--{name.replace('_', '-')} {value}: out of range")
-            setattr(m, f"infer_{name}", float(value))
+            setattr(m, f"infer_{name}", float(check_setting(name, value, f"--{name.replace('_', '-')}")))
     if infer_size is not None:
-        if infer_size < 8 or infer_size % 4:
-            raise BoxcasegError(f"--infer-size {infer_size}: a multiple of 4, at least 8")
-        m.infer_size = int(infer_size)
+        m.infer_size = int(check_setting("infer_size", infer_size, "--infer-size"))
     cfg.model.pretrained = False
     cfg.model.backbone_weights = ""
     cfg.train.init_from = ""
     state = {k: (v.half() if half and v.is_floating_point() else v).clone() for k, v in src["model"].items()}
     # the weights must fit the architecture the config describes
     try:
-        build_model(cfg.model).load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        build_checkpoint_model(cfg.model, str(ckpt)).load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as e:
         raise BoxcasegError(f"{ckpt}: weights do not fit its config ({str(e).splitlines()[0]})") from e
     obj = {"format": PACK_FORMAT, "model": state, "config": cfg.to_dict(), "iter": int(src.get("iter", 0)),

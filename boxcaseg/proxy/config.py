@@ -6,12 +6,12 @@ changes the answer) and the record the output json keeps (:func:`run_info`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.io import check_output_file
 from boxcaseg.proxy.shards import FORMAT, Shard
 
 
@@ -49,6 +49,7 @@ class ProxyConfig:
 
     def check(self) -> None:
         from boxcaseg.export.engines import ENGINE_KINDS, check_engine_options, engine_device
+        from boxcaseg.infer_settings import check_setting
 
         if self.engine not in ENGINE_KINDS:
             raise BoxcasegError(f"--engine {self.engine!r}: choose from {', '.join(ENGINE_KINDS)}")
@@ -59,18 +60,15 @@ class ProxyConfig:
             raise BoxcasegError(f"--post-workers {self.post_workers}: must be >= 0 (0: a thread)")
         if self.context is None or self.threshold is None or self.prior_weight is None:
             raise RuntimeError("ProxyConfig.check() before resolve_proxy_config()")
-        if not (math.isfinite(self.context) and self.context >= 1.0):
-            raise BoxcasegError(f"--context {self.context}: must be >= 1 (1 crops exactly the box)")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise BoxcasegError(f"--threshold {self.threshold}: must be in [0, 1]")
-        if not (math.isfinite(self.prior_weight) and 0.0 <= self.prior_weight <= 1.0):
-            raise BoxcasegError(f"--prior-weight {self.prior_weight}: must be in [0, 1]")
+        for name in ("context", "threshold", "prior_weight"):
+            check_setting(name, getattr(self, name), f"--{name.replace('_', '-')}")
         if not 0.0 <= self.drop_thresh <= 1.0:
             raise BoxcasegError(f"--drop-thresh {self.drop_thresh}: must be in [0, 1]")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.workers < 0:
             raise BoxcasegError("--batch-size and --checkpoint-every must be >= 1, --workers >= 0")
         if not Path(self.images).is_dir():
             raise BoxcasegError(f"{self.images}: image folder not found")
+        check_output_file(self.out, "-o", inputs=[self.ann])
 
 
 def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
@@ -120,6 +118,7 @@ def resolve_proxy_config(cfg: ProxyConfig):
 
     if not Path(cfg.images).is_dir():
         raise BoxcasegError(f"{cfg.images}: image folder not found")
+    check_output_file(cfg.out, "-o", inputs=[cfg.ann])  # before the model is resolved (maybe exported)
     rm = resolve_model(cfg.model, cfg.engine, cfg.device)
     st = rm.settings
     out = ProxyConfig(**{

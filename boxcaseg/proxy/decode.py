@@ -34,15 +34,13 @@ class DecodeDataset:
         t0 = time.perf_counter()
         image_id, path, w, h, crops = self.items[i]
         try:
-            img = open_rgb(path)
-            if img.size != (w, h):
-                raise BoxcasegError(f"{path} is {img.size[0]}x{img.size[1]} pixels, the json says {w}x{h}")
+            img = open_rgb(path, "image", (w, h))  # in the frame of the json's size (EXIF orientation)
             arr = np.empty((len(crops), 3, self.size, self.size), np.uint8)
             for k, c in enumerate(crops):
                 arr[k] = np.asarray(crop_resize(img, tuple(int(v) for v in c), self.size)).transpose(2, 0, 1)
         except BoxcasegError as e:
             return {"i": i, "error": f"image id {image_id!r}: {e.one_line()}", "t": time.perf_counter() - t0}
-        except Exception as e:  # noqa: BLE001 - decompression bombs, truncated data ...
+        except Exception as e:  # noqa: BLE001 - anything else a crafted image makes Pillow raise
             msg = " ".join(str(e).split())[:200]
             return {"i": i, "error": f"image id {image_id!r}: {path}: unreadable image ({type(e).__name__}: {msg})",
                     "t": time.perf_counter() - t0}

@@ -79,9 +79,7 @@ class ProgressStore:
                 raise BoxcasegError(
                     f"{self.root}: unfinished progress of a run with other inputs or options ({', '.join(diff)} differ); "
                     "rerun that command, or delete this folder to start over")
-        else:
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(meta, fingerprint)
+        # else: written with the first finished chunk (a run that fails before one leaves nothing)
 
     def path(self, chunk: int) -> Path:
         return self.root / f"chunk-{chunk:06d}.json"
@@ -90,6 +88,8 @@ class ProgressStore:
         return self.path(chunk).is_file()
 
     def save(self, chunk: int, payload: dict) -> None:
+        if not (self.root / "meta.json").is_file():
+            atomic_write_json(self.root / "meta.json", self.fingerprint)
         atomic_write_json(self.path(chunk), payload)
 
     def load(self, chunk: int, image_ids: list) -> dict:

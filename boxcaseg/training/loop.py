@@ -22,7 +22,7 @@ import torch
 
 from boxcaseg import dist
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.io import JsonlWriter, atomic_torch_save, safe_torch_load
+from boxcaseg.io import JsonlWriter, atomic_torch_save, check_output_dir, safe_torch_load
 from boxcaseg.training.state import WeightEMA, checkpoint_rng_and_buffers, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class Run:
     """
 
     def __init__(self, out_dir: str | Path, device: str, label: str):
-        self.out_dir = Path(out_dir)
+        self.out_dir = check_output_dir(out_dir, "--out")  # before any work: a folder last.pt can be written in
         self.ckpt_path = self.out_dir / CKPT_NAME
         self.label = label
         self.distributed = dist.init_from_env()
