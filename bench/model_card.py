@@ -87,6 +87,7 @@ def pack(args) -> None:
     from boxcaseg.export.onnx_export import file_sha256
     from boxcaseg.model.pack import pack_checkpoint
 
+    _calibration_set(args)  # before the model file changes: its int8 graph must follow
     dst = WEIGHTS / weights.FILE
     pack_checkpoint(args.ckpt, dst, context=args.context, threshold=args.threshold, prior_weight=args.prior_weight,
                     infer_size=args.infer_size, extra={"name": weights.NAME})
@@ -107,10 +108,7 @@ def int8(args) -> None:
     from boxcaseg.export.quantize import QUANT_KEY, quantize_calibrated
     from boxcaseg.io import safe_torch_load
 
-    ann = Path(args.calib_ann or data_root() / "coco-train" / "instances.json")
-    images = Path(args.calib_images or ann.parent / "images")
-    if not ann.is_file() or not images.is_dir():
-        sys.exit(f"calibration boxes not found: {ann} and {images} (set BOXCASEG_DATA or --calib-ann/--calib-images)")
+    ann, images = _calibration_set(args)
     src, dst = WEIGHTS / weights.FILE, WEIGHTS / weights.INT8_FILE
     name = "/".join(ann.parts[-2:])
     trained_on = [r["source"] for r in safe_torch_load(src).get("data_sets") or [] if r.get("kind") == "box"]
@@ -132,6 +130,15 @@ def int8(args) -> None:
         "(alone: `python bench/model_card.py int8`); the same inputs and library versions give the same bytes. "
         "Speed and masks against fp32: bench/RESULTS.md \"int8\" (`python bench/int8.py`)."))
     print(f"wrote {dst}: {mb:.2f} MB, sha256 {sha} ({meta[QUANT_KEY]})")
+
+
+def _calibration_set(args) -> tuple[Path, Path]:
+    """The boxes that calibrate the int8 graph: ``--calib-ann`` / ``--calib-images``, default coco-train."""
+    ann = Path(args.calib_ann or data_root() / "coco-train" / "instances.json")
+    images = Path(args.calib_images or ann.parent / "images")
+    if not ann.is_file() or not images.is_dir():
+        sys.exit(f"calibration boxes not found: {ann} and {images} (set BOXCASEG_DATA or --calib-ann/--calib-images)")
+    return ann, images
 
 
 def _record_sha(name: str, sha: str) -> None:
