@@ -2,13 +2,19 @@
 
     python bench/model_card.py sweep --ckpt runs/pretrained/last.pt   # settings on coco-val
     python bench/model_card.py pack --ckpt runs/pretrained/last.pt --context 1.1 --threshold 0.4 --prior-weight 0.3
+    python bench/model_card.py int8                                    # the int8 graph alone (pack does it too)
     python bench/model_card.py card                                    # the shipped model, no flags
 
 ``sweep`` runs proxy masks of ``${BOXCASEG_DATA}/coco-val`` (GT boxes given) through the
 checkpoint's ONNX graph for each context x threshold x prior weight, per instance and
 merged, and prints mIoU* / IoU@75 (the settings are chosen on coco-val itself: the card
 says so). ``pack`` writes ``boxcaseg/weights/boxcaseg-lite0.pt`` (fp16, the settings in
-its config) and records its sha256 in ``boxcaseg/weights/__init__.py``. ``card`` runs
+its config) and then, as ``int8`` does, its int8 graph ``boxcaseg-lite0.int8.onnx``: the
+packed file's ONNX graph quantized by ONNX Runtime, calibrated on ``--calib-crops`` crops
+of the model's own training boxes (``--calib-ann`` / ``--calib-images``, default
+``${BOXCASEG_DATA}/coco-train``; the same inputs and library versions give the same bytes).
+Both sha256 go into ``boxcaseg/weights/__init__.py``, the int8 graph's size and calibration
+into ``MODEL.md``. ``card`` runs
 the shipped model exactly as ``boxcaseg proxy`` does without flags (and with
 ``--merge``), scores it with ``boxcaseg evaluate masks``'s function beside box-fill
 and the inscribed ellipse, lists the worst instances, and writes the table into
@@ -31,8 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.quality import data_root, write_section  # noqa: E402
 
-CARD = REPO / "boxcaseg" / "weights" / "MODEL.md"
-WEIGHTS_INIT = REPO / "boxcaseg" / "weights" / "__init__.py"
+WEIGHTS = REPO / "boxcaseg" / "weights"  # where pack writes (the package's own folder)
+CARD = WEIGHTS / "MODEL.md"
+WEIGHTS_INIT = WEIGHTS / "__init__.py"
 
 
 def _val() -> tuple[Path, Path]:
@@ -75,17 +82,81 @@ def sweep(args) -> None:
 
 
 def pack(args) -> None:
+    """The shipped model file from a checkpoint, then its int8 graph (:func:`int8`)."""
+    from boxcaseg import weights
     from boxcaseg.export.onnx_export import file_sha256
     from boxcaseg.model.pack import pack_checkpoint
 
-    dst = REPO / "boxcaseg" / "weights" / "boxcaseg-lite0.pt"
+    _calibration_set(args)  # before the model file changes: its int8 graph must follow
+    dst = WEIGHTS / weights.FILE
     pack_checkpoint(args.ckpt, dst, context=args.context, threshold=args.threshold, prior_weight=args.prior_weight,
-                    infer_size=args.infer_size, extra={"name": "boxcaseg-lite0"})
+                    infer_size=args.infer_size, extra={"name": weights.NAME})
     sha = file_sha256(dst)
-    text = WEIGHTS_INIT.read_text()
-    text = re.sub(r'^SHA256 = ".*?"(.*)$', f'SHA256 = "{sha}"\\1', text, count=1, flags=re.M)
-    WEIGHTS_INIT.write_text(text)
+    _record_sha("SHA256", sha)
     print(f"wrote {dst}: {dst.stat().st_size / 1e6:.2f} MB, sha256 {sha}")
+    int8(args)
+
+
+def int8(args) -> None:
+    """The int8 graph of the packed model file: its ONNX graph quantized, calibrated on crops of
+    its training boxes; sha256 into weights/__init__.py, size and calibration into MODEL.md."""
+    import tempfile
+
+    from boxcaseg import weights
+    from boxcaseg.export import export_onnx
+    from boxcaseg.export.onnx_export import file_sha256, read_onnx_metadata
+    from boxcaseg.export.quantize import QUANT_KEY, quantize_calibrated
+    from boxcaseg.io import safe_torch_load
+
+    ann, images = _calibration_set(args)
+    src, dst = WEIGHTS / weights.FILE, WEIGHTS / weights.INT8_FILE
+    name = "/".join(ann.parts[-2:])
+    trained_on = [r["source"] for r in safe_torch_load(src).get("data_sets") or [] if r.get("kind") == "box"]
+    if trained_on and name not in trained_on:
+        print(f"note: {name} is not among the model's training box sets ({', '.join(trained_on)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = export_onnx(src, Path(tmp) / "m.onnx")
+        quantize_calibrated(rep.onnx_path, dst, ann, images, args.calib_crops, args.calib_seed)
+    sha, sha_pt = file_sha256(dst), file_sha256(src)
+    meta = read_onnx_metadata(dst)
+    _record_sha("INT8_SHA256", sha)
+    mb = dst.stat().st_size / 1e6
+    _write_card_section("int8", (
+        f"`{weights.INT8_FILE}`, {mb:.1f} MB, sha256 `{sha[:16]}...`: the ONNX graph of `{weights.FILE}` "
+        f"(sha256 `{sha_pt[:16]}...`) quantized for CPUs, run by `--precision int8` (`boxcaseg proxy`, `boxcaseg "
+        f"segment`, `Segmenter(precision=\"int8\")`). Quantization: {meta[QUANT_KEY]}; the crops are cut as a proxy "
+        f"run cuts them (S={meta['boxcaseg.infer_size']}, context {float(meta['boxcaseg.context']):g}) from the "
+        "model's own training boxes (never coco-val). Built by `python bench/model_card.py pack` with the model file "
+        "(alone: `python bench/model_card.py int8`); the same inputs and library versions give the same bytes. "
+        "Speed and masks against fp32: bench/RESULTS.md \"int8\" (`python bench/int8.py`)."))
+    print(f"wrote {dst}: {mb:.2f} MB, sha256 {sha} ({meta[QUANT_KEY]})")
+
+
+def _calibration_set(args) -> tuple[Path, Path]:
+    """The boxes that calibrate the int8 graph: ``--calib-ann`` / ``--calib-images``, default coco-train."""
+    ann = Path(args.calib_ann or data_root() / "coco-train" / "instances.json")
+    images = Path(args.calib_images or ann.parent / "images")
+    if not ann.is_file() or not images.is_dir():
+        sys.exit(f"calibration boxes not found: {ann} and {images} (set BOXCASEG_DATA or --calib-ann/--calib-images)")
+    return ann, images
+
+
+def _record_sha(name: str, sha: str) -> None:
+    """``NAME = "<sha>"`` in weights/__init__.py."""
+    text, n = re.subn(rf'^{name} = ".*?"(.*)$', lambda m: f'{name} = "{sha}"{m.group(1)}', WEIGHTS_INIT.read_text(),
+                      count=1, flags=re.M)
+    if n != 1:
+        sys.exit(f"{WEIGHTS_INIT}: no line {name} = \"...\" to record the sha256 in")
+    WEIGHTS_INIT.write_text(text)
+
+
+def _write_card_section(name: str, body: str) -> None:
+    """Replace MODEL.md's text between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    text = CARD.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        sys.exit(f"{CARD}: no {start} ... {end} markers")
+    CARD.write_text(text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):])
 
 
 def _pct(v) -> str:
@@ -170,11 +241,7 @@ def card(args) -> None:
         "Worst instances: " + "; ".join(worst) + ".",
     ])
     (out / "card.md").write_text(body + "\n")
-    text = CARD.read_text()
-    start, end = "<!-- card:start -->", "<!-- card:end -->"
-    if start in text and end in text:
-        text = text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):]
-        CARD.write_text(text)
+    _write_card_section("card", body)
     write_section("model_card", "## model_card: the shipped model on coco-val (`python bench/model_card.py card`)\n\n" + body)
     print(body)
 
@@ -194,11 +261,17 @@ def main() -> None:
     p.add_argument("--threshold", type=float, required=True)
     p.add_argument("--prior-weight", type=float, required=True)
     p.add_argument("--infer-size", type=int, default=None)
+    q = sub.add_parser("int8")
+    for sp in (p, q):
+        sp.add_argument("--calib-ann", default=None, help="training boxes (default: ${BOXCASEG_DATA}/coco-train/instances.json)")
+        sp.add_argument("--calib-images", default=None, help="their images (default: images/ beside --calib-ann)")
+        sp.add_argument("--calib-crops", type=int, default=256)
+        sp.add_argument("--calib-seed", type=int, default=0)
     c = sub.add_parser("card")
     c.add_argument("--out", default=str(REPO / "runs" / "card"))
     c.add_argument("--worst", type=int, default=8)
     args = ap.parse_args()
-    {"sweep": sweep, "pack": pack, "card": card}[args.cmd](args)
+    {"sweep": sweep, "pack": pack, "int8": int8, "card": card}[args.cmd](args)
 
 
 if __name__ == "__main__":

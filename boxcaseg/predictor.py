@@ -74,16 +74,20 @@ class Segmenter:
     model: None / ``"pretrained"`` (the model shipped with boxcaseg), a checkpoint, an
     ``.onnx`` file or a TensorRT plan. engine: ``auto`` (by file; see
     :func:`~boxcaseg.export.engines.resolve_model`), ``torch``, ``onnx`` or ``trt``.
+    precision: ``fp32`` (default), ``int8`` (the shipped model's int8 graph on ONNX
+    Runtime's CPU provider, or ``model`` = your own int8 graph), ``fp16`` / ``bf16`` (the
+    torch engine); the masks of anything but fp32 differ a little.
     context / threshold / prior_weight: None takes the model's own settings.
     """
 
     def __init__(self, model: str | Path | None = None, *, engine: str = "auto", device: str | None = None,
-                 threads: int = 0, context: float | None = None, threshold: float | None = None,
-                 prior_weight: float | None = None, batch_size: int = 32):
+                 precision: str = "fp32", threads: int = 0, context: float | None = None,
+                 threshold: float | None = None, prior_weight: float | None = None, batch_size: int = 32):
         from boxcaseg.export.engines import load_engine, resolve_model
         from boxcaseg.infer_settings import check_setting
 
-        self.model = resolve_model(model, engine, device)
+        self.model = resolve_model(model, engine, device, precision)
+        self.precision = self.model.precision
         st = self.model.settings
         self.context = st.context if context is None else float(context)
         self.threshold = st.threshold if threshold is None else float(threshold)
@@ -93,7 +97,8 @@ class Segmenter:
         if batch_size < 1:
             raise BoxcasegError(f"batch_size {batch_size}: must be >= 1")
         self.batch_size = int(batch_size)
-        self.engine = load_engine(self.model.kind, self.model.path, threads=threads, device=device)
+        self.engine = load_engine(self.model.kind, self.model.path, threads=threads, device=device,
+                                  precision=self.precision)
         self.infer_size = int(self.engine.infer_size)
 
     def describe(self) -> str:

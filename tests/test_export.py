@@ -264,3 +264,18 @@ def test_int8_needs_calibration_boxes(tmp_path, capsys):
                     "--calib-images", str(tmp_path)]) == 2
     assert "missing.json: calibration file not found" in capsys.readouterr().err
     assert not out.exists()  # checked before anything is exported
+
+
+def test_exported_graph_holds_no_source_paths(exported):
+    """The exporter's per-node stack traces name this checkout's files and lines: stripped, so a
+    graph's bytes (and the shipped int8 graph's sha256) do not depend on where the code lies."""
+    from pathlib import Path
+
+    import boxcaseg
+
+    _, report = exported
+    proto = onnx.load(str(report.onnx_path))
+    assert [n.name for n in proto.graph.node if len(n.metadata_props)] == []
+    data = Path(report.onnx_path).read_bytes()
+    assert str(Path(boxcaseg.__file__).parent).encode() not in data and b"stack_trace" not in data
+    assert read_onnx_metadata(report.onnx_path)["boxcaseg.infer_size"]  # the model-level keys stay

@@ -93,6 +93,32 @@ def test_ci_runs_the_readme_test_command_with_the_constraints():
     assert CI_TEST_COMMAND in (REPO / "README.md").read_text(), "README's test command differs from .ci/run's"
 
 
+# --------------------------------------------------------------------------- the wheel
+
+WHEEL_MB = 12
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_both_shipped_weight_files_under_12_mb(tmp_path):
+    """The shipped model and its int8 graph are package data, byte for byte; the wheel stays small."""
+    import zipfile
+
+    from boxcaseg import weights
+    from boxcaseg.export.onnx_export import file_sha256
+
+    pytest.importorskip("setuptools")  # built without isolation: no index needed
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("boxcaseg-*.whl")
+    assert wheel.stat().st_size < WHEEL_MB * 1e6
+    with zipfile.ZipFile(wheel) as z:
+        for name in (weights.FILE, weights.INT8_FILE):
+            (tmp_path / name).write_bytes(z.read(f"boxcaseg/weights/{name}"))
+    assert file_sha256(tmp_path / weights.FILE) == weights.SHA256
+    assert file_sha256(tmp_path / weights.INT8_FILE) == weights.INT8_SHA256
+
+
 # --------------------------------------------------------------------------- without ONNX Runtime
 
 _NO_ORT = textwrap.dedent("""

@@ -85,14 +85,11 @@ def export_command(
         con.print(f"[green]wrote[/] {rep.engine_path} (TensorRT, batch 1..{max_batch}, fp16={fp16})")
     if int8:
         from boxcaseg.export.onnx_export import read_onnx_metadata
-        from boxcaseg.export.quantize import calibration_crops, quantize_onnx
+        from boxcaseg.export.quantize import QUANT_KEY, quantize_calibrated
 
-        meta = read_onnx_metadata(rep.onnx_path)
-        crops = calibration_crops(calib_ann, calib_images, rep.infer_size, float(meta.get("boxcaseg.context", 1.0)),
-                                  calib_crops)
-        q = quantize_onnx(rep.onnx_path, Path(out).with_suffix(".int8.onnx"), crops)
+        q = quantize_calibrated(rep.onnx_path, Path(out).with_suffix(".int8.onnx"), calib_ann, calib_images, calib_crops)
         con.print(f"[green]wrote[/] {q}: int8 ({q.stat().st_size / 1e6:.1f} MB, float32 {rep.onnx_path.stat().st_size / 1e6:.1f} MB), "
-                  f"calibrated on {len(crops)} crops of {calib_ann}")
+                  f"{read_onnx_metadata(q)[QUANT_KEY]}; run it with --model {q}")
 
 
 def register(app: typer.Typer) -> None:

@@ -32,7 +32,7 @@ def proxy_command(
     join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="Where every engine runs: cpu, cuda (this rank's GPU: LOCAL_RANK under torchrun, else GPU 0) or cuda:K (default: cuda when available)."),
-    precision: str = typer.Option("fp32", "--precision", help="Torch engine: the network in fp32 | fp16 (CUDA only) | bf16 (normalisation and sigmoid stay fp32). Anything but fp32 changes the masks a little (bf16 on a CPU: coco-val mIoU* +0.0004 against fp32) and is recorded in the output's info."),
+    precision: str = typer.Option("fp32", "--precision", help="The network's number type: fp32 (default) | int8 (CPU: the shipped model's int8 graph on ONNX Runtime, about twice the masks per second; with --model, an int8 graph from `boxcaseg export --int8`) | fp16 (torch engine, CUDA only) | bf16 (torch engine; normalisation and sigmoid stay fp32). Anything but fp32 changes the masks a little and is recorded in the output's info (README: what int8 costs and gains)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Torch engine: NHWC memory format. Default: on for the CPU (the shipped model runs about 3x faster there, same scores), off on CUDA. Recorded in the output's info."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="Torch engine on CUDA: capture the fixed-size batch once in a CUDA graph and replay it (ignored on the CPU)."),
     post_workers: Optional[int] = typer.Option(None, "--post-workers", help="Post-processing processes (masks, merge/drop, RLE, chunk files), one chunk each; 0: one thread. Default: 0 up to 4 cores, else cores/4 (at most 4). Same output either way."),
@@ -90,7 +90,8 @@ def proxy_command(
     resolved = resolve_proxy_config(cfg)
     cfg, rm = resolved
     if env_rank_world()[0] == 0:
-        con.print(f"model {rm.label} on {cfg.engine}: S={rm.settings.infer_size}, context {cfg.context:g}, "
+        con.print(f"model {rm.label} on {cfg.engine}{'' if cfg.precision == 'fp32' else ' ' + cfg.precision}: "
+                  f"S={rm.settings.infer_size}, context {cfg.context:g}, "
                   f"threshold {cfg.threshold:g}, prior weight {cfg.prior_weight:g}, alpha {rm.settings.alpha:g}, "
                   f"{'merge (smaller object wins)' if cfg.merge else 'no merge (each box its own mask)'}, "
                   f"drop below agreement {drop_thresh:g}")

@@ -36,6 +36,7 @@ def segment_command(
     prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Soft-ellipse prior weight (default: the model's setting)."),
     merge: bool = typer.Option(False, "--merge", help="A pixel claimed by several boxes goes to the smallest (default: each box its own mask)."),
     device: Optional[str] = typer.Option(None, "--device", help="Where the engine runs: cpu, cuda or cuda:K (default: cuda when available)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (default) | int8 (CPU: the shipped model's int8 graph on ONNX Runtime; with --model, an int8 graph from `boxcaseg export --int8`) | fp16 (torch engine, CUDA) | bf16 (torch engine). Anything but fp32 changes the masks a little."),
 ) -> None:
     """Masks for the given boxes of one image, with the shipped model unless --model says otherwise.
 
@@ -57,7 +58,8 @@ def segment_command(
     if out is not None and json_out is not None and out.absolute() == json_out.absolute():
         raise BoxcasegError(f"-o and --json are both {out}: give two files")
     img = as_rgb_image(image)
-    seg = Segmenter(model, engine=engine, device=device, context=context, threshold=threshold, prior_weight=prior_weight)
+    seg = Segmenter(model, engine=engine, device=device, precision=precision, context=context, threshold=threshold,
+                    prior_weight=prior_weight)
     typer.echo(seg.describe())
     masks, agreement = seg.predict_with_agreement(img, boxes, box_format=fmt, merge=merge)
     W, H = img.size
@@ -67,7 +69,7 @@ def segment_command(
         atomic_write_json(json_out, {
             "image": str(image), "width": W, "height": H, "box_format": fmt, "model": seg.model.label,
             "settings": {"infer_size": seg.infer_size, "context": seg.context, "threshold": seg.threshold,
-                         "prior_weight": seg.prior_weight, "merge": merge},
+                         "prior_weight": seg.prior_weight, "merge": merge, "precision": seg.precision},
             "masks": [{"box": boxes[k], "segmentation": encode(m), "area": int(m.sum()),
                        "box_agreement": round(float(agreement[k]), 6)} for k, m in enumerate(masks)],
         })

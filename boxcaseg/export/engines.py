@@ -41,7 +41,13 @@ log = logging.getLogger(__name__)
 ENGINE_KINDS = ("torch", "onnx", "trt")
 
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # fp16 / bf16: the torch engine's network; int8: an int8 ONNX graph
+                                                # on ONNX Runtime's CPU provider (resolve_model)
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise BoxcasegError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
 
 
 class Pending(Protocol):
@@ -94,12 +100,15 @@ def _as_numpy_f32(batch: Any) -> np.ndarray:
 
 def check_engine_options(kind: str, precision: str = "fp32", channels_last: bool = False,
                          cuda_graph: bool = False) -> None:
-    """BoxcasegError in one line for a torch-engine option given to another engine, or an unknown precision."""
-    if precision not in PRECISIONS:
-        raise BoxcasegError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    """BoxcasegError in one line for a torch-engine option given to another engine, int8 off the
+    ONNX engine, or an unknown precision."""
+    check_precision(precision)
+    if precision == "int8" and kind != "onnx":
+        raise BoxcasegError(f"--precision int8 runs an int8 ONNX graph on ONNX Runtime (CPU), not --engine {kind}: "
+                            "leave --engine out (or --engine onnx)")
     if kind != "torch":
-        asked = [f for f, on in (("--precision " + precision, precision != "fp32"), ("--channels-last", channels_last),
-                                 ("--cuda-graph", cuda_graph)) if on]
+        asked = [f for f, on in (("--precision " + precision, precision not in ("fp32", "int8")),
+                                 ("--channels-last", channels_last), ("--cuda-graph", cuda_graph)) if on]
         if asked:
             raise BoxcasegError(f"{', '.join(asked)}: options of the torch engine (--engine torch with a checkpoint), "
                                 f"not of --engine {kind}")
@@ -377,7 +386,10 @@ class OnnxEngine(_SyncEngine):
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
             raise BoxcasegError(f"{path}: expected one input {INPUT_NAME!r}, found {names}")
-        self.description = f"onnx ({self.session.get_providers()[0]})"
+        from boxcaseg.export.quantize import is_quantized
+
+        self.precision = "int8" if is_quantized(meta) else "fp32"
+        self.description = f"onnx ({self.session.get_providers()[0]}" + (", int8)" if self.precision == "int8" else ")")
 
     def predict(self, batch: Any) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: _as_numpy_f32(batch)})[0]
@@ -444,7 +456,8 @@ def load_engine(kind: str, path: str | Path, threads: int = 0, device: str | Non
     """Open ``path`` as a ``kind`` engine ("torch": checkpoint, "onnx": .onnx, "trt": plan).
 
     ``precision``, ``channels_last``, ``cuda_graph``: the torch engine's options
-    (:class:`TorchEngine`); another engine given one raises BoxcasegError.
+    (:class:`TorchEngine`); another engine given one raises BoxcasegError. ``precision``
+    "int8" (an int8 graph, :func:`resolve_model`) keeps ONNX Runtime on the CPU.
     A file that is not what ``kind`` expects raises BoxcasegError in one line.
     """
     path = Path(path)
@@ -455,17 +468,22 @@ def load_engine(kind: str, path: str | Path, threads: int = 0, device: str | Non
         return TorchEngine(path, device=device, threads=threads, precision=precision, channels_last=channels_last,
                            cuda_graph=cuda_graph)
     if kind == "onnx":
-        return OnnxEngine(path, threads=threads, device=device)
+        return OnnxEngine(path, threads=threads, device=_onnx_device(device, precision))
     if kind == "trt":
         return TrtEngine(path, device=device)
     raise BoxcasegError(f"unknown engine {kind!r} (choose from {', '.join(ENGINE_KINDS)})")
 
 
-def engine_device(kind: str, device: str | None = None) -> str:
+def _onnx_device(device: str | None, precision: str) -> str | None:
+    """An int8 graph runs on ONNX Runtime's CPU provider (its kernels are the CPU's); others where asked."""
+    return "cpu" if precision == "int8" else device
+
+
+def engine_device(kind: str, device: str | None = None, precision: str = "fp32") -> str:
     """Where ``kind`` will run (part of a proxy run's fingerprint): a provider or a device
     type; never a GPU index, so that ranks on different GPUs write joinable shards."""
     if kind == "onnx":
-        first = onnx_providers(device=device)[0]
+        first = onnx_providers(device=_onnx_device(device, precision))[0]
         return first[0] if isinstance(first, tuple) else first
     if kind == "trt":
         return "cuda"
@@ -497,6 +515,7 @@ class ResolvedModel:
     source: Path              # the file the user gave (or the shipped checkpoint)
     label: str                # how to name it to the user
     settings: InferSettings
+    precision: str = "fp32"   # the network's number type: fp32 | fp16 | bf16 (torch) | int8 (an int8 ONNX graph)
 
 
 def _settings_from_meta(meta: dict, source: str | Path) -> InferSettings:
@@ -581,14 +600,55 @@ def cached_onnx(ckpt: Path) -> Path:
     return out
 
 
-def resolve_model(model: str | Path | None = None, engine: str = "auto", device: str | None = None) -> ResolvedModel:
-    """Name a model the way users do and get what runs it.
+def _wants_gpu(device: str | None) -> bool:
+    """Whether a run would use a GPU: ``device`` names one, or none is named and CUDA is there."""
+    import torch
+
+    return (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+
+
+def _resolve_int8(model, engine: str, device: str | None) -> ResolvedModel:
+    """``--precision int8``: the shipped model's int8 graph, or a user's own int8 graph, on ONNX
+    Runtime's CPU provider; one line (BoxcasegError) where that cannot be."""
+    from boxcaseg import weights
+    from boxcaseg.export.onnx_export import read_onnx_metadata
+    from boxcaseg.export.quantize import is_quantized
+
+    check_engine_options("onnx" if engine == "auto" else engine, "int8")  # torch / trt: refused
+    if _wants_gpu(device):
+        raise BoxcasegError(f"--precision int8: the int8 graph is for CPUs and this run would use the GPU "
+                            f"({device or 'cuda'}): on a GPU keep fp32 (or --engine torch --precision fp16/bf16), "
+                            "or add --device cpu")
+    import_onnxruntime("--precision int8")
+    if weights.is_alias(model):
+        path = weights.int8_path()
+        label = f"{weights.NAME} (shipped)"
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise BoxcasegError(f"{path}: model file not found")
+        if file_kind(path) != "onnx" or not is_quantized(read_onnx_metadata(path)):
+            ckpt = path if file_kind(path) == "torch" else "CHECKPOINT"
+            raise BoxcasegError(f"--precision int8: {path} is not an int8 graph; make one with `boxcaseg export {ckpt} "
+                                "-o m.onnx --int8 --calib-ann TRAIN.json --calib-images TRAIN/` (calibrated on your "
+                                "training boxes) and pass --model m.int8.onnx")
+        label = str(path)
+    return ResolvedModel("onnx", path, path, label, _settings_from_meta(read_onnx_metadata(path), path), "int8")
+
+
+def resolve_model(model: str | Path | None = None, engine: str = "auto", device: str | None = None,
+                  precision: str = "fp32") -> ResolvedModel:
+    """Name a model the way users do and get what runs it, in the precision asked.
 
     ``model``: None or ``"pretrained"`` (the shipped model), a checkpoint, an ``.onnx``
     file or a TensorRT plan. ``engine``: ``auto`` picks by file (a checkpoint runs on
-    PyTorch when CUDA is there or ``device`` names it, else through its ONNX graph on
-    ONNX Runtime when installed, else on PyTorch's CPU), or ``torch`` / ``onnx`` / ``trt``.
-    A checkpoint asked to run on ``onnx`` is exported once into the per-user cache.
+    PyTorch when CUDA is there, ``device`` names it or ``precision`` is fp16/bf16, else
+    through its ONNX graph on ONNX Runtime when installed, else on PyTorch's CPU), or
+    ``torch`` / ``onnx`` / ``trt``. A checkpoint asked to run on ``onnx`` is exported once
+    into the per-user cache. ``precision`` "int8": an int8 ONNX graph on the CPU (the
+    shipped model's own, ``weights.int8_path()``, or the user's ``--model m.int8.onnx``);
+    a GPU, another engine, a model without an int8 graph or no ONNX Runtime is refused in
+    one line. An int8 ``.onnx`` given as the model resolves to precision int8 whatever was asked.
     """
     from boxcaseg import weights
     from boxcaseg.dist import check_device_name
@@ -596,6 +656,9 @@ def resolve_model(model: str | Path | None = None, engine: str = "auto", device:
     if engine not in ("auto", *ENGINE_KINDS):
         raise BoxcasegError(f"--engine {engine!r}: choose from auto, {', '.join(ENGINE_KINDS)}")
     check_device_name(device, "--device")
+    check_precision(precision)
+    if precision == "int8":
+        return _resolve_int8(model, engine, device)
     if weights.is_alias(model):
         source = weights.pretrained_path()
         label = f"{weights.NAME} (shipped)"
@@ -607,10 +670,8 @@ def resolve_model(model: str | Path | None = None, engine: str = "auto", device:
     kind = file_kind(source)
     if engine == "auto":
         if kind == "torch":
-            import torch
-
-            gpu = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
-            engine = "torch" if gpu or not onnxruntime_available() else "onnx"
+            gpu = _wants_gpu(device)
+            engine = "torch" if gpu or precision != "fp32" or not onnxruntime_available() else "onnx"
         else:
             engine = kind
     if engine == "onnx" and kind in ("torch", "onnx"):  # one line, before any export, without ONNX Runtime
@@ -627,4 +688,12 @@ def resolve_model(model: str | Path | None = None, engine: str = "auto", device:
         raise BoxcasegError(f"{source}: a {kind} model file cannot run on --engine {engine}")
     else:
         path = source
-    return ResolvedModel(engine, path, source, label, read_model_settings(engine, path))
+    if engine != "onnx":
+        return ResolvedModel(engine, path, source, label, read_model_settings(engine, path), precision)
+    from boxcaseg.export.onnx_export import read_onnx_metadata
+    from boxcaseg.export.quantize import is_quantized
+
+    meta = read_onnx_metadata(path)
+    if precision == "fp32" and is_quantized(meta):  # the user's own int8 graph: say so in the info
+        precision = "int8"
+    return ResolvedModel(engine, path, source, label, _settings_from_meta(meta, path), precision)

@@ -53,6 +53,21 @@ class ExportReport:
     check_skipped: str | None = None  # why the ONNX Runtime check did not run (max_abs_diff is then nan)
 
 
+def strip_node_metadata(proto) -> None:
+    """Drop the exporter's per-node metadata (source file paths and line numbers of the
+    stack traces, FX names): a graph's bytes then depend on the model alone, not on the
+    folder or the lines of the code that exported it (rebuilt files keep their sha256)."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
 def _metadata(cfg, wrapper, exporter: str, ckpt_sha: str, size: int) -> dict[str, str]:
     return {
         "boxcaseg.format": FORMAT_VERSION,
@@ -224,6 +239,7 @@ def export_onnx(
     proto, exporter = to_onnx_proto(wrapper, size, prefer_dynamo)
     meta = _metadata(cfg, wrapper, exporter, file_sha256(ckpt), size)
     del proto.metadata_props[:]
+    strip_node_metadata(proto)
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v

@@ -6,7 +6,9 @@ int8 graph: weights int8 per output channel, activations uint8 with ranges calib
 task list, context and :func:`~boxcaseg.data.transforms.crop_resize`). The graph keeps its
 float32 input (RGB 0..255) and output (probabilities) and every ``boxcaseg.*`` metadata
 entry, so every engine, ``proxy`` and ``segment`` take it like the float32 file;
-``boxcaseg.quantization`` says how it was made.
+``boxcaseg.quantization`` says how it was made (crops, their source, method, library
+versions: the same versions give the same bytes). :func:`quantize_calibrated` is the
+whole recipe (``boxcaseg export --int8``, the shipped model's int8 graph).
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ import numpy as np
 from boxcaseg.errors import BoxcasegError
 
 log = logging.getLogger(__name__)
+
+QUANT_KEY = "boxcaseg.quantization"  # metadata entry of an int8 graph: how it was made
+
+
+def is_quantized(meta: dict) -> bool:
+    """Whether ONNX metadata (:func:`~boxcaseg.export.onnx_export.read_onnx_metadata`) is an int8 graph's."""
+    return QUANT_KEY in meta
 
 
 def calibration_crops(ann: str | Path, images: str | Path, size: int, context: float, n: int,
@@ -71,18 +80,20 @@ class _Reader:
         self.pos = 0
 
 
-def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, crops: np.ndarray) -> Path:
+def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, crops: np.ndarray, source: str = "") -> Path:
     """The int8 QDQ graph of ``onnx_in`` (float32, from ``boxcaseg export``) calibrated on
-    ``crops`` (uint8 [n, 3, S, S] at the graph's S), written atomically to ``onnx_out``."""
+    ``crops`` (uint8 [n, 3, S, S] at the graph's S), written atomically to ``onnx_out``.
+    ``source``: where the crops come from, for the record (e.g. "coco-train/instances.json, seed 0")."""
     import tempfile
 
     import onnx
+    import torch
 
-    from boxcaseg.export.onnx_export import INPUT_NAME, read_onnx_metadata
+    from boxcaseg.export.onnx_export import INPUT_NAME, read_onnx_metadata, strip_node_metadata
     from boxcaseg.export.ort import import_onnxruntime
     from boxcaseg.io import atomic_write_bytes
 
-    import_onnxruntime("--int8")
+    ort = import_onnxruntime("--int8")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -98,12 +109,28 @@ def quantize_onnx(onnx_in: str | Path, onnx_out: str | Path, crops: np.ndarray) 
                         per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         calibrate_method=CalibrationMethod.MinMax)
         proto = onnx.load(str(out))
+    strip_node_metadata(proto)  # a user's graph exported elsewhere: the same bytes from the same weights
     kept = {p.key for p in proto.metadata_props}
     for key, value in meta.items():
         if key not in kept:
             proto.metadata_props.add(key=key, value=value)
-    proto.metadata_props.add(key="boxcaseg.quantization",
+    of = f" of {source}" if source else ""
+    proto.metadata_props.add(key=QUANT_KEY,
                              value=f"int8 static QDQ (per-channel int8 weights, uint8 activations, "
-                                   f"min/max on {len(crops)} crops)")
+                                   f"min/max on {len(crops)} crops{of}); onnxruntime {ort.__version__}, "
+                                   f"torch {torch.__version__.split('+')[0]}")
     atomic_write_bytes(onnx_out, proto.SerializeToString())
     return Path(onnx_out)
+
+
+def quantize_calibrated(onnx_in: str | Path, onnx_out: str | Path, calib_ann: str | Path, calib_images: str | Path,
+                        n: int = 256, seed: int = 0) -> Path:
+    """The int8 graph of ``onnx_in`` calibrated on ``n`` crops of ``calib_ann``'s boxes, cut at the
+    graph's size and context (:func:`calibration_crops`, seeded: the same inputs give the same bytes)."""
+    from boxcaseg.export.onnx_export import read_onnx_metadata
+
+    meta = read_onnx_metadata(onnx_in)
+    crops = calibration_crops(calib_ann, calib_images, int(meta["boxcaseg.infer_size"]),
+                              float(meta.get("boxcaseg.context", 1.0)), n, seed)
+    source = "/".join(Path(calib_ann).parts[-2:])  # no machine's folders in the file
+    return quantize_onnx(onnx_in, onnx_out, crops, f"{source}, seed {seed}")

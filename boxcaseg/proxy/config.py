@@ -40,7 +40,8 @@ class ProxyConfig:
     strict: bool = False             # a degenerate box stops the run instead of being flagged
     progress: bool = True            # rich progress bar
     device: str | None = None        # every engine's device (default: this rank's GPU when CUDA is there)
-    precision: str = "fp32"          # torch engine: fp32 | fp16 (CUDA) | bf16 (the network's type; fingerprinted)
+    precision: str = "fp32"          # fp32 | fp16 (torch, CUDA) | bf16 (torch) | int8 (the int8 ONNX graph, CPU;
+                                     # export.engines.resolve_model); the network's type, fingerprinted
     channels_last: bool | None = None  # torch engine: NHWC memory format; None: on the CPU yes, on CUDA no
                                      # (engines.torch_channels_last; fingerprinted: other kernels, other last bits)
     cuda_graph: bool = False         # torch engine on CUDA: the fixed-size batch replayed from a CUDA graph
@@ -81,7 +82,7 @@ def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
         "ann_sha256": file_sha256(cfg.ann),
         "model_sha256": file_sha256(cfg.model),
         "engine": cfg.engine,
-        "device": engine_device(cfg.engine, cfg.device),
+        "device": engine_device(cfg.engine, cfg.device, cfg.precision),
         "infer_size": size,
         "context": float(cfg.context),
         "threshold": float(cfg.threshold),
@@ -100,7 +101,8 @@ def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
 
 
 def _torch_options(cfg: ProxyConfig) -> dict:
-    """The torch engine's options that change the answer, when they are not the defaults."""
+    """The engine options that change the answer, when they are not the defaults: the precision
+    (the torch engine's fp16 / bf16, an int8 graph's int8) and the torch engine's memory format."""
     from boxcaseg.export.engines import engine_device, torch_channels_last
 
     out: dict = {}
@@ -119,11 +121,11 @@ def resolve_proxy_config(cfg: ProxyConfig):
     if not Path(cfg.images).is_dir():
         raise BoxcasegError(f"{cfg.images}: image folder not found")
     check_output_file(cfg.out, "-o", inputs=[cfg.ann])  # before the model is resolved (maybe exported)
-    rm = resolve_model(cfg.model, cfg.engine, cfg.device)
+    rm = resolve_model(cfg.model, cfg.engine, cfg.device, cfg.precision)
     st = rm.settings
     out = ProxyConfig(**{
         **asdict(cfg), "ann": Path(cfg.ann), "images": Path(cfg.images), "out": Path(cfg.out),
-        "model": rm.path, "engine": rm.kind,
+        "model": rm.path, "engine": rm.kind, "precision": rm.precision,
         "context": st.context if cfg.context is None else float(cfg.context),
         "threshold": st.threshold if cfg.threshold is None else float(cfg.threshold),
         "prior_weight": st.prior_weight if cfg.prior_weight is None else float(cfg.prior_weight),

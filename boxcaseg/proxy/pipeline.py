@@ -209,7 +209,7 @@ def uses_cuda(cfg: ProxyConfig) -> bool:
     CUDA or TensorRT provider, a TensorRT engine)."""
     from boxcaseg.export.engines import engine_device
 
-    where = engine_device(cfg.engine, cfg.device)
+    where = engine_device(cfg.engine, cfg.device, cfg.precision)
     return where == "cuda" or where.startswith(("CUDA", "Tensorrt"))
 
 
