@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import data_root, require_data, time_cpu_interleaved  # noqa: E402
 
 
 def build_inputs(ann_file: Path, limit: int | None):
@@ -118,25 +117,23 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="interleaved timing rounds (median kept)")
     ap.add_argument("--drop-thresh", type=float, default=0.95)
     args = ap.parse_args()
-    root = args.data or Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data")) / "coco-train"
-    ann = root / "instances.json"
-    if not ann.is_file():
-        sys.exit(f"no {ann}: set BOXCASEG_DATA (see ../shared/data/README.md)")
+    ann = require_data("instances.json", root=args.data or data_root() / "coco-train")
+    root = ann.parent
     items = build_inputs(ann, args.limit_images)
     n_ann = sum(len(it["areas"]) for it in items)
     ours(items[0], args.drop_thresh)  # Numba compile / cache load outside the timing
 
-    # rounds alternate the two, so load from other processes hits both alike; median kept
-    t_pub_all, t_our_all = [], []
-    r_pub = r_our = None
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        r_pub = [published(it, args.drop_thresh) for it in items]
-        t_pub_all.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        r_our = [ours(it, args.drop_thresh) for it in items]
-        t_our_all.append(time.perf_counter() - t0)
-    t_pub, t_our = statistics.median(t_pub_all), statistics.median(t_our_all)
+    # rounds alternate the two (one pass over the images each), so load from other processes
+    # hits both alike; median kept
+    last: dict[str, list] = {}
+
+    def run(name: str, fn) -> None:
+        last[name] = [fn(it, args.drop_thresh) for it in items]
+
+    t = time_cpu_interleaved({"published": lambda: run("published", published), "ours": lambda: run("ours", ours)},
+                             warmup=1, rounds=args.repeat, round_budget_s=0.0)
+    r_pub, r_our = last["published"], last["ours"]
+    t_pub, t_our = t["published"].median_ms / 1e3, t["ours"].median_ms / 1e3
     mismatches = 0
     for a_img, b_img in zip(r_pub, r_our):
         for (ra, aa, fa), (rb, ab, fb) in zip(a_img, b_img):

@@ -15,7 +15,7 @@ Backends, all in one run so their ratios are comparable:
 - triton     the fused Triton kernels (CUDA only), fed the compact bag labels uint8
              [N, H + W] as the training loader makes them (the other rows read the mask).
 
-CPU: warm-up, then interleaved rounds, median (bench/_timing.py). GPU: do_bench median;
+CPU: warm-up, then interleaved rounds, median (bench/common.py). GPU: do_bench median;
 also the bytes the loss must move (read the logits once, write the gradient once), the
 achieved GB/s and its ratio to a device-to-device copy of the same bytes (row ``copy``).
 ``--graphs`` adds every GPU contender captured in a CUDA graph (rows ``X+graph``:
@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _timing import time_cpu_interleaved, time_cuda  # noqa: E402
+from bench.common import time_cpu_interleaved, time_cuda  # noqa: E402
 
 from boxcaseg.kernels.maps import NEIGHBOUR_OFFSETS  # noqa: E402
 from boxcaseg.kernels.mil_smooth_common import bag_labels  # noqa: E402

@@ -149,7 +149,7 @@ def _record_sha(name: str, sha: str) -> None:
 
 
 def _write_card_section(name: str, body: str) -> None:
-    """Replace MODEL.md's text between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    """Replace MODEL.md's section ``name`` (its markers must be there; bench/common.py replace_between)."""
     try:
         CARD.write_text(replace_between(CARD.read_text(), name, body, append=False))
     except ValueError as e:

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -99,6 +98,8 @@ def checked_proxy(proxy_path: Path, train: dict) -> dict:
 
 def build_proxy(args, train_json: Path, images: Path, out: Path) -> Path:
     """BoxCaseg on the training boxes + duts-tr, then proxy masks for the training boxes."""
+    import torch
+
     from boxcaseg.proxy import ProxyConfig, generate_proxy
     from boxcaseg.train import train
 
@@ -147,6 +148,8 @@ def maskrcnn_config(args, ann: Path, images: Path):
 
 
 def run_variant(args, name: str, ann: Path, images: Path, test_json: Path, out: Path) -> dict:
+    import torch
+
     from boxcaseg.evaluate import coco_eval, voc_instance_ap
     from boxcaseg.maskrcnn.predict import predict_maskrcnn
     from boxcaseg.maskrcnn.train import train_maskrcnn
@@ -219,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     add_write_flag(p, SECTION, aliases=("--write-results",))
     args = p.parse_args(argv)
+    import torch
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
 

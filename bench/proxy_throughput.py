@@ -42,9 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-
-def data_root() -> Path:
-    return Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
+from bench.common import data_root, require_data, time_cpu_interleaved  # noqa: E402
 
 
 def make_checkpoint(path: Path, backbone: str | None, config: str = "cpu") -> Path:
@@ -223,14 +221,12 @@ def stage_line(r: dict) -> str:
 
 
 def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
-    """Export choices, timed interleaved (bench/_timing.py) so machine load hits all alike.
+    """Export choices, timed interleaved (bench/common.py) so machine load hits all alike.
 
     ONNX Runtime ms/instance for a stride-4 output vs a full-resolution output (plus the
     post-processing of each: map -> box mask for 128x128 boxes), and the numpy cost of
     normalising outside the graph vs only casting (normalisation in the graph).
     """
-    from _timing import time_cpu_interleaved
-
     from boxcaseg.imageops import MEAN, STD
     from boxcaseg.export import OnnxEngine, export_onnx
     from boxcaseg.proxy import masks_from_probs
@@ -281,10 +277,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="(kept for symmetry: the last line is always JSON)")
     args = ap.parse_args()
 
-    folder = args.data or data_root() / "coco-train"
-    ann, images = folder / "instances.json", folder / "images"
-    if not ann.is_file():
-        sys.exit(f"no {ann}: set BOXCASEG_DATA (see ../shared/data/README.md)")
+    ann = require_data("instances.json", root=args.data or data_root() / "coco-train")
+    folder, images = ann.parent, ann.parent / "images"
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     torch_opts = {"precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last}
     common = {"post_workers": args.post_workers, "device": args.device, "threads": args.threads}

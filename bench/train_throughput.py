@@ -27,10 +27,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
-from boxcaseg.config import load_config  # noqa: E402
-
 
 def steady_rate(metrics: Path, skip: int) -> tuple[float, int]:
     from boxcaseg.io import read_jsonl
@@ -46,7 +42,7 @@ def steady_rate(metrics: Path, skip: int) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="cpu", help="a shipped config name or a TOML file")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there)")
     ap.add_argument("--iters", type=int, default=80)
     ap.add_argument("--skip", type=int, default=20, help="iterations left out of the rate (start-up)")
     ap.add_argument("--batch-size", type=int, default=0, help="patches per batch (0: the config's)")
@@ -57,9 +53,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override section.field=value")
     args = ap.parse_args()
 
+    import torch
+
+    from boxcaseg.config import load_config
     from boxcaseg.data.synthetic import make_synthetic_dataset
     from boxcaseg.train import train
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg0 = load_config(args.config, overrides=args.set)
