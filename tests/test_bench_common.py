@@ -249,3 +249,16 @@ def test_results_sections_are_well_formed_and_name_their_command():
     for name in starts:
         body = bc.read_section(name, BENCH / "RESULTS.md")
         assert re.search(r"^command: ", body, re.M), f"section {name}: no command: line"
+
+
+def test_merge_drop_writes_the_paragraph_results_md_holds(tmp_path):
+    """bench/merge_drop.py --write: the recorded run's figures give RESULTS.md's section byte for byte."""
+    spec = importlib.util.spec_from_file_location("bench_merge_drop_under_test", BENCH / "merge_drop.py")
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    report = {"images": 285, "annotations": 2345, "flagged": 1009, "published_ms_per_image": 8.611,
+              "ours_ms_per_image": 0.415, "speedup": 20.8}
+    copy = tmp_path / "RESULTS.md"
+    copy.write_text((BENCH / "RESULTS.md").read_text())
+    bc.write_section("merge_drop", md.section_text(report, 5, 0.95), "python bench/merge_drop.py", path=copy)
+    assert copy.read_text() == (BENCH / "RESULTS.md").read_text()
