@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench.common import time_cpu_interleaved, time_cuda  # noqa: E402
+from bench.common import add_write_flag, time_cpu_interleaved, time_cuda, write_section  # noqa: E402
 
 from boxcaseg.kernels.maps import NEIGHBOUR_OFFSETS  # noqa: E402
 from boxcaseg.kernels.mil_smooth_common import bag_labels  # noqa: E402
@@ -241,6 +241,7 @@ def main() -> None:
                     help="GPU only: also time torch, torch.compile, Triton and the copy captured in a CUDA "
                          "graph (rows 'X+graph': device time without Python / autograd / launch overhead)")
     ap.add_argument("--json", action="store_true")
+    add_write_flag(ap, "mil_kernel_cpu (mil_kernel_gpu on CUDA)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -331,22 +332,31 @@ def main() -> None:
         # others' jobs on a shared machine slow every backend down, torch's OpenMP loops most
         extra["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
+    table = table_text(rows, on_gpu)
+    print(table)
+    for k, v in extra.items():
+        print(f"{k}: {v}")
+    if args.write:
+        write_section(f"mil_kernel_{'gpu' if on_gpu else 'cpu'}", f"```\n{table}\n```")
+    if args.json:
+        print(json.dumps({"device": device, "rows": [
+            {k: r[k] for k in ("backend", "n", "ms", "speedup_vs_original", "gbps")} for r in rows], **extra}))
+
+
+def table_text(rows: list[dict], on_gpu: bool) -> str:
+    """The printed table (and RESULTS.md's, between ``` fences): one line per backend and N."""
     head = f"{'backend':<14} {'N':>4} {'ms (median)':>12} {'min ms':>9} {'samples':>8} {'x original':>11} {'GB/s*':>8}"
     if on_gpu:
         head += f" {'of copy':>8}"
-    print(head)
+    lines = [head]
     for r in rows:
         line = (f"{r['backend']:<14} {r['n']:>4} {r['ms']:>12.3f} {r['min_ms']:>9.3f} {r['samples']:>8} "
                 f"{r['speedup_vs_original']:>11.1f} {r['gbps']:>8.2f}")
         if on_gpu:
             line += f" {r['frac_of_copy']:>8.1%}"
-        print(line)
-    print("* GB/s = (logits read once + gradient written once) / median time")
-    for k, v in extra.items():
-        print(f"{k}: {v}")
-    if args.json:
-        print(json.dumps({"device": device, "rows": [
-            {k: r[k] for k in ("backend", "n", "ms", "speedup_vs_original", "gbps")} for r in rows], **extra}))
+        lines.append(line)
+    lines.append("* GB/s = (logits read once + gradient written once) / median time")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

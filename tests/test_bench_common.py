@@ -262,3 +262,26 @@ def test_merge_drop_writes_the_paragraph_results_md_holds(tmp_path):
     copy.write_text((BENCH / "RESULTS.md").read_text())
     bc.write_section("merge_drop", md.section_text(report, 5, 0.95), "python bench/merge_drop.py", path=copy)
     assert copy.read_text() == (BENCH / "RESULTS.md").read_text()
+
+
+def test_mil_kernel_writes_the_cpu_table_results_md_holds(tmp_path):
+    """bench/mil_kernel.py --write on a CPU: the table it prints is RESULTS.md's section mil_kernel_cpu
+    (up to column widths)."""
+    spec = importlib.util.spec_from_file_location("bench_mil_kernel_under_test", BENCH / "mil_kernel.py")
+    mk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mk)
+    body = bc.read_section("mil_kernel_cpu", BENCH / "RESULTS.md")
+    rows = []
+    for line in body.split("```")[1].strip("\n").split("\n")[1:-1]:
+        backend, n, ms, min_ms, samples, speedup, gbps = line.split()
+        rows.append({"backend": backend, "n": int(n), "ms": float(ms), "min_ms": float(min_ms),
+                     "samples": int(samples), "speedup_vs_original": float(speedup), "gbps": float(gbps)})
+    assert len(rows) == 10
+    copy = tmp_path / "RESULTS.md"
+    copy.write_text((BENCH / "RESULTS.md").read_text())
+    bc.write_section("mil_kernel_cpu", f"```\n{mk.table_text(rows, on_gpu=False)}\n```",
+                     "python bench/mil_kernel.py --json --startup", path=copy)
+    # the recorded table was printed with a narrower backend column: the same words, line by line
+    def words(text):
+        return [line.split() for line in text.split("\n")]
+    assert words(copy.read_text()) == words((BENCH / "RESULTS.md").read_text())
