@@ -23,7 +23,8 @@ weights (speed does not depend on training); ``--model lite0`` is the shipped mo
 least N instances. ``--quality`` adds each run's mIoU* against the json's GT masks and,
 for a torch run not in fp32, the fp32 torch run beside it. `--variants` also times the
 export choices (stride-4 vs full resolution output, normalisation in the graph vs in
-numpy). The last line is JSON.
+numpy); with ``--write`` their table goes into bench/RESULTS.md section "proxy_export_choices"
+(inside section "proxy"). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench.common import data_root, require_data, time_cpu_interleaved  # noqa: E402
+from bench.common import add_write_flag, data_root, require_data, time_cpu_interleaved, write_section  # noqa: E402
 
 
 def make_checkpoint(path: Path, backbone: str | None, config: str = "cpu") -> Path:
@@ -249,7 +250,28 @@ def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
         "cast_and_normalise": lambda: (x.astype(np.float32) - mean) / std,
     }
     t = time_cpu_interleaved(fns, warmup=2, rounds=5, round_budget_s=0.5)
-    return {f"{k}_ms_per_instance": round(v.median_ms / batch_size, 3) for k, v in t.items()}
+    return {"infer_size": size, **{f"{k}_ms_per_instance": round(v.median_ms / batch_size, 3) for k, v in t.items()}}
+
+
+VARIANT_LABELS = {
+    "ort_s4": "ONNX Runtime, output stride-4 map [B,1,{m},{m}]",
+    "ort_full": "ONNX Runtime, output full resolution [B,1,{s},{s}]",
+    "post_s4": "post-processing (map -> 128x128 box mask), from the stride-4 map",
+    "post_full": "post-processing, from the full-resolution map",
+    "cast_only": "main process: uint8 -> float32 cast only (normalisation in the graph)",
+    "cast_and_normalise": "main process: cast + ImageNet normalisation in numpy",
+}
+
+
+def variants_table(variants: dict, infer_size: int | None = None) -> str:
+    """The export choices as a markdown table (``variants``: run_variants' result), ms per instance."""
+    size = infer_size or variants.get("infer_size")
+    lines = ["| choice | ms / instance |", "|---|---|"]
+    for key, label in VARIANT_LABELS.items():
+        v = variants[f"{key}_ms_per_instance"]
+        lines.append(f"| {label.format(s=size, m=size // 4)} | {v:.3f} |" if v < 1 else
+                     f"| {label.format(s=size, m=size // 4)} | {v:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -275,8 +297,11 @@ def main() -> None:
     ap.add_argument("--engines", default="published,torch,onnx,trt")
     ap.add_argument("--variants", action="store_true", help="also time the export variants")
     ap.add_argument("--json", action="store_true", help="(kept for symmetry: the last line is always JSON)")
+    add_write_flag(ap, "proxy_export_choices (with --variants)")
     args = ap.parse_args()
 
+    if args.write and not args.variants:
+        ap.error("--write writes the export variants' table: add --variants")
     ann = require_data("instances.json", root=args.data or data_root() / "coco-train")
     folder, images = ann.parent, ann.parent / "images"
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -357,6 +382,8 @@ def main() -> None:
         if args.variants:
             report["variants"] = run_variants(ckpt, tmp, args.batch_size)
             print("export variants:", json.dumps(report["variants"]))
+            if args.write:
+                write_section("proxy_export_choices", variants_table(report["variants"]))
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(report))
 

@@ -285,3 +285,18 @@ def test_mil_kernel_writes_the_cpu_table_results_md_holds(tmp_path):
     def words(text):
         return [line.split() for line in text.split("\n")]
     assert words(copy.read_text()) == words((BENCH / "RESULTS.md").read_text())
+
+
+def test_proxy_throughput_writes_the_export_choices_results_md_holds(tmp_path):
+    """bench/proxy_throughput.py --variants --write: the recorded figures give section proxy_export_choices."""
+    spec = importlib.util.spec_from_file_location("bench_proxy_throughput_under_test", BENCH / "proxy_throughput.py")
+    pt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pt)
+    variants = {"infer_size": 320, "ort_s4_ms_per_instance": 16.14, "ort_full_ms_per_instance": 17.07,
+                "post_s4_ms_per_instance": 0.056, "post_full_ms_per_instance": 0.06,
+                "cast_only_ms_per_instance": 0.132, "cast_and_normalise_ms_per_instance": 0.564}
+    copy = tmp_path / "RESULTS.md"
+    copy.write_text((BENCH / "RESULTS.md").read_text())
+    bc.write_section("proxy_export_choices", pt.variants_table(variants),
+                     "python bench/proxy_throughput.py --engines none --variants", path=copy)
+    assert copy.read_text() == (BENCH / "RESULTS.md").read_text()
