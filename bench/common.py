@@ -47,7 +47,7 @@ def data_root(environ: dict | None = None) -> Path:
 
 
 def require_data(*parts: str, root: Path | None = None, script: str | None = None) -> Path:
-    """``data_root() / parts``; exits (status 2) with a one-line message when it is absent."""
+    """``data_root() / parts`` (or ``root / parts``); exits (status 1) with one line naming it when absent."""
     base = data_root() if root is None else Path(root)
     path = base.joinpath(*parts)
     if not path.exists():

@@ -3,7 +3,7 @@
     python bench/data_scaling.py subsets                 # write the salient subsets (symlink folders)
     python bench/data_scaling.py train NAME [--seed K]   # train one variant (the 45-minute cpu recipe)
     python bench/data_scaling.py eval NAME [--seed K]    # score its checkpoint on coco-val
-    python bench/data_scaling.py report                  # the table -> bench/RESULTS.md "data_scaling"
+    python bench/data_scaling.py report [--no-write]     # the table -> bench/RESULTS.md "data_scaling"
 
 Variants (``NAME``), all the ``cpu`` recipe (3000 iterations, 9 box : 7 salient) unless named:
 

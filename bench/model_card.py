@@ -18,7 +18,8 @@ into ``MODEL.md``. ``card`` runs
 the shipped model exactly as ``boxcaseg proxy`` does without flags (and with
 ``--merge``), scores it with ``boxcaseg evaluate masks``'s function beside box-fill
 and the inscribed ellipse, lists the worst instances, and writes the table into
-``boxcaseg/weights/MODEL.md`` and bench/RESULTS.md (section "model_card").
+``boxcaseg/weights/MODEL.md`` and bench/RESULTS.md (section "model_card"; ``--no-write``:
+MODEL.md only).
 """
 
 from __future__ import annotations
