@@ -300,3 +300,17 @@ def test_proxy_throughput_writes_the_export_choices_results_md_holds(tmp_path):
     bc.write_section("proxy_export_choices", pt.variants_table(variants),
                      "python bench/proxy_throughput.py --engines none --variants", path=copy)
     assert copy.read_text() == (BENCH / "RESULTS.md").read_text()
+
+
+def test_the_model_card_sections_write_back_as_they_are():
+    """model_card.py writes MODEL.md's sections through replace_between (no command line there):
+    each section's own text written back gives the file byte for byte, and a missing one is refused."""
+    card = (REPO / "boxcaseg" / "weights" / "MODEL.md").read_text()
+    names = re.findall(r"<!-- (\w+):start -->", card)
+    assert {"int8", "card"} <= set(names)
+    for name in names:
+        start, end = bc.markers(name)
+        body = card[card.index(start) + len(start):card.index(end)].strip("\n")
+        assert bc.replace_between(card, name, body, append=False) == card
+    with pytest.raises(ValueError):
+        bc.replace_between(card, "not_there", "x", append=False)
