@@ -39,14 +39,39 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench.common import add_write_flag, time_cpu_interleaved, time_cuda, write_section  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (torch and Numba chunks)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--startup", action="store_true",
+                    help="also time the first call in fresh processes (Numba cache load; torch.compile "
+                         "with an empty and with the default inductor cache)")
+    ap.add_argument("--triton-blocks", default="",
+                    help="GPU only: also time the Triton kernels with these tile shapes, e.g. "
+                         "'8x128,16x128,32x64' (rows 'triton[BHxBW]'; the default shape is row 'triton')")
+    ap.add_argument("--graphs", action="store_true",
+                    help="GPU only: also time torch, torch.compile, Triton and the copy captured in a CUDA "
+                         "graph (rows 'X+graph': device time without Python / autograd / launch overhead)")
+    ap.add_argument("--json", action="store_true")
+    add_write_flag(ap, "mil_kernel_cpu (mil_kernel_gpu on CUDA)")
+    return ap
+
+
+if __name__ == "__main__":
+    ARGS = build_parser().parse_args()  # --help and argument errors before torch loads (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from boxcaseg.kernels.maps import NEIGHBOUR_OFFSETS  # noqa: E402
 from boxcaseg.kernels.mil_smooth_common import bag_labels  # noqa: E402
@@ -224,25 +249,9 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (torch and Numba chunks)")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--startup", action="store_true",
-                    help="also time the first call in fresh processes (Numba cache load; torch.compile "
-                         "with an empty and with the default inductor cache)")
-    ap.add_argument("--triton-blocks", default="",
-                    help="GPU only: also time the Triton kernels with these tile shapes, e.g. "
-                         "'8x128,16x128,32x64' (rows 'triton[BHxBW]'; the default shape is row 'triton')")
-    ap.add_argument("--graphs", action="store_true",
-                    help="GPU only: also time torch, torch.compile, Triton and the copy captured in a CUDA "
-                         "graph (rows 'X+graph': device time without Python / autograd / launch overhead)")
-    ap.add_argument("--json", action="store_true")
-    add_write_flag(ap, "mil_kernel_cpu (mil_kernel_gpu on CUDA)")
-    args = ap.parse_args()
+def main(args: argparse.Namespace | None = None) -> None:
+    args = args or build_parser().parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     torch.set_num_threads(args.threads)
     on_gpu = args.device.startswith("cuda")
@@ -360,4 +369,4 @@ def table_text(rows: list[dict], on_gpu: bool) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
