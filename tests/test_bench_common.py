@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -314,3 +315,44 @@ def test_the_model_card_sections_write_back_as_they_are():
         assert bc.replace_between(card, name, body, append=False) == card
     with pytest.raises(ValueError):
         bc.replace_between(card, "not_there", "x", append=False)
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_drop_by_size_writes_its_own_section(tmp_path, monkeypatch):
+    """bench/drop_by_size.py --write on a tiny GT json: section drop_by_size_<GT folder>, with its command."""
+    db = _load_bench("drop_by_size")
+    folder = tmp_path / "tiny-set"
+    folder.mkdir()
+    anns = []
+    for aid, (x, y, w, h) in enumerate([(10.3, 20.6, 20.4, 12.9), (40.0, 10.0, 50.0, 40.0)], start=1):
+        anns.append({"id": aid, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [x, y, w, h], "area": w * h,
+                     "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+    gt = folder / "instances.json"
+    gt.write_text(json.dumps({"images": [{"id": 1, "width": 160, "height": 150, "file_name": "a.jpg"}],
+                              "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    results = tmp_path / "RESULTS.md"
+    results.write_text(DOC)
+    monkeypatch.setattr(db, "write_section", lambda name, text: bc.write_section(name, text, path=results))
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "drop_by_size.py"), "--gt", str(gt), "--write"])
+    db.main()
+    body = bc.read_section("drop_by_size_tiny_set", results)
+    assert body.startswith("## drop_by_size_tiny_set: ")
+    assert f"command: `python bench/drop_by_size.py --gt {gt} --write`" in body
+    assert "| size | n | flagged old % | flagged new % |" in body and "| all | 2 |" in body
+    assert results.read_text().startswith(DOC.rstrip("\n"))                # the other sections untouched
+
+
+def test_train_throughput_section_text():
+    tt = _load_bench("train_throughput")
+    summary = {"device": "CPU (2 cores)", "torch": "2.14.1", "salient": "duts-tr", "model": "efficientnet_lite0",
+               "patch": 192, "rows": [{"backend": "auto", "amp": "off", "batch": 16, "workers": 2, "iters_timed": 60,
+                                       "it_s": 1.5, "patches_s": 24.0, "loss_first_last": [1.1, 0.7]}]}
+    text = tt.section_text(summary, 20)
+    assert text.startswith("## train_throughput (CPU (2 cores)): ")
+    assert text.endswith("| auto | off | 16 | 2 | 60 | 1.5 | 24.0 | 1.1 / 0.7 |")
