@@ -23,8 +23,9 @@ weights (speed does not depend on training); ``--model lite0`` is the shipped mo
 least N instances. ``--quality`` adds each run's mIoU* against the json's GT masks and,
 for a torch run not in fp32, the fp32 torch run beside it. `--variants` also times the
 export choices (stride-4 vs full resolution output, normalisation in the graph vs in
-numpy); with ``--write`` their table goes into bench/RESULTS.md section "proxy_export_choices"
-(inside section "proxy"). The last line is JSON.
+numpy). ``--write``: the engines' table into bench/RESULTS.md, section
+"proxy_throughput_cpu" or "proxy_throughput_cuda", and with ``--variants`` their table into
+section "proxy_export_choices" (inside section "proxy"). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -274,6 +275,29 @@ def variants_table(variants: dict, infer_size: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def throughput_text(report: dict, labels: dict[str, str]) -> str:
+    """RESULTS.md's section of one run: what ran, then one row per pipeline."""
+    res = report["results"]
+    ratio = report.get("ratio_to_published", {})
+    lines = ["## proxy_throughput: proxy masks per second (`python bench/proxy_throughput.py`)", "",
+             f"{report['config']}; {report['instances_in_json']} instances ({report['images']} images of "
+             f"`{Path(report['data']).name}`), batch {report['batch_size']}, {report['workers']} decode workers; "
+             f"{report['cpus']} CPUs, load average {report['loadavg_start']} at the start, {report['loadavg_end']} "
+             "at the end.", "",
+             "| pipeline | instances | inst/s (whole run) | steady inst/s | mIoU* | ratio to (a) | stages (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        if "skipped" in r:
+            lines.append(f"| {labels.get(name, name)} | skipped: {r['skipped']} | | | | | |")
+            continue
+        steady = r.get("steady_instances_per_s")
+        lines.append(f"| {labels.get(name, name)} | {r['instances']} | {r['instances_per_s']} | "
+                     f"{steady if steady is not None else '-'} | {r.get('miou_star', '-')} | "
+                     f"{ratio.get(name, 1 if name == 'published' else '-')} | "
+                     f"{stage_line(r) if 'timings_s' in r else '-'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="COCO folder with instances.json and images/ (default $BOXCASEG_DATA/coco-train)")
@@ -297,11 +321,9 @@ def main() -> None:
     ap.add_argument("--engines", default="published,torch,onnx,trt")
     ap.add_argument("--variants", action="store_true", help="also time the export variants")
     ap.add_argument("--json", action="store_true", help="(kept for symmetry: the last line is always JSON)")
-    add_write_flag(ap, "proxy_export_choices (with --variants)")
+    add_write_flag(ap, "proxy_throughput_cpu|cuda (and proxy_export_choices with --variants)")
     args = ap.parse_args()
 
-    if args.write and not args.variants:
-        ap.error("--write writes the export variants' table: add --variants")
     ann = require_data("instances.json", root=args.data or data_root() / "coco-train")
     folder, images = ann.parent, ann.parent / "images"
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -334,8 +356,10 @@ def main() -> None:
         report["config"] = config_summary(cfg, str(args.ckpt or args.model or "cpu (random weights)"))
         print(f"{report['config']}; data {folder} ({args.limit_images or 'all'} images, {n_inst} instances)")
         res = report["results"]
+        labels = {"published": "(a) published-style"}
 
         def ours(name: str, kind: str, model: Path, label: str, **opts) -> None:
+            labels[name] = label
             res[name] = run_ours(kind, model, ann_used, images, tmp / f"out_{name}.json", args.batch_size, args.workers,
                                  **common, **opts)
             if args.quality:
@@ -385,6 +409,11 @@ def main() -> None:
             if args.write:
                 write_section("proxy_export_choices", variants_table(report["variants"]))
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    if args.write and report["results"]:
+        import torch
+
+        on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        write_section(f"proxy_throughput_{'cuda' if on_cuda else 'cpu'}", throughput_text(report, labels))
     print(json.dumps(report))
 
 

@@ -356,3 +356,21 @@ def test_train_throughput_section_text():
     text = tt.section_text(summary, 20)
     assert text.startswith("## train_throughput (CPU (2 cores)): ")
     assert text.endswith("| auto | off | 16 | 2 | 60 | 1.5 | 24.0 | 1.1 / 0.7 |")
+
+
+def test_proxy_throughput_section_text():
+    pt = _load_bench("proxy_throughput")
+    timings = {k: 1.0 for k in pt.STAGES}
+    report = {"config": "config cpu", "instances_in_json": 585, "images": "all", "data": "/d/coco-val",
+              "batch_size": 32, "workers": 2, "cpus": 2, "loadavg_start": [1.0, 1.0, 1.0], "loadavg_end": [2.0, 2.0, 2.0],
+              "ratio_to_published": {"onnx": 6.2},
+              "results": {"published": {"instances": 585, "instances_per_s": 8.9},
+                          "onnx": {"instances": 585, "instances_per_s": 55.1, "steady_instances_per_s": 60.0,
+                                   "timings_s": timings},
+                          "trt": {"skipped": "missing TensorRT"}}}
+    text = pt.throughput_text(report, {"published": "(a) published-style", "onnx": "(c) ours, onnx engine"})
+    lines = text.split("\n")
+    assert lines[0].startswith("## proxy_throughput: ") and "`coco-val`" in lines[2]
+    assert lines[-3] == "| (a) published-style | 585 | 8.9 | - | - | 1 | - |"
+    assert lines[-2].startswith("| (c) ours, onnx engine | 585 | 55.1 | 60.0 | - | 6.2 | prepare 1.00, ")
+    assert lines[-1] == "| trt | skipped: missing TensorRT | | | | | |"
