@@ -3,7 +3,7 @@
     python bench/data_scaling.py subsets                 # write the salient subsets (symlink folders)
     python bench/data_scaling.py train NAME [--seed K]   # train one variant (the 45-minute cpu recipe)
     python bench/data_scaling.py eval NAME [--seed K]    # score its checkpoint on coco-val
-    python bench/data_scaling.py report                  # the table -> bench/RESULTS.md "data_scaling"
+    python bench/data_scaling.py report [--no-write]     # the table -> bench/RESULTS.md "data_scaling"
 
 Variants (``NAME``), all the ``cpu`` recipe (3000 iterations, 9 box : 7 salient) unless named:
 
@@ -26,19 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import add_write_flag, data_root, write_section  # noqa: E402
+
 RUNS = REPO / "runs" / "data_scaling"
 DATA = RUNS / "data"
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
 
 
 def pair_names(folder: Path) -> list[str]:
@@ -213,8 +210,6 @@ def cmd_report(write: bool) -> str:
     table = markdown_table(["variant", "seed", "boxes", "salient pairs", "", "mIoU* (shipped)", "IoU@75 (shipped)",
                             "mIoU* (best)", "IoU@75 (best)", "best setting", "train min"], rows)
     if write:
-        from quality import write_section
-
         body = ("## data_scaling: the paper's Tab. 3 on our cpu recipe (`python bench/data_scaling.py report`)\n\n"
                 "Each row: `python bench/data_scaling.py train NAME --seed K` then `eval NAME --seed K` (the cpu "
                 "recipe, 3000 iterations unless said; coco-val per instance, no merge). \"shipped\": context 1.2, "
@@ -232,7 +227,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for eval (0: all cores)")
     ap.add_argument("--train-threads", type=int, default=0,
                     help="torch threads for train (0: the recipe's; 1 runs two trainings side by side on 2 cores)")
-    ap.add_argument("--no-write", action="store_true", help="report: print, do not touch bench/RESULTS.md")
+    add_write_flag(ap, "data_scaling", default=True)  # report: --no-write prints only
     args = ap.parse_args()
     if args.command in ("train", "eval") and args.name not in variants():
         sys.exit(f"variant {args.name!r}: choose from {', '.join(variants())}")
@@ -244,7 +239,7 @@ def main() -> None:
     elif args.command == "eval":
         cmd_eval(args.name, args.seed, args.threads)
     else:
-        print(cmd_report(not args.no_write))
+        print(cmd_report(args.write))
 
 
 if __name__ == "__main__":

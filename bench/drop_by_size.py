@@ -27,7 +27,8 @@ gives before and after without rerunning the model.
   recomputed former / current agreement (which code wrote the json).
 
 Prints a markdown table per variant (size | n | flagged old % | flagged new %); the last
-line is JSON.
+line is JSON. ``--write``: the tables into bench/RESULTS.md, section
+"drop_by_size_<the GT json's folder>" (e.g. drop_by_size_coco_val), one per data set.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +44,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import add_write_flag, write_section  # noqa: E402
 
 SIZES = (("small", 0.0, 32.0 ** 2), ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, math.inf))
 
@@ -193,6 +197,7 @@ def main() -> None:
     ap.add_argument("--proxy", type=Path, default=None, help="boxcaseg proxy output json (default: GT masks)")
     ap.add_argument("--drop-thresh", type=float, default=0.95)
     ap.add_argument("--no-remerge", action="store_true", help="per-instance json: skip the recomputed merged masks")
+    add_write_flag(ap, "drop_by_size_<GT folder>")
     args = ap.parse_args()
     gt = json.loads(args.gt.read_text())
     proxy = json.loads(args.proxy.read_text()) if args.proxy else None
@@ -207,6 +212,17 @@ def main() -> None:
     print(markdown(res))
     print()
     print(json.dumps({"gt": str(args.gt), "proxy": str(args.proxy) if args.proxy else None, **res}))
+    if args.write:
+        name = section_name(args.gt)
+        write_section(name, f"## {name}: masks flagged by the drop rule, by COCO size, former vs current rule\n\n"
+                            f"GT `{args.gt.parent.name}/{args.gt.name}`; masks "
+                            f"{'`' + args.proxy.name + '`' if args.proxy else 'the GT masks'}; size basis "
+                            f"{res['size_basis']}.\n\n{markdown(res)}")
+
+
+def section_name(gt: Path) -> str:
+    """``drop_by_size_`` + the GT json's folder (``coco-val/instances.json`` -> ``drop_by_size_coco_val``)."""
+    return "drop_by_size_" + (re.sub(r"\W+", "_", gt.resolve().parent.name).strip("_").lower() or "gt")
 
 
 if __name__ == "__main__":

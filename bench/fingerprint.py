@@ -17,6 +17,7 @@ anything differs. Takes about 2 minutes on 2 cores.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -26,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import require_data  # noqa: E402
 
 
 def _run(args: list[str]) -> None:
@@ -46,9 +50,7 @@ def _sha(path: Path) -> str:
 
 
 def record() -> dict:
-    data = Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
-    if not (data / "coco-val" / "instances.json").is_file():
-        sys.exit(f"no data at {data} (set BOXCASEG_DATA)")
+    data = require_data("coco-val", "instances.json").parents[1]
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
@@ -67,12 +69,17 @@ def record() -> dict:
     return out
 
 
-def main() -> None:
-    if len(sys.argv) != 3 or sys.argv[1] not in ("record", "compare"):
-        sys.exit(__doc__)
-    path = Path(sys.argv[2])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=("record", "compare"),
+                    help="record: write the fingerprint to PATH; compare: record again and compare with PATH")
+    ap.add_argument("path", type=Path, metavar="PATH", help="the fingerprint json")
+    args = ap.parse_args(argv)
+    path = args.path
+    if args.action == "compare" and not path.is_file():
+        ap.error(f"no fingerprint at {path} (record one first)")
     now = record()
-    if sys.argv[1] == "record":
+    if args.action == "record":
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(now, indent=1))
         print(f"recorded {path}")

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import require_data  # noqa: E402
+
 LIMIT = 40_000_000
 
 
@@ -48,9 +51,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / ".gpu-data")
     ap.add_argument("--train-images", type=int, default=60)
     args = ap.parse_args()
-    root = Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
-    if not (root / "coco-train" / "instances.json").is_file():
-        sys.exit(f"real data not found at {root} (set BOXCASEG_DATA)")
+    root = require_data("coco-train", "instances.json").parents[1]
     if args.out.exists():
         shutil.rmtree(args.out)
     total = subset(root / "coco-train", args.out / "coco-train", args.train_images)

@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import add_write_flag, require_data, write_section  # noqa: E402
+
 PRECISIONS = ("fp32", "int8")
 
 
@@ -38,20 +40,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default, all cores)")
-    ap.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md (section int8)")
+    add_write_flag(ap, "int8")
     args = ap.parse_args()
 
     import onnxruntime
     import torch
 
-    from bench.quality import data_root, write_section
     from boxcaseg.evaluate import mask_quality
     from boxcaseg.proxy import ProxyConfig, generate_proxy
     from boxcaseg.proxy.config import resolve_proxy_config
 
-    val = data_root() / "coco-val"
-    if not (val / "instances.json").is_file():
-        sys.exit(f"bench/int8.py: no coco-val under {data_root()} (set BOXCASEG_DATA)")
+    val = require_data("coco-val", "instances.json").parent
     load_before = os.getloadavg()
     speed: dict[str, list[float]] = {k: [] for k in PRECISIONS}
     whole: dict[str, list[float]] = {k: [] for k in PRECISIONS}

@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench.common import add_write_flag, data_root, write_section  # noqa: E402
+
 
 def run(args) -> None:
     import proxy_maskrcnn as pm
@@ -56,9 +58,7 @@ def run(args) -> None:
     print(json.dumps(row))
 
 
-def report(dirs: list[str]) -> None:
-    from bench.quality import write_section
-
+def report(dirs: list[str], write: bool = True) -> None:
     rows = [json.loads((Path(d) / "merge-result.json").read_text()) for d in dirs]
     lines = ["| proxy masks of the 120 training images | their mIoU* / IoU@75 | flagged | mask AP | mask AP50 | "
              "VOC AP@0.5 | VOC AP@0.75 | box AP50 |", "|---|---|---|---|---|---|---|---|"]
@@ -71,23 +71,23 @@ def report(dirs: list[str]) -> None:
             + "\n".join(lines) + "\n\nPennFudan, 50 held-out images; Mask R-CNN EfficientNet-Lite0-FPN, 320-512 px, "
             f"{rows[0].get('mr_iters', 800)} iterations x 2 images, 1 thread each (the two runs side by side); "
             "proxy masks from the shipped model with its embedded settings.")
-    write_section("merge_maskrcnn", body)
+    if write:
+        write_section("merge_maskrcnn", body)
     print(body)
 
 
 def main() -> None:
-    from boxcaseg.config import default_data_root
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--merge", choices=("on", "off"))
     ap.add_argument("--out")
-    ap.add_argument("--data", default=str(default_data_root() / "pennfudan"))
+    ap.add_argument("--data", default=str(data_root() / "pennfudan"))
     ap.add_argument("--mr-iters", type=int, default=800)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--report", nargs="+", metavar="DIR")
+    ap.add_argument("--report", nargs="+", metavar="DIR", help="the table of these runs' results")
+    add_write_flag(ap, "merge_maskrcnn", default=True)  # --report writes unless --no-write
     args = ap.parse_args()
     if args.report:
-        report(args.report)
+        report(args.report, args.write)
     else:
         if not args.merge or not args.out:
             ap.error("--merge and --out (or --report DIR ...)")

@@ -15,7 +15,7 @@ Backends, all in one run so their ratios are comparable:
 - triton     the fused Triton kernels (CUDA only), fed the compact bag labels uint8
              [N, H + W] as the training loader makes them (the other rows read the mask).
 
-CPU: warm-up, then interleaved rounds, median (bench/_timing.py). GPU: do_bench median;
+CPU: warm-up, then interleaved rounds, median (bench/common.py). GPU: do_bench median;
 also the bytes the loss must move (read the logits once, write the gradient once), the
 achieved GB/s and its ratio to a device-to-device copy of the same bytes (row ``copy``).
 ``--graphs`` adds every GPU contender captured in a CUDA graph (rows ``X+graph``:
@@ -39,14 +39,39 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _timing import time_cpu_interleaved, time_cuda  # noqa: E402
+from bench.common import add_write_flag, time_cpu_interleaved, time_cuda, write_section  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (torch and Numba chunks)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--startup", action="store_true",
+                    help="also time the first call in fresh processes (Numba cache load; torch.compile "
+                         "with an empty and with the default inductor cache)")
+    ap.add_argument("--triton-blocks", default="",
+                    help="GPU only: also time the Triton kernels with these tile shapes, e.g. "
+                         "'8x128,16x128,32x64' (rows 'triton[BHxBW]'; the default shape is row 'triton')")
+    ap.add_argument("--graphs", action="store_true",
+                    help="GPU only: also time torch, torch.compile, Triton and the copy captured in a CUDA "
+                         "graph (rows 'X+graph': device time without Python / autograd / launch overhead)")
+    ap.add_argument("--json", action="store_true")
+    add_write_flag(ap, "mil_kernel_cpu (mil_kernel_gpu on CUDA)")
+    return ap
+
+
+if __name__ == "__main__":
+    ARGS = build_parser().parse_args()  # --help and argument errors before torch loads (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from boxcaseg.kernels.maps import NEIGHBOUR_OFFSETS  # noqa: E402
 from boxcaseg.kernels.mil_smooth_common import bag_labels  # noqa: E402
@@ -224,24 +249,9 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (torch and Numba chunks)")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    ap.add_argument("--startup", action="store_true",
-                    help="also time the first call in fresh processes (Numba cache load; torch.compile "
-                         "with an empty and with the default inductor cache)")
-    ap.add_argument("--triton-blocks", default="",
-                    help="GPU only: also time the Triton kernels with these tile shapes, e.g. "
-                         "'8x128,16x128,32x64' (rows 'triton[BHxBW]'; the default shape is row 'triton')")
-    ap.add_argument("--graphs", action="store_true",
-                    help="GPU only: also time torch, torch.compile, Triton and the copy captured in a CUDA "
-                         "graph (rows 'X+graph': device time without Python / autograd / launch overhead)")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+def main(args: argparse.Namespace | None = None) -> None:
+    args = args or build_parser().parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     torch.set_num_threads(args.threads)
     on_gpu = args.device.startswith("cuda")
@@ -331,23 +341,32 @@ def main() -> None:
         # others' jobs on a shared machine slow every backend down, torch's OpenMP loops most
         extra["load_average_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
-    head = f"{'backend':<14} {'N':>4} {'ms (median)':>12} {'min ms':>9} {'samples':>8} {'x original':>11} {'GB/s*':>8}"
-    if on_gpu:
-        head += f" {'of copy':>8}"
-    print(head)
-    for r in rows:
-        line = (f"{r['backend']:<14} {r['n']:>4} {r['ms']:>12.3f} {r['min_ms']:>9.3f} {r['samples']:>8} "
-                f"{r['speedup_vs_original']:>11.1f} {r['gbps']:>8.2f}")
-        if on_gpu:
-            line += f" {r['frac_of_copy']:>8.1%}"
-        print(line)
-    print("* GB/s = (logits read once + gradient written once) / median time")
+    table = table_text(rows, on_gpu)
+    print(table)
     for k, v in extra.items():
         print(f"{k}: {v}")
+    if args.write:
+        write_section(f"mil_kernel_{'gpu' if on_gpu else 'cpu'}", f"```\n{table}\n```")
     if args.json:
         print(json.dumps({"device": device, "rows": [
             {k: r[k] for k in ("backend", "n", "ms", "speedup_vs_original", "gbps")} for r in rows], **extra}))
 
 
+def table_text(rows: list[dict], on_gpu: bool) -> str:
+    """The printed table (and RESULTS.md's, between ``` fences): one line per backend and N."""
+    head = f"{'backend':<14} {'N':>4} {'ms (median)':>12} {'min ms':>9} {'samples':>8} {'x original':>11} {'GB/s*':>8}"
+    if on_gpu:
+        head += f" {'of copy':>8}"
+    lines = [head]
+    for r in rows:
+        line = (f"{r['backend']:<14} {r['n']:>4} {r['ms']:>12.3f} {r['min_ms']:>9.3f} {r['samples']:>8} "
+                f"{r['speedup_vs_original']:>11.1f} {r['gbps']:>8.2f}")
+        if on_gpu:
+            line += f" {r['frac_of_copy']:>8.1%}"
+        lines.append(line)
+    lines.append("* GB/s = (logits read once + gradient written once) / median time")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -18,7 +18,8 @@ into ``MODEL.md``. ``card`` runs
 the shipped model exactly as ``boxcaseg proxy`` does without flags (and with
 ``--merge``), scores it with ``boxcaseg evaluate masks``'s function beside box-fill
 and the inscribed ellipse, lists the worst instances, and writes the table into
-``boxcaseg/weights/MODEL.md`` and bench/RESULTS.md (section "model_card").
+``boxcaseg/weights/MODEL.md`` and bench/RESULTS.md (section "model_card"; ``--no-write``:
+MODEL.md only).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.quality import data_root, write_section  # noqa: E402
+from bench.common import add_write_flag, data_root, replace_between, require_data, write_section  # noqa: E402
 
 WEIGHTS = REPO / "boxcaseg" / "weights"  # where pack writes (the package's own folder)
 CARD = WEIGHTS / "MODEL.md"
@@ -43,10 +44,8 @@ WEIGHTS_INIT = WEIGHTS / "__init__.py"
 
 
 def _val() -> tuple[Path, Path]:
-    root = data_root() / "coco-val"
-    if not (root / "instances.json").is_file():
-        sys.exit(f"coco-val not found under {data_root()} (set BOXCASEG_DATA)")
-    return root / "instances.json", root / "images"
+    ann = require_data("coco-val", "instances.json")
+    return ann, ann.parent / "images"
 
 
 def _proxy(model, out: Path, merge: bool, **settings) -> dict:
@@ -151,12 +150,11 @@ def _record_sha(name: str, sha: str) -> None:
 
 
 def _write_card_section(name: str, body: str) -> None:
-    """Replace MODEL.md's text between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
-    text = CARD.read_text()
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    if start not in text or end not in text:
-        sys.exit(f"{CARD}: no {start} ... {end} markers")
-    CARD.write_text(text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):])
+    """Replace MODEL.md's section ``name`` (its markers must be there; bench/common.py replace_between)."""
+    try:
+        CARD.write_text(replace_between(CARD.read_text(), name, body, append=False))
+    except ValueError as e:
+        sys.exit(f"{CARD}: {e}")
 
 
 def _pct(v) -> str:
@@ -242,7 +240,8 @@ def card(args) -> None:
     ])
     (out / "card.md").write_text(body + "\n")
     _write_card_section("card", body)
-    write_section("model_card", "## model_card: the shipped model on coco-val (`python bench/model_card.py card`)\n\n" + body)
+    if args.write:
+        write_section("model_card", "## model_card: the shipped model on coco-val (`python bench/model_card.py card`)\n\n" + body)
     print(body)
 
 
@@ -270,6 +269,7 @@ def main() -> None:
     c = sub.add_parser("card")
     c.add_argument("--out", default=str(REPO / "runs" / "card"))
     c.add_argument("--worst", type=int, default=8)
+    add_write_flag(c, "model_card", default=True)  # MODEL.md's card is always written
     args = ap.parse_args()
     {"sweep": sweep, "pack": pack, "int8": int8, "card": card}[args.cmd](args)
 

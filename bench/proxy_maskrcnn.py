@@ -1,6 +1,6 @@
 """The Proxy Mask R-CNN experiment on PennFudan: GT masks vs our proxy masks vs box-filled masks.
 
-    python bench/proxy_maskrcnn.py [--proxy PROXY.json] [--out runs/bench-proxy-maskrcnn] [--write-results]
+    python bench/proxy_maskrcnn.py [--proxy PROXY.json] [--out runs/bench-proxy-maskrcnn] [--write]
 
 On ``${BOXCASEG_DATA}/pennfudan`` split by image id (a seeded permutation of the ids:
 120 train, 50 held out), the same Mask R-CNN with the same schedule is trained on the
@@ -34,12 +34,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from boxcaseg.config import default_data_root, load_config  # noqa: E402
+from bench.common import add_write_flag, command_line, data_root, write_section  # noqa: E402
+from boxcaseg.config import load_config  # noqa: E402
 from boxcaseg.errors import BoxcasegError  # noqa: E402
 from boxcaseg.io import atomic_write_json, load_json  # noqa: E402
 
@@ -98,6 +98,8 @@ def checked_proxy(proxy_path: Path, train: dict) -> dict:
 
 def build_proxy(args, train_json: Path, images: Path, out: Path) -> Path:
     """BoxCaseg on the training boxes + duts-tr, then proxy masks for the training boxes."""
+    import torch
+
     from boxcaseg.proxy import ProxyConfig, generate_proxy
     from boxcaseg.train import train
 
@@ -146,6 +148,8 @@ def maskrcnn_config(args, ann: Path, images: Path):
 
 
 def run_variant(args, name: str, ann: Path, images: Path, test_json: Path, out: Path) -> dict:
+    import torch
+
     from boxcaseg.evaluate import coco_eval, voc_instance_ap
     from boxcaseg.maskrcnn.predict import predict_maskrcnn
     from boxcaseg.maskrcnn.train import train_maskrcnn
@@ -195,21 +199,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"Setup: {meta['setup']}\n\nMachine: {meta['machine']}; total {meta['total_s'] / 60:.1f} min.\n")
 
 
-def write_results_section(text: str, path: Path = REPO / "bench" / "RESULTS.md") -> None:
-    """Replace (or append) this benchmark's section of bench/RESULTS.md, leaving the others alone."""
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    block = f"{start}\n## {SECTION}\n\n{text.rstrip()}\n{end}\n"
-    doc = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-    if start in doc and end in doc:
-        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end) + 1:]
-    else:
-        doc = doc.rstrip() + "\n\n" + block
-    path.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(default_data_root() / "pennfudan"), help="PennFudan in COCO format")
+    p.add_argument("--data", default=str(data_root() / "pennfudan"), help="PennFudan in COCO format")
     p.add_argument("--out", default=str(REPO / "runs" / "bench-proxy-maskrcnn"), help="working folder (resumable)")
     p.add_argument("--proxy", default=None, help="proxy json of the training boxes; default: build it here")
     p.add_argument("--variants", default="gt,proxy,box", help="comma list of gt, proxy, box")
@@ -228,8 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--proxy-threshold", type=float, default=0.4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--write-results", action="store_true", help=f"update the {SECTION} section of bench/RESULTS.md")
+    add_write_flag(p, SECTION, aliases=("--write-results",))
     args = p.parse_args(argv)
+    import torch
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
 
@@ -281,8 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_json(out / "results.json", report, indent=2)
     text = markdown(rows, meta)
     print(text)
-    if args.write_results:
-        write_results_section(text)
+    if args.write:
+        write_section(SECTION, f"## {SECTION}\n\n{text}",
+                      command_line(None if argv is None else [__file__, *argv]))
     return report
 
 

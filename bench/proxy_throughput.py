@@ -23,7 +23,9 @@ weights (speed does not depend on training); ``--model lite0`` is the shipped mo
 least N instances. ``--quality`` adds each run's mIoU* against the json's GT masks and,
 for a torch run not in fp32, the fp32 torch run beside it. `--variants` also times the
 export choices (stride-4 vs full resolution output, normalisation in the graph vs in
-numpy). The last line is JSON.
+numpy). ``--write``: the engines' table into bench/RESULTS.md, section
+"proxy_throughput_cpu" or "proxy_throughput_cuda", and with ``--variants`` their table into
+section "proxy_export_choices" (inside section "proxy"). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -42,9 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-
-def data_root() -> Path:
-    return Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
+from bench.common import add_write_flag, data_root, require_data, time_cpu_interleaved, write_section  # noqa: E402
 
 
 def make_checkpoint(path: Path, backbone: str | None, config: str = "cpu") -> Path:
@@ -223,14 +223,12 @@ def stage_line(r: dict) -> str:
 
 
 def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
-    """Export choices, timed interleaved (bench/_timing.py) so machine load hits all alike.
+    """Export choices, timed interleaved (bench/common.py) so machine load hits all alike.
 
     ONNX Runtime ms/instance for a stride-4 output vs a full-resolution output (plus the
     post-processing of each: map -> box mask for 128x128 boxes), and the numpy cost of
     normalising outside the graph vs only casting (normalisation in the graph).
     """
-    from _timing import time_cpu_interleaved
-
     from boxcaseg.imageops import MEAN, STD
     from boxcaseg.export import OnnxEngine, export_onnx
     from boxcaseg.proxy import masks_from_probs
@@ -253,7 +251,51 @@ def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
         "cast_and_normalise": lambda: (x.astype(np.float32) - mean) / std,
     }
     t = time_cpu_interleaved(fns, warmup=2, rounds=5, round_budget_s=0.5)
-    return {f"{k}_ms_per_instance": round(v.median_ms / batch_size, 3) for k, v in t.items()}
+    return {"infer_size": size, **{f"{k}_ms_per_instance": round(v.median_ms / batch_size, 3) for k, v in t.items()}}
+
+
+VARIANT_LABELS = {
+    "ort_s4": "ONNX Runtime, output stride-4 map [B,1,{m},{m}]",
+    "ort_full": "ONNX Runtime, output full resolution [B,1,{s},{s}]",
+    "post_s4": "post-processing (map -> 128x128 box mask), from the stride-4 map",
+    "post_full": "post-processing, from the full-resolution map",
+    "cast_only": "main process: uint8 -> float32 cast only (normalisation in the graph)",
+    "cast_and_normalise": "main process: cast + ImageNet normalisation in numpy",
+}
+
+
+def variants_table(variants: dict, infer_size: int | None = None) -> str:
+    """The export choices as a markdown table (``variants``: run_variants' result), ms per instance."""
+    size = infer_size or variants.get("infer_size")
+    lines = ["| choice | ms / instance |", "|---|---|"]
+    for key, label in VARIANT_LABELS.items():
+        v = variants[f"{key}_ms_per_instance"]
+        lines.append(f"| {label.format(s=size, m=size // 4)} | {v:.3f} |" if v < 1 else
+                     f"| {label.format(s=size, m=size // 4)} | {v:.2f} |")
+    return "\n".join(lines)
+
+
+def throughput_text(report: dict, labels: dict[str, str]) -> str:
+    """RESULTS.md's section of one run: what ran, then one row per pipeline."""
+    res = report["results"]
+    ratio = report.get("ratio_to_published", {})
+    lines = ["## proxy_throughput: proxy masks per second (`python bench/proxy_throughput.py`)", "",
+             f"{report['config']}; {report['instances_in_json']} instances ({report['images']} images of "
+             f"`{Path(report['data']).name}`), batch {report['batch_size']}, {report['workers']} decode workers; "
+             f"{report['cpus']} CPUs, load average {report['loadavg_start']} at the start, {report['loadavg_end']} "
+             "at the end.", "",
+             "| pipeline | instances | inst/s (whole run) | steady inst/s | mIoU* | ratio to (a) | stages (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        if "skipped" in r:
+            lines.append(f"| {labels.get(name, name)} | skipped: {r['skipped']} | | | | | |")
+            continue
+        steady = r.get("steady_instances_per_s")
+        lines.append(f"| {labels.get(name, name)} | {r['instances']} | {r['instances_per_s']} | "
+                     f"{steady if steady is not None else '-'} | {r.get('miou_star', '-')} | "
+                     f"{ratio.get(name, 1 if name == 'published' else '-')} | "
+                     f"{stage_line(r) if 'timings_s' in r else '-'} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -279,12 +321,11 @@ def main() -> None:
     ap.add_argument("--engines", default="published,torch,onnx,trt")
     ap.add_argument("--variants", action="store_true", help="also time the export variants")
     ap.add_argument("--json", action="store_true", help="(kept for symmetry: the last line is always JSON)")
+    add_write_flag(ap, "proxy_throughput_cpu|cuda (and proxy_export_choices with --variants)")
     args = ap.parse_args()
 
-    folder = args.data or data_root() / "coco-train"
-    ann, images = folder / "instances.json", folder / "images"
-    if not ann.is_file():
-        sys.exit(f"no {ann}: set BOXCASEG_DATA (see ../shared/data/README.md)")
+    ann = require_data("instances.json", root=args.data or data_root() / "coco-train")
+    folder, images = ann.parent, ann.parent / "images"
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     torch_opts = {"precision": args.precision, "cuda_graph": args.cuda_graph, "channels_last": args.channels_last}
     common = {"post_workers": args.post_workers, "device": args.device, "threads": args.threads}
@@ -315,8 +356,10 @@ def main() -> None:
         report["config"] = config_summary(cfg, str(args.ckpt or args.model or "cpu (random weights)"))
         print(f"{report['config']}; data {folder} ({args.limit_images or 'all'} images, {n_inst} instances)")
         res = report["results"]
+        labels = {"published": "(a) published-style"}
 
         def ours(name: str, kind: str, model: Path, label: str, **opts) -> None:
+            labels[name] = label
             res[name] = run_ours(kind, model, ann_used, images, tmp / f"out_{name}.json", args.batch_size, args.workers,
                                  **common, **opts)
             if args.quality:
@@ -363,7 +406,14 @@ def main() -> None:
         if args.variants:
             report["variants"] = run_variants(ckpt, tmp, args.batch_size)
             print("export variants:", json.dumps(report["variants"]))
+            if args.write:
+                write_section("proxy_export_choices", variants_table(report["variants"]))
     report["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    if args.write and report["results"]:
+        import torch
+
+        on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        write_section(f"proxy_throughput_{'cuda' if on_cuda else 'cpu'}", throughput_text(report, labels))
     print(json.dumps(report))
 
 

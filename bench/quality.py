@@ -28,11 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.common import add_write_flag, require_data, write_section  # noqa: E402
+
 GOAL = {"miou_star": 0.71, "iou75": 0.53}
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("BOXCASEG_DATA", REPO.parent / "shared" / "data"))
 
 
 def config_summary(cfg, name: str = "") -> str:
@@ -42,19 +40,6 @@ def config_summary(cfg, name: str = "") -> str:
             f"(context {m.infer_context:g}, threshold {m.infer_threshold:g}, prior {m.infer_prior_weight:g}), "
             f"alpha {m.alpha:g}; patches {d.patch_size} px, {d.box_per_batch} box + {d.salient_per_batch} salient; "
             f"{t.max_iters} iterations, lr {t.lr:g}, fused MIL {t.fused_mil_weight:g}, pairwise {t.pairwise_weight:g}")
-
-
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section between ``<!-- name:start -->`` markers in RESULTS.md."""
-    path = REPO / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
@@ -72,7 +57,7 @@ def main() -> None:
                          "on: after the smaller-object-better merge (proxy's default)")
     ap.add_argument("--alphas", default="", help="fusion weights alpha to report (default: the checkpoint's)")
     ap.add_argument("--no-grabcut", action="store_true")
-    ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    add_write_flag(ap, "quality", default=True)
     ap.add_argument("--set", action="append", default=[], help="config override section.field=value")
     ap.add_argument("--threads", type=int, default=0,
                     help="ONNX Runtime threads of each proxy run (0: its default, all cores)")
@@ -102,10 +87,8 @@ def main() -> None:
     from boxcaseg.report import markdown_table
     from boxcaseg.train import train
 
-    root = data_root()
-    val_ann, val_img = root / "coco-val" / "instances.json", root / "coco-val" / "images"
-    if not val_ann.is_file():
-        sys.exit(f"real data not found at {root} (set BOXCASEG_DATA)")
+    val_ann = require_data("coco-val", "instances.json")
+    root, val_img = val_ann.parents[1], val_ann.parent / "images"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -208,7 +191,6 @@ def main() -> None:
     met = best[3]
     body = (
         "## quality: the CPU recipe on real data (`python bench/quality.py`)\n\n"
-        f"Command: `python bench/quality.py {' '.join(sys.argv[1:])}`\n\n"
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Data: {root.name}/coco-train boxes + duts-tr pairs for training; coco-val for evaluation "
         f"({int(mask_quality(val_ann, floors['box-fill'])['n'])} non-crowd instances).\n"
@@ -221,7 +203,7 @@ def main() -> None:
     print(body)
     print(json.dumps({"rows": [dict(zip(["masks", "miou_star", "miou", "iou50", "iou75", "small_miou"], r)) for r in rows],
                       "train_s": train_s, "goal_met": met}))
-    if not args.no_write:
+    if args.write:
         write_section("quality", body)
 
 

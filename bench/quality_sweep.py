@@ -10,7 +10,8 @@ share it: each trains the CPU recipe's batches and iterations, so a lever that w
 here is worth a CPU run; timings are not comparable with the CPU's). Every 30 s the
 iteration each run has reached is printed; at ``--deadline`` seconds the unfinished
 ones are stopped. Writes OUT/sweep.md (one row per run and evaluation setting, the best
-per run first) and OUT/sweep.json, and prints the table.
+per run first) and OUT/sweep.json, and prints the table; ``--write`` also puts it into
+bench/RESULTS.md, section "quality_sweep".
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import add_write_flag, write_section  # noqa: E402
 
 COMMON = ("--no-grabcut --infer-sizes 256 --tta none,flip --contexts 1.0 --thresholds 0.3,0.4 "
           "--prior-weights 0,0.3 --threads 1")
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--deadline", type=float, default=0, help="stop unfinished runs after this many seconds (0: none)")
     ap.add_argument("--common", default=COMMON, help="arguments every run gets")
+    add_write_flag(ap, "quality_sweep")
     args = ap.parse_args()
 
     from boxcaseg.io import read_jsonl
@@ -123,6 +127,9 @@ def main() -> None:
     md = markdown_table(["run", "overrides", "evaluation", "mIoU*", "IoU@75", "iters", "train min"], table)
     (out / "sweep.md").write_text(md + "\n")
     print(md)
+    if args.write:
+        write_section("quality_sweep", "## quality_sweep: recipe levers side by side (`python bench/quality_sweep.py`)"
+                      f"\n\nEvaluation of every run: `{args.common}`.\n\n{md}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ loader's start-up, cuDNN / Triton compilation and autotuning).
 Data: the config's box set (``$BOXCASEG_DATA/coco-train``); salient pairs from
 ``$BOXCASEG_DATA/duts-tr`` when it is there, else ``--synthetic-salient`` synthetic pairs
 (boxcaseg.data.synthetic, 640x480) made in a temporary folder: the output says which.
-The last line is JSON.
+The last line is JSON; ``--write`` puts the rows into bench/RESULTS.md, section
+"train_throughput_cpu" or "train_throughput_cuda".
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
-from boxcaseg.config import load_config  # noqa: E402
+from bench.common import add_write_flag, write_section  # noqa: E402
 
 
 def steady_rate(metrics: Path, skip: int) -> tuple[float, int]:
@@ -46,7 +45,7 @@ def steady_rate(metrics: Path, skip: int) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="cpu", help="a shipped config name or a TOML file")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there)")
     ap.add_argument("--iters", type=int, default=80)
     ap.add_argument("--skip", type=int, default=20, help="iterations left out of the rate (start-up)")
     ap.add_argument("--batch-size", type=int, default=0, help="patches per batch (0: the config's)")
@@ -55,11 +54,16 @@ def main() -> None:
     ap.add_argument("--amp", default="on", help="bf16 autocast on CUDA: on, off or on,off")
     ap.add_argument("--synthetic-salient", type=int, default=300)
     ap.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    add_write_flag(ap, "train_throughput_cpu / train_throughput_cuda")
     args = ap.parse_args()
 
+    import torch
+
+    from boxcaseg.config import load_config
     from boxcaseg.data.synthetic import make_synthetic_dataset
     from boxcaseg.train import train
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg0 = load_config(args.config, overrides=args.set)
@@ -93,8 +97,26 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    print(json.dumps({"device": dev, "torch": torch.__version__, "salient": salient,
-                      "model": cfg0.model.backbone, "patch": cfg0.data.patch_size, "rows": rows}))
+    summary = {"device": dev, "torch": torch.__version__, "salient": salient,
+               "model": cfg0.model.backbone, "patch": cfg0.data.patch_size, "rows": rows}
+    if args.write:
+        kind = "cuda" if args.device.startswith("cuda") else "cpu"
+        write_section(f"train_throughput_{kind}", section_text(summary, args.skip))
+    print(json.dumps(summary))
+
+
+def section_text(summary: dict, skip: int) -> str:
+    """RESULTS.md's section of one run: the device line and one table row per backend x amp."""
+    lines = [f"## train_throughput ({summary['device']}): joint-training patches/s "
+             "(`python bench/train_throughput.py`)", "",
+             f"torch {summary['torch']}; model {summary['model']}, {summary['patch']} px patches; salient pairs "
+             f"{summary['salient']}; steady rate after iteration {skip}.", "",
+             "| backend | amp | batch | workers | iterations timed | it/s | patches/s | loss first / last |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['backend']} | {r['amp']} | {r['batch']} | {r['workers']} | {r['iters_timed']} | "
+                     f"{r['it_s']} | {r['patches_s']} | {r['loss_first_last'][0]} / {r['loss_first_last'][1]} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

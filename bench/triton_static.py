@@ -20,7 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+
+from bench.common import add_write_flag, write_section  # noqa: E402
 
 DEFAULT = {"tile": "tile 16x128 fp32 mil=1 smooth=1 grad=1", "bags": "bags fp32 mil=1 smooth=1 grad=1",
            "backward": "backward 16x128 fp32 mil=1 smooth=1"}
@@ -28,7 +29,7 @@ DEFAULT = {"tile": "tile 16x128 fp32 mil=1 smooth=1 grad=1", "bags": "bags fp32 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--write", action="store_true", help="write bench/RESULTS.md section triton_static")
+    add_write_flag(ap, "triton_static_<version>")
     ap.add_argument("--jobs", type=int, default=0)
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -71,8 +72,6 @@ def main() -> None:
     if failed:
         sys.exit(f"{len(failed)} configuration(s) failed to compile")
     if args.write:
-        from quality import write_section
-
         write_section(f"triton_static_{triton.__version__.replace('.', '_')}", body)
 
 
