@@ -177,9 +177,20 @@ def cmd_eval(name: str, seed: int, threads: int) -> dict:
     from boxcaseg.io import read_jsonl
 
     recs = read_jsonl(out / "metrics.jsonl")
-    result = {"name": name, "seed": seed, "rows": rows, "train_s": recs[-1]["time"], "iters": recs[-1]["iter"]}
+    result = {"name": name, "seed": seed, "rows": rows, "train_s": training_seconds(recs), "iters": recs[-1]["iter"]}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def training_seconds(recs: list[dict]) -> float:
+    """Wall seconds of a training over its resumes: each resumed segment's clock starts again
+    (its "time" falls), so the segments' last times add up."""
+    total, last = 0.0, 0.0
+    for r in recs:
+        if r["time"] < last:
+            total += last
+        last = r["time"]
+    return total + last
 
 
 def _row(result: dict) -> list:
@@ -204,6 +215,11 @@ def cmd_report(write: bool) -> str:
             if not f.is_file():
                 continue
             r = json.loads(f.read_text())
+            metrics = f.parent / "metrics.jsonl"
+            if metrics.is_file():  # over every resume (older eval.json files counted the last segment)
+                from boxcaseg.io import read_jsonl
+
+                r["train_s"] = training_seconds(read_jsonl(metrics))
             boxes, pairs = sizes[name]
             rows.append([name, seed, f"{boxes:,}", f"{pairs:,}", notes.get(name, ""), *_row(r),
                          f"{r['train_s'] / 60:.0f}"])

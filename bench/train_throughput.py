@@ -67,16 +67,17 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg0 = load_config(args.config, overrides=args.set)
-        salient = "duts-tr"
-        if not (Path(cfg0.data.salient_dir) / "images").is_dir():
+        dirs = cfg0.data.salient_sets()  # one folder or several (the pretrained recipe: duts-tr + duts-tr-extra)
+        salient = " + ".join("/".join(Path(d).parts[-1:]) for d in dirs)
+        if not all((Path(d) / "images").is_dir() for d in dirs):
             syn = make_synthetic_dataset(Path(tmp) / "syn", n_images=1, n_salient=args.synthetic_salient,
                                          image_size=(640, 480), seed=0)
             salient = f"synthetic ({args.synthetic_salient} pairs, 640x480)"
         for backend in filter(None, args.backends.split(",")):
             for amp in filter(None, args.amp.split(",")):
                 cfg = load_config(args.config, overrides=args.set)
-                if salient != "duts-tr":
-                    cfg.data.salient_dir = str(syn.salient_dir)
+                if salient.startswith("synthetic"):
+                    cfg.data.salient_dir, cfg.data.salient_weights = str(syn.salient_dir), []
                 if args.batch_size:
                     tot = cfg.data.box_per_batch + cfg.data.salient_per_batch
                     cfg.data.box_per_batch = max(1, round(args.batch_size * cfg.data.box_per_batch / tot))
