@@ -48,35 +48,21 @@ def proxy_command(
 
     Example: boxcaseg proxy --ann instances.json --images images/ -o proxy.json
     """
-    import json
-
     from rich.console import Console
 
-    from boxcaseg.errors import BoxcasegError
     from boxcaseg.dist import env_rank_world
+    from boxcaseg.errors import BoxcasegError
     from boxcaseg.proxy import ProxyConfig, generate_proxy_torchrun, merge_shards
     from boxcaseg.proxy.config import resolve_proxy_config
-
-    from boxcaseg.formats import FORMAT_INDEX, FORMATS
-    from boxcaseg.io import check_output_dir, check_output_file
+    from boxcaseg.proxy.report import (merged_shards_line, output_paths, settings_line, summary_json, summary_lines,
+                                       write_format, wrote_whole_json)
 
     con = Console(highlight=False, soft_wrap=True, stderr=False)
-    if fmt not in FORMATS:
-        raise BoxcasegError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
-    folder = None
-    if fmt != "coco":
-        if out.suffix.lower() == ".json":
-            raise BoxcasegError(f"-o {out}: with --format {fmt} the output is a folder, not a .json file")
-        # png files are named after the images: never into the image folder itself
-        check_output_dir(out, "-o", input_dirs=[images] if fmt == "png" else [])
-        folder, out = out, out / "boxcaseg-proxy.json"
-        check_output_file(folder / FORMAT_INDEX[fmt], "-o", inputs=[ann])
-    check_output_file(out, "-o", inputs=[ann])  # before any work (a model export, inference)
+    out, folder = output_paths(out, fmt, ann, images)
     if join_shards:
         s = merge_shards(ann, out)
-        con.print(f"[green]merged[/] {s['shards']} shards into {s['output']}: {s['instances']} instances, "
-                  f"{s['flagged']} flagged ignore_mask")
-        _write_format(con, fmt, out, folder, skip_flagged)
+        con.print(merged_shards_line(s))
+        _print(con, write_format(fmt, out, folder, skip_flagged))
         return
     if images is None:
         raise BoxcasegError("--images is required (except with --merge-shards)")
@@ -90,45 +76,18 @@ def proxy_command(
     resolved = resolve_proxy_config(cfg)
     cfg, rm = resolved
     if env_rank_world()[0] == 0:
-        con.print(f"model {rm.label} on {cfg.engine}{'' if cfg.precision == 'fp32' else ' ' + cfg.precision}: "
-                  f"S={rm.settings.infer_size}, context {cfg.context:g}, "
-                  f"threshold {cfg.threshold:g}, prior weight {cfg.prior_weight:g}, alpha {rm.settings.alpha:g}, "
-                  f"{'merge (smaller object wins)' if cfg.merge else 'no merge (each box its own mask)'}, "
-                  f"drop below agreement {drop_thresh:g}")
+        con.print(settings_line(cfg, rm))
     s = generate_proxy_torchrun(cfg, resolved)
-    t = s["timings"]
-    busy = t["decode"] + t["inference"] + t["post"]
-    shares = ", ".join(f"{k} {100 * t[k] / busy:.0f}%" for k in ("decode", "inference", "post")) if busy else "-"
-    speed = f"{s['instances_per_s']:.1f} inst/s" if s["instances_per_s"] else "all chunks resumed"
-    con.print(
-        f"[green]wrote[/] {s['output']} (shard {s['shard']}, {s['engine']}): {s['images']} images, {s['instances']} instances, "
-        f"{s['masks']} masks; flagged ignore_mask {s['flagged']} (agreement < {drop_thresh}: {s['low_agreement']}, "
-        f"degenerate boxes: {s['degenerate']}, in {s['bad_images']} bad images: {s['bad_image_annotations']}); "
-        f"empty masks {s['empty_masks']}; mean agreement {s['mean_agreement']:.3f}; crowd left as is {s['crowd']}")
-    steady = f" ({s['steady_instances_per_s']:.1f} after a {t['warmup']:.1f} s warm-up)" if s.get("steady_instances_per_s") else ""
-    con.print(f"{speed}{steady} over {s['seconds']:.1f} s; time shares {shares}; resumed chunks {s['resumed_chunks']}/{s['chunks']}")
-    if t.get("steady"):
-        con.print("stages (s): " + ", ".join(f"{k} {t[k]:.2f}" if t.get(k) is not None else f"{k} -"
-                                             for k in ("prepare", "warmup", "decode", "wait", "pack", "inference", "h2d",
-                                                       "gpu", "post", "masks", "write"))
-                  + ("" if t.get("gpu") is not None else " (h2d, gpu: CUDA events, none here)"))
-    if "merged" in s:
-        m = s["merged"]
-        con.print(f"[green]rank 0 merged[/] {m['shards']} shards into {m['output']}")
-    if Path(s.get("merged", {}).get("output") or s["output"]) == out:  # this process wrote the whole json
-        _write_format(con, fmt, out, folder, skip_flagged)
-    con.print(json.dumps(s))
+    for line in summary_lines(s, drop_thresh):
+        con.print(line)
+    if wrote_whole_json(s, out):
+        _print(con, write_format(fmt, out, folder, skip_flagged))
+    con.print(summary_json(s))
 
 
-def _write_format(con, fmt: str, out: Path, folder: Path | None, skip_flagged: bool) -> None:
-    """yolo-seg / png files from the finished COCO json ``out`` into ``folder``."""
-    if folder is None:
-        return
-    from boxcaseg.formats import write_outputs
-    from boxcaseg.io import load_json
-
-    r = write_outputs(load_json(out, "proxy json"), fmt, folder, skip_flagged)
-    con.print(f"[green]wrote[/] {fmt} into {folder}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "format"))
+def _print(con, line: str | None) -> None:
+    if line is not None:
+        con.print(line)
 
 
 def register(app: typer.Typer) -> None:
