@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from boxcaseg.commands.options import add_command
+
 
 def proxy_command(
     ann: Path = typer.Option(..., "--ann", help="COCO instances json whose boxes get proxy masks."),
@@ -91,4 +93,4 @@ def _print(con, line: str | None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("proxy")(proxy_command)
+    add_command(app, "proxy", proxy_command)

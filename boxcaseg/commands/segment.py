@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from boxcaseg.commands.options import add_command
+
 
 def parse_box(text: str) -> list[float]:
     """``"x,y,w,h"`` (or 4 numbers separated by spaces) -> 4 floats; BoxcasegError naming the text."""
@@ -82,4 +84,4 @@ def segment_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("segment")(segment_command)
+    add_command(app, "segment", segment_command)

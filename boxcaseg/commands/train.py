@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from boxcaseg.commands.options import add_command
+
 
 def train_command(
     config: Optional[str] = typer.Option(None, "--config", "-c", metavar="NAME|FILE",
@@ -38,7 +40,7 @@ def train_command(
     stop_at: Optional[int] = typer.Option(None, help="Stop after this iteration (with a checkpoint); the schedule still runs to max-iters.", hidden=True),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from these weights on a new schedule: "
                                             "'pretrained' (the model shipped with boxcaseg) or a checkpoint. The network "
-                                            "([model] section, inference settings included) is taken from it."),
+                                            "(\\[model] section, inference settings included) is taken from it."),
     set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.field=value (repeatable)."),
 ) -> None:
     """Jointly train the BoxCaseg network on box patches and salient patches.
@@ -89,4 +91,4 @@ def _one_or_list(values: Optional[list[str]]):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train_command)
+    add_command(app, "train", train_command)
