@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from boxcaseg.commands.options import command_group
+from boxcaseg.commands.options import Resume, SetFields, StopAt, command_group
 
 
 def maskrcnn_train_command(
@@ -21,10 +21,9 @@ def maskrcnn_train_command(
     batch_size: Optional[int] = typer.Option(None, help="Images per process per iteration (data.batch_size)."),
     lr: Optional[float] = typer.Option(None, help="Base learning rate (train.lr)."),
     workers: Optional[int] = typer.Option(None, help="Data loader worker processes (data.workers)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/last.pt."),
-    stop_at: Optional[int] = typer.Option(None, hidden=True,
-                                          help="Stop after this iteration (with a checkpoint)."),
-    set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.field=value (repeatable)."),
+    resume: Resume = False,
+    stop_at: StopAt = None,
+    set_: SetFields = [],
 ) -> None:
     """Train Mask R-CNN on a COCO json (RLE or polygon masks); torchrun for several processes.
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from boxcaseg.commands.options import add_command
+from boxcaseg.commands.options import (Context, Device, Engine, Merge, Model, Precision, PriorWeight, Threshold,
+                                       add_command)
 
 
 def proxy_command(
@@ -16,14 +17,14 @@ def proxy_command(
     fmt: str = typer.Option("coco", "--format", help="coco (a COCO json with RLE masks) | yolo-seg (Ultralytics segmentation labels: one <image stem>.txt per image, one polygon per mask, classes.txt) | png (one instance-id PNG per image + instances.json)."),
     skip_flagged: bool = typer.Option(False, "--skip-flagged", help="yolo-seg / png: leave out masks flagged ignore_mask (default: written like the others; YOLO has no ignore flag and a missing label teaches a detector background)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder of --ann."),
-    model: Optional[str] = typer.Option(None, "--model", help="The model: omitted or 'pretrained' = the model shipped with boxcaseg; else a checkpoint (last.pt), model.onnx or a TensorRT model.engine."),
-    engine: str = typer.Option("auto", "--engine", help="auto | torch | onnx | trt. auto: by the model file; a checkpoint runs on PyTorch with a GPU, else through its ONNX graph (built once into ~/.cache/boxcaseg) on ONNX Runtime."),
-    context: Optional[float] = typer.Option(None, "--context", help="Crop R x the box around its centre (1: exactly the box); masks stay inside the box. Default: the model's setting."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Foreground threshold on the probability. Default: the model's setting."),
+    model: Model = None,
+    engine: Engine = "auto",
+    context: Context = None,
+    threshold: Threshold = None,
     relative: bool = typer.Option(False, "--relative", help="Threshold the per-instance min-max normalised map (the published rule)."),
-    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Blend w of a soft ellipse inscribed in the box into the probability before the threshold: (1-w) p + w ellipse (0: off, the paper). Default: the model's setting."),
-    drop_thresh: float = typer.Option(0.95, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask."),
-    merge_masks: bool = typer.Option(False, "--merge/--no-merge", help="--merge: the paper's smaller-object-wins merge (a pixel claimed by several boxes of an image goes to the smallest). Default --no-merge: each box keeps its own mask; it scores higher on COCO (mIoU*, as `evaluate masks` measures it) and trained an equal or better Mask R-CNN on PennFudan (bench/RESULTS.md \"merge_maskrcnn\"). Agreement and --drop-thresh apply either way."),
+    prior_weight: PriorWeight = None,
+    drop_thresh: float = typer.Option(0.95, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask, with or without --merge."),
+    merge_masks: Merge = False,
     batch_size: int = typer.Option(32, "--batch-size", help="Instances per inference batch."),
     workers: int = typer.Option(2, "--workers", help="Decode/crop worker processes (0: in the main process)."),
     threads: int = typer.Option(0, "--threads", help="Inference CPU threads (0: the engine's default)."),
@@ -33,8 +34,8 @@ def proxy_command(
     strict: bool = typer.Option(False, "--strict", help="A degenerate box stops the run instead of being flagged."),
     join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    device: Optional[str] = typer.Option(None, "--device", help="Where every engine runs: cpu, cuda (this rank's GPU: LOCAL_RANK under torchrun, else GPU 0) or cuda:K (default: cuda when available)."),
-    precision: str = typer.Option("fp32", "--precision", help="The network's number type: fp32 (default) | int8 (CPU: the shipped model's int8 graph on ONNX Runtime, about twice the masks per second; with --model, an int8 graph from `boxcaseg export --int8`) | fp16 (torch engine, CUDA only) | bf16 (torch engine; normalisation and sigmoid stay fp32). Anything but fp32 changes the masks a little and is recorded in the output's info (README: what int8 costs and gains)."),
+    device: Device = None,
+    precision: Precision = "fp32",
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Torch engine: NHWC memory format. Default: on for the CPU (the shipped model runs about 3x faster there, same scores), off on CUDA. Recorded in the output's info."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="Torch engine on CUDA: capture the fixed-size batch once in a CUDA graph and replay it (ignored on the CPU)."),
     post_workers: Optional[int] = typer.Option(None, "--post-workers", help="Post-processing processes (masks, merge/drop, RLE, chunk files), one chunk each; 0: one thread. Default: 0 up to 4 cores, else cores/4 (at most 4). Same output either way."),

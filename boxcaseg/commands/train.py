@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from boxcaseg.commands.options import add_command
+from boxcaseg.commands.options import Resume, SetFields, StopAt, add_command
 
 
 def train_command(
@@ -34,14 +34,14 @@ def train_command(
     lr: Optional[float] = typer.Option(None, help="Base learning rate (train.lr)."),
     workers: Optional[int] = typer.Option(None, help="Data loader worker processes (data.workers)."),
     backend: Optional[str] = typer.Option(None, help="Loss backend: auto | triton | torch | reference."),
-    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/last.pt."),
+    resume: Resume = False,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad images/annotations instead of stopping."),
     strict: bool = typer.Option(False, "--strict", help="Degenerate boxes are errors instead of skipped with a warning."),
-    stop_at: Optional[int] = typer.Option(None, help="Stop after this iteration (with a checkpoint); the schedule still runs to max-iters.", hidden=True),
+    stop_at: StopAt = None,
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from these weights on a new schedule: "
                                             "'pretrained' (the model shipped with boxcaseg) or a checkpoint. The network "
                                             "(\\[model] section, inference settings included) is taken from it."),
-    set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.field=value (repeatable)."),
+    set_: SetFields = [],
 ) -> None:
     """Jointly train the BoxCaseg network on box patches and salient patches.
 
