@@ -117,3 +117,15 @@ def test_help_fits_80_columns_and_breaks_only_where_it_must(path):
 def test_square_brackets_in_help_are_shown():
     """Help text is rich markup: a literal [model] must not be taken for a style and vanish."""
     assert "[model]" in _help(("train",))
+
+
+def test_segment_and_proxy_declare_their_inference_options_once():
+    """The same spelling, default and help in both commands (commands/options.py)."""
+    def options(name: str) -> dict:
+        return {tuple(p.opts + p.secondary_opts): (p.help, p.default) for p in ROOT.commands[name].params}
+
+    segment, proxy = options("segment"), options("proxy")
+    inference = [("--model",), ("--engine",), ("--context",), ("--threshold",), ("--prior-weight",),
+                 ("--merge", "--no-merge"), ("--device",), ("--precision",)]
+    for opt in inference:
+        assert segment[opt] == proxy[opt], opt
