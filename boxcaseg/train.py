@@ -22,7 +22,7 @@ from boxcaseg.dist import worker_context
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import safe_torch_load
 from boxcaseg.losses import boxcaseg_loss
-from boxcaseg.model import build_model
+from boxcaseg.model import build_checkpoint_model, build_model
 from boxcaseg.model.backbone import warn_random_init
 from boxcaseg.training import CKPT_NAME, Run, TrainResult, WeightEMA, worker_init
 
@@ -113,6 +113,27 @@ def resolve_init(spec: str) -> Path:
     if not path.is_file():
         raise BoxcasegError(f"{path}: checkpoint not found (train.init_from)")
     return path
+
+
+def boxes_only_note(t) -> str:
+    """What training without a salient set means, for this config's losses."""
+    if t.fused_mil_weight > 0 or t.pairwise_weight > 0:
+        return ("no pixel loss: no salient mask teaches object shapes. The weak head and the backbone learn "
+                "from MIL + smoothness; the salient head and the transfer MLP only from the box terms on the "
+                "fused map (fused MIL, pairwise).")
+    return ("no pixel loss: the salient head and the transfer MLP learn nothing new; MIL + smoothness "
+            "train the weak head and the backbone.")
+
+
+def adopt_init_model(cfg: Config, init_from: str) -> None:
+    """``--init-from``: the run's network is the one of those weights ([model] from the checkpoint)."""
+    path = resolve_init(init_from)
+    init = safe_torch_load(path)
+    if not isinstance(init, dict) or not isinstance(init.get("config"), dict):
+        raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (--init-from)")
+    cfg.model = config_from_checkpoint(init["config"], str(path)).model  # pretrained off, no weight file
+    build_checkpoint_model(cfg.model, str(path))  # a network timm cannot build is named here, before any work
+    cfg.train.init_from = str(path)
 
 
 def poly_factor(step: int, max_iters: int, power: float, warmup: int = 0) -> float:

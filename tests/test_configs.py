@@ -235,7 +235,7 @@ def test_pretrained_resnet_without_network_stops_with_one_line(monkeypatch, tmp_
 
 def test_boxes_only_note_says_what_learns():
     """The boxes-only line tells which heads still learn, by the config's loss weights."""
-    from boxcaseg.commands.train import boxes_only_note
+    from boxcaseg.train import boxes_only_note
 
     cpu = load_config("cpu").train
     assert cpu.fused_mil_weight > 0

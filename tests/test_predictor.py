@@ -307,7 +307,7 @@ def test_pack_halves_the_weights_and_stores_settings(models, tmp_path, capsys):
 
 def test_init_from_a_packed_model_takes_its_network(models, tmp_path):
     """`--init-from FILE`: the network ([model]) comes from the file, the weights too (lr 0 keeps them)."""
-    from boxcaseg.commands.train import adopt_init_model
+    from boxcaseg.train import adopt_init_model
     from boxcaseg.config import Config
     from boxcaseg.data.synthetic import make_synthetic_dataset
     from boxcaseg.model.pack import pack_checkpoint

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from boxcaseg.commands.options import command_group
+
 
 def describe(text: str) -> str:
     """The first comment line of a TOML text, without its ``#`` (empty when it has none)."""
@@ -16,29 +18,27 @@ def describe(text: str) -> str:
     return ""
 
 
+def config_list_command() -> None:
+    """Each shipped config: its name (for --config) and what it is (its first comment line)."""
+    from boxcaseg.config import shipped_configs
+
+    shipped = shipped_configs()
+    width = max((len(n) for n in shipped), default=0)
+    for name, path in shipped.items():
+        typer.echo(f"{name:<{width}}  {describe(path.read_text())}")
+
+
+def config_show_command(
+    name: str = typer.Argument(..., metavar="NAME|FILE", help="A shipped config name (`boxcaseg config list`) "
+                               "or a TOML file."),
+) -> None:
+    """Print a config's TOML text, e.g. to start your own: boxcaseg config show cpu > my.toml"""
+    from boxcaseg.config import resolve_config
+
+    typer.echo(resolve_config(name).read_text(), nl=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `config` command group to the main app."""
-    cfg = typer.Typer(help="The shipped configs: give their name to --config (e.g. `boxcaseg train --config cpu`).",
-                      no_args_is_help=True)
-
-    @cfg.command("list")
-    def list_() -> None:
-        """Each shipped config: its name (for --config) and what it is (its first comment line)."""
-        from boxcaseg.config import shipped_configs
-
-        shipped = shipped_configs()
-        width = max((len(n) for n in shipped), default=0)
-        for name, path in shipped.items():
-            typer.echo(f"{name:<{width}}  {describe(path.read_text())}")
-
-    @cfg.command("show")
-    def show(
-        name: str = typer.Argument(..., metavar="NAME|FILE", help="A shipped config name (`boxcaseg config list`) "
-                                   "or a TOML file."),
-    ) -> None:
-        """Print a config's TOML text, e.g. to start your own: boxcaseg config show cpu > my.toml"""
-        from boxcaseg.config import resolve_config
-
-        typer.echo(resolve_config(name).read_text(), nl=False)
-
-    app.add_typer(cfg, name="config")
+    command_group(app, "config", "The shipped configs: give their name to --config (e.g. `boxcaseg train --config cpu`).",
+                  {"list": config_list_command, "show": config_show_command})

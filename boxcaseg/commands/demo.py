@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from boxcaseg.commands.options import add_command
+
 
 def demo_command(
     out: Path = typer.Option(Path("boxcaseg-demo"), "--out", "-o", help="Folder for data, model, proxy json and the report."),
@@ -32,4 +34,4 @@ def demo_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo_command)
+    add_command(app, "demo", demo_command)

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from boxcaseg.commands.options import add_command
+
 
 def export_command(
     ckpt: str = typer.Argument(..., help="A `boxcaseg train` checkpoint (last.pt), or 'pretrained' for the shipped model."),
@@ -93,4 +95,4 @@ def export_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export")(export_command)
+    add_command(app, "export", export_command)

@@ -7,6 +7,9 @@ from typing import Optional
 
 import typer
 
+from boxcaseg.commands.options import (Context, Device, Engine, Merge, Model, Precision, PriorWeight, Threshold,
+                                       add_command)
+
 
 def proxy_command(
     ann: Path = typer.Option(..., "--ann", help="COCO instances json whose boxes get proxy masks."),
@@ -14,14 +17,14 @@ def proxy_command(
     fmt: str = typer.Option("coco", "--format", help="coco (a COCO json with RLE masks) | yolo-seg (Ultralytics segmentation labels: one <image stem>.txt per image, one polygon per mask, classes.txt) | png (one instance-id PNG per image + instances.json)."),
     skip_flagged: bool = typer.Option(False, "--skip-flagged", help="yolo-seg / png: leave out masks flagged ignore_mask (default: written like the others; YOLO has no ignore flag and a missing label teaches a detector background)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder of --ann."),
-    model: Optional[str] = typer.Option(None, "--model", help="The model: omitted or 'pretrained' = the model shipped with boxcaseg; else a checkpoint (last.pt), model.onnx or a TensorRT model.engine."),
-    engine: str = typer.Option("auto", "--engine", help="auto | torch | onnx | trt. auto: by the model file; a checkpoint runs on PyTorch with a GPU, else through its ONNX graph (built once into ~/.cache/boxcaseg) on ONNX Runtime."),
-    context: Optional[float] = typer.Option(None, "--context", help="Crop R x the box around its centre (1: exactly the box); masks stay inside the box. Default: the model's setting."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Foreground threshold on the probability. Default: the model's setting."),
+    model: Model = None,
+    engine: Engine = "auto",
+    context: Context = None,
+    threshold: Threshold = None,
     relative: bool = typer.Option(False, "--relative", help="Threshold the per-instance min-max normalised map (the published rule)."),
-    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Blend w of a soft ellipse inscribed in the box into the probability before the threshold: (1-w) p + w ellipse (0: off, the paper). Default: the model's setting."),
-    drop_thresh: float = typer.Option(0.95, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask."),
-    merge_masks: bool = typer.Option(False, "--merge/--no-merge", help="--merge: the paper's smaller-object-wins merge (a pixel claimed by several boxes of an image goes to the smallest). Default --no-merge: each box keeps its own mask; it scores higher on COCO (mIoU*, as `evaluate masks` measures it) and trained an equal or better Mask R-CNN on PennFudan (bench/RESULTS.md \"merge_maskrcnn\"). Agreement and --drop-thresh apply either way."),
+    prior_weight: PriorWeight = None,
+    drop_thresh: float = typer.Option(0.95, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask, with or without --merge."),
+    merge_masks: Merge = False,
     batch_size: int = typer.Option(32, "--batch-size", help="Instances per inference batch."),
     workers: int = typer.Option(2, "--workers", help="Decode/crop worker processes (0: in the main process)."),
     threads: int = typer.Option(0, "--threads", help="Inference CPU threads (0: the engine's default)."),
@@ -31,8 +34,8 @@ def proxy_command(
     strict: bool = typer.Option(False, "--strict", help="A degenerate box stops the run instead of being flagged."),
     join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
-    device: Optional[str] = typer.Option(None, "--device", help="Where every engine runs: cpu, cuda (this rank's GPU: LOCAL_RANK under torchrun, else GPU 0) or cuda:K (default: cuda when available)."),
-    precision: str = typer.Option("fp32", "--precision", help="The network's number type: fp32 (default) | int8 (CPU: the shipped model's int8 graph on ONNX Runtime, about twice the masks per second; with --model, an int8 graph from `boxcaseg export --int8`) | fp16 (torch engine, CUDA only) | bf16 (torch engine; normalisation and sigmoid stay fp32). Anything but fp32 changes the masks a little and is recorded in the output's info (README: what int8 costs and gains)."),
+    device: Device = None,
+    precision: Precision = "fp32",
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Torch engine: NHWC memory format. Default: on for the CPU (the shipped model runs about 3x faster there, same scores), off on CUDA. Recorded in the output's info."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph/--no-cuda-graph", help="Torch engine on CUDA: capture the fixed-size batch once in a CUDA graph and replay it (ignored on the CPU)."),
     post_workers: Optional[int] = typer.Option(None, "--post-workers", help="Post-processing processes (masks, merge/drop, RLE, chunk files), one chunk each; 0: one thread. Default: 0 up to 4 cores, else cores/4 (at most 4). Same output either way."),
@@ -48,35 +51,21 @@ def proxy_command(
 
     Example: boxcaseg proxy --ann instances.json --images images/ -o proxy.json
     """
-    import json
-
     from rich.console import Console
 
-    from boxcaseg.errors import BoxcasegError
     from boxcaseg.dist import env_rank_world
+    from boxcaseg.errors import BoxcasegError
     from boxcaseg.proxy import ProxyConfig, generate_proxy_torchrun, merge_shards
     from boxcaseg.proxy.config import resolve_proxy_config
-
-    from boxcaseg.formats import FORMAT_INDEX, FORMATS
-    from boxcaseg.io import check_output_dir, check_output_file
+    from boxcaseg.proxy.report import (merged_shards_line, output_paths, settings_line, summary_json, summary_lines,
+                                       write_format, wrote_whole_json)
 
     con = Console(highlight=False, soft_wrap=True, stderr=False)
-    if fmt not in FORMATS:
-        raise BoxcasegError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
-    folder = None
-    if fmt != "coco":
-        if out.suffix.lower() == ".json":
-            raise BoxcasegError(f"-o {out}: with --format {fmt} the output is a folder, not a .json file")
-        # png files are named after the images: never into the image folder itself
-        check_output_dir(out, "-o", input_dirs=[images] if fmt == "png" else [])
-        folder, out = out, out / "boxcaseg-proxy.json"
-        check_output_file(folder / FORMAT_INDEX[fmt], "-o", inputs=[ann])
-    check_output_file(out, "-o", inputs=[ann])  # before any work (a model export, inference)
+    out, folder = output_paths(out, fmt, ann, images)
     if join_shards:
         s = merge_shards(ann, out)
-        con.print(f"[green]merged[/] {s['shards']} shards into {s['output']}: {s['instances']} instances, "
-                  f"{s['flagged']} flagged ignore_mask")
-        _write_format(con, fmt, out, folder, skip_flagged)
+        con.print(merged_shards_line(s))
+        _print(con, write_format(fmt, out, folder, skip_flagged))
         return
     if images is None:
         raise BoxcasegError("--images is required (except with --merge-shards)")
@@ -90,46 +79,19 @@ def proxy_command(
     resolved = resolve_proxy_config(cfg)
     cfg, rm = resolved
     if env_rank_world()[0] == 0:
-        con.print(f"model {rm.label} on {cfg.engine}{'' if cfg.precision == 'fp32' else ' ' + cfg.precision}: "
-                  f"S={rm.settings.infer_size}, context {cfg.context:g}, "
-                  f"threshold {cfg.threshold:g}, prior weight {cfg.prior_weight:g}, alpha {rm.settings.alpha:g}, "
-                  f"{'merge (smaller object wins)' if cfg.merge else 'no merge (each box its own mask)'}, "
-                  f"drop below agreement {drop_thresh:g}")
+        con.print(settings_line(cfg, rm))
     s = generate_proxy_torchrun(cfg, resolved)
-    t = s["timings"]
-    busy = t["decode"] + t["inference"] + t["post"]
-    shares = ", ".join(f"{k} {100 * t[k] / busy:.0f}%" for k in ("decode", "inference", "post")) if busy else "-"
-    speed = f"{s['instances_per_s']:.1f} inst/s" if s["instances_per_s"] else "all chunks resumed"
-    con.print(
-        f"[green]wrote[/] {s['output']} (shard {s['shard']}, {s['engine']}): {s['images']} images, {s['instances']} instances, "
-        f"{s['masks']} masks; flagged ignore_mask {s['flagged']} (agreement < {drop_thresh}: {s['low_agreement']}, "
-        f"degenerate boxes: {s['degenerate']}, in {s['bad_images']} bad images: {s['bad_image_annotations']}); "
-        f"empty masks {s['empty_masks']}; mean agreement {s['mean_agreement']:.3f}; crowd left as is {s['crowd']}")
-    steady = f" ({s['steady_instances_per_s']:.1f} after a {t['warmup']:.1f} s warm-up)" if s.get("steady_instances_per_s") else ""
-    con.print(f"{speed}{steady} over {s['seconds']:.1f} s; time shares {shares}; resumed chunks {s['resumed_chunks']}/{s['chunks']}")
-    if t.get("steady"):
-        con.print("stages (s): " + ", ".join(f"{k} {t[k]:.2f}" if t.get(k) is not None else f"{k} -"
-                                             for k in ("prepare", "warmup", "decode", "wait", "pack", "inference", "h2d",
-                                                       "gpu", "post", "masks", "write"))
-                  + ("" if t.get("gpu") is not None else " (h2d, gpu: CUDA events, none here)"))
-    if "merged" in s:
-        m = s["merged"]
-        con.print(f"[green]rank 0 merged[/] {m['shards']} shards into {m['output']}")
-    if Path(s.get("merged", {}).get("output") or s["output"]) == out:  # this process wrote the whole json
-        _write_format(con, fmt, out, folder, skip_flagged)
-    con.print(json.dumps(s))
+    for line in summary_lines(s, drop_thresh):
+        con.print(line)
+    if wrote_whole_json(s, out):
+        _print(con, write_format(fmt, out, folder, skip_flagged))
+    con.print(summary_json(s))
 
 
-def _write_format(con, fmt: str, out: Path, folder: Path | None, skip_flagged: bool) -> None:
-    """yolo-seg / png files from the finished COCO json ``out`` into ``folder``."""
-    if folder is None:
-        return
-    from boxcaseg.formats import write_outputs
-    from boxcaseg.io import load_json
-
-    r = write_outputs(load_json(out, "proxy json"), fmt, folder, skip_flagged)
-    con.print(f"[green]wrote[/] {fmt} into {folder}: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "format"))
+def _print(con, line: str | None) -> None:
+    if line is not None:
+        con.print(line)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("proxy")(proxy_command)
+    add_command(app, "proxy", proxy_command)

@@ -8,6 +8,9 @@ from typing import Optional
 
 import typer
 
+from boxcaseg.commands.options import (Context, Device, Engine, Merge, Model, Precision, PriorWeight, Threshold,
+                                       add_command)
+
 
 def parse_box(text: str) -> list[float]:
     """``"x,y,w,h"`` (or 4 numbers separated by spaces) -> 4 floats; BoxcasegError naming the text."""
@@ -29,14 +32,14 @@ def segment_command(
     xyxy: bool = typer.Option(False, "--xyxy", help="Boxes are x0,y0,x1,y1 instead of x,y,w,h."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Overlay PNG to write (the image at full size, each mask filled and outlined, boxes drawn)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="JSON to write: one COCO RLE (size, counts) per box, in the order given."),
-    model: Optional[str] = typer.Option(None, "--model", help="Omitted or 'pretrained': the model shipped with boxcaseg; else a checkpoint, .onnx or .engine."),
-    engine: str = typer.Option("auto", "--engine", help="auto | torch | onnx | trt."),
-    context: Optional[float] = typer.Option(None, "--context", help="Crop R x the box (default: the model's setting)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Foreground threshold (default: the model's setting)."),
-    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Soft-ellipse prior weight (default: the model's setting)."),
-    merge: bool = typer.Option(False, "--merge", help="A pixel claimed by several boxes goes to the smallest (default: each box its own mask)."),
-    device: Optional[str] = typer.Option(None, "--device", help="Where the engine runs: cpu, cuda or cuda:K (default: cuda when available)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (default) | int8 (CPU: the shipped model's int8 graph on ONNX Runtime; with --model, an int8 graph from `boxcaseg export --int8`) | fp16 (torch engine, CUDA) | bf16 (torch engine). Anything but fp32 changes the masks a little."),
+    model: Model = None,
+    engine: Engine = "auto",
+    context: Context = None,
+    threshold: Threshold = None,
+    prior_weight: PriorWeight = None,
+    merge: Merge = False,
+    device: Device = None,
+    precision: Precision = "fp32",
 ) -> None:
     """Masks for the given boxes of one image, with the shipped model unless --model says otherwise.
 
@@ -82,4 +85,4 @@ def segment_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("segment")(segment_command)
+    add_command(app, "segment", segment_command)

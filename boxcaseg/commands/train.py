@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from boxcaseg.commands.options import Resume, SetFields, StopAt, add_command
+
 
 def train_command(
     config: Optional[str] = typer.Option(None, "--config", "-c", metavar="NAME|FILE",
@@ -32,14 +34,14 @@ def train_command(
     lr: Optional[float] = typer.Option(None, help="Base learning rate (train.lr)."),
     workers: Optional[int] = typer.Option(None, help="Data loader worker processes (data.workers)."),
     backend: Optional[str] = typer.Option(None, help="Loss backend: auto | triton | torch | reference."),
-    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/last.pt."),
+    resume: Resume = False,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad images/annotations instead of stopping."),
     strict: bool = typer.Option(False, "--strict", help="Degenerate boxes are errors instead of skipped with a warning."),
-    stop_at: Optional[int] = typer.Option(None, help="Stop after this iteration (with a checkpoint); the schedule still runs to max-iters.", hidden=True),
+    stop_at: StopAt = None,
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from these weights on a new schedule: "
                                             "'pretrained' (the model shipped with boxcaseg) or a checkpoint. The network "
-                                            "([model] section, inference settings included) is taken from it."),
-    set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.field=value (repeatable)."),
+                                            "(\\[model] section, inference settings included) is taken from it."),
+    set_: SetFields = [],
 ) -> None:
     """Jointly train the BoxCaseg network on box patches and salient patches.
 
@@ -53,7 +55,7 @@ def train_command(
     from boxcaseg import dist
     from boxcaseg.config import apply_overrides, load_config
     from boxcaseg.data.sampler import split_batch
-    from boxcaseg.train import train
+    from boxcaseg.train import adopt_init_model, boxes_only_note, train
 
     overrides = {
         "data.box_ann": _one_or_list(box_ann), "data.box_images": _one_or_list(box_images),
@@ -88,33 +90,5 @@ def _one_or_list(values: Optional[list[str]]):
     return values[0] if len(values) == 1 else list(values)
 
 
-def boxes_only_note(t) -> str:
-    """What training without a salient set means, for this config's losses."""
-    if t.fused_mil_weight > 0 or t.pairwise_weight > 0:
-        return ("no pixel loss: no salient mask teaches object shapes. The weak head and the backbone learn "
-                "from MIL + smoothness; the salient head and the transfer MLP only from the box terms on the "
-                "fused map (fused MIL, pairwise).")
-    return ("no pixel loss: the salient head and the transfer MLP learn nothing new; MIL + smoothness "
-            "train the weak head and the backbone.")
-
-
-def adopt_init_model(cfg, init_from: str) -> None:
-    """``--init-from``: the run's network is the one of those weights ([model] from the checkpoint)."""
-    from boxcaseg.config import config_from_checkpoint
-    from boxcaseg.io import safe_torch_load
-    from boxcaseg.model import build_checkpoint_model
-    from boxcaseg.train import resolve_init
-
-    path = resolve_init(init_from)
-    init = safe_torch_load(path)
-    if not isinstance(init, dict) or not isinstance(init.get("config"), dict):
-        from boxcaseg.errors import BoxcasegError
-
-        raise BoxcasegError(f"{path}: not a boxcaseg checkpoint (--init-from)")
-    cfg.model = config_from_checkpoint(init["config"], str(path)).model  # pretrained off, no weight file
-    build_checkpoint_model(cfg.model, str(path))  # a network timm cannot build is named here, before any work
-    cfg.train.init_from = str(path)
-
-
 def register(app: typer.Typer) -> None:
-    app.command("train")(train_command)
+    add_command(app, "train", train_command)

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from boxcaseg.commands.options import add_command
+
 
 def visualize_command(
     ann: Path = typer.Option(..., "--ann", help="COCO json with masks to show (a proxy json, a GT json, ...)."),
@@ -26,5 +28,4 @@ def visualize_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `visualize` command to the main app."""
-    app.command("visualize")(visualize_command)
+    add_command(app, "visualize", visualize_command)
