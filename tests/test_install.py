@@ -104,7 +104,7 @@ def test_the_wheel_holds_both_shipped_weight_files_under_12_mb(tmp_path):
     import zipfile
 
     from boxcaseg import weights
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import file_sha256
 
     pytest.importorskip("setuptools")  # built without isolation: no index needed
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",

@@ -16,8 +16,9 @@ import pytest
 
 from boxcaseg import weights
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.export.onnx_export import file_sha256, read_onnx_metadata
+from boxcaseg.export.onnx_export import read_onnx_metadata
 from boxcaseg.export.quantize import QUANT_KEY
+from boxcaseg.io import file_sha256
 from conftest import REPO, run_cli
 
 pytest.importorskip("onnxruntime")

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         """
         from boxcaseg import weights
         from boxcaseg.export.engines import file_kind, read_model_settings
-        from boxcaseg.export.onnx_export import file_sha256
+        from boxcaseg.io import file_sha256
 
         if weights.is_alias(model):
             path = weights.pretrained_path()
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
 
         Example: boxcaseg model pack runs/cpu/last.pt -o my-model.pt --context 1.1 --threshold 0.4
         """
-        from boxcaseg.export.onnx_export import file_sha256
+        from boxcaseg.io import file_sha256
         from boxcaseg.model.pack import pack_checkpoint
 
         pack_checkpoint(ckpt, out, context=context, threshold=threshold, prior_weight=prior_weight,

@@ -9,7 +9,6 @@ see :func:`read_onnx_metadata`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import warnings
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,6 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probs"
 PARITY_TOL = 1e-4
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 @dataclass

@@ -75,7 +75,7 @@ class ProxyConfig:
 def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
     """The run's identity: a progress chunk or shard file is reused or joined only under an equal one."""
     from boxcaseg.export.engines import engine_device
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import file_sha256
 
     fp = {
         "format": FORMAT,
