@@ -105,8 +105,9 @@ def int8(args) -> None:
     from boxcaseg import weights
     from boxcaseg.export import export_onnx
     from boxcaseg.export.onnx_export import read_onnx_metadata
-    from boxcaseg.export.quantize import QUANT_KEY, quantize_calibrated
+    from boxcaseg.export.quantize import QUANT_KEY
     from boxcaseg.io import file_sha256, safe_torch_load
+    from boxcaseg.proxy.calibration import quantize_calibrated
 
     ann, images = _calibration_set(args)
     src, dst = WEIGHTS / weights.FILE, WEIGHTS / weights.INT8_FILE

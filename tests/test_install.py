@@ -160,7 +160,7 @@ def test_library_works_without_onnx_runtime(ckpt, tmp_path):
         from PIL import Image
         import boxcaseg
         from boxcaseg.errors import BoxcasegError
-        from boxcaseg.export.engines import resolve_model
+        from boxcaseg.model_files import resolve_model
         from boxcaseg.export.ort import onnxruntime_available
         from boxcaseg.predictor import Segmenter
         from boxcaseg.export import export_onnx, read_onnx_metadata

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         Example: boxcaseg model info
         """
         from boxcaseg import weights
-        from boxcaseg.export.engines import file_kind, read_model_settings
+        from boxcaseg.model_files import file_kind, read_model_settings
         from boxcaseg.io import file_sha256
 
         if weights.is_alias(model):
