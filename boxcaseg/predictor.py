@@ -97,17 +97,13 @@ class Segmenter:
                                   precision=self.precision)
         self.infer_size = int(self.engine.infer_size)
 
-    @property
-    def context(self) -> float:
-        return self.settings.context
+    # the overridable settings as attributes, as before (setting one merges it into self.settings, checked)
+    def _set(self, name: str, value: float) -> None:
+        self.settings = self.settings.merged(**{name: value}).check()
 
-    @property
-    def threshold(self) -> float:
-        return self.settings.threshold
-
-    @property
-    def prior_weight(self) -> float:
-        return self.settings.prior_weight
+    context = property(lambda self: self.settings.context, lambda self, v: self._set("context", v))
+    threshold = property(lambda self: self.settings.threshold, lambda self, v: self._set("threshold", v))
+    prior_weight = property(lambda self: self.settings.prior_weight, lambda self, v: self._set("prior_weight", v))
 
     def describe(self) -> str:
         """One line: the model, the engine and the settings in force."""
