@@ -83,7 +83,7 @@ def sweep(args) -> None:
 def pack(args) -> None:
     """The shipped model file from a checkpoint, then its int8 graph (:func:`int8`)."""
     from boxcaseg import weights
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import file_sha256
     from boxcaseg.model.pack import pack_checkpoint
 
     _calibration_set(args)  # before the model file changes: its int8 graph must follow
@@ -103,9 +103,10 @@ def int8(args) -> None:
 
     from boxcaseg import weights
     from boxcaseg.export import export_onnx
-    from boxcaseg.export.onnx_export import file_sha256, read_onnx_metadata
-    from boxcaseg.export.quantize import QUANT_KEY, quantize_calibrated
-    from boxcaseg.io import safe_torch_load
+    from boxcaseg.export.onnx_export import read_onnx_metadata
+    from boxcaseg.export.quantize import QUANT_KEY
+    from boxcaseg.io import file_sha256, safe_torch_load
+    from boxcaseg.proxy.calibration import quantize_calibrated
 
     ann, images = _calibration_set(args)
     src, dst = WEIGHTS / weights.FILE, WEIGHTS / weights.INT8_FILE

@@ -231,6 +231,7 @@ def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
     """
     from boxcaseg.imageops import MEAN, STD
     from boxcaseg.export import OnnxEngine, export_onnx
+    from boxcaseg.infer_settings import InferSettings
     from boxcaseg.proxy import masks_from_probs
 
     r4 = export_onnx(ckpt, tmp / "s4.onnx")
@@ -245,8 +246,8 @@ def run_variants(ckpt: Path, tmp: Path, batch_size: int) -> dict:
     fns = {
         "ort_s4": lambda: engines["s4"].predict(x),
         "ort_full": lambda: engines["full"].predict(x),
-        "post_s4": lambda: masks_from_probs(probs["s4"], boxes, boxes, 0.5, False, size, 4),
-        "post_full": lambda: masks_from_probs(probs["full"], boxes, boxes, 0.5, False, size, 1),
+        "post_s4": lambda: masks_from_probs(probs["s4"], boxes, boxes, InferSettings(size, threshold=0.5), stride=4),
+        "post_full": lambda: masks_from_probs(probs["full"], boxes, boxes, InferSettings(size, threshold=0.5), stride=1),
         "cast_only": lambda: x.astype(np.float32),
         "cast_and_normalise": lambda: (x.astype(np.float32) - mean) / std,
     }

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.infer_settings import FIELDS as INFER_FIELDS
+from boxcaseg.infer_settings import InferSettings, check_setting
 
 T = TypeVar("T")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -66,16 +68,17 @@ class ModelConfig:
     # "ours": hidden = input width, default init, the transferred head owns its biases;
     # "published" (the authors' code): hidden = 4x input, N(0, 0.01) init, biases k*b_weak + b
     transfer_mlp: str = "ours"
-    alpha: float = 0.7                    # fused = alpha*salient + (1-alpha)*transferred
+    alpha: float = InferSettings.alpha    # fused = alpha*salient + (1-alpha)*transferred
     # "logit": alpha blends the two heads' logits (the authors' code); "prob": it blends their
     # probabilities, as the paper's Eq. 3 writes (the fused map is then the logit of that blend)
     fusion: str = "logit"
-    infer_size: int = 320                 # proxy-mask inference size S
+    infer_size: int = InferSettings.infer_size  # proxy-mask inference size S
     # Recommended inference settings that travel with the checkpoint (and its ONNX export):
-    # `boxcaseg proxy` / `boxcaseg segment` / `Segmenter` use them unless told otherwise.
-    infer_context: float = 1.0            # crop R x the box around its centre (1: exactly the box)
-    infer_threshold: float = 0.5          # foreground threshold on the probability
-    infer_prior_weight: float = 0.0       # blend of a soft inscribed ellipse before the threshold (0: off)
+    # `boxcaseg proxy` / `boxcaseg segment` / `Segmenter` use them unless told otherwise
+    # (with alpha and infer_size: boxcaseg.infer_settings.InferSettings, its defaults and ranges).
+    infer_context: float = InferSettings.context  # crop R x the box around its centre (1: exactly the box)
+    infer_threshold: float = InferSettings.threshold  # foreground threshold on the probability
+    infer_prior_weight: float = InferSettings.prior_weight  # blend of a soft inscribed ellipse before the threshold (0: off)
 
 
 @dataclass
@@ -293,9 +296,6 @@ def check_checkpoint_backbone(name: str, source: str, timm_prefix: bool = False)
 
 # [model] fields that are sizes of layers: 0 means "the default", negative means nothing
 _MODEL_SIZES = ("head_channels", "neck_channels", "neck_convs", "transfer_hidden")
-# [model] fields that are inference settings (boxcaseg.infer_settings names them without the prefix)
-MODEL_INFER_SETTINGS = {"infer_size": "infer_size", "infer_context": "context", "infer_threshold": "threshold",
-                        "infer_prior_weight": "prior_weight", "alpha": "alpha"}
 
 
 def check_model_values(model: ModelConfig, source: str) -> None:
@@ -304,10 +304,9 @@ def check_model_values(model: ModelConfig, source: str) -> None:
     (What timm itself refuses -- a kwarg the backbone does not take, a feature index it
     does not have -- is a one-line error when the network is built.) BoxcasegError naming
     ``source`` and the field."""
-    from boxcaseg.infer_settings import check_setting
-
-    for field_name, setting in MODEL_INFER_SETTINGS.items():
-        check_setting(setting, getattr(model, field_name), f"{source}: model.{field_name}")
+    for setting, f in INFER_FIELDS.items():  # the [model] keys of the inference settings
+        if f.config_key is not None:
+            check_setting(setting, getattr(model, f.config_key), f"{source}: model.{f.config_key}")
     for name in _MODEL_SIZES:
         v = getattr(model, name)
         if v < 0:

@@ -1,7 +1,8 @@
-"""Atomic writes, JSON Lines metrics, safe loading of files users hand us."""
+"""Atomic writes, JSON Lines metrics, safe loading of files users hand us, file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,17 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from boxcaseg.errors import BoxcasegError
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The sha256 hex digest of a file's bytes (read in ``chunk``-byte pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
 
 
 def current_umask() -> int:

@@ -6,11 +6,10 @@
     masks.shape, masks.dtype                            # (2, H, W) bool
 
 The same code path as ``boxcaseg proxy`` and ``boxcaseg segment``: the model is resolved
-by :func:`boxcaseg.export.engines.resolve_model`, the boxes become windows with
-:func:`boxcaseg.proxy.coco.build_tasks`, crops are made by
-:func:`boxcaseg.data.transforms.crop_resize`, and maps become masks with
-:func:`boxcaseg.proxy.postprocess.masks_from_probs` (and, with ``merge=True``,
-:func:`boxcaseg.proxy.merge_drop.merge_and_drop`).
+by :func:`boxcaseg.model_files.resolve_model`, its :class:`~boxcaseg.infer_settings.InferSettings`
+merged with the arguments given, and the boxes become masks through
+:func:`boxcaseg.proxy.image_masks.image_masks` (the proxy run's windows, crops,
+post-processing and merge).
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ class Segmenter:
 
     model: None / ``"pretrained"`` (the model shipped with boxcaseg), a checkpoint, an
     ``.onnx`` file or a TensorRT plan. engine: ``auto`` (by file; see
-    :func:`~boxcaseg.export.engines.resolve_model`), ``torch``, ``onnx`` or ``trt``.
+    :func:`~boxcaseg.model_files.resolve_model`), ``torch``, ``onnx`` or ``trt``.
     precision: ``fp32`` (default), ``int8`` (the shipped model's int8 graph on ONNX
     Runtime's CPU provider, or ``model`` = your own int8 graph), ``fp16`` / ``bf16`` (the
     torch engine); the masks of anything but fp32 differ a little.
@@ -83,17 +82,14 @@ class Segmenter:
     def __init__(self, model: str | Path | None = None, *, engine: str = "auto", device: str | None = None,
                  precision: str = "fp32", threads: int = 0, context: float | None = None,
                  threshold: float | None = None, prior_weight: float | None = None, batch_size: int = 32):
-        from boxcaseg.export.engines import load_engine, resolve_model
-        from boxcaseg.infer_settings import check_setting
+        from boxcaseg.export.engines import load_engine
+        from boxcaseg.model_files import resolve_model
 
         self.model = resolve_model(model, engine, device, precision)
         self.precision = self.model.precision
-        st = self.model.settings
-        self.context = st.context if context is None else float(context)
-        self.threshold = st.threshold if threshold is None else float(threshold)
-        self.prior_weight = st.prior_weight if prior_weight is None else float(prior_weight)
-        for name in ("context", "threshold", "prior_weight"):
-            check_setting(name, getattr(self, name))
+        # the settings in force: the model's, merged with what was given here (None keeps the model's)
+        self.settings = self.model.settings.merged(context=context, threshold=threshold, prior_weight=prior_weight)
+        self.settings.check()
         if batch_size < 1:
             raise BoxcasegError(f"batch_size {batch_size}: must be >= 1")
         self.batch_size = int(batch_size)
@@ -101,11 +97,17 @@ class Segmenter:
                                   precision=self.precision)
         self.infer_size = int(self.engine.infer_size)
 
+    # the overridable settings as attributes, as before (setting one merges it into self.settings, checked)
+    def _set(self, name: str, value: float) -> None:
+        self.settings = self.settings.merged(**{name: value}).check()
+
+    context = property(lambda self: self.settings.context, lambda self, v: self._set("context", v))
+    threshold = property(lambda self: self.settings.threshold, lambda self, v: self._set("threshold", v))
+    prior_weight = property(lambda self: self.settings.prior_weight, lambda self, v: self._set("prior_weight", v))
+
     def describe(self) -> str:
         """One line: the model, the engine and the settings in force."""
-        st = self.model.settings
-        return (f"model {self.model.label} on {self.engine.description}: S={st.infer_size}, context {self.context:g}, "
-                f"threshold {self.threshold:g}, prior weight {self.prior_weight:g}, alpha {st.alpha:g}")
+        return f"model {self.model.label} on {self.engine.description}: {self.settings.describe()}"
 
     def predict(self, image: Any, boxes: Sequence, box_format: str = "xywh", merge: bool = False) -> np.ndarray:
         """Masks [K, H, W] bool for ``boxes`` (K x 4, ``box_format`` xywh or xyxy) on ``image``.
@@ -122,36 +124,15 @@ class Segmenter:
                                merge: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`predict` and each mask's box agreement (IoU of its tight box and the box)."""
         from boxcaseg.boxes import degenerate_reason
-        from boxcaseg.data.transforms import crop_resize
-        from boxcaseg.proxy.coco import build_tasks
-        from boxcaseg.proxy.merge_drop import merge_and_drop
-        from boxcaseg.proxy.postprocess import masks_from_probs
+        from boxcaseg.proxy.image_masks import image_masks
 
         img = as_rgb_image(image)
         W, H = img.size
         xywh = boxes_xywh(boxes, box_format)
-        data = {"images": [{"id": 0, "file_name": "", "width": W, "height": H}],
-                "annotations": [{"id": k, "image_id": 0, "bbox": [float(v) for v in b]} for k, b in enumerate(xywh)]}
         given = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         for k, b in enumerate(xywh):
             reason = degenerate_reason(b, W, H)
             if reason is not None:
                 raise BoxcasegError(f"box {k} {[round(float(v), 3) for v in given[k]]} ({box_format}) "
                                     f"on a {W}x{H} image: {reason.removeprefix('bbox ')}")
-        (task,) = build_tasks(data, self.context, True, "boxes")
-        n = len(task.crops)
-        S = self.infer_size
-        batch = np.zeros((n, 3, S, S), np.uint8)
-        for k in range(n):
-            batch[k] = np.asarray(crop_resize(img, tuple(int(v) for v in task.crops[k]), S)).transpose(2, 0, 1)
-        probs = [self.engine.predict(batch[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
-        probs = np.concatenate(probs, 0) if probs else np.zeros((0, 1, 1, 1), np.float32)
-        local = masks_from_probs(probs, task.crops, task.boxes, self.threshold, False, S, self.engine.output_stride,
-                                 task.gt_xyxy, self.prior_weight)
-        local, agreement = merge_and_drop(task.boxes, local, task.gt_xyxy, task.areas, merge=merge)
-        out = np.zeros((n, H, W), bool)
-        for k, m in enumerate(local):
-            x0, y0, x1, y1 = (int(v) for v in task.boxes[k])
-            out[k, y0:y1, x0:x1] = m.astype(bool)
-        return out, agreement
-
+        return image_masks(img, xywh, self.settings, self.engine, batch_size=self.batch_size, merge=merge)

@@ -1,7 +1,7 @@
 """The per-user cache folder: what boxcaseg compiles or converts once and keeps.
 
 ``$BOXCASEG_CACHE``, else ``$XDG_CACHE_HOME/boxcaseg``, else ``~/.cache/boxcaseg``. It
-holds the ONNX graphs of checkpoints (``onnx/``, :func:`boxcaseg.export.engines.cached_onnx`)
+holds the ONNX graphs of checkpoints (``onnx/``, :func:`boxcaseg.model_files.cached_onnx`)
 and Numba's compiled kernels (``numba/``). Nothing is ever written into the installed
 package: a package folder may be read-only (a system install, a container run as another
 user), and files ``pip`` did not install there outlive ``pip uninstall`` (a leftover

@@ -227,7 +227,8 @@ def test_int8_graph_keeps_metadata_and_answers(tmp_path):
     """--int8: a QDQ graph, smaller, with the float32 graph's metadata (+ how it was made),
     calibrated on crops cut as the proxy cuts them, answering within a few percent."""
     from boxcaseg.data.synthetic import make_synthetic_dataset
-    from boxcaseg.export.quantize import calibration_crops, quantize_onnx
+    from boxcaseg.export.quantize import quantize_onnx
+    from boxcaseg.proxy.calibration import calibration_crops
 
     syn = make_synthetic_dataset(tmp_path / "syn", n_images=16, n_salient=0, seed=3)
     ckpt = tiny_checkpoint(tmp_path / "c.pt", seed=4)

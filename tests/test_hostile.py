@@ -493,7 +493,7 @@ def test_box_rule(box):
 
 def test_huge_boxes_in_training_and_calibration_are_skipped(corpus):
     from boxcaseg.data.coco import read_coco_boxes
-    from boxcaseg.export.quantize import calibration_crops
+    from boxcaseg.proxy.calibration import calibration_crops
 
     for name in ("box-1e308", "box-1e12", "box-string", "box-bools"):
         index = read_coco_boxes(corpus.files[name], corpus.images)
@@ -598,7 +598,7 @@ def run_ok(argv: list[str]) -> bool:
 
 def test_onnx_metadata_defaults_and_valid_values(tmp_path):
     """Absent settings take the defaults of files made before they travelled; present ones are read."""
-    from boxcaseg.export.engines import read_model_settings
+    from boxcaseg.model_files import read_model_settings
 
     st = read_model_settings("onnx", tiny_onnx(tmp_path / "m.onnx", GOOD_META))
     assert (st.infer_size, st.context, st.threshold, st.prior_weight, st.alpha) == (64, 1.0, 0.5, 0.0, 0.7)

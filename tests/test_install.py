@@ -104,7 +104,7 @@ def test_the_wheel_holds_both_shipped_weight_files_under_12_mb(tmp_path):
     import zipfile
 
     from boxcaseg import weights
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import file_sha256
 
     pytest.importorskip("setuptools")  # built without isolation: no index needed
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
@@ -160,7 +160,7 @@ def test_library_works_without_onnx_runtime(ckpt, tmp_path):
         from PIL import Image
         import boxcaseg
         from boxcaseg.errors import BoxcasegError
-        from boxcaseg.export.engines import resolve_model
+        from boxcaseg.model_files import resolve_model
         from boxcaseg.export.ort import onnxruntime_available
         from boxcaseg.predictor import Segmenter
         from boxcaseg.export import export_onnx, read_onnx_metadata

@@ -16,8 +16,9 @@ import pytest
 
 from boxcaseg import weights
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.export.onnx_export import file_sha256, read_onnx_metadata
+from boxcaseg.export.onnx_export import read_onnx_metadata
 from boxcaseg.export.quantize import QUANT_KEY
+from boxcaseg.io import file_sha256
 from conftest import REPO, run_cli
 
 pytest.importorskip("onnxruntime")
@@ -169,8 +170,8 @@ def test_segment_cli_int8(data, seg8, tmp_path, capsys):
 def test_a_users_int8_graph_says_int8(data, tmp_path):
     """`--model m.int8.onnx` from `boxcaseg export --int8`: int8 in the record, with or without the flag."""
     from boxcaseg.export import export_onnx
-    from boxcaseg.export.engines import resolve_model
-    from boxcaseg.export.quantize import quantize_calibrated
+    from boxcaseg.model_files import resolve_model
+    from boxcaseg.proxy.calibration import quantize_calibrated
 
     rep = export_onnx(data["ckpt"], tmp_path / "m.onnx")
     q = quantize_calibrated(rep.onnx_path, tmp_path / "m.int8.onnx", data["ann"], data["images"], 8)
@@ -184,7 +185,7 @@ def test_a_users_int8_graph_says_int8(data, tmp_path):
 def test_the_precision_picks_the_engine(data):
     """resolve_model decides the engine and graph for a precision: int8 the ONNX graph, fp16 / bf16 the
     torch engine (auto), fp32 by file and device as before."""
-    from boxcaseg.export.engines import resolve_model
+    from boxcaseg.model_files import resolve_model
 
     assert resolve_model(None, precision="int8").path == weights.int8_path()
     rm = resolve_model(data["ckpt"], precision="bf16")
@@ -253,7 +254,7 @@ def test_int8_on_a_gpu_machine_with_device_cpu(monkeypatch):
     """A GPU is there: int8 is refused unless --device cpu says where it runs."""
     import torch
 
-    from boxcaseg.export.engines import resolve_model
+    from boxcaseg.model_files import resolve_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(BoxcasegError, match="for CPUs"):

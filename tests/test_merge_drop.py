@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from boxcaseg.masks import decode, encode, encode_window, mask_iou, tight_box_xyxy
+from boxcaseg.infer_settings import InferSettings
 from boxcaseg.proxy import encode_window_fast, masks_from_probs, merge_and_drop
 from boxcaseg.proxy.geometry import box_window, clipped_box_xyxy
 from boxcaseg.proxy.merge_drop import box_agreement
@@ -166,12 +167,13 @@ def test_masks_from_probs_threshold_relative_and_confined_to_box():
     prob[..., s // 2:] = 0.45
     crop = np.array([[0, 0, 40, 20]])  # context crop, larger than the box
     box = np.array([[10, 5, 30, 15]])
-    absolute = masks_from_probs(prob, crop, box, 0.5, False, 64, 4)[0]
+    absolute = masks_from_probs(prob, crop, box, InferSettings(64, threshold=0.5), stride=4)[0]
     assert absolute.shape == (10, 20) and not absolute.any()
-    relative = masks_from_probs(prob, crop, box, 0.5, True, 64, 4)[0]
+    relative = masks_from_probs(prob, crop, box, InferSettings(64, threshold=0.5), stride=4, relative=True)[0]
     # the crop's right half (x >= 20) is the maximum: foreground there and only inside the box
     assert relative[:, 10:].all() and not relative[:, :9].any()
-    const = masks_from_probs(np.full((1, 1, s, s), 0.2, np.float32), box, box, 0.5, True, 64, 4)[0]
+    const = masks_from_probs(np.full((1, 1, s, s), 0.2, np.float32), box, box, InferSettings(64, threshold=0.5),
+                             stride=4, relative=True)[0]
     assert const.all()  # relative rule on a constant map: always a foreground
 
 
@@ -196,7 +198,8 @@ def test_masks_from_probs_ellipse_prior_matches_loop():
         gts.append(gt)
     boxes, crops, gts = np.array(boxes), np.array(crops), np.array(gts)
     for w_prior, thr in [(0.0, 0.5), (0.3, 0.45), (1.0, 0.5)]:
-        got = masks_from_probs(probs, crops, boxes, thr, False, size, 4, gts, w_prior)
+        got = masks_from_probs(probs, crops, boxes, InferSettings(size, threshold=thr, prior_weight=w_prior), stride=4,
+                               gt_xyxy=gts)
         for i in range(n):
             cx0, cy0, cx1, cy1 = crops[i]
             up = F.interpolate(torch.from_numpy(probs[i:i + 1]).double(), size=(int(cy1 - cy0), int(cx1 - cx0)),
@@ -216,7 +219,7 @@ def test_masks_from_probs_ellipse_prior_matches_loop():
             if w_prior == 1.0:  # the prior alone: the inscribed ellipse (rim at 0.5)
                 assert np.array_equal(got[i], ref)
     with pytest.raises(ValueError, match="gt_xyxy"):
-        masks_from_probs(probs, crops, boxes, 0.5, False, size, 4, None, 0.3)
+        masks_from_probs(probs, crops, boxes, InferSettings(size, threshold=0.5, prior_weight=0.3), stride=4)
 
 
 def test_merge_off_keeps_masks_and_scores_each_alone():

@@ -58,7 +58,7 @@ def _image(tmp_path, seed=0, w=90, h=70):
 
 def test_settings_travel_from_checkpoint_to_onnx_and_engine_metadata(models, tmp_path):
     from boxcaseg.export import export_onnx, read_onnx_metadata
-    from boxcaseg.export.engines import read_model_settings
+    from boxcaseg.model_files import read_model_settings
 
     st = read_model_settings("torch", models["tuned"])
     assert (st.infer_size, st.context, st.threshold, st.prior_weight, st.alpha) == (S, 1.3, 0.35, 0.25, 0.7)
@@ -112,7 +112,7 @@ def test_proxy_cli_first_line_names_model_and_settings(models, tmp_path, cache, 
 
 
 def test_checkpoint_on_onnx_is_exported_once_into_the_cache(models, cache, tmp_path):
-    from boxcaseg.export.engines import resolve_model
+    from boxcaseg.model_files import resolve_model
     from boxcaseg.model.pack import pack_checkpoint
 
     r1 = resolve_model(models["plain"], "onnx")
@@ -151,7 +151,7 @@ def test_shipped_model_sha_is_checked(tmp_path, monkeypatch):
 
 def test_shipped_model_loads_with_its_settings():
     from boxcaseg import weights
-    from boxcaseg.export.engines import read_model_settings
+    from boxcaseg.model_files import read_model_settings
     from boxcaseg.model import load_checkpoint_model
 
     ck = torch.load(weights.pretrained_path(), weights_only=True)

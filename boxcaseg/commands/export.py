@@ -87,7 +87,8 @@ def export_command(
         con.print(f"[green]wrote[/] {rep.engine_path} (TensorRT, batch 1..{max_batch}, fp16={fp16})")
     if int8:
         from boxcaseg.export.onnx_export import read_onnx_metadata
-        from boxcaseg.export.quantize import QUANT_KEY, quantize_calibrated
+        from boxcaseg.export.quantize import QUANT_KEY
+        from boxcaseg.proxy.calibration import quantize_calibrated
 
         q = quantize_calibrated(rep.onnx_path, Path(out).with_suffix(".int8.onnx"), calib_ann, calib_images, calib_crops)
         con.print(f"[green]wrote[/] {q}: int8 ({q.stat().st_size / 1e6:.1f} MB, float32 {rep.onnx_path.stat().st_size / 1e6:.1f} MB), "

@@ -18,8 +18,8 @@ def model_info_command(
     Example: boxcaseg model info
     """
     from boxcaseg import weights
-    from boxcaseg.export.engines import file_kind, read_model_settings
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.model_files import file_kind, read_model_settings
+    from boxcaseg.io import file_sha256
 
     if weights.is_alias(model):
         path = weights.pretrained_path()
@@ -51,7 +51,7 @@ def model_pack_command(
 
     Example: boxcaseg model pack runs/cpu/last.pt -o my-model.pt --context 1.1 --threshold 0.4
     """
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import file_sha256
     from boxcaseg.model.pack import pack_checkpoint
 
     pack_checkpoint(ckpt, out, context=context, threshold=threshold, prior_weight=prior_weight,

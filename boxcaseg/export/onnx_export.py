@@ -9,7 +9,6 @@ see :func:`read_onnx_metadata`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import warnings
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.infer_settings import InferSettings, check_setting
+from boxcaseg.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +26,6 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "image"
 OUTPUT_NAME = "probs"
 PARITY_TOL = 1e-4
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 @dataclass
@@ -69,15 +60,16 @@ def strip_node_metadata(proto) -> None:
 
 
 def _metadata(cfg, wrapper, exporter: str, ckpt_sha: str, size: int) -> dict[str, str]:
+    """The file's ``boxcaseg.*`` metadata: the checkpoint's inference settings at ``size``
+    (:meth:`InferSettings.to_metadata`, the recommended `boxcaseg proxy/segment` defaults)
+    and what the graph is. Key order and texts as always (files keep their bytes)."""
+    settings = InferSettings.from_model_config(cfg.model).merged(infer_size=size).to_metadata()
+    size_key = "boxcaseg.infer_size"
     return {
         "boxcaseg.format": FORMAT_VERSION,
-        "boxcaseg.infer_size": str(int(size)),
+        size_key: settings.pop(size_key),
         "boxcaseg.tta": "hflip" if wrapper.flip_tta else "none",
-        "boxcaseg.alpha": repr(float(cfg.model.alpha)),
-        # recommended inference settings (from the checkpoint; `boxcaseg proxy/segment` defaults)
-        "boxcaseg.context": repr(float(cfg.model.infer_context)),
-        "boxcaseg.threshold": repr(float(cfg.model.infer_threshold)),
-        "boxcaseg.prior_weight": repr(float(cfg.model.infer_prior_weight)),
+        **settings,
         "boxcaseg.backbone": cfg.model.backbone,
         "boxcaseg.input": "image: float32 [B,3,S,S] RGB 0..255 (raw pixels)",
         "boxcaseg.normalization": "in graph: ImageNet mean/std",
@@ -209,7 +201,6 @@ def export_onnx(
     from boxcaseg.export.ort import ONNXRUNTIME_HINT, onnxruntime_available
     from boxcaseg.export.tensorrt import build_trt_engine, trt_missing
     from boxcaseg.export.wrapper import ProxyExportModel
-    from boxcaseg.infer_settings import check_setting
     from boxcaseg.io import atomic_write_bytes, check_output_file
     from boxcaseg.model import load_checkpoint_model
 

@@ -21,7 +21,7 @@ def pack_checkpoint(ckpt: str | Path, out: str | Path, *, context: float | None 
     ``torch.load(weights_only=True)`` like every checkpoint. Returns what was written.
     """
     from boxcaseg.config import config_from_checkpoint
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import file_sha256
     from boxcaseg.infer_settings import check_setting
     from boxcaseg.io import atomic_torch_save, check_output_file, safe_torch_load
     from boxcaseg.model import build_checkpoint_model

@@ -10,14 +10,36 @@
   (:mod:`~boxcaseg.proxy.distributed`);
 - :func:`merge_and_drop`: smaller-object-better merge and proxy box agreement (Numba,
   box-local windows);
-- :func:`masks_from_probs`: probability maps -> box-local binary masks (Numba).
+- :func:`masks_from_probs`: probability maps -> box-local binary masks (Numba);
+- :func:`~boxcaseg.proxy.image_masks.image_masks`: one image's boxes -> masks, the same parts
+  (``Segmenter``, ``segment``);
+- :mod:`~boxcaseg.proxy.calibration`: int8 calibration on proxy crops.
+
+The names above are loaded on first use: importing a submodule loads only what it imports.
 """
 
-from boxcaseg.proxy.config import ProxyConfig
-from boxcaseg.proxy.distributed import generate_proxy_torchrun
-from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
-from boxcaseg.proxy.pipeline import generate_proxy
-from boxcaseg.proxy.postprocess import masks_from_probs
-from boxcaseg.proxy.shards import merge_shards
+import importlib
 
-__all__ = ["ProxyConfig", "encode_window_fast", "generate_proxy", "generate_proxy_torchrun", "masks_from_probs", "merge_and_drop", "merge_shards"]
+# name -> the submodule it lives in; loaded on first use, so that importing one submodule
+# (proxy.coco, proxy.postprocess) does not load the pipeline, the shards or torchrun's glue
+_EXPORTS = {
+    "ProxyConfig": "config",
+    "generate_proxy": "pipeline",
+    "generate_proxy_torchrun": "distributed",
+    "encode_window_fast": "merge_drop",
+    "merge_and_drop": "merge_drop",
+    "masks_from_probs": "postprocess",
+    "merge_shards": "shards",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from boxcaseg.infer_settings import InferSettings
 from boxcaseg.masks import empty_rle
 from boxcaseg.proxy.coco import ImageTask
 from boxcaseg.proxy.config import ProxyConfig
@@ -52,14 +53,16 @@ class Timers:
     steady: float = 0.0      # wall time of the run after the warm-up (steady_instances_per_s's clock)
 
 
-def chunk_masks(cfg: ProxyConfig, probs: np.ndarray, refs: list, size: int, stride: int) -> list[np.ndarray]:
-    """Box-local masks for ``refs`` [(task, slot)] from their maps ``probs`` (same order)."""
+def chunk_masks(cfg: ProxyConfig, probs: np.ndarray, refs: list, settings: InferSettings,
+                stride: int) -> list[np.ndarray]:
+    """Box-local masks for ``refs`` [(task, slot)] from their maps ``probs`` (same order), with
+    the run's ``settings`` in force (:func:`~boxcaseg.proxy.postprocess.masks_from_probs`)."""
     from boxcaseg.proxy.postprocess import masks_from_probs
 
     crops = np.stack([t.crops[s] for t, s in refs])
     boxes = np.stack([t.boxes[s] for t, s in refs])
     gt = np.stack([t.gt_xyxy[s] for t, s in refs])
-    return masks_from_probs(probs, crops, boxes, cfg.threshold, cfg.relative, size, stride, gt, cfg.prior_weight)
+    return masks_from_probs(probs, crops, boxes, settings, stride=stride, relative=cfg.relative, gt_xyxy=gt)
 
 
 def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[int, list], bad: dict[int, str],
@@ -126,10 +129,10 @@ class PostThread(threading.Thread):
     """Maps -> masks per batch; merge/drop/RLE and the chunk file at each chunk end."""
 
     def __init__(self, cfg: ProxyConfig, chunks: list[list[ImageTask]], store: ProgressStore,
-                 size: int, stride: int, timers: Timers, on_done):
+                 settings: InferSettings, stride: int, timers: Timers, on_done):
         super().__init__(daemon=True, name="proxy-post")
         self.cfg, self.chunks, self.store = cfg, chunks, store
-        self.size, self.stride = size, stride
+        self.settings, self.stride = settings, stride
         self.timers, self.on_done = timers, on_done
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
@@ -194,7 +197,7 @@ class PostThread(threading.Thread):
         if kind == "batch":
             _, probs, refs = item
             t0 = time.perf_counter()
-            masks = chunk_masks(self.cfg, probs, refs, self.size, self.stride)
+            masks = chunk_masks(self.cfg, probs, refs, self.settings, self.stride)
             self.timers.masks += time.perf_counter() - t0
             for (t, s), m in zip(refs, masks):
                 self.masks.setdefault(t.index, [None] * len(t.crops))[s] = m
@@ -238,7 +241,7 @@ def _pool_chunk(c: int, probs: np.ndarray, refs_pos: np.ndarray, bad_pos: list) 
     refs = [(tasks[int(p)], int(s)) for p, s in refs_pos]
     masks: dict[int, list] = {}
     if refs:
-        for (t, s), m in zip(refs, chunk_masks(cfg, probs, refs, st["size"], st["stride"])):
+        for (t, s), m in zip(refs, chunk_masks(cfg, probs, refs, st["settings"], st["stride"])):
             masks.setdefault(t.index, [None] * len(t.crops))[s] = m
     t1 = time.perf_counter()
     bad = {tasks[p].index: why for p, why in bad_pos}
@@ -260,7 +263,8 @@ class PostPool:
     """
 
     def __init__(self, cfg: ProxyConfig, chunks: list[list[ImageTask]], store: ProgressStore,
-                 size: int, stride: int, timers: Timers, on_done, workers: int, uses_cuda: bool = False):
+                 settings: InferSettings, stride: int, timers: Timers, on_done, workers: int,
+                 uses_cuda: bool = False):
         from concurrent.futures import ProcessPoolExecutor
 
         from boxcaseg.dist import worker_context
@@ -268,7 +272,7 @@ class PostPool:
 
         self.chunks, self.timers, self.on_done = chunks, timers, on_done
         self.limit = 2 * workers
-        state = {"cfg": cfg, "chunks": chunks, "store": store, "size": size, "stride": stride}
+        state = {"cfg": cfg, "chunks": chunks, "store": store, "settings": settings, "stride": stride}
         self.context = worker_context(uses_cuda, WORKER_MODULES)
         self.ex = ProcessPoolExecutor(workers, mp_context=self.context, initializer=_pool_init, initargs=(state,))
         self.ex.submit(os.getpid).result()  # forks every worker now, before the main loop's threads grow

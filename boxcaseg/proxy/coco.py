@@ -78,12 +78,34 @@ def build_tasks(data: dict, context: float, strict: bool, src: str | Path) -> li
         t.bboxes.append(bbox)
         t.reasons.append(reason)
     for t in tasks:
-        use = t.usable
-        t.boxes = np.array([box_window(t.bboxes[i], t.width, t.height) for i in use], np.int64).reshape(-1, 4)
-        t.crops = np.array([crop_window(t.bboxes[i], t.width, t.height, context) for i in use], np.int64).reshape(-1, 4)
-        t.gt_xyxy = np.array([clipped_box_xyxy(t.bboxes[i], t.width, t.height) for i in use], np.float64).reshape(-1, 4)
-        t.areas = np.array([float(t.bboxes[i][2]) * float(t.bboxes[i][3]) for i in use], np.float64)
+        _set_windows(t, context)
     return tasks
+
+
+def image_task(width: int, height: int, boxes_xywh, context: float) -> ImageTask:
+    """The task of one image of ``width`` x ``height`` and its boxes (COCO xywh, in order; ann
+    ids 0..K-1), windows as :func:`build_tasks` makes them. A box that a COCO json would flag
+    raises BoxcasegError naming it (callers check the boxes first, in their own words)."""
+    t = ImageTask(0, 0, "", int(width), int(height))
+    for k, b in enumerate(boxes_xywh):
+        bbox = [float(v) for v in b]
+        reason = box_problem(bbox, t.width, t.height)
+        if reason is not None:
+            raise BoxcasegError(f"box {k} {bbox}: {reason}")
+        t.ann_ids.append(k)
+        t.bboxes.append(bbox)
+        t.reasons.append(None)
+    _set_windows(t, context)
+    return t
+
+
+def _set_windows(t: ImageTask, context: float) -> None:
+    """The usable boxes' windows: box, crop (``context`` x the box), clipped GT box, GT area."""
+    use = t.usable
+    t.boxes = np.array([box_window(t.bboxes[i], t.width, t.height) for i in use], np.int64).reshape(-1, 4)
+    t.crops = np.array([crop_window(t.bboxes[i], t.width, t.height, context) for i in use], np.int64).reshape(-1, 4)
+    t.gt_xyxy = np.array([clipped_box_xyxy(t.bboxes[i], t.width, t.height) for i in use], np.float64).reshape(-1, 4)
+    t.areas = np.array([float(t.bboxes[i][2]) * float(t.bboxes[i][3]) for i in use], np.float64)
 
 
 def apply_results(data: dict, results: dict, info: dict | None = None) -> dict:

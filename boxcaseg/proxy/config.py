@@ -6,12 +6,14 @@ changes the answer) and the record the output json keeps (:func:`run_info`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.io import check_output_file
+from boxcaseg.infer_settings import FIELDS, check_setting, flag_label
+from boxcaseg.io import check_output_file, file_sha256
 from boxcaseg.proxy.shards import FORMAT, Shard
 
 
@@ -23,7 +25,7 @@ class ProxyConfig:
     images: Path                     # its image folder
     out: Path                        # output json (shard files / progress next to it)
     model: Any = None                # None/"pretrained" (the shipped model), a checkpoint, .onnx or .engine
-    engine: str = "auto"             # auto | torch | onnx | trt (auto: by file, see export.engines.resolve_model)
+    engine: str = "auto"             # auto | torch | onnx | trt (auto: by file, see model_files.resolve_model)
     context: float | None = None     # crop R x the box around its centre (>= 1); None: the model's
     threshold: float | None = None   # on the probability (or min-max normalised with relative); None: the model's
     relative: bool = False           # the published per-instance min-max normalisation
@@ -41,7 +43,7 @@ class ProxyConfig:
     progress: bool = True            # rich progress bar
     device: str | None = None        # every engine's device (default: this rank's GPU when CUDA is there)
     precision: str = "fp32"          # fp32 | fp16 (torch, CUDA) | bf16 (torch) | int8 (the int8 ONNX graph, CPU;
-                                     # export.engines.resolve_model); the network's type, fingerprinted
+                                     # model_files.resolve_model); the network's type, fingerprinted
     channels_last: bool | None = None  # torch engine: NHWC memory format; None: on the CPU yes, on CUDA no
                                      # (engines.torch_channels_last; fingerprinted: other kernels, other last bits)
     cuda_graph: bool = False         # torch engine on CUDA: the fixed-size batch replayed from a CUDA graph
@@ -50,7 +52,6 @@ class ProxyConfig:
 
     def check(self) -> None:
         from boxcaseg.export.engines import ENGINE_KINDS, check_engine_options, engine_device
-        from boxcaseg.infer_settings import check_setting
 
         if self.engine not in ENGINE_KINDS:
             raise BoxcasegError(f"--engine {self.engine!r}: choose from {', '.join(ENGINE_KINDS)}")
@@ -59,10 +60,11 @@ class ProxyConfig:
             raise BoxcasegError("--precision fp16: needs a CUDA device (bf16 runs on the CPU too)")
         if self.post_workers is not None and self.post_workers < 0:
             raise BoxcasegError(f"--post-workers {self.post_workers}: must be >= 0 (0: a thread)")
-        if self.context is None or self.threshold is None or self.prior_weight is None:
+        names = settings_flags(self)
+        if any(getattr(self, name) is None for name in names):
             raise RuntimeError("ProxyConfig.check() before resolve_proxy_config()")
-        for name in ("context", "threshold", "prior_weight"):
-            check_setting(name, getattr(self, name), f"--{name.replace('_', '-')}")
+        for name in names:
+            check_setting(name, getattr(self, name), flag_label(name))
         if not 0.0 <= self.drop_thresh <= 1.0:
             raise BoxcasegError(f"--drop-thresh {self.drop_thresh}: must be in [0, 1]")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.workers < 0:
@@ -72,10 +74,15 @@ class ProxyConfig:
         check_output_file(self.out, "-o", inputs=[self.ann])
 
 
+def settings_flags(cfg: ProxyConfig) -> list[str]:
+    """The inference settings a proxy run may override: the :data:`~boxcaseg.infer_settings.FIELDS`
+    not baked into the model that are options of :class:`ProxyConfig` (None: the model's)."""
+    return [name for name, f in FIELDS.items() if not f.baked and hasattr(cfg, name)]
+
+
 def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
     """The run's identity: a progress chunk or shard file is reused or joined only under an equal one."""
     from boxcaseg.export.engines import engine_device
-    from boxcaseg.export.onnx_export import file_sha256
 
     fp = {
         "format": FORMAT,
@@ -84,9 +91,7 @@ def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
         "engine": cfg.engine,
         "device": engine_device(cfg.engine, cfg.device, cfg.precision),
         "infer_size": size,
-        "context": float(cfg.context),
-        "threshold": float(cfg.threshold),
-        "prior_weight": float(cfg.prior_weight),
+        **{name: FIELDS[name].kind(getattr(cfg, name)) for name in settings_flags(cfg)},
         "relative": bool(cfg.relative),
         "drop_thresh": float(cfg.drop_thresh),
         "merge": bool(cfg.merge),
@@ -115,22 +120,22 @@ def _torch_options(cfg: ProxyConfig) -> dict:
 
 def resolve_proxy_config(cfg: ProxyConfig):
     """``cfg`` with its model resolved (engine kind and file) and every setting left
-    None taken from the model; returns (resolved config, :class:`ResolvedModel`)."""
-    from boxcaseg.export.engines import resolve_model
+    None taken from the model; returns (resolved config, :class:`ResolvedModel` whose
+    ``settings`` are the ones in force: the model's merged with ``cfg``'s,
+    :meth:`InferSettings.merged`)."""
+    from boxcaseg.model_files import resolve_model
 
     if not Path(cfg.images).is_dir():
         raise BoxcasegError(f"{cfg.images}: image folder not found")
     check_output_file(cfg.out, "-o", inputs=[cfg.ann])  # before the model is resolved (maybe exported)
     rm = resolve_model(cfg.model, cfg.engine, cfg.device, cfg.precision)
-    st = rm.settings
+    st = rm.settings.overrides_of(cfg)
     out = ProxyConfig(**{
         **asdict(cfg), "ann": Path(cfg.ann), "images": Path(cfg.images), "out": Path(cfg.out),
         "model": rm.path, "engine": rm.kind, "precision": rm.precision,
-        "context": st.context if cfg.context is None else float(cfg.context),
-        "threshold": st.threshold if cfg.threshold is None else float(cfg.threshold),
-        "prior_weight": st.prior_weight if cfg.prior_weight is None else float(cfg.prior_weight),
+        **{name: getattr(st, name) for name in settings_flags(cfg)},
     })
-    return out, rm
+    return out, dataclasses.replace(rm, settings=st)
 
 
 def run_info(cfg: ProxyConfig, rm, fingerprint: dict) -> dict:
@@ -138,7 +143,6 @@ def run_info(cfg: ProxyConfig, rm, fingerprint: dict) -> dict:
     from boxcaseg import __version__
 
     return {"version": __version__, "model": rm.label, "model_sha256": fingerprint["model_sha256"],
-            "engine": cfg.engine, "infer_size": rm.settings.infer_size, "alpha": rm.settings.alpha,
-            "context": cfg.context, "threshold": cfg.threshold, "prior_weight": cfg.prior_weight,
+            "engine": cfg.engine, **rm.settings.overrides_of(cfg).as_info(),
             "relative": cfg.relative, "merge": cfg.merge, "drop_thresh": cfg.drop_thresh, **_torch_options(cfg)}
 

@@ -15,6 +15,18 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.proxy.coco import ImageTask
 
 
+def cut_crops(img, crops, size: int) -> np.ndarray:
+    """The crop windows ``crops`` [k, 4] (x0, y0, x1, y1) of a PIL RGB image, each resized to
+    ``size`` x ``size`` (:func:`~boxcaseg.data.transforms.crop_resize`) -> uint8 [k, 3, S, S]:
+    the network's input, cut the one way (a proxy run, :class:`~boxcaseg.Segmenter`, int8 calibration)."""
+    from boxcaseg.data.transforms import crop_resize
+
+    arr = np.empty((len(crops), 3, size, size), np.uint8)
+    for k, c in enumerate(crops):
+        arr[k] = np.asarray(crop_resize(img, tuple(int(v) for v in c), size)).transpose(2, 0, 1)
+    return arr
+
+
 class DecodeDataset:
     """Item i: image i decoded once, all its usable crops -> uint8 [k, 3, S, S] (torch)."""
 
@@ -29,15 +41,13 @@ class DecodeDataset:
     def __getitem__(self, i: int) -> dict:
         import torch
 
-        from boxcaseg.data.transforms import crop_resize, open_rgb
+        from boxcaseg.data.transforms import open_rgb
 
         t0 = time.perf_counter()
         image_id, path, w, h, crops = self.items[i]
         try:
             img = open_rgb(path, "image", (w, h))  # in the frame of the json's size (EXIF orientation)
-            arr = np.empty((len(crops), 3, self.size, self.size), np.uint8)
-            for k, c in enumerate(crops):
-                arr[k] = np.asarray(crop_resize(img, tuple(int(v) for v in c), self.size)).transpose(2, 0, 1)
+            arr = cut_crops(img, crops, self.size)
         except BoxcasegError as e:
             return {"i": i, "error": f"image id {image_id!r}: {e.one_line()}", "t": time.perf_counter() - t0}
         except Exception as e:  # noqa: BLE001 - anything else a crafted image makes Pillow raise

@@ -39,6 +39,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.infer_settings import InferSettings
 from boxcaseg.io import atomic_write_json, load_json
 from boxcaseg.paths import check_image_paths
 from boxcaseg.proxy.coco import apply_results, build_tasks, validate_coco
@@ -93,13 +94,14 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
     if cfg.post_workers is None:
         cfg = replace(cfg, post_workers=default_post_workers())
     shard = Shard.parse(cfg.shard)
-    size = rm.settings.infer_size
+    settings = rm.settings  # the settings in force (the model's merged with cfg's), carried whole to the masks
+    size = settings.infer_size
     timers = Timers()
-    warm = EngineWarmUp(cfg, size)  # beside the json read below
+    warm = EngineWarmUp(cfg, settings)  # beside the json read below
     try:
         data = load_json(cfg.ann, "COCO annotation json")
         validate_coco(data, cfg.ann)
-        tasks = build_tasks(data, cfg.context, cfg.strict, cfg.ann)
+        tasks = build_tasks(data, settings.context, cfg.strict, cfg.ann)
         paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))  # before any work: inside --images
         mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
         per = cfg.checkpoint_every
@@ -111,7 +113,7 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
         timers.prepare = time.perf_counter() - t_start
         engine_desc = cfg.engine
         if pending:
-            engine_desc = _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, warm, paths)
+            engine_desc = _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm, paths)
     finally:
         warm.join()  # never leave the engine loading behind an error (nor a CUDA init at exit)
 
@@ -158,9 +160,9 @@ def default_post_workers(cpus: int | None = None) -> int:
 class EngineWarmUp(threading.Thread):
     """Loads the engine and warms it up (:func:`_warm_up`) in a thread, beside the json read."""
 
-    def __init__(self, cfg: ProxyConfig, size: int):
+    def __init__(self, cfg: ProxyConfig, settings: InferSettings):
         super().__init__(daemon=True, name="proxy-engine")
-        self.cfg, self.size = cfg, size
+        self.cfg, self.settings, self.size = cfg, settings, settings.infer_size
         self.engine = None
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -176,7 +178,7 @@ class EngineWarmUp(threading.Thread):
                                  channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph)
             if engine.infer_size != self.size:
                 raise BoxcasegError(f"{cfg.model}: engine input size {engine.infer_size} != metadata {self.size}")
-            _warm_up(engine, cfg, self.size)
+            _warm_up(engine, cfg, self.settings)
             self.engine = engine
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self.error = e
@@ -190,16 +192,17 @@ class EngineWarmUp(threading.Thread):
         return self.engine
 
 
-def _warm_up(engine, cfg, size: int) -> None:
+def _warm_up(engine, cfg, settings: InferSettings) -> None:
     """One batch through the engine (a CUDA graph is captured then) and the post-processing
     kernels (their compilation), so that the run's per-stage times describe the steady state."""
     from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
     from boxcaseg.proxy.postprocess import masks_from_probs
 
+    size = settings.infer_size
     probs = engine.predict(np.zeros((cfg.batch_size, 3, size, size), np.uint8))
     win = np.array([[0, 0, 8, 8]], np.int64)
-    masks = masks_from_probs(np.asarray(probs)[:1], win, win, cfg.threshold, cfg.relative, size, engine.output_stride,
-                             win.astype(np.float64), cfg.prior_weight)
+    masks = masks_from_probs(np.asarray(probs)[:1], win, win, settings, stride=engine.output_stride,
+                             relative=cfg.relative, gt_xyxy=win.astype(np.float64))
     merged, _ = merge_and_drop(win, masks, win.astype(np.float64), np.ones(1), merge=cfg.merge)
     encode_window_fast(merged[0], 0, 0, 8, 8)
 
@@ -213,8 +216,9 @@ def uses_cuda(cfg: ProxyConfig) -> bool:
     return where == "cuda" or where.startswith(("CUDA", "Tensorrt"))
 
 
-def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, warm, paths) -> str:
+def _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm, paths) -> str:
     """Decode -> batch -> infer -> post for the pending chunks; returns the engine description."""
+    size = settings.infer_size
     work = [t for c in pending for t in chunks[c] if len(t.crops)]
     cuda = uses_cuda(cfg)  # its workers then come from a fork server: the engine thread may be initialising CUDA
     stream = decoded_stream(work, paths, size, cfg.workers, cuda)  # decoding starts while the engine warms up
@@ -229,9 +233,9 @@ def _run_chunks(cfg, chunks, pending, store, size, timers, total, done_before, w
     prog, task = _make_progress(cfg.progress, total, done_before)
     advance = lambda n: prog.advance(task, n)  # noqa: E731
     if cfg.post_workers:
-        post = PostPool(cfg, chunks, store, size, engine.output_stride, timers, advance, cfg.post_workers, cuda)
+        post = PostPool(cfg, chunks, store, settings, engine.output_stride, timers, advance, cfg.post_workers, cuda)
     else:
-        post = PostThread(cfg, chunks, store, size, engine.output_stride, timers, advance)
+        post = PostThread(cfg, chunks, store, settings, engine.output_stride, timers, advance)
     B = cfg.batch_size
     bufs = engine.input_buffers(B, 2)  # page-locked on CUDA: batch k+1 is packed in one while batch k runs
     cur = 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from boxcaseg.infer_settings import InferSettings
+
 PRIOR_SHARPNESS = 4.0
 
 
@@ -115,17 +117,21 @@ def masks_from_probs(
     probs: np.ndarray,
     crops: np.ndarray,
     boxes: np.ndarray,
-    threshold: float,
-    relative: bool,
-    size: int,
+    settings: InferSettings,
+    *,
     stride: int,
+    relative: bool = False,
     gt_xyxy: np.ndarray | None = None,
-    prior_weight: float = 0.0,
 ) -> list[np.ndarray]:
     """probs [N, 1 or none, s, s] -> N box-local uint8 masks [h_i, w_i] (views of one buffer).
 
-    ``prior_weight`` > 0 blends in the soft inscribed ellipse of ``gt_xyxy`` (module docstring).
+    ``settings``: the inference settings in force (:class:`~boxcaseg.infer_settings.InferSettings`:
+    ``infer_size`` S the maps were computed at, ``threshold``, ``prior_weight``); ``stride``:
+    the engine's output stride (s = S / stride); ``relative``: threshold the per-instance
+    min-max normalised map. ``prior_weight`` > 0 blends in the soft inscribed ellipse of
+    ``gt_xyxy`` (module docstring).
     """
+    size, threshold, prior_weight = settings.infer_size, settings.threshold, settings.prior_weight
     probs = np.ascontiguousarray(probs.reshape(probs.shape[0], probs.shape[-2], probs.shape[-1]), dtype=np.float32)
     crops = np.ascontiguousarray(crops, dtype=np.int64).reshape(-1, 4)
     boxes = np.ascontiguousarray(boxes, dtype=np.int64).reshape(-1, 4)

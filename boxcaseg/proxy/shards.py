@@ -181,7 +181,7 @@ def merge_shards(ann: str | Path, out: str | Path) -> dict:
     Checks that all N shards are there and come from the same run (same input json,
     model and options) and that the given ``ann`` is that input. Returns a summary.
     """
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import file_sha256
 
     ann, out = Path(ann), Path(out)
     n, files = find_shard_files(out)

@@ -41,7 +41,7 @@ def model_card() -> str:
 
 def _shipped_file(name: str, sha256: str, what: str, check: bool) -> Path:
     """``weights_dir() / name``, its sha256 checked once per process (BoxcasegError if it differs)."""
-    from boxcaseg.export.onnx_export import file_sha256
+    from boxcaseg.io import file_sha256
 
     path = weights_dir() / name
     if not path.is_file():
