@@ -67,6 +67,15 @@ def check_device_name(name: str | None, setting: str = "--device") -> None:
     raise BoxcasegError(f"{setting}={name!r}: not a device boxcaseg runs on (choose {DEVICE_NAMES})")
 
 
+def device_type(name: str | None, setting: str = "device") -> str:
+    """"cuda" or "cpu": the kind of device a setting names (None or "auto": CUDA when it is
+    available), without checking that the GPU exists (:func:`resolve_device` does)."""
+    check_device_name(name or "auto", setting)
+    if not name or name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if name.startswith("cuda") else "cpu"
+
+
 def resolve_device(name: str, setting: str = "device") -> torch.device:
     """A device setting ("auto", "cpu", "cuda", "cuda:K") as a torch device.
 
@@ -77,9 +86,9 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
     """
     from boxcaseg.errors import BoxcasegError
 
-    check_device_name(name, setting)
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = device_type(name, setting)
+    check_device_name(name, setting)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BoxcasegError(f"{setting}={name!r} but no CUDA device is available")
     try:

@@ -109,10 +109,11 @@ def cached_onnx(ckpt: Path) -> Path:
 
 
 def _wants_gpu(device: str | None) -> bool:
-    """Whether a run would use a GPU: ``device`` names one, or none is named and CUDA is there."""
-    import torch
+    """Whether a run would use a GPU: ``device`` names one, or none (or auto) is named and CUDA is
+    there (:func:`boxcaseg.dist.device_type`, the device resolver's own rule)."""
+    from boxcaseg.dist import device_type
 
-    return (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+    return device_type(device, "--device") == "cuda"
 
 
 def _resolve_int8(model, engine: str, device: str | None) -> ResolvedModel:
