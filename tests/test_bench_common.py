@@ -374,3 +374,41 @@ def test_proxy_throughput_section_text():
     assert lines[-3] == "| (a) published-style | 585 | 8.9 | - | - | 1 | - |"
     assert lines[-2].startswith("| (c) ours, onnx engine | 585 | 55.1 | 60.0 | - | 6.2 | prepare 1.00, ")
     assert lines[-1] == "| trt | skipped: missing TensorRT | | | | | |"
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_data_scaling_training_time_adds_resumed_segments():
+    """A resumed training's clock starts again: the segments' last times add up (a plain loop)."""
+    import random
+
+    ds = _load_bench("data_scaling")
+    rng = random.Random(0)
+    recs, expected = [], 0.0
+    for _ in range(rng.randint(1, 4)):  # segments
+        t, n = 0.0, rng.randint(1, 50)
+        for _ in range(n):
+            t += rng.uniform(0.5, 3.0)
+            recs.append({"time": t})
+        expected += t
+    assert abs(ds.training_seconds(recs) - expected) < 1e-9
+
+
+def test_data_scaling_conclusion_says_whether_more_pairs_pay():
+    ds = _load_bench("data_scaling")
+
+    def row(name, seed, pairs, miou):
+        return [name, seed, "2,345", f"{pairs:,}", "", miou, 0.5, miou, 0.5, "c1.2 t0.4 p0.3", "90"]
+
+    flat = [row("s1000", 0, 1000, 0.729), row("s1000", 1, 1000, 0.722), row("s9808", 0, 9808, 0.724),
+            row("s9808", 1, 9808, 0.717), row("s9808-6k", 0, 9808, 0.80)]  # variants other than sNNNN left out
+    text = ds.conclusion(flat)
+    assert "do not pay" in text and "does not agree" in text and "-0.5 points" in text
+    steep = [row("s1000", 0, 1000, 0.70), row("s1000", 1, 1000, 0.705), row("s9808", 0, 9808, 0.74)]
+    assert "pay beyond the seed noise" in ds.conclusion(steep) and "do not" not in ds.conclusion(steep)
+    assert "Too few points" in ds.conclusion([row("s1000", 0, 1000, 0.7)])
