@@ -133,7 +133,7 @@ def variant_config(name: str, seed: int):
 
 
 def cmd_train(name: str, seed: int, threads: int = 0) -> None:
-    from boxcaseg.train import train
+    from boxcaseg.joint_training import train
 
     make_subsets()
     out = run_dir(name, seed)

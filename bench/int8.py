@@ -48,7 +48,7 @@ def main() -> None:
 
     from boxcaseg.evaluate import mask_quality
     from boxcaseg.proxy import ProxyConfig, generate_proxy
-    from boxcaseg.proxy.config import resolve_proxy_config
+    from boxcaseg.proxy.options import resolve_proxy_config
 
     val = require_data("coco-val", "instances.json").parent
     load_before = os.getloadavg()

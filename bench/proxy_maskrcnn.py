@@ -16,7 +16,7 @@ clearly above (c).
 
 Proxy masks: ``--proxy FILE`` (a proxy json of the 120 training images' boxes, e.g. from
 ``boxcaseg proxy``), or built here with the library: BoxCaseg trained on the training
-split's boxes + ``duts-tr`` (``boxcaseg.train.train``, the shipped ``cpu`` config) and
+split's boxes + ``duts-tr`` (``boxcaseg.joint_training.train``, the shipped ``cpu`` config) and
 ``boxcaseg.proxy.generate_proxy`` with the torch engine.
 
 Every stage keeps its output under ``--out`` and is skipped when that output exists (a
@@ -101,7 +101,7 @@ def build_proxy(args, train_json: Path, images: Path, out: Path) -> Path:
     import torch
 
     from boxcaseg.proxy import ProxyConfig, generate_proxy
-    from boxcaseg.train import train
+    from boxcaseg.joint_training import train
 
     proxy_path = out / "proxy.json"
     if proxy_path.is_file():
@@ -131,7 +131,7 @@ def build_proxy(args, train_json: Path, images: Path, out: Path) -> Path:
 
 
 def maskrcnn_config(args, ann: Path, images: Path):
-    from boxcaseg.maskrcnn.config import MaskRCNNConfig
+    from boxcaseg.maskrcnn.recipe import MaskRCNNConfig
 
     cfg = load_config("maskrcnn-cpu", cls=MaskRCNNConfig)
     m = cfg.model
@@ -152,7 +152,7 @@ def run_variant(args, name: str, ann: Path, images: Path, test_json: Path, out: 
 
     from boxcaseg.evaluate import coco_eval, voc_instance_ap
     from boxcaseg.maskrcnn.predict import predict_maskrcnn
-    from boxcaseg.maskrcnn.train import train_maskrcnn
+    from boxcaseg.maskrcnn.trainer import train_maskrcnn
 
     run = out / f"maskrcnn-{name}"
     ckpt = run / "last.pt"

@@ -85,7 +85,7 @@ def main() -> None:
     from boxcaseg.export import export_onnx
     from boxcaseg.proxy import ProxyConfig, generate_proxy
     from boxcaseg.report import markdown_table
-    from boxcaseg.train import train
+    from boxcaseg.joint_training import train
 
     val_ann = require_data("coco-val", "instances.json")
     root, val_img = val_ann.parents[1], val_ann.parent / "images"

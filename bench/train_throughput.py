@@ -3,7 +3,7 @@
     python bench/train_throughput.py [--device cuda] [--iters 80] [--batch-size 64] \
         [--backends auto,torch] [--amp on,off] [--synthetic-salient N]
 
-Runs `boxcaseg.train.train` (the library's loop: loader, forward, losses, backward, step)
+Runs `boxcaseg.joint_training.train` (the library's loop: loader, forward, losses, backward, step)
 with the shipped ``cpu`` config's model and losses for ``--iters`` iterations per setting, and
 reports the steady-state rate from metrics.jsonl: patches between the end of iteration
 ``--skip`` and the last one, over the time between them (the first iterations hold the
@@ -61,7 +61,7 @@ def main() -> None:
 
     from boxcaseg.config import load_config
     from boxcaseg.data.synthetic import make_synthetic_dataset
-    from boxcaseg.train import train
+    from boxcaseg.joint_training import train
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []

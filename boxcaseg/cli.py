@@ -11,7 +11,8 @@ import sys
 
 import typer
 
-from boxcaseg.commands import config, data, demo, evaluate, export, maskrcnn, model, proxy, segment, train, visualize
+from boxcaseg.commands import (config_cmd, data_cmd, demo_cmd, evaluate_cmd, export_cmd, maskrcnn_cmd, model_cmd,
+                               proxy_cmd, segment_cmd, train_cmd, visualize_cmd)
 from boxcaseg.errors import BoxcasegError, one_line_from_worker
 
 app = typer.Typer(
@@ -39,7 +40,8 @@ def _root() -> None:
     """Box-supervised class-agnostic object segmentation (BoxCaseg)."""
 
 
-for _module in (segment, proxy, train, export, evaluate, maskrcnn, visualize, data, config, model, demo):
+for _module in (segment_cmd, proxy_cmd, train_cmd, export_cmd, evaluate_cmd, maskrcnn_cmd, visualize_cmd, data_cmd,
+                config_cmd, model_cmd, demo_cmd):
     _module.register(app)
 
 

@@ -61,7 +61,7 @@ def run_demo(opt: DemoOptions, console=None) -> dict:
     from boxcaseg.io import atomic_write_json, check_output_dir
     from boxcaseg.proxy import ProxyConfig, generate_proxy
     from boxcaseg.report import markdown_table, plot_loss_curve
-    from boxcaseg.train import train
+    from boxcaseg.joint_training import train
 
     con = console or Console(highlight=False)
     out = check_output_dir(opt.out, "--out")  # before any work

@@ -11,7 +11,7 @@ user's call:
   :meth:`InferSettings.to_metadata` / :meth:`InferSettings.from_metadata`;
 - the model as resolved (:class:`boxcaseg.model_files.ResolvedModel` ``.settings``), then
   merged with what the user asked (:meth:`InferSettings.merged`: a None override keeps the
-  model's value) in ``boxcaseg proxy`` (:class:`~boxcaseg.proxy.config.ProxyConfig`),
+  model's value) in ``boxcaseg proxy`` (:class:`~boxcaseg.proxy.options.ProxyConfig`),
   ``boxcaseg segment`` and :class:`~boxcaseg.Segmenter`, and handed whole to the
   post-processing (:func:`boxcaseg.proxy.postprocess.masks_from_probs`) and to the output's
   ``info`` (:meth:`InferSettings.as_info`).
@@ -119,7 +119,7 @@ class InferSettings:
 
     def overrides_of(self, obj: Any) -> "InferSettings":
         """:meth:`merged` with the attributes of ``obj`` named like an overridable setting
-        (a :class:`~boxcaseg.proxy.config.ProxyConfig`'s ``context``, ``threshold`` ...)."""
+        (a :class:`~boxcaseg.proxy.options.ProxyConfig`'s ``context``, ``threshold`` ...)."""
         return self.merged(**{n: getattr(obj, n) for n, f in FIELDS.items() if not f.baked and hasattr(obj, n)})
 
     # ------------------------------------------------------------------ serialisation

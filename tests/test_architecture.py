@@ -11,7 +11,7 @@
 
 What counts as an import: ``import``/``from`` statements, ``importlib.import_module("...")``
 and ``__import__("...")`` with a literal name, and the parent packages an import loads
-(``from boxcaseg.proxy.coco import x`` runs ``boxcaseg/proxy/__init__.py``).
+(``from boxcaseg.proxy.tasks import x`` runs ``boxcaseg/proxy/__init__.py``).
 ``if TYPE_CHECKING:`` blocks never run and are left out, and so is a package's lazy
 re-export (a module-level ``__getattr__`` in an ``__init__.py``: it loads on attribute access,
 never on import).
@@ -190,7 +190,7 @@ def test_the_graph_is_read():
     """The reader finds the imports a known module makes (guards the checks below against an empty graph)."""
     g = import_graph()
     assert len(g) > 50
-    assert "boxcaseg.training.loop" in g["boxcaseg.train"] or "boxcaseg.training" in g["boxcaseg.train"]
+    assert "boxcaseg.training.loop" in g["boxcaseg.joint_training"] or "boxcaseg.training" in g["boxcaseg.joint_training"]
     assert any(_in(m, "boxcaseg.commands") for m in g["boxcaseg.cli"])
     assert "boxcaseg.io" in g["boxcaseg.model.boxcaseg"]  # a function-level import counts
 
@@ -211,7 +211,7 @@ BELOW = {
 }
 # the steps of the method, in order: a step package never imports a later step's
 STEPS = (
-    ("boxcaseg.data", "boxcaseg.model", "boxcaseg.losses", "boxcaseg.training", "boxcaseg.train", "boxcaseg.weights"),
+    ("boxcaseg.data", "boxcaseg.model", "boxcaseg.losses", "boxcaseg.training", "boxcaseg.joint_training", "boxcaseg.weights"),
     ("boxcaseg.export", "boxcaseg.proxy"),
     ("boxcaseg.maskrcnn", "boxcaseg.evaluate"),
 )
@@ -265,14 +265,14 @@ def test_planted_imports_are_seen():
     assert parse_imports("boxcaseg.kernels.dispatch", "import importlib\nimportlib.import_module('boxcaseg.config')\n") \
         == {"boxcaseg.config"}
     assert "boxcaseg.config" in parse_imports("boxcaseg.losses", "m = __import__('boxcaseg.config')\n")
-    assert "boxcaseg.proxy" in parse_imports("boxcaseg.data.coco", "from boxcaseg.proxy.coco import build_tasks\n")
-    assert "boxcaseg.proxy" not in parse_imports("boxcaseg.proxy.coco", "from boxcaseg.proxy.geometry import x\n")
+    assert "boxcaseg.proxy" in parse_imports("boxcaseg.data.box_patches", "from boxcaseg.proxy.tasks import build_tasks\n")
+    assert "boxcaseg.proxy" not in parse_imports("boxcaseg.proxy.tasks", "from boxcaseg.proxy.geometry import x\n")
     planted["boxcaseg.model.pack"] = g["boxcaseg.model.pack"] | parse_imports(
         "boxcaseg.model.pack", "def f():\n    import boxcaseg.export.onnx_export\n")
     assert ("boxcaseg.model.pack", "boxcaseg.export.onnx_export") in step_violations(planted)
     assert ("boxcaseg.model.pack", "boxcaseg.export") in step_violations(planted)  # its __init__ runs too
-    planted["boxcaseg.evaluate.metrics"] = g["boxcaseg.evaluate.metrics"] | {"boxcaseg.proxy.coco"}
-    planted["boxcaseg.proxy.coco"] = g["boxcaseg.proxy.coco"] | {"boxcaseg.evaluate.metrics"}
+    planted["boxcaseg.evaluate.metrics"] = g["boxcaseg.evaluate.metrics"] | {"boxcaseg.proxy.tasks"}
+    planted["boxcaseg.proxy.tasks"] = g["boxcaseg.proxy.tasks"] | {"boxcaseg.evaluate.metrics"}
     assert any({"boxcaseg.evaluate", "boxcaseg.proxy"} <= set(c) for c in cycles(package_graph(planted)))
 
 
@@ -282,7 +282,7 @@ def test_importing_a_proxy_reader_loads_no_pipeline():
     import subprocess
     import sys
 
-    code = ("import sys, boxcaseg.proxy.coco\n"
+    code = ("import sys, boxcaseg.proxy.tasks\n"
             "print(sorted(m for m in sys.modules if m in ('boxcaseg.proxy.pipeline', 'boxcaseg.proxy.shards', "
             "'boxcaseg.proxy.distributed', 'boxcaseg.export', 'torch')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -104,8 +104,8 @@ def test_iscrowd_must_be_0_or_1(tmp_path, bad):
 
 def test_every_consumer_skips_crowd_annotations(tmp_path):
     from boxcaseg.baselines import box_fill_predictions
-    from boxcaseg.data.coco import read_coco_boxes
-    from boxcaseg.proxy.coco import build_tasks
+    from boxcaseg.data.box_patches import read_coco_boxes
+    from boxcaseg.proxy.tasks import build_tasks
 
     data = _coco(anns=[_ann(1), _ann(2, iscrowd=1)])
     p = _write(tmp_path, data, images={"a.png": 1})
@@ -130,8 +130,8 @@ def test_every_consumer_skips_crowd_annotations(tmp_path):
 ])
 def test_degenerate_boxes(tmp_path, bbox, reason):
     from boxcaseg.baselines import box_fill_predictions
-    from boxcaseg.data.coco import read_coco_boxes
-    from boxcaseg.proxy.coco import build_tasks
+    from boxcaseg.data.box_patches import read_coco_boxes
+    from boxcaseg.proxy.tasks import build_tasks
 
     data = _coco(anns=[_ann(1), _ann(2, bbox=bbox)])
     p = _write(tmp_path, data, images={"a.png": 1})
@@ -201,10 +201,10 @@ def test_skip_orphans_sets_them_aside(tmp_path):
 
 def test_every_consumer_rejects_an_unknown_image_the_same_way(tmp_path):
     from boxcaseg.baselines import box_fill_predictions
-    from boxcaseg.data.coco import read_coco_boxes
+    from boxcaseg.data.box_patches import read_coco_boxes
     from boxcaseg.evaluate import mask_quality
     from boxcaseg.maskrcnn.data import CocoMaskDataset
-    from boxcaseg.proxy.coco import validate_coco
+    from boxcaseg.proxy.tasks import validate_coco
 
     data = _coco(anns=[_ann(1, segmentation=[[4, 4, 24, 4, 24, 20, 4, 20]]), _ann(2, image_id=9)])
     p = _write(tmp_path, data, images={"a.png": 1})
@@ -219,7 +219,7 @@ def test_every_consumer_rejects_an_unknown_image_the_same_way(tmp_path):
 
 
 def test_a_missing_image_file_names_it(tmp_path):
-    from boxcaseg.data.coco import read_coco_boxes
+    from boxcaseg.data.box_patches import read_coco_boxes
 
     data = _coco([_image(1, "a.png"), _image(2, "gone.png")], [_ann(1, 1), _ann(2, 2)])
     p = _write(tmp_path, data, images={"a.png": 1})

@@ -15,7 +15,7 @@ import torch
 
 from boxcaseg.config import Config, load_config, resolve_config, shipped_configs
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.maskrcnn.config import MaskRCNNConfig, MaskRCNNModelConfig
+from boxcaseg.maskrcnn.recipe import MaskRCNNConfig, MaskRCNNModelConfig
 from conftest import REPO, run_cli
 
 EXPECTED = {"cpu", "paper-coco", "paper-voc", "maskrcnn-cpu", "maskrcnn-coco", "pretrained"}
@@ -139,7 +139,7 @@ def tiny_config(synth) -> Config:
 
 
 def test_boxcaseg_training_warns_once_for_random_init_only(synth, tmp_path, caplog):
-    from boxcaseg.train import train
+    from boxcaseg.joint_training import train
 
     caplog.set_level(logging.INFO)
     train(tiny_config(synth), tmp_path / "scratch", show_progress=False)
@@ -164,7 +164,7 @@ def test_boxcaseg_training_warns_once_for_random_init_only(synth, tmp_path, capl
 
 
 def test_maskrcnn_backbone_warns_for_random_init_only(tmp_path, caplog):
-    from boxcaseg.maskrcnn.model import build_backbone
+    from boxcaseg.maskrcnn.network import build_backbone
 
     caplog.set_level(logging.INFO)
     scratch = MaskRCNNModelConfig(backbone="resnet18", fpn_channels=8)
@@ -191,7 +191,7 @@ def test_pretrained_resnet_loads_torchvision_imagenet_weights(monkeypatch, tmp_p
     from torchvision.models import resnet18
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from boxcaseg.maskrcnn.model import build_backbone
+    from boxcaseg.maskrcnn.network import build_backbone
 
     fake = resnet18().state_dict()
     fake["conv1.weight"] = torch.full_like(fake["conv1.weight"], 0.25)
@@ -217,7 +217,7 @@ def test_pretrained_resnet_loads_torchvision_imagenet_weights(monkeypatch, tmp_p
 def test_pretrained_resnet_without_network_stops_with_one_line(monkeypatch, tmp_path):
     import torchvision.models._api as tv_api
 
-    from boxcaseg.maskrcnn.model import build_maskrcnn
+    from boxcaseg.maskrcnn.network import build_maskrcnn
 
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -235,7 +235,7 @@ def test_pretrained_resnet_without_network_stops_with_one_line(monkeypatch, tmp_
 
 def test_boxes_only_note_says_what_learns():
     """The boxes-only line tells which heads still learn, by the config's loss weights."""
-    from boxcaseg.train import boxes_only_note
+    from boxcaseg.joint_training import boxes_only_note
 
     cpu = load_config("cpu").train
     assert cpu.fused_mil_weight > 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boxcaseg.data.coco import BoxPatchDataset, box_label, jitter_box
+from boxcaseg.data.box_patches import BoxPatchDataset, box_label, jitter_box
 from boxcaseg.data.transforms import crop_resize
 from boxcaseg.data.salient import SalientDataset
 from boxcaseg.data.transforms import open_rgb

@@ -16,7 +16,7 @@ from boxcaseg.data.synthetic import make_synthetic_dataset
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import read_jsonl
 from boxcaseg.cli import main
-from boxcaseg.train import build_datasets, train
+from boxcaseg.joint_training import build_datasets, train
 
 
 def tiny_config(synth, max_iters=10) -> Config:

@@ -37,7 +37,7 @@ def _worker(rank, world, port, synth, out, iters):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from boxcaseg import dist
-    from boxcaseg.train import train
+    from boxcaseg.joint_training import train
 
     res = train(_cfg(synth, iters), out, show_progress=False)
     torch.save({k: v.detach().clone() for k, v in res.model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))

@@ -492,7 +492,7 @@ def test_box_rule(box):
 
 
 def test_huge_boxes_in_training_and_calibration_are_skipped(corpus):
-    from boxcaseg.data.coco import read_coco_boxes
+    from boxcaseg.data.box_patches import read_coco_boxes
     from boxcaseg.proxy.calibration import calibration_crops
 
     for name in ("box-1e308", "box-1e12", "box-string", "box-bools"):
@@ -575,7 +575,7 @@ def test_a_fifo_in_the_image_folder_is_flagged_with_skip_bad(corpus, tmp_path, c
 
 def test_train_skip_bad_decodes_and_counts_a_truncated_jpeg(corpus, tmp_path):
     """The up-front check decodes with --skip-bad: a truncated JPEG is skipped and counted, not met mid-run."""
-    from boxcaseg.data.coco import read_coco_boxes
+    from boxcaseg.data.box_patches import read_coco_boxes
 
     d = coco(anns=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [6, 6, 30, 24]},
                    {"id": 2, "image_id": 2, "category_id": 1, "bbox": [6, 6, 30, 24]}])
@@ -665,7 +665,7 @@ def test_yolo_label_of_a_rotated_photo_crops_the_object(o, tmp_path):
     converted COCO box, cropped as the proxy crops it, is the red object and nothing else."""
     from boxcaseg.formats import yolo_to_coco
     from boxcaseg.paths import check_image_paths
-    from boxcaseg.proxy.coco import build_tasks
+    from boxcaseg.proxy.tasks import build_tasks
     from boxcaseg.proxy.decode import DecodeDataset
 
     (tmp_path / "images").mkdir()

@@ -265,7 +265,7 @@ def test_int8_on_a_gpu_machine_with_device_cpu(monkeypatch):
 def test_resumed_run_with_another_precision_is_refused(data, tmp_path):
     """The precision is part of the run's fingerprint: int8 progress is never mixed with fp32 chunks."""
     from boxcaseg.proxy import ProxyConfig, generate_proxy
-    from boxcaseg.proxy.config import fingerprint, resolve_proxy_config
+    from boxcaseg.proxy.options import fingerprint, resolve_proxy_config
     from boxcaseg.proxy.shards import Shard
 
     out = tmp_path / "p.json"

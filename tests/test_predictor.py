@@ -307,11 +307,11 @@ def test_pack_halves_the_weights_and_stores_settings(models, tmp_path, capsys):
 
 def test_init_from_a_packed_model_takes_its_network(models, tmp_path):
     """`--init-from FILE`: the network ([model]) comes from the file, the weights too (lr 0 keeps them)."""
-    from boxcaseg.train import adopt_init_model
+    from boxcaseg.joint_training import adopt_init_model
     from boxcaseg.config import Config
     from boxcaseg.data.synthetic import make_synthetic_dataset
     from boxcaseg.model.pack import pack_checkpoint
-    from boxcaseg.train import train
+    from boxcaseg.joint_training import train
 
     pack_checkpoint(models["tuned"], tmp_path / "init.pt")
     synth = make_synthetic_dataset(tmp_path / "s", n_images=6, n_salient=0, image_size=(96, 72))

@@ -47,7 +47,7 @@ def real_crops(n: int = 16, size: int = 256) -> np.ndarray:
     from conftest import shared_data_root
 
     from boxcaseg.data.transforms import crop_resize, open_rgb
-    from boxcaseg.proxy.coco import build_tasks
+    from boxcaseg.proxy.tasks import build_tasks
 
     root = shared_data_root() / "coco-val"
     out = np.zeros((n, 3, size, size), np.uint8)
@@ -143,7 +143,7 @@ def test_channels_last_default_follows_the_device(setup):  # noqa: F811
     records it in the fingerprint and the output's settings; NCHW and the ONNX engine record
     nothing (their earlier progress files stay valid)."""
     from boxcaseg.export.engines import torch_channels_last
-    from boxcaseg.proxy.config import _torch_options
+    from boxcaseg.proxy.options import _torch_options
 
     assert torch_channels_last(None, "cpu") and not torch_channels_last(None, "cuda")
     assert not torch_channels_last(False, "cpu") and torch_channels_last(True, "cuda")
@@ -320,7 +320,7 @@ def test_torch_bf16_run_flags_its_precision(setup, single_run, tmp_path):  # noq
         union += int((mx | my).sum())
     assert inter / max(union, 1) > 0.95
     prog = tmp_path / "mix.json.progress" / "shard-0-of-1"
-    from boxcaseg.proxy.config import fingerprint, resolve_proxy_config
+    from boxcaseg.proxy.options import fingerprint, resolve_proxy_config
     from boxcaseg.proxy.shards import Shard
 
     cfg, rm = resolve_proxy_config(cfg_for(setup, tmp_path / "mix.json", engine="torch", model=setup["ckpt"]))

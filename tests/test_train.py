@@ -15,7 +15,7 @@ from boxcaseg.config import Config
 from boxcaseg.data.synthetic import make_synthetic_dataset
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import read_jsonl
-from boxcaseg.train import train
+from boxcaseg.joint_training import train
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_degenerate_boxes_skipped_and_counted(synth, tmp_path, caplog):
         d["annotations"][1]["bbox"] = [float("nan"), 1, 3, 3]
         d["annotations"][2]["bbox"] = [5000, 5000, 10, 10]
     p = _bad_coco(tmp_path, synth, mutate)
-    from boxcaseg.data.coco import BoxPatchDataset
+    from boxcaseg.data.box_patches import BoxPatchDataset
     from boxcaseg.errors import BoxcasegError
 
     n_all = len(json.loads(synth.ann_file.read_text())["annotations"])

@@ -170,8 +170,8 @@ def test_resume_from_a_crafted_checkpoint_fails(ckpt, tmp_path, capsys, no_timm)
 
 
 def test_maskrcnn_checkpoint_backbone(tmp_path, capsys, no_timm):
-    from boxcaseg.maskrcnn.config import MaskRCNNConfig
-    from boxcaseg.maskrcnn.train import model_from_checkpoint
+    from boxcaseg.maskrcnn.recipe import MaskRCNNConfig
+    from boxcaseg.maskrcnn.trainer import model_from_checkpoint
 
     cfg = MaskRCNNConfig()
     ok = config_from_checkpoint({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "backbone": "timm:resnet18"}},

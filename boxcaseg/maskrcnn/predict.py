@@ -17,7 +17,7 @@ from boxcaseg.cocojson import load_coco
 from boxcaseg.io import atomic_write_json, check_output_file
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.dist import check_device_name, resolve_device
-from boxcaseg.maskrcnn.train import load_checkpoint, model_from_checkpoint
+from boxcaseg.maskrcnn.trainer import load_checkpoint, model_from_checkpoint
 from boxcaseg.masks import encode
 from boxcaseg.paths import check_image_paths
 

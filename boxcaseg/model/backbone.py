@@ -114,7 +114,7 @@ class TimmBackbone(nn.Module):
 
     def load_weights(self, path: str | Path) -> None:
         """Load a local backbone weight file (timm naming, classification or features model)."""
-        from boxcaseg.model.weights import load_backbone_state
+        from boxcaseg.model.backbone_weights import load_backbone_state
 
         own = self.body.state_dict()
         state = load_backbone_state(path, list(own))

@@ -2,7 +2,7 @@
 
 - :func:`generate_proxy` (:class:`ProxyConfig` -> summary): the batched, sharded,
   resumable run (:mod:`~boxcaseg.proxy.pipeline`; its options
-  :mod:`~boxcaseg.proxy.config`, decoding workers :mod:`~boxcaseg.proxy.decode`,
+  :mod:`~boxcaseg.proxy.options`, decoding workers :mod:`~boxcaseg.proxy.decode`,
   post-processing thread :mod:`~boxcaseg.proxy.chunk_writer`);
 - :func:`merge_shards` joins shard files (:mod:`~boxcaseg.proxy.shards`: shards,
   progress chunks, shard files);
@@ -21,9 +21,9 @@ The names above are loaded on first use: importing a submodule loads only what i
 import importlib
 
 # name -> the submodule it lives in; loaded on first use, so that importing one submodule
-# (proxy.coco, proxy.postprocess) does not load the pipeline, the shards or torchrun's glue
+# (proxy.tasks, proxy.postprocess) does not load the pipeline, the shards or torchrun's glue
 _EXPORTS = {
-    "ProxyConfig": "config",
+    "ProxyConfig": "options",
     "generate_proxy": "pipeline",
     "generate_proxy_torchrun": "distributed",
     "encode_window_fast": "merge_drop",

@@ -22,7 +22,7 @@ def calibration_crops(ann: str | Path, images: str | Path, size: int, context: f
     order, every usable box of each until ``n`` are cut."""
     from boxcaseg.cocojson import load_coco
     from boxcaseg.paths import check_image_paths
-    from boxcaseg.proxy.coco import build_tasks
+    from boxcaseg.proxy.tasks import build_tasks
     from boxcaseg.proxy.decode import DecodeDataset
 
     coco = load_coco(ann, "calibration")

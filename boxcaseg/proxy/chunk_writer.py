@@ -27,8 +27,8 @@ import numpy as np
 
 from boxcaseg.infer_settings import InferSettings
 from boxcaseg.masks import empty_rle
-from boxcaseg.proxy.coco import ImageTask
-from boxcaseg.proxy.config import ProxyConfig
+from boxcaseg.proxy.tasks import ImageTask
+from boxcaseg.proxy.options import ProxyConfig
 from boxcaseg.proxy.shards import ProgressStore, empty_stats
 
 # called with the chunk index after each chunk file is saved (in the post thread or a pool worker)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.proxy.coco import ImageTask
+from boxcaseg.proxy.tasks import ImageTask
 
 
 def cut_crops(img, crops, size: int) -> np.ndarray:

@@ -7,7 +7,7 @@ one-process run.
 
 from __future__ import annotations
 
-from boxcaseg.proxy.config import ProxyConfig
+from boxcaseg.proxy.options import ProxyConfig
 from boxcaseg.proxy.pipeline import generate_proxy
 from boxcaseg.proxy.shards import merge_shards
 

@@ -3,7 +3,7 @@
 
 It is made of the proxy run's own parts, the one place each lives:
 
-- the boxes' windows: :func:`boxcaseg.proxy.coco.image_task` (as :func:`~boxcaseg.proxy.coco.build_tasks`);
+- the boxes' windows: :func:`boxcaseg.proxy.tasks.image_task` (as :func:`~boxcaseg.proxy.tasks.build_tasks`);
 - the crops: :func:`boxcaseg.proxy.decode.cut_crops` (the decoding workers' crops);
 - the maps -> box-local masks: :func:`boxcaseg.proxy.postprocess.masks_from_probs` with the
   :class:`~boxcaseg.infer_settings.InferSettings` in force (the chunk writer's call);
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from boxcaseg.infer_settings import InferSettings
-from boxcaseg.proxy.coco import image_task
+from boxcaseg.proxy.tasks import image_task
 from boxcaseg.proxy.decode import cut_crops
 from boxcaseg.proxy.merge_drop import merge_and_drop
 from boxcaseg.proxy.postprocess import masks_from_probs

@@ -2,7 +2,7 @@
 
 Flow (one shard):
 
-1. the json is validated and turned into per-image work (:mod:`boxcaseg.proxy.coco`),
+1. the json is validated and turned into per-image work (:mod:`boxcaseg.proxy.tasks`),
    cut into fixed chunks; chunks finished by an earlier, killed run are skipped
    (:class:`~boxcaseg.proxy.shards.ProgressStore`);
 2. worker processes decode each image once and crop + resize all its usable boxes to
@@ -24,7 +24,7 @@ The engine is loaded and warmed up (its first batch, a CUDA graph's capture, the
 kernels' compilation) in a thread while step 1 reads the json; the steady clock starts
 when both are done.
 
-Options and their resolution from the model: :mod:`boxcaseg.proxy.config`; one shard
+Options and their resolution from the model: :mod:`boxcaseg.proxy.options`; one shard
 per torchrun rank and the rank-0 join: :mod:`boxcaseg.proxy.distributed`.
 """
 
@@ -42,8 +42,8 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import InferSettings
 from boxcaseg.io import atomic_write_json, load_json
 from boxcaseg.paths import check_image_paths
-from boxcaseg.proxy.coco import apply_results, build_tasks, validate_coco
-from boxcaseg.proxy.config import ProxyConfig, fingerprint, resolve_proxy_config, run_info
+from boxcaseg.proxy.tasks import apply_results, build_tasks, validate_coco
+from boxcaseg.proxy.options import ProxyConfig, fingerprint, resolve_proxy_config, run_info
 from boxcaseg.proxy.decode import decoded_stream
 from boxcaseg.proxy.chunk_writer import PostPool, PostThread, Timers
 from boxcaseg.proxy.shards import ProgressStore, Shard, progress_dir, stats_summary, write_shard_file

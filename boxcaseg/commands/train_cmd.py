@@ -55,7 +55,7 @@ def train_command(
     from boxcaseg import dist
     from boxcaseg.config import apply_overrides, load_config
     from boxcaseg.data.sampler import split_batch
-    from boxcaseg.train import adopt_init_model, boxes_only_note, train
+    from boxcaseg.joint_training import adopt_init_model, boxes_only_note, train
 
     overrides = {
         "data.box_ann": _one_or_list(box_ann), "data.box_images": _one_or_list(box_images),

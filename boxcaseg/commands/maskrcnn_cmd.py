@@ -33,8 +33,8 @@ def maskrcnn_train_command(
 
     from boxcaseg import dist
     from boxcaseg.config import apply_overrides, load_config
-    from boxcaseg.maskrcnn.config import MaskRCNNConfig
-    from boxcaseg.maskrcnn.train import train_maskrcnn
+    from boxcaseg.maskrcnn.recipe import MaskRCNNConfig
+    from boxcaseg.maskrcnn.trainer import train_maskrcnn
 
     cfg = load_config(config, {"data.ann": ann, "data.images": images, "train.max_iters": max_iters,
                                "data.batch_size": batch_size, "train.lr": lr, "data.workers": workers},

@@ -56,7 +56,7 @@ def proxy_command(
     from boxcaseg.dist import env_rank_world
     from boxcaseg.errors import BoxcasegError
     from boxcaseg.proxy import ProxyConfig, generate_proxy_torchrun, merge_shards
-    from boxcaseg.proxy.config import resolve_proxy_config
+    from boxcaseg.proxy.options import resolve_proxy_config
     from boxcaseg.proxy.report import (merged_shards_line, output_paths, settings_line, summary_json, summary_lines,
                                        write_format, wrote_whole_json)
 

@@ -22,9 +22,9 @@ from boxcaseg.dist import worker_context
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import safe_torch_load
 from boxcaseg.training import Run, TrainResult, worker_init
-from boxcaseg.maskrcnn.config import MaskRCNNConfig
+from boxcaseg.maskrcnn.recipe import MaskRCNNConfig
 from boxcaseg.maskrcnn.data import CocoMaskDataset, IterationSampler, collate
-from boxcaseg.maskrcnn.model import build_maskrcnn
+from boxcaseg.maskrcnn.network import build_maskrcnn
 
 log = logging.getLogger(__name__)
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
