@@ -233,7 +233,7 @@ def test_training_loader_of_a_cuda_run_uses_a_fork_server(monkeypatch):
     """The training loaders' workers: forked on a CPU run, from a fork server on a CUDA one."""
     import torch
 
-    from boxcaseg import train as train_mod
+    from boxcaseg import joint_training as train_mod
     from boxcaseg.config import Config
 
     class FakeRun:
