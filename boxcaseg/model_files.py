@@ -129,20 +129,28 @@ def _resolve_int8(model, engine: str, device: str | None) -> ResolvedModel:
                             f"({device or 'cuda'}): on a GPU keep fp32 (or --engine torch --precision fp16/bf16), "
                             "or add --device cpu")
     import_onnxruntime("--precision int8")
+    path, label = _named_model(model, weights.int8_path)
+    kind = file_kind(path)
+    meta = read_onnx_metadata(path) if kind == "onnx" else {}
+    if not weights.is_alias(model) and not is_quantized(meta):
+        ckpt = path if kind == "torch" else "CHECKPOINT"
+        raise BoxcasegError(f"--precision int8: {path} is not an int8 graph; make one with `boxcaseg export {ckpt} "
+                            "-o m.onnx --int8 --calib-ann TRAIN.json --calib-images TRAIN/` (calibrated on your "
+                            "training boxes) and pass --model m.int8.onnx")
+    return ResolvedModel("onnx", path, path, label, InferSettings.from_metadata(meta, path), "int8")
+
+
+def _named_model(model, shipped) -> tuple[Path, str]:
+    """The file a model name means and how to name it to the user: the shipped file
+    (``shipped()``) for None / "pretrained", else the user's file, which must exist."""
+    from boxcaseg import weights
+
     if weights.is_alias(model):
-        path = weights.int8_path()
-        label = f"{weights.NAME} (shipped)"
-    else:
-        path = Path(model)
-        if not path.is_file():
-            raise BoxcasegError(f"{path}: model file not found")
-        if file_kind(path) != "onnx" or not is_quantized(read_onnx_metadata(path)):
-            ckpt = path if file_kind(path) == "torch" else "CHECKPOINT"
-            raise BoxcasegError(f"--precision int8: {path} is not an int8 graph; make one with `boxcaseg export {ckpt} "
-                                "-o m.onnx --int8 --calib-ann TRAIN.json --calib-images TRAIN/` (calibrated on your "
-                                "training boxes) and pass --model m.int8.onnx")
-        label = str(path)
-    return ResolvedModel("onnx", path, path, label, InferSettings.from_metadata(read_onnx_metadata(path), path), "int8")
+        return shipped(), f"{weights.NAME} (shipped)"
+    path = Path(model)
+    if not path.is_file():
+        raise BoxcasegError(f"{path}: model file not found")
+    return path, str(path)
 
 
 def resolve_model(model: str | Path | None = None, engine: str = "auto", device: str | None = None,
@@ -168,14 +176,7 @@ def resolve_model(model: str | Path | None = None, engine: str = "auto", device:
     check_precision(precision)
     if precision == "int8":
         return _resolve_int8(model, engine, device)
-    if weights.is_alias(model):
-        source = weights.pretrained_path()
-        label = f"{weights.NAME} (shipped)"
-    else:
-        source = Path(model)
-        if not source.is_file():
-            raise BoxcasegError(f"{source}: model file not found")
-        label = str(source)
+    source, label = _named_model(model, weights.pretrained_path)
     kind = file_kind(source)
     if engine == "auto":
         if kind == "torch":
