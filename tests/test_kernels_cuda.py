@@ -157,24 +157,28 @@ def test_compact_bags_reproducible_and_graph_captured():
     x = (torch.randn(64, 1, 288, 288, generator=gen) * 3).to(CUDA)
     m = random_box_mask(64, 288, 288, gen)
     bags = bag_labels(m).to(CUDA)
-    xs = x.clone().requires_grad_(True)
 
-    def step():
+    def step(xs):
         mil, smooth = mil_smooth_triton.mil_smooth_loss_triton(xs, bags, True, True, (1.0, W_SMOOTH))
         g, = torch.autograd.grad(mil + W_SMOOTH * smooth, xs)
         return mil, smooth, g
 
-    eager = [tuple(t.clone() for t in step()) for _ in range(3)]
+    xs = x.clone().requires_grad_(True)
+    eager = [tuple(t.clone() for t in step(xs)) for _ in range(3)]
     for run in eager[1:]:
         assert all(torch.equal(a, b) for a, b in zip(eager[0], run))
+    # The captured step's leaf is first used on the side stream: a leaf's gradient accumulator
+    # keeps the stream of its first use, and one on the legacy default stream cannot wait on a
+    # capture (torch.cuda.make_graphed_callables gives its inputs fresh leaves for the same reason).
+    xg = x.clone().requires_grad_(True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()
+        step(xg)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = step()
+        outs = step(xg)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
