@@ -313,3 +313,35 @@ def test_cycle_finder_finds_a_planted_circle():
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(g) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+#: The one inference path (proxy/image_masks.py): the post-processing steps it wraps are called
+#: from there alone, so a change to them is made once for the proxy run, Segmenter and segment.
+ONE_PATH = {"masks_from_probs": "boxcaseg.proxy.image_masks", "merge_and_drop": "boxcaseg.proxy.image_masks"}
+
+
+def call_sites(name: str, sources: dict[str, str]) -> set[str]:
+    """The modules of ``sources`` (module -> source text) that call a function named ``name``
+    (``name(...)`` or ``anything.name(...)``)."""
+    out = set()
+    for module, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call):
+                f = node.func
+                called = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                if called == name:
+                    out.add(module)
+    return out
+
+
+def test_post_processing_is_called_from_the_one_masks_path():
+    sources = {m: p.read_text() for m, p in MODULES.items()}
+    for name, home in ONE_PATH.items():
+        assert call_sites(name, sources) == {home}, f"{name} called outside {home}"
+    # Segmenter, the proxy run's post-processing and its warm-up compose the path's stages
+    assert "boxcaseg.predictor" in call_sites("image_masks", sources)
+    assert {"boxcaseg.proxy.chunk_writer", "boxcaseg.proxy.pipeline"} <= call_sites("crop_masks", sources)
+    assert {"boxcaseg.proxy.chunk_writer", "boxcaseg.proxy.pipeline"} <= call_sites("finish_image", sources)
+    planted = dict(sources, **{"boxcaseg.predictor": "from boxcaseg.proxy import postprocess\n"
+                                                     "postprocess.masks_from_probs(p, c, b, s)\n"})
+    assert call_sites("masks_from_probs", planted) == {"boxcaseg.proxy.image_masks", "boxcaseg.predictor"}

@@ -1,6 +1,7 @@
-"""Post-processing of a proxy run: probability maps -> box-local masks
-(:func:`~boxcaseg.proxy.postprocess.masks_from_probs`), and at each chunk's end merge +
-drop per image, RLE, and the chunk's results saved atomically to the
+"""Post-processing of a proxy run: probability maps -> box-local masks per batch
+(:func:`~boxcaseg.proxy.image_masks.crop_masks`), and at each chunk's end merge + drop per
+image (:func:`~boxcaseg.proxy.image_masks.finish_image`: the stages that ``Segmenter`` and
+``segment`` take too), RLE, and the chunk's results saved atomically to the
 :class:`~boxcaseg.proxy.shards.ProgressStore` (:func:`write_chunk`).
 
 Two ways to run it, the same bytes: :class:`PostThread` (``--post-workers 0``), one thread
@@ -27,6 +28,7 @@ import numpy as np
 
 from boxcaseg.infer_settings import InferSettings
 from boxcaseg.masks import empty_rle
+from boxcaseg.proxy.image_masks import crop_masks, finish_image
 from boxcaseg.proxy.tasks import ImageTask
 from boxcaseg.proxy.options import ProxyConfig
 from boxcaseg.proxy.shards import ProgressStore, empty_stats
@@ -53,24 +55,12 @@ class Timers:
     steady: float = 0.0      # wall time of the run after the warm-up (steady_instances_per_s's clock)
 
 
-def chunk_masks(cfg: ProxyConfig, probs: np.ndarray, refs: list, settings: InferSettings,
-                stride: int) -> list[np.ndarray]:
-    """Box-local masks for ``refs`` [(task, slot)] from their maps ``probs`` (same order), with
-    the run's ``settings`` in force (:func:`~boxcaseg.proxy.postprocess.masks_from_probs`)."""
-    from boxcaseg.proxy.postprocess import masks_from_probs
-
-    crops = np.stack([t.crops[s] for t, s in refs])
-    boxes = np.stack([t.boxes[s] for t, s in refs])
-    gt = np.stack([t.gt_xyxy[s] for t, s in refs])
-    return masks_from_probs(probs, crops, boxes, settings, stride=stride, relative=cfg.relative, gt_xyxy=gt)
-
-
 def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[int, list], bad: dict[int, str],
                 store: ProgressStore) -> int:
     """Chunk ``c``: merge + drop per image, RLE, stats, saved atomically; returns the number of
     annotations not inferred (degenerate boxes, bad images). ``masks``/``bad``: task index ->
     masks per usable slot / why the image is unusable (the chunk's entries are popped)."""
-    from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
+    from boxcaseg.proxy.merge_drop import encode_window_fast
 
     results = []
     st = empty_stats()
@@ -90,7 +80,7 @@ def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[in
         elif len(t.crops):
             if ms is None or any(m is None for m in ms):
                 raise RuntimeError(f"image id {t.image_id!r}: masks missing at chunk end")
-            merged, agreement = merge_and_drop(t.boxes, ms, t.gt_xyxy, t.areas, merge=cfg.merge)
+            merged, agreement = finish_image(t, ms, merge=cfg.merge)
         slot = 0
         for a in range(n):
             reason = t.reasons[a]
@@ -197,7 +187,7 @@ class PostThread(threading.Thread):
         if kind == "batch":
             _, probs, refs = item
             t0 = time.perf_counter()
-            masks = chunk_masks(self.cfg, probs, refs, self.settings, self.stride)
+            masks = crop_masks(probs, refs, self.settings, stride=self.stride, relative=self.cfg.relative)
             self.timers.masks += time.perf_counter() - t0
             for (t, s), m in zip(refs, masks):
                 self.masks.setdefault(t.index, [None] * len(t.crops))[s] = m
@@ -241,7 +231,8 @@ def _pool_chunk(c: int, probs: np.ndarray, refs_pos: np.ndarray, bad_pos: list) 
     refs = [(tasks[int(p)], int(s)) for p, s in refs_pos]
     masks: dict[int, list] = {}
     if refs:
-        for (t, s), m in zip(refs, chunk_masks(cfg, probs, refs, st["settings"], st["stride"])):
+        local = crop_masks(probs, refs, st["settings"], stride=st["stride"], relative=cfg.relative)
+        for (t, s), m in zip(refs, local):
             masks.setdefault(t.index, [None] * len(t.crops))[s] = m
     t1 = time.perf_counter()
     bad = {tasks[p].index: why for p, why in bad_pos}

@@ -1,16 +1,18 @@
-"""One image's boxes -> masks: the proxy path for a single image, used by
-:class:`boxcaseg.Segmenter` (and so by ``boxcaseg segment``).
+"""The one inference path: boxes -> masks, in two stages that every caller composes.
 
-It is made of the proxy run's own parts, the one place each lives:
+- :func:`crop_masks`: maps -> box-local masks for any crops (of one image or of many), with
+  the :class:`~boxcaseg.infer_settings.InferSettings` in force
+  (:func:`~boxcaseg.proxy.postprocess.masks_from_probs`);
+- :func:`finish_image`: one image's box-local masks -> merged masks and box agreements
+  (:func:`~boxcaseg.proxy.merge_drop.merge_and_drop`).
 
-- the boxes' windows: :func:`boxcaseg.proxy.tasks.image_task` (as :func:`~boxcaseg.proxy.tasks.build_tasks`);
-- the crops: :func:`boxcaseg.proxy.decode.cut_crops` (the decoding workers' crops);
-- the maps -> box-local masks: :func:`boxcaseg.proxy.postprocess.masks_from_probs` with the
-  :class:`~boxcaseg.infer_settings.InferSettings` in force (the chunk writer's call);
-- merge and box agreement: :func:`boxcaseg.proxy.merge_drop.merge_and_drop` (the chunk files').
-
-A change to crops or post-processing is made in those functions and reaches the proxy run,
-``Segmenter`` and ``segment`` alike.
+:func:`image_masks` runs the whole path for one image (the windows of
+:func:`~boxcaseg.proxy.tasks.image_task`, the crops of :func:`~boxcaseg.proxy.decode.cut_crops`,
+the engine, the two stages): :class:`boxcaseg.Segmenter` and so ``boxcaseg segment`` call it.
+The proxy run's chunk writer (:mod:`boxcaseg.proxy.chunk_writer`) calls the same two stages:
+:func:`crop_masks` on each batch, whose crops come from many images, and :func:`finish_image`
+on each image at its chunk's end. A change to a window, a crop or a post-processing step is
+made in one of these functions and reaches the proxy run, ``Segmenter`` and ``segment`` alike.
 """
 
 from __future__ import annotations
@@ -18,10 +20,28 @@ from __future__ import annotations
 import numpy as np
 
 from boxcaseg.infer_settings import InferSettings
-from boxcaseg.proxy.tasks import image_task
-from boxcaseg.proxy.decode import cut_crops
-from boxcaseg.proxy.merge_drop import merge_and_drop
-from boxcaseg.proxy.postprocess import masks_from_probs
+from boxcaseg.proxy.tasks import ImageTask, image_task
+
+
+def crop_masks(probs: np.ndarray, refs: list[tuple[ImageTask, int]], settings: InferSettings, *, stride: int,
+               relative: bool = False) -> list[np.ndarray]:
+    """Box-local masks (uint8, the box window's size) for ``refs`` [(task, slot)], the crops of
+    one image or of many, from their maps ``probs`` [len(refs), 1, h, w] (same order)."""
+    from boxcaseg.proxy.postprocess import masks_from_probs
+
+    crops = np.stack([t.crops[s] for t, s in refs])
+    boxes = np.stack([t.boxes[s] for t, s in refs])
+    gt = np.stack([t.gt_xyxy[s] for t, s in refs])
+    return masks_from_probs(probs, crops, boxes, settings, stride=stride, relative=relative, gt_xyxy=gt)
+
+
+def finish_image(task: ImageTask, masks: list[np.ndarray], *, merge: bool) -> tuple[list, np.ndarray]:
+    """One image's box-local ``masks`` (one per usable box, in slot order) -> the masks as
+    written (``merge``: a pixel claimed by several boxes goes to the smallest) and each box's
+    agreement with its mask."""
+    from boxcaseg.proxy.merge_drop import merge_and_drop
+
+    return merge_and_drop(task.boxes, masks, task.gt_xyxy, task.areas, merge=merge)
 
 
 def image_masks(img, boxes_xywh: np.ndarray, settings: InferSettings, engine, *, batch_size: int = 32,
@@ -30,17 +50,19 @@ def image_masks(img, boxes_xywh: np.ndarray, settings: InferSettings, engine, *,
     by the caller) on ``img`` (PIL RGB, W x H), with ``settings`` (context, threshold, prior
     weight, S) and ``engine`` (``predict(batch [B, 3, S, S]) -> probs``, batches of at most
     ``batch_size``). ``merge``: a pixel claimed by several boxes goes to the smallest."""
+    from boxcaseg.proxy.decode import cut_crops
+
     W, H = img.size
     task = image_task(W, H, boxes_xywh, settings.context)
     n = len(task.crops)
-    batch = cut_crops(img, task.crops, settings.infer_size)
-    probs = [engine.predict(batch[i:i + batch_size]) for i in range(0, n, batch_size)]
-    probs = np.concatenate(probs, 0) if probs else np.zeros((0, 1, 1, 1), np.float32)
-    local = masks_from_probs(probs, task.crops, task.boxes, settings, stride=engine.output_stride, relative=relative,
-                             gt_xyxy=task.gt_xyxy)
-    local, agreement = merge_and_drop(task.boxes, local, task.gt_xyxy, task.areas, merge=merge)
     out = np.zeros((n, H, W), bool)
-    for k, m in enumerate(local):
+    if n == 0:
+        return out, np.zeros(0)
+    batch = cut_crops(img, task.crops, settings.infer_size)
+    probs = np.concatenate([engine.predict(batch[i:i + batch_size]) for i in range(0, n, batch_size)], 0)
+    local = crop_masks(probs, [(task, s) for s in range(n)], settings, stride=engine.output_stride, relative=relative)
+    merged, agreement = finish_image(task, local, merge=merge)
+    for k, m in enumerate(merged):
         x0, y0, x1, y1 = (int(v) for v in task.boxes[k])
         out[k, y0:y1, x0:x1] = m.astype(bool)
     return out, agreement

@@ -196,15 +196,16 @@ class EngineWarmUp(threading.Thread):
 def _warm_up(engine, cfg, settings: InferSettings) -> None:
     """One batch through the engine (a CUDA graph is captured then) and the post-processing
     kernels (their compilation), so that the run's per-stage times describe the steady state."""
-    from boxcaseg.proxy.merge_drop import encode_window_fast, merge_and_drop
-    from boxcaseg.proxy.postprocess import masks_from_probs
+    from boxcaseg.proxy.image_masks import crop_masks, finish_image
+    from boxcaseg.proxy.merge_drop import encode_window_fast
+    from boxcaseg.proxy.tasks import image_task
 
     size = settings.infer_size
     probs = engine.predict(np.zeros((cfg.batch_size, 3, size, size), np.uint8))
-    win = np.array([[0, 0, 8, 8]], np.int64)
-    masks = masks_from_probs(np.asarray(probs)[:1], win, win, settings, stride=engine.output_stride,
-                             relative=cfg.relative, gt_xyxy=win.astype(np.float64))
-    merged, _ = merge_and_drop(win, masks, win.astype(np.float64), np.ones(1), merge=cfg.merge)
+    task = image_task(8, 8, [[0, 0, 8, 8]], settings.context)
+    masks = crop_masks(np.asarray(probs)[:1], [(task, 0)], settings, stride=engine.output_stride,
+                       relative=cfg.relative)
+    merged, _ = finish_image(task, masks, merge=cfg.merge)
     encode_window_fast(merged[0], 0, 0, 8, 8)
 
 
