@@ -140,6 +140,14 @@ def _resolve_int8(model, engine: str, device: str | None) -> ResolvedModel:
     return ResolvedModel("onnx", path, path, label, InferSettings.from_metadata(meta, path), "int8")
 
 
+def checkpoint_path(name: str | Path) -> Path:
+    """The checkpoint a name means: the shipped model's for "pretrained", else the path as
+    given (its reader checks it)."""
+    from boxcaseg import weights
+
+    return weights.pretrained_path() if weights.is_alias(name) else Path(name)
+
+
 def _named_model(model, shipped) -> tuple[Path, str]:
     """The file a model name means and how to name it to the user: the shipped file
     (``shipped()``) for None / "pretrained", else the user's file, which must exist."""

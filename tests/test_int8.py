@@ -339,3 +339,25 @@ def test_the_shipped_int8_graph_rebuilds_to_its_bytes(data_root, tmp_path, monke
     mc.int8(argparse.Namespace(calib_ann=str(data_root / "coco-train" / "instances.json"), calib_images=None,
                                calib_crops=256, calib_seed=0))
     assert file_sha256(folder / weights.INT8_FILE) == weights.INT8_SHA256
+
+
+def test_check_calibration_is_the_librarys(tmp_path):
+    """``export --int8``'s checks live in the library (proxy.calibration.check_calibration):
+    each bad input is one BoxcasegError before any work; a good set comes back checked."""
+    from test_proxy import small_coco
+
+    from boxcaseg.proxy.calibration import Calibration, check_calibration, int8_path
+
+    ann, images = small_coco(tmp_path / "d", n_images=2)
+    out = tmp_path / "m.onnx"
+    assert int8_path(out) == tmp_path / "m.int8.onnx"
+    got = check_calibration(ann, images, 12, out, inputs=[])
+    assert got == Calibration(Path(ann), Path(images), 12)
+    bad = [((None, images, 12, out), "needs --calib-ann"), ((ann, images, 0, out), "at least 1"),
+           ((tmp_path / "no.json", images, 12, out), "no.json"), ((ann, tmp_path / "none", 12, out), "not a folder"),
+           ((ann, images, 12, ann.with_suffix(".onnx")), "int8.onnx")]
+    ann.with_suffix(".int8.onnx").mkdir()  # an output path that is a folder
+    for args, match in bad:
+        with pytest.raises(BoxcasegError, match=re.escape(match)):
+            check_calibration(*args, inputs=[])
+    assert not out.exists() and not int8_path(out).exists()

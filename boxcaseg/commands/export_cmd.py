@@ -47,30 +47,16 @@ def export_command(
 
     from boxcaseg.errors import BoxcasegError
     from boxcaseg.export import export_onnx
+    from boxcaseg.model_files import checkpoint_path
 
-    if fp16 and not trt:
-        raise BoxcasegError("--fp16 applies to the TensorRT engine: add --trt")
     if tta not in ("none", "flip"):
         raise BoxcasegError(f"--tta {tta!r}: choose none or flip")
-    if int8 and not (calib_ann and calib_images):
-        raise BoxcasegError("--int8 needs --calib-ann and --calib-images (boxes to calibrate on)")
-    if int8 and calib_crops < 1:
-        raise BoxcasegError(f"--calib-crops {calib_crops}: must be at least 1")
-    if int8:
-        from boxcaseg.io import check_input_file
-
-        check_input_file(calib_ann, "calibration")
-    if int8 and not Path(calib_images).is_dir():
-        raise BoxcasegError(f"{calib_images}: not a folder (--calib-images)")
-    from boxcaseg import weights
-    from boxcaseg.io import check_output_file
-
-    ckpt = weights.pretrained_path() if weights.is_alias(ckpt) else Path(ckpt)
+    ckpt = checkpoint_path(ckpt)
+    calib = None
     if int8:  # before any work: the int8 graph is written last, from crops of the calibration json's boxes
-        check_output_file(Path(out).with_suffix(".int8.onnx"), "-o", inputs=[ckpt, calib_ann])
-        from boxcaseg.cocojson import load_coco
+        from boxcaseg.proxy.calibration import check_calibration
 
-        load_coco(calib_ann, "calibration").paths(calib_images)
+        calib = check_calibration(calib_ann, calib_images, calib_crops, out, inputs=[ckpt])
     rep = export_onnx(ckpt, out, trt=trt, fp16=fp16, max_batch=max_batch, engine_out=engine_out,
                       infer_size=infer_size, flip_tta=tta == "flip", alpha=alpha)
     con = Console(highlight=False, soft_wrap=True)
@@ -85,12 +71,12 @@ def export_command(
         + (f", {rep.bn_left} left" if rep.bn_left else "") + f"; exporter {rep.exporter}")
     if rep.engine_path:
         con.print(f"[green]wrote[/] {rep.engine_path} (TensorRT, batch 1..{max_batch}, fp16={fp16})")
-    if int8:
+    if calib is not None:
         from boxcaseg.export.onnx_export import read_onnx_metadata
         from boxcaseg.export.quantize import QUANT_KEY
-        from boxcaseg.proxy.calibration import quantize_calibrated
+        from boxcaseg.proxy.calibration import int8_path, quantize_calibrated
 
-        q = quantize_calibrated(rep.onnx_path, Path(out).with_suffix(".int8.onnx"), calib_ann, calib_images, calib_crops)
+        q = quantize_calibrated(rep.onnx_path, int8_path(out), calib.ann, calib.images, calib.crops)
         con.print(f"[green]wrote[/] {q}: int8 ({q.stat().st_size / 1e6:.1f} MB, float32 {rep.onnx_path.stat().st_size / 1e6:.1f} MB), "
                   f"{read_onnx_metadata(q)[QUANT_KEY]}; run it with --model {q}")
 

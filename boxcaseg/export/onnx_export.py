@@ -195,6 +195,8 @@ def export_onnx(
     half precision. Without TensorRT or a CUDA GPU this raises BoxcasegError naming what
     is missing (before anything is written).
     """
+    if fp16 and not trt:
+        raise BoxcasegError("--fp16 applies to the TensorRT engine: add --trt")
     import onnx
     import torch
 

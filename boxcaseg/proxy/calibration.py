@@ -1,6 +1,7 @@
 """int8 calibration on proxy crops: the crops a proxy run would cut from real boxes
 (:func:`calibration_crops`: the same task list, context and crop cutting as
-:mod:`~boxcaseg.proxy.decode`), and the whole int8 recipe (:func:`quantize_calibrated`:
+:mod:`~boxcaseg.proxy.decode`), the check of a calibration set before any work
+(:func:`check_calibration`), and the whole int8 recipe (:func:`quantize_calibrated`:
 those crops into :func:`boxcaseg.export.quantize.quantize_onnx`; ``boxcaseg export --int8``,
 the shipped model's int8 graph).
 """
@@ -8,12 +9,48 @@ the shipped model's int8 graph).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import InferSettings
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A checked calibration set: a COCO json, its image folder, how many crops."""
+
+    ann: Path
+    images: Path
+    crops: int = 256
+
+
+def int8_path(onnx_out: str | Path) -> Path:
+    """Where ``boxcaseg export --int8`` writes the int8 graph beside ``onnx_out``."""
+    return Path(onnx_out).with_suffix(".int8.onnx")
+
+
+def check_calibration(ann: str | Path | None, images: str | Path | None, crops: int, onnx_out: str | Path,
+                      inputs: list) -> Calibration:
+    """Everything ``--int8`` needs, checked before any work (each problem: BoxcasegError, one
+    line): both ``ann`` and ``images`` given, ``crops`` >= 1, the json readable and valid, its
+    images inside ``images``, and the int8 output (:func:`int8_path` of ``onnx_out``) writable
+    and none of ``inputs``."""
+    from boxcaseg.cocojson import load_coco
+    from boxcaseg.io import check_input_file, check_output_file
+
+    if not (ann and images):
+        raise BoxcasegError("--int8 needs --calib-ann and --calib-images (boxes to calibrate on)")
+    if crops < 1:
+        raise BoxcasegError(f"--calib-crops {crops}: must be at least 1")
+    check_input_file(ann, "calibration")
+    if not Path(images).is_dir():
+        raise BoxcasegError(f"{images}: not a folder (--calib-images)")
+    check_output_file(int8_path(onnx_out), "-o", inputs=[*inputs, ann])
+    load_coco(ann, "calibration").paths(images)
+    return Calibration(Path(ann), Path(images), crops)
 
 
 def calibration_crops(ann: str | Path, images: str | Path, size: int, context: float, n: int,
