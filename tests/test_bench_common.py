@@ -412,3 +412,29 @@ def test_data_scaling_conclusion_says_whether_more_pairs_pay():
     steep = [row("s1000", 0, 1000, 0.70), row("s1000", 1, 1000, 0.705), row("s9808", 0, 9808, 0.74)]
     assert "pay beyond the seed noise" in ds.conclusion(steep) and "do not" not in ds.conclusion(steep)
     assert "Too few points" in ds.conclusion([row("s1000", 0, 1000, 0.7)])
+
+
+def test_data_scaling_report_is_built_from_committed_records(tmp_path, monkeypatch):
+    """A figure outlives its run folder: eval writes a record beside the bench, report reads the
+    records (a run folder, when present, only refreshes the training time)."""
+    import json
+
+    ds = _load_bench("data_scaling")
+    monkeypatch.setattr(ds, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(ds, "RUNS", tmp_path / "runs")
+    assert "s1000" not in ds.cmd_report(write=False)
+    rows = [{"context": c, "threshold": 0.4, "prior_weight": 0.3, "miou_star": m, "iou75": 0.5}
+            for c, m in ((1.1, 0.71), (1.2, 0.70))]
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "s1000-seed1.json").write_text(
+        json.dumps({"name": "s1000", "seed": 1, "rows": rows, "train_s": 600.0, "source": "src"}))
+    line = next(x for x in ds.cmd_report(write=False).splitlines() if x.startswith("| s1000"))
+    assert line.split(" | ")[1:] == ["1", "2,345", "1,000", "src", "0.700", "0.500", "0.710", "0.500",
+                                     "c1.1 t0.4 p0.3", "10 |"]
+    run = tmp_path / "runs" / "s1000-seed1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"time": t}) + "\n" for t in (100.0, 200.0, 50.0, 1000.0)))
+    line = next(x for x in ds.cmd_report(write=False).splitlines() if x.startswith("| s1000"))
+    assert line.endswith("| 20 |")  # 200 + 1000 s over the resume
+    committed = {p.name for p in (ds.REPO / "bench" / "records" / "data_scaling").glob("*.json")}
+    assert {"s1000-seed0.json", "s1000-seed1.json", "s9808-seed0.json", "s9808-seed1.json"} <= committed
