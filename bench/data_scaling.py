@@ -233,7 +233,22 @@ def conclusion(rows: list[list]) -> str:
     return (f"Mean mIoU* at the shipped settings, by salient pairs: {points}. From {lo:,} to {hi:,} pairs: "
             f"{gain:+.1f} points, against a seed spread of up to {spread:.1f}: on our recipe {verdict}. The paper's "
             f"Tab. 3 (VOC val, mIoU* by salient images: {paper}) gains +5.4 from 1,000 to 7,991 images; "
-            f"{'our curve does not agree' if gain <= spread else 'our curve agrees in direction'}.")
+            f"{'our curve does not agree' if gain <= spread else 'our curve agrees in direction'}."
+            + storage_note(rows, spread))
+
+
+def storage_note(rows: list[list], spread: float) -> str:
+    """The compact storage's cost: s3000-compact against s3000 at the same seed (shipped settings)."""
+    by = {(r[0], r[1]): (100 * r[5], 100 * r[6]) for r in rows}
+    pairs = [(seed, by[("s3000", seed)], by[("s3000-compact", seed)]) for n, seed in by
+             if n == "s3000-compact" and ("s3000", seed) in by]
+    if not pairs:
+        return ""
+    seed, (m0, i0), (m1, i1) = pairs[0]
+    cost = "within" if abs(m1 - m0) <= spread else "beyond"
+    return (f" Compact storage (duts-tr's 3,000 pairs stored as duts-tr-extra is), seed {seed}: {m1:.1f} / {i1:.1f} "
+            f"mIoU* / IoU@75 against the originals' {m0:.1f} / {i0:.1f} ({m1 - m0:+.1f} / {i1 - i0:+.1f}), {cost} "
+            f"the seed spread.")
 
 
 def cmd_report(write: bool) -> str:

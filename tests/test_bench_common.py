@@ -412,6 +412,12 @@ def test_data_scaling_conclusion_says_whether_more_pairs_pay():
     steep = [row("s1000", 0, 1000, 0.70), row("s1000", 1, 1000, 0.705), row("s9808", 0, 9808, 0.74)]
     assert "pay beyond the seed noise" in ds.conclusion(steep) and "do not" not in ds.conclusion(steep)
     assert "Too few points" in ds.conclusion([row("s1000", 0, 1000, 0.7)])
+    compact = flat + [row("s3000", 0, 3000, 0.725), row("s3000-compact", 0, 3000, 0.700)]
+    assert "72.5" in ds.conclusion(compact).split(". ")[1] or "3,000 pairs: 72.5" in ds.conclusion(compact)
+    note = ds.storage_note(compact, 1.4)
+    assert "70.0 / 50.0" in note and "-2.5 / +0.0" in note and "beyond the seed spread" in note
+    assert "within the seed spread" in ds.storage_note(compact[:-1] + [row("s3000-compact", 0, 3000, 0.72)], 1.4)
+    assert ds.storage_note(flat, 1.4) == ""
 
 
 def test_data_scaling_report_is_built_from_committed_records(tmp_path, monkeypatch):
