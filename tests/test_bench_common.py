@@ -414,10 +414,19 @@ def test_data_scaling_conclusion_says_whether_more_pairs_pay():
     assert "Too few points" in ds.conclusion([row("s1000", 0, 1000, 0.7)])
     compact = flat + [row("s3000", 0, 3000, 0.725), row("s3000-compact", 0, 3000, 0.700)]
     assert "72.5" in ds.conclusion(compact).split(". ")[1] or "3,000 pairs: 72.5" in ds.conclusion(compact)
-    note = ds.storage_note(compact, 1.4)
-    assert "70.0 / 50.0" in note and "-2.5 / +0.0" in note and "beyond the seed spread" in note
-    assert "within the seed spread" in ds.storage_note(compact[:-1] + [row("s3000-compact", 0, 3000, 0.72)], 1.4)
-    assert ds.storage_note(flat, 1.4) == ""
+    note = ds.lever_notes(compact, 1.4)
+    assert "Compact storage" in note and "70.0 / 50.0" in note and "-2.5 / +0.0" in note
+    assert "against the originals' 72.5 / 50.0 (-2.5 / +0.0), beyond the seed spread" in note
+    assert "within the seed spread" in ds.lever_notes(compact[:-1] + [row("s3000-compact", 0, 3000, 0.72)], 1.4)
+    # each lever beside its own baseline at the same seed: 6k (seed 0) against s9808 seed 0, not seed 1
+    assert "More iterations (6,000, 9,808 pairs), seed 0: 80.0 / 50.0 mIoU* / IoU@75 against the 3,000 " \
+           "iterations' 72.4 / 50.0 (+7.6 / +0.0), beyond the seed spread." in ds.lever_notes(flat, 1.4)
+    assert "Compact storage" not in ds.lever_notes(flat, 1.4)
+    assert ds.lever_notes([row("s9808-r7to9", 1, 9808, 0.7), row("s9808", 0, 9808, 0.72)], 1.4) == ""  # no pair
+    box = [row("s9808", 1, 9808, 0.717), row("s9808-box2810", 1, 9808, 0.713)]
+    assert "More boxes (2,810 with coco-train-extra, 9,808 pairs), seed 1: 71.3" in ds.lever_notes(box, 1.4)
+    assert "(-0.4 / +0.0), within" in ds.lever_notes(box, 1.4)
+    assert "More boxes" in ds.conclusion(flat + box)
 
 
 def test_data_scaling_report_is_built_from_committed_records(tmp_path, monkeypatch):
