@@ -427,6 +427,12 @@ def test_data_scaling_conclusion_says_whether_more_pairs_pay():
     assert "More boxes (2,810 with coco-train-extra, 9,808 pairs), seed 1: 71.3" in ds.lever_notes(box, 1.4)
     assert "(-0.4 / +0.0), within" in ds.lever_notes(box, 1.4)
     assert "More boxes" in ds.conclusion(flat + box)
+    # the shipped model is a reference row: never a point of the curve, the 6k run is set beside it too
+    shipped = [row("shipped", 0, 3000, 0.60)]
+    assert ds.conclusion(flat + shipped).split(" The paper")[0] == ds.conclusion(flat).split(" The paper")[0]
+    assert "9,808 pairs at 6,000 iterations, seed 0: 80.0 / 50.0 mIoU* / IoU@75 against the shipped model's " \
+           "(3,000 pairs, 6,000 iterations) 60.0 / 50.0 (+20.0 / +0.0), beyond" in ds.lever_notes(flat + shipped, 1.4)
+    assert "shipped model" not in ds.lever_notes(flat, 1.4)
 
 
 def test_data_scaling_report_is_built_from_committed_records(tmp_path, monkeypatch):
@@ -451,5 +457,21 @@ def test_data_scaling_report_is_built_from_committed_records(tmp_path, monkeypat
     (run / "metrics.jsonl").write_text("".join(json.dumps({"time": t}) + "\n" for t in (100.0, 200.0, 50.0, 1000.0)))
     line = next(x for x in ds.cmd_report(write=False).splitlines() if x.startswith("| s1000"))
     assert line.endswith("| 20 |")  # 200 + 1000 s over the resume
+    (tmp_path / "records" / "shipped-seed0.json").write_text(
+        json.dumps({"name": "shipped", "seed": 0, "rows": rows, "train_s": None, "iters": 6000}))
+    line = next(x for x in ds.cmd_report(write=False).splitlines() if x.startswith("| shipped"))
+    assert line.split(" | ")[1:4] == ["0", "2,345", "3,000"] and line.endswith("| n/a |")
     committed = {p.name for p in (ds.REPO / "bench" / "records" / "data_scaling").glob("*.json")}
-    assert {"s1000-seed0.json", "s1000-seed1.json", "s9808-seed0.json", "s9808-seed1.json"} <= committed
+    assert {"s1000-seed0.json", "s1000-seed1.json", "s9808-seed0.json", "s9808-seed1.json",
+            "s9808-6k-seed0.json", "shipped-seed0.json"} <= committed
+
+
+def test_data_scaling_eval_takes_shipped_but_train_does_not():
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "data_scaling.py"
+    r = subprocess.run([sys.executable, str(bench), "train", "shipped"], capture_output=True, text=True)
+    assert r.returncode != 0 and "variant 'shipped'" in r.stderr and "shipped" not in r.stderr.split("from")[1]
+    ds = _load_bench("data_scaling")
+    assert ds.shipped_checkpoint().is_file() and ds.shipped_checkpoint().name == "boxcaseg-lite0.pt"
