@@ -3,7 +3,7 @@
     python bench/data_scaling.py subsets                 # write the salient subsets (symlink folders)
     python bench/data_scaling.py train NAME [--seed K]   # train one variant (the 45-minute cpu recipe)
     python bench/data_scaling.py eval NAME [--seed K]    # score its checkpoint on coco-val
-    python bench/data_scaling.py eval shipped            # score the shipped model the same way (reference row)
+    python bench/data_scaling.py eval shipped            # score the shipped model the same way (its own seed)
     python bench/data_scaling.py report [--no-write]     # the table -> bench/RESULTS.md "data_scaling"
 
 Variants (``NAME``), all the ``cpu`` recipe (3000 iterations, 9 box : 7 salient) unless named:
@@ -131,10 +131,15 @@ def variants() -> dict[str, dict]:
 SHIPPED_NAME = "shipped"
 
 
-def shipped_checkpoint() -> Path:
-    from boxcaseg.weights import FILE, weights_dir
+def shipped_checkpoint() -> tuple[Path, dict]:
+    """The packaged model (sha256 checked) and what its checkpoint says of its training: seed, iterations."""
+    import torch
 
-    return weights_dir() / FILE
+    from boxcaseg.weights import pretrained_path
+
+    path = pretrained_path()
+    meta = torch.load(path, map_location="cpu", weights_only=True)
+    return path, {"seed": meta["config"]["train"]["seed"], "iters": meta["iter"]}
 
 
 def run_dir(name: str, seed: int) -> Path:
@@ -176,10 +181,13 @@ def cmd_eval(name: str, seed: int, threads: int) -> dict:
 
     root = data_root()
     val_ann, val_img = root / "coco-val" / "instances.json", root / "coco-val" / "images"
+    shipped = shipped_checkpoint() if name == SHIPPED_NAME else None
+    if shipped:  # trained elsewhere: its seed and iterations from its checkpoint, its time on the model card
+        seed = shipped[1]["seed"]
     out = run_dir(name, seed)
     out.mkdir(parents=True, exist_ok=True)
     onnx = out / "model.onnx"
-    export_onnx(shipped_checkpoint() if name == SHIPPED_NAME else out / "last.pt", onnx)
+    export_onnx(shipped[0] if shipped else out / "last.pt", onnx)
     rows = []
     for c in SWEEP["context"]:
         for t in SWEEP["threshold"]:
@@ -196,11 +204,8 @@ def cmd_eval(name: str, seed: int, threads: int) -> dict:
                       flush=True)
     from boxcaseg.io import read_jsonl
 
-    if name == SHIPPED_NAME:  # trained elsewhere: its iterations from the checkpoint, its time on the model card
-        import torch
-
-        result = {"name": name, "seed": seed, "rows": rows, "train_s": None,
-                  "iters": torch.load(shipped_checkpoint(), map_location="cpu", weights_only=True)["iter"]}
+    if shipped:
+        result = {"name": name, "seed": seed, "rows": rows, "train_s": None, "iters": shipped[1]["iters"]}
     else:
         recs = read_jsonl(out / "metrics.jsonl")
         result = {"name": name, "seed": seed, "rows": rows, "train_s": training_seconds(recs),

@@ -474,4 +474,5 @@ def test_data_scaling_eval_takes_shipped_but_train_does_not():
     r = subprocess.run([sys.executable, str(bench), "train", "shipped"], capture_output=True, text=True)
     assert r.returncode != 0 and "variant 'shipped'" in r.stderr and "shipped" not in r.stderr.split("from")[1]
     ds = _load_bench("data_scaling")
-    assert ds.shipped_checkpoint().is_file() and ds.shipped_checkpoint().name == "boxcaseg-lite0.pt"
+    path, meta = ds.shipped_checkpoint()
+    assert path.name == "boxcaseg-lite0.pt" and meta == {"seed": 0, "iters": 6000}  # as the model card says
