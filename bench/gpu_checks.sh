@@ -16,7 +16,8 @@
 #   bash bench/gpu_checks.sh --budget                   (print the step budget and check it)
 # Prepare here, once: `python bench/gpu_data.py` (writes .gpu-data/: 60 coco-train images and
 # coco-val, 24 MB) and the wheels of packages the device image lacks into .whl/ (pycocotools);
-# then call the device tool with carry [".gpu-data", ".whl"] and this script.
+# then call the device tool with carry [".gpu-data", ".whl"] and this script. After bench/gpu_train.sh, on
+# the same warm machine, its carry [".gpu-train", ".whl"] serves too (coco-train and coco-val are there).
 # --dry-run runs every step here on the CPU, at toy sizes, with each GPU-only part replaced by
 # "skipped: no GPU": a typo, a missing file or a missing package shows here, not there.
 #
@@ -31,10 +32,9 @@ if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 LOG=${1:-gpu-logs}
 DEADLINE=${DEADLINE:-540}
 STEPS=(imports:30 tests:100 mil:70 lite0:80 train:90 hrnet:70 fp16:60)
-limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s##*:}"; done; }
-total=0; for s in "${STEPS[@]}"; do total=$((total + ${s##*:})); done
-echo "budget: ${STEPS[*]} = ${total} s of DEADLINE ${DEADLINE} s"
-if [ "$total" -gt "$DEADLINE" ]; then echo "budget: the steps' limits exceed DEADLINE"; exit 1; fi
+# shellcheck source=bench/gpu_steps.sh
+source "$(dirname "$0")/gpu_steps.sh"   # limit_of, budget_check, install_wheels, step
+budget_check || exit 1
 [ "$BUDGET_ONLY" = 1 ] && exit 0
 
 mkdir -p "$LOG"
@@ -42,16 +42,10 @@ FULL="$LOG/gpu_checks.log"; SUMMARY="$LOG/summary.txt"
 : > "$FULL"; : > "$SUMMARY"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ "$DRY" = 1 ]; then
-  export TRITON_INTERPRET=1
-else
-  export TRITON_INTERPRET=0
-  if ls .whl/*.whl >/dev/null 2>&1; then   # packages the device image lacks, carried as wheels
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  fi
-fi
-[ -d .gpu-data ] && export BOXCASEG_DATA="${BOXCASEG_DATA:-$PWD/.gpu-data}"
+if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
+install_wheels   # packages the device image lacks, carried as wheels in .whl/
+if [ -d .gpu-data ]; then export BOXCASEG_DATA="${BOXCASEG_DATA:-$PWD/.gpu-data}"
+elif [ -d .gpu-train ]; then export BOXCASEG_DATA="${BOXCASEG_DATA:-$PWD/.gpu-train}"; fi  # gpu_train.sh's carry
 DATA=${BOXCASEG_DATA:-../shared/data}
 TRAIN=$DATA/coco-train; VAL=$DATA/coco-val
 echo "data: tests and mil: random tensors; lite0, hrnet: $TRAIN repeated to 20,000 instances;" \
@@ -59,25 +53,7 @@ echo "data: tests and mil: random tensors; lite0, hrnet: $TRAIN repeated to 20,0
 
 # g GPU_ARGS CPU_ARGS: the GPU arguments, or in a dry run the CPU ones (the GPU ones named as skipped)
 g() { if [ "$DRY" = 1 ]; then echo "  skipped: no GPU: $1" >&2; echo "$2"; else echo "$1"; fi; }
-step() {  # step NAME CMD...
-  local name=$1; shift
-  local secs; secs=$(limit_of "$name")
-  [ "$DRY" = 1 ] && secs=$((secs * 4))   # this CPU is slower than the GPU machine at anything
-  local left=$((DEADLINE * (DRY * 3 + 1) - SECONDS))
-  if [ "$left" -lt 10 ]; then echo "=== $name: skipped (the budget is spent)" | tee -a "$SUMMARY"; return; fi
-  [ "$secs" -gt "$left" ] && secs=$left
-  echo "=== $name (limit ${secs} s): $*" | tee -a "$FULL"
-  local t0=$SECONDS out="$LOG/.step.out"
-  timeout "$secs" "$@" > "$out" 2>&1
-  local rc=$?
-  cat "$out" >> "$FULL"
-  local verdict="rc $rc"; [ "$rc" = 124 ] && verdict="cut at its limit"
-  echo "=== $name: $verdict, $((SECONDS - t0)) s" | tee -a "$FULL"
-  printf '%s: %s, %s s; %s\n' "$name" "$verdict" "$((SECONDS - t0))" \
-    "$(grep -E '^\(b|^\{"backend|passed|failed|Error|goals_n|copy_us|triton  |mIoU|MISSING|cuda:' "$out" \
-       | cut -c1-300 | tail -n 8 | tr '\n' ' ')" >> "$SUMMARY"
-  rm -f "$out"
-}
+SUMMARY_PATTERN='^\(b|^\{"backend|passed|failed|Error|goals_n|copy_us|triton  |mIoU|MISSING|cuda:'
 
 # 1. imports: one line of what is missing, then the card and the versions
 step imports $PY - <<'PYEOF'
