@@ -173,14 +173,35 @@ SWEEP = {"context": (1.0, 1.1, 1.2), "threshold": (0.4, 0.5), "prior_weight": (0
 SHIPPED = {"context": 1.2, "threshold": 0.4, "prior_weight": 0.3}
 
 
-def cmd_eval(name: str, seed: int, threads: int) -> dict:
-    """coco-val per instance (no merge) at every setting of SWEEP; writes eval.json beside the run."""
+def score_on_val(model: Path, val: Path, settings: list[dict], work: Path, threads: int, label: str,
+                 workers: int = 1, engine: str = "onnx", device: str | None = None) -> list[dict]:
+    """Per-instance masks (no merge) of the ``val`` set (a COCO folder: instances.json, images/) by
+    ``model`` on ``engine`` at each of ``settings`` (context, threshold, prior_weight), each scored
+    against its GT masks: one row per setting with mIoU*, IoU@75, mIoU, IoU@50 (and n)."""
     from boxcaseg.evaluate import mask_quality
-    from boxcaseg.export import export_onnx
     from boxcaseg.proxy import ProxyConfig, generate_proxy
 
+    val_ann, val_img = val / "instances.json", val / "images"
+    rows = []
+    for s in settings:
+        c, t, pw = s["context"], s["threshold"], s["prior_weight"]
+        pj = work / f"proxy_c{c}_t{t}_p{pw}.json"
+        generate_proxy(ProxyConfig(ann=val_ann, images=val_img, out=pj, model=model, engine=engine, context=c,
+                                   threshold=t, prior_weight=pw, merge=False, workers=workers, threads=threads,
+                                   progress=False, device=device))
+        q = mask_quality(val_ann, pj)
+        rows.append({"context": c, "threshold": t, "prior_weight": pw, "miou_star": q["miou_star"],
+                     "iou75": q["iou75"], "miou": q["miou"], "iou50": q["iou50"], "n": q["n"]})
+        pj.unlink()
+        print(f"{label} c{c} t{t} p{pw}: mIoU* {q['miou_star']:.4f} IoU@75 {q['iou75']:.4f}", flush=True)
+    return rows
+
+
+def cmd_eval(name: str, seed: int, threads: int) -> dict:
+    """coco-val per instance (no merge) at every setting of SWEEP; writes eval.json beside the run."""
+    from boxcaseg.export import export_onnx
+
     root = data_root()
-    val_ann, val_img = root / "coco-val" / "instances.json", root / "coco-val" / "images"
     shipped = shipped_checkpoint() if name == SHIPPED_NAME else None
     if shipped:  # trained elsewhere: its seed and iterations from its checkpoint, its time on the model card
         seed = shipped[1]["seed"]
@@ -188,20 +209,9 @@ def cmd_eval(name: str, seed: int, threads: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     onnx = out / "model.onnx"
     export_onnx(shipped[0] if shipped else out / "last.pt", onnx)
-    rows = []
-    for c in SWEEP["context"]:
-        for t in SWEEP["threshold"]:
-            for pw in SWEEP["prior_weight"]:
-                pj = out / f"proxy_c{c}_t{t}_p{pw}.json"
-                generate_proxy(ProxyConfig(ann=val_ann, images=val_img, out=pj, model=onnx, engine="onnx", context=c,
-                                           threshold=t, prior_weight=pw, merge=False, workers=1, threads=threads,
-                                           progress=False))
-                q = mask_quality(val_ann, pj)
-                rows.append({"context": c, "threshold": t, "prior_weight": pw, "miou_star": q["miou_star"],
-                             "iou75": q["iou75"], "miou": q["miou"], "iou50": q["iou50"]})
-                pj.unlink()
-                print(f"{name} seed {seed} c{c} t{t} p{pw}: mIoU* {q['miou_star']:.4f} IoU@75 {q['iou75']:.4f}",
-                      flush=True)
+    settings = [{"context": c, "threshold": t, "prior_weight": pw} for c in SWEEP["context"]
+                for t in SWEEP["threshold"] for pw in SWEEP["prior_weight"]]
+    rows = score_on_val(onnx, root / "coco-val", settings, out, threads, f"{name} seed {seed}")
     from boxcaseg.io import read_jsonl
 
     if shipped:
