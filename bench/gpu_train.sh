@@ -36,8 +36,8 @@
 #   float32, for as many iterations as fit in TRAIN_S seconds at the rate the probe measures (at the H200's
 #   ~1,500 patches/s, roughly 25,000 iterations: four times the shipped model's 6,000, eight times the cpu
 #   recipe's 3,000). Only the length changes, so the call answers one question: is compute the lever?
-#   Not chosen: EfficientNet-Lite1/Lite2 (packed fp16 8.9 / 10.4 MB + int8 graph ~4.3 / ~5.1 MB: over the
-#   12 MB wheel), a 256-channel head (collapsed: "gpu_sweep"), 256 px patches (no gain at 1,200 CPU
+#   Not chosen: EfficientNet-Lite1/Lite2 (packed fp16 8.9 / 10.4 MB + int8 graph ~4.3 / ~5.0 MB: a wheel of
+#   ~12.0 / ~14.0 MB against the 12 MB limit), a 256-channel head (collapsed: "gpu_sweep"), 256 px patches (no gain at 1,200 CPU
 #   iterations: "quality levers"; an untested change beside the length), bf16 (not validated for quality;
 #   AMP=1 turns it on), a larger batch (an untested learning-rate regime).
 #
