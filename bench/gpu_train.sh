@@ -5,7 +5,7 @@
 #   command:   bash bench/gpu_train.sh $OUT
 #   carry:     [".gpu-train", ".whl"]
 #   timeout_s: 540
-#   kind:      left out (nvidia-h100-x1 or nvidia-h200: either does; the model needs < 4 GiB of GPU memory)
+#   kind:      left out (nvidia-h100-x1 or nvidia-h200: either does; it trains Lite0 in batches of 16 of 192 px)
 # Before it, here, in the checkout the device tool sends (the session's own, /work/main for the lead):
 #   python bench/gpu_data.py --train           # .gpu-train/: the training bundle (below), refuses > 62 MiB in all
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -33,13 +33,14 @@
 # What it trains, and why (bench/RESULTS.md "gpu_train" has the CPU measurements behind this):
 #   the `cpu` recipe unchanged (EfficientNet-Lite0 from ImageNet, 192 px patches, 9 box + 7 salient per
 #   batch, SGD lr 0.03 poly, fused-map MIL 2 + pairwise 1) on coco-train + coco-train-extra and 1,500 pairs,
-#   float32, for as many iterations as fit in TRAIN_S seconds at the rate the probe measures (at the H200's
-#   ~1,500 patches/s, roughly 25,000 iterations: four times the shipped model's 6,000, eight times the cpu
-#   recipe's 3,000). Only the length changes, so the call answers one question: is compute the lever?
+#   float32, for as many iterations as fit in TRAIN_S seconds at the rate the probe measures (if batches of
+#   16 in float32 reach the ~1,500 patches/s the H200 gave batches of 64 in bf16, about 20,000-25,000
+#   iterations: three to four times the shipped model's 6,000; not measured). Only the length changes, so
+#   the call answers one question: is compute the lever?
 #   Not chosen: EfficientNet-Lite1/Lite2 (packed fp16 8.9 / 10.4 MB + int8 graph ~4.3 / ~5.0 MB: a wheel of
-#   ~12.0 / ~14.0 MB against the 12 MB limit), a 256-channel head (collapsed: "gpu_sweep"), 256 px patches (no gain at 1,200 CPU
-#   iterations: "quality levers"; an untested change beside the length), bf16 (not validated for quality;
-#   AMP=1 turns it on), a larger batch (an untested learning-rate regime).
+#   ~12.0 / ~14.0 MB against the 12 MB limit), a 256-channel head (collapsed: "gpu_sweep"), 256 px
+#   patches (no gain at 1,200 CPU iterations: "quality levers"; an untested change beside the length),
+#   bf16 (not validated for quality; AMP=1 turns it on), a larger batch (an untested learning-rate regime).
 #
 # Time (device time is 15 min a session, starts included):
 #   machine start ~1-2 min, then this call: DEADLINE 525 s of the 540 s timeout:
