@@ -37,8 +37,8 @@ about 90-95); 1,500 of the 9,808 salient pairs (the data_scaling curve of bench/
 flat from 1,000 to 9,808 pairs at the cpu recipe's length); the salient images' full
 resolution (only the ``data.salient_resize`` square the loader makes of them is kept, so a
 ``data.salient_box_crop`` view or a larger ``salient_resize`` would see less); Lite0's ImageNet
-weights rounded to float16. bench/RESULTS.md "gpu_train" measures the bundle against the
-originals (one training each on the CPU, same seed and config).
+weights rounded to float16. bench/RESULTS.md "gpu_train" sets a CPU training on the bundle beside
+one on the originals (same seed, config and batch sequence).
 
 ``--toy`` writes a tiny bundle of the same layout (3 + 1 box images, 8 pairs, 2 coco-val
 images) for ``bash bench/gpu_train.sh --dry-run`` and its test.

@@ -5,7 +5,7 @@
 # SUMMARY_PATTERN (grep -E: the lines of a step's output its summary line keeps), then calls
 #   budget_check      prints "budget: STEPS = N s of DEADLINE D s"; status 1 when N > D
 #   install_wheels    packages the device image lacks, carried as wheels in .whl/ (not in a dry run)
-#   step NAME CMD...  CMD with NAME's limit (4x in a dry run), stopped at its limit or when the
+#   step NAME CMD...  CMD with NAME's limit (DRY_FACTOR x, default 4, in a dry run), stopped at its limit or when the
 #                     deadline is near; its output is appended to FULL and one line to SUMMARY as
 #                     soon as it ends, so a cut-off call loses only the step in flight.
 
@@ -29,8 +29,9 @@ install_wheels() {
 step() {  # step NAME CMD...
   local name=$1; shift
   local secs; secs=$(limit_of "$name")
-  [ "$DRY" = 1 ] && secs=$((secs * 4))   # this CPU is slower than the GPU machine at anything
-  local left=$((DEADLINE * (DRY * 3 + 1) - SECONDS))
+  local factor=1; [ "$DRY" = 1 ] && factor=${DRY_FACTOR:-4}   # this CPU is slower than the GPU machine at anything
+  secs=$((secs * factor))
+  local left=$((DEADLINE * factor - SECONDS))
   if [ "$left" -lt 10 ]; then echo "=== $name: skipped (the budget is spent)" | tee -a "$SUMMARY"; return 1; fi
   [ "$secs" -gt "$left" ] && secs=$left
   echo "=== $name (limit ${secs} s): $*" | tee -a "$FULL"

@@ -131,13 +131,17 @@ def cmd_setup(args) -> int:
     print("MISSING: " + (", ".join(missing) if missing else "none"), flush=True)
     import torch
 
-    versions = {"torch": torch.__version__, "device": device_name(args.device)}
-    if args.device.startswith("cuda"):
+    problems = []
+    versions = {"torch": torch.__version__}
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    else:
+        versions["device"] = device_name(args.device)
+    if args.device.startswith("cuda") and "triton" not in " ".join(missing):
         import triton
 
         versions["triton"] = triton.__version__
     bundle = Path(args.bundle)
-    problems = []
     try:
         manifest = json.loads((bundle / "bundle.json").read_text())
         for part in [*BOX_SETS, manifest["salient_dir"], "coco-val", IMAGENET_FILE]:

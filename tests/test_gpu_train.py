@@ -58,7 +58,7 @@ def dry_run(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("gpu_train")
     out, work = tmp / "out", tmp / "work"
     r = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], cwd=REPO, capture_output=True, text=True,
-                       timeout=600, env=_env(WORK=str(work), BOXCASEG_DATA=str(data_root)))
+                       timeout=1800, env=_env(WORK=str(work), BOXCASEG_DATA=str(data_root)))
     return r, out, work
 
 
