@@ -417,7 +417,7 @@ def cmd_baselines(args) -> list[dict]:
         figs = figures(gt, preds, flags=False)
         record = {"name": name, "kind": "baseline", "label": KNOWN_ROWS[name], "split": f"{DATASET}/{args.split}",
                   "chosen_on": "no settings", "instances_per_s": round(len(preds) / seconds, 1) if seconds else None,
-                  "threads": 1, "train_s": None, "figures": figs, "command": command_line()}
+                  "threads": 1, "train_s": None, "figures": figs, "command": command_line(), "load_average": _load()}
         path = write_record(name, record)
         print(f"{name}: {figures_line(figs)} -> {_shown(path)}")
         out.append(record)
@@ -444,7 +444,8 @@ def cmd_score(args) -> dict:
               "chosen_on": args.chosen_on or "the method's own settings",
               "instances_per_s": run.get("instances_per_s") if run else None,
               "threads": run.get("threads") if run else None, "train_s": None, "run": run,
-              "figures": figs, "command": command_line()}
+              "figures": figs, "command": command_line(),
+              "load_average": {"1min": run.get("load_average_1min"), "cores": run.get("cores")} if run else None}
     path = write_record(name, record)
     print(f"{name}: {figures_line(figs)} -> {_shown(path)}")
     return record
@@ -605,6 +606,19 @@ def sweep_table(records: dict[str, dict], split: str) -> str:
     return markdown_table(["sweep", "row", "setting", "all", *[TYPE_NAMES[t] for t in TYPES], "flagged"], rows)
 
 
+def machine_note(records) -> str:
+    """How loaded the machine was while the rows' runs went, from the load averages they recorded."""
+    seen = [(r["load_average"].get("1min"), r["load_average"].get("cores")) for r in records
+            if isinstance(r.get("load_average"), dict) and r["load_average"].get("1min") is not None]
+    if not seen:
+        return "machine load not recorded"
+    cores = max(c or 0 for _, c in seen) or os.cpu_count()
+    lo, hi = min(v for v, _ in seen), max(v for v, _ in seen)
+    busy = hi > 0.5 * cores
+    return (f"{cores} cores, load average {lo:g} to {hi:g} at the end of the runs: "
+            + ("a machine shared with other jobs, so speeds are low and noisy" if busy else "a quiet machine"))
+
+
 def cmd_report(args) -> str:
     from boxcaseg.report import markdown_table
 
@@ -624,7 +638,7 @@ def cmd_report(args) -> str:
     table_rows = []
     for name, rec in rows:
         f = rec["figures"]
-        ips = rec.get("instances_per_s")
+        ips = rec.get("steady_instances_per_s") or rec.get("instances_per_s")
         flagged = f["all"].get("flagged_share")
         train = _minutes(rec.get("train_s"))
         if rec.get("iters") and rec.get("train_s"):
@@ -641,9 +655,10 @@ def cmd_report(args) -> str:
             "(`python bench/domain.py report --write`)\n\n"
             f"Each cell: mIoU* / IoU@75 against the GT masks, every instance scored by `boxcaseg.evaluate` "
             "(the prediction with the GT annotation id; one category, so mIoU* = mIoU). Rows come from "
-            "bench/records/domain/ (each record holds its command). inst/s: the method's own run on a 2-core "
-            "machine shared with other jobs (loaded), with the threads given; box-fill and the ellipse cost "
-            "no network. flagged: masks the proxy marks `ignore_mask`. The settings of the shipped model were "
+            "bench/records/domain/ (each record holds its command). inst/s: the method's own run with the "
+            f"threads given, after the model's load and warm-up ({machine_note(r for _, r in rows)}); box-fill "
+            "and the ellipse cost no network. "
+            "flagged: masks the proxy marks `ignore_mask`. The settings of the shipped model were "
             "chosen on coco-val (COCO objects), not on this set.\n\n" + table + "\n")
     if text:
         body += "\n" + text + "\n"

@@ -210,6 +210,8 @@ def predict(ann: Path, images: Path, checkpoint: Path, device: str = "cpu", box_
         "encoder_s_per_image": round(sums["encoder_s"] / max(1, len(work)), 4),
         "decoder_s_per_box": round(sums["decoder_s"] / max(1, len(out)), 5),
         "resumed_images": len(done), "threads": torch.get_num_threads(), "device": device, "box_batch": box_batch,
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cores": os.cpu_count(),
     }
     return out, record
 
