@@ -18,7 +18,7 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.maskrcnn.recipe import MaskRCNNConfig, MaskRCNNModelConfig
 from conftest import REPO, run_cli
 
-EXPECTED = {"cpu", "paper-coco", "paper-voc", "maskrcnn-cpu", "maskrcnn-coco", "pretrained"}
+EXPECTED = {"cpu", "paper-coco", "paper-voc", "maskrcnn-cpu", "maskrcnn-coco", "pretrained", "finetune"}
 RANDOM_INIT = "trains from random weights"
 
 

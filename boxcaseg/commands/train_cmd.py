@@ -65,8 +65,8 @@ def train_command(
     overrides = {**data_set_overrides(box_ann, box_images, salient_dir, box_weight, salient_weight),
                  "train.max_iters": max_iters, "train.lr": lr, "data.workers": workers, "train.backend": backend}
     cfg = load_config(config, overrides)
-    if init_from:
-        adopt_init_model(cfg, init_from)
+    if init_from or cfg.train.init_from:  # the network of the weights it starts from (--init-from wins)
+        adopt_init_model(cfg, init_from or cfg.train.init_from)
     apply_overrides(cfg, list(set_))
     if dist.is_main() and not cfg.data.salient_sets() and cfg.data.box_sets():
         Console().print(f"[yellow]boxes only[/] (no data.salient_dir): {boxes_only_note(cfg.train)}")
