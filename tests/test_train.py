@@ -301,3 +301,71 @@ def test_channels_last_trains_the_same_as_nchw(synth, tmp_path):
             assert r1[k] == pytest.approx(r0[k], rel=1e-3, abs=1e-5), (r0["iter"], k)
     for k in w0:
         torch.testing.assert_close(w1[k].contiguous(), w0[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+# --- data sets on the command line replace the config's sets of both kinds (issue 36) ----------------------
+
+
+def _sets_of(out) -> list[tuple[str, str]]:
+    return [(r["kind"], r["source"]) for r in torch.load(out / "last.pt", weights_only=True)["data_sets"]]
+
+
+def test_boxes_only_fine_tune_without_the_data_root(synth, tmp_path, monkeypatch, capsys):
+    """The README's boxes-only fine-tune (`--config cpu --init-from pretrained --box-ann --box-images`,
+    no --salient-dir) for a user without the data root: the cpu config's salient folder under
+    ${BOXCASEG_DATA} is not used (it stopped the run: 'salient folder needs images/ and masks/')."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("BOXCASEG_DATA", str(empty))
+    out = tmp_path / "ft"
+    code, err = _run_cli(["train", "--config", "cpu", "--init-from", "pretrained", "--box-ann", str(synth.ann_file),
+                          "--box-images", str(synth.image_dir), "--out", str(out), "--max-iters", "1",
+                          "--batch-size", "2", "--set", "data.workers=0", "--set", "data.patch_size=64",
+                          "--set", "train.threads=1"], capsys)
+    assert code in (0, None), err
+    assert _sets_of(out) == [("box", str(synth.ann_file))]
+    saved = torch.load(out / "last.pt", weights_only=True)["config"]["data"]
+    assert saved["salient_dir"] == "" and saved["salient_weights"] == [] and saved["box_weights"] == []
+
+
+def test_data_set_flags_replace_both_kinds(synth, tmp_path, capsys):
+    """--salient-dir alone: the config's box sets go too; no data-set flag: the config's sets stay;
+    --set after the flags still adds a set back."""
+    from boxcaseg.commands.train_cmd import data_set_overrides
+    from boxcaseg.config import apply_overrides
+
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[model]\nbackbone = "test_efficientnet"\nhead_channels = 16\n'
+                    f'[data]\nbox_ann = "{synth.ann_file}"\nbox_images = "{synth.image_dir}"\n'
+                    f'salient_dir = "{tmp_path / "nowhere"}"\nbox_weights = [2.0]\nsalient_weights = [1.0]\n'
+                    'patch_size = 48\nsalient_resize = 56\nworkers = 0\n[train]\nmax_iters = 1\n')
+    out = tmp_path / "sal-only"
+    code, err = _run_cli(["train", "--config", str(toml), "--salient-dir", str(synth.salient_dir), "--out", str(out)],
+                         capsys)
+    assert code in (0, None), err
+    assert _sets_of(out) == [("salient", str(synth.salient_dir))]
+    # no data-set flag: the config's sets and weights stay (the missing salient folder then stops the run)
+    code, err = _run_cli(["train", "--config", str(toml), "--out", str(tmp_path / "cfg-sets")], capsys)
+    assert code == 2 and "nowhere" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "cfg-sets" / "last.pt").exists()
+    # the overrides themselves, against the config values they replace
+    cfg = load_config_for_test(toml)
+    apply_overrides(cfg, data_set_overrides(None, None, None, [3.0], None))
+    assert cfg.data.box_weights == [3.0] and cfg.data.salient_dir == str(tmp_path / "nowhere")
+    cfg = load_config_for_test(toml)
+    apply_overrides(cfg, data_set_overrides(["x.json"], ["x/"], None, None, None))
+    assert (cfg.data.box_ann, cfg.data.box_images, cfg.data.salient_dir) == ("x.json", "x/", "")
+    assert cfg.data.box_weights == [] and cfg.data.salient_weights == []
+    # --set is applied after the flags: a salient folder given that way is used with the boxes
+    out = tmp_path / "set-back"
+    code, err = _run_cli(["train", "--config", str(toml), "--box-ann", str(synth.ann_file), "--box-images",
+                          str(synth.image_dir), "--set", f"data.salient_dir='{synth.salient_dir}'", "--out", str(out)],
+                         capsys)
+    assert code in (0, None), err
+    assert _sets_of(out) == [("box", str(synth.ann_file)), ("salient", str(synth.salient_dir))]
+
+
+def load_config_for_test(path):
+    from boxcaseg.config import load_config
+
+    return load_config(str(path))

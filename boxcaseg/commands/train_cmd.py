@@ -17,12 +17,13 @@ def train_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: last.pt (checkpoint) and metrics.jsonl."),
     box_ann: Optional[list[str]] = typer.Option(
         None, "--box-ann", metavar="JSON", help="COCO instances json with training boxes (data.box_ann). Repeatable: several box "
-        "sets, each with its own --box-images, in the same order; replaces the config's sets."),
+        "sets, each with its own --box-images, in the same order. Data sets given on the command line replace "
+        "the config's sets of both kinds: without --salient-dir, training runs on these boxes only."),
     box_images: Optional[list[str]] = typer.Option(
         None, "--box-images", metavar="DIR", help="Image folder of a --box-ann, one per json (data.box_images)."),
     salient_dir: Optional[list[str]] = typer.Option(
-        None, "--salient-dir", metavar="DIR", help="Salient folder with images/ and masks/ (data.salient_dir). Repeatable; "
-        "replaces the config's folders."),
+        None, "--salient-dir", metavar="DIR", help="Salient folder with images/ and masks/ (data.salient_dir). Repeatable. Data sets "
+        "given on the command line replace the config's sets of both kinds: without --box-ann, no box set."),
     box_weight: Optional[list[float]] = typer.Option(
         None, "--box-weight", metavar="W", help="Draw weight of each box set, one per set (data.box_weights); default: "
         "in proportion to the sets' boxes."),
@@ -47,8 +48,12 @@ def train_command(
 
     Example: boxcaseg train --config cpu --out runs/cpu --max-iters 40
 
-    Fine-tune the shipped model on your boxes (and, best, a salient set):
-    boxcaseg train --config cpu --init-from pretrained --box-ann A.json --box-images DIR --out runs/ft
+    Fine-tune the shipped model on your boxes (boxes only; add --salient-dir for a salient set):
+    boxcaseg train --config finetune --init-from pretrained --box-ann A.json --box-images DIR --out runs/ft
+
+    Data sets given on the command line (--box-ann/--box-images, --salient-dir) replace the
+    config's data sets of both kinds: a kind you do not give is not used (boxes without
+    --salient-dir train on boxes only). Without any of them the config's sets are used.
     """
     from rich.console import Console
 
@@ -57,11 +62,8 @@ def train_command(
     from boxcaseg.data.sampler import split_batch
     from boxcaseg.joint_training import adopt_init_model, boxes_only_note, train
 
-    overrides = {
-        "data.box_ann": _one_or_list(box_ann), "data.box_images": _one_or_list(box_images),
-        "data.salient_dir": _one_or_list(salient_dir), "data.box_weights": box_weight or None,
-        "data.salient_weights": salient_weight or None, "train.max_iters": max_iters, "train.lr": lr, "data.workers": workers, "train.backend": backend,
-    }
+    overrides = {**data_set_overrides(box_ann, box_images, salient_dir, box_weight, salient_weight),
+                 "train.max_iters": max_iters, "train.lr": lr, "data.workers": workers, "train.backend": backend}
     cfg = load_config(config, overrides)
     if init_from or cfg.train.init_from:  # the network of the weights it starts from (--init-from wins)
         adopt_init_model(cfg, init_from or cfg.train.init_from)
@@ -81,6 +83,18 @@ def train_command(
             f"[green]done[/]: {res.iters} iterations, loss {res.first_loss:.4f} -> {res.last_loss:.4f}, "
             f"{res.images_per_s:.1f} img/s; checkpoint {res.out_dir / 'last.pt'}, metrics {res.out_dir / 'metrics.jsonl'}")
     dist.cleanup()
+
+
+def data_set_overrides(box_ann, box_images, salient_dir, box_weight, salient_weight) -> dict:
+    """The config overrides of the data-set flags. Data sets given on the command line (any of
+    --box-ann, --box-images, --salient-dir) replace the config's data sets of both kinds: a kind
+    not given is empty (boxes given without --salient-dir train on boxes only), and the config's
+    draw weights go with its sets. No data-set flag: the config's sets and weights stay."""
+    if not (box_ann or box_images or salient_dir):
+        return {"data.box_weights": box_weight or None, "data.salient_weights": salient_weight or None}
+    return {"data.box_ann": _one_or_list(box_ann) or "", "data.box_images": _one_or_list(box_images) or "",
+            "data.salient_dir": _one_or_list(salient_dir) or "", "data.box_weights": list(box_weight or []),
+            "data.salient_weights": list(salient_weight or [])}
 
 
 def _one_or_list(values: Optional[list[str]]):
