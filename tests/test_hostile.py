@@ -328,6 +328,9 @@ def _cases() -> dict[str, Case]:
         lambda c, o: ["data", "yolo-to-coco", "--images", str(c.folders["yolo"] / "images"), "--labels",
                       str(c.folders["yolo"] / "labels"), "--names", str(c.files["yaml-deep"]), "-o", str(o / "c.json")],
         "deep.yaml: malformed YAML")
+    for value in ("-1", "nan", "inf", "9"):  # the drop rule's slack (px per axis): a number in [0, 8]
+        cases[f"proxy --drop-slack {value}"] = Case(lambda c, o, v=value: proxy(c, o / "p.json", extra=["--drop-slack", v]),
+                                                    f"--drop-slack {float(value)}")
     cases["config show fifo"] = Case(lambda c, o: ["config", "show", str(c.files["json-fifo"])], "fifo.json")
     cases["train --config fifo"] = Case(lambda c, o: ["train", "--config", str(c.files["json-fifo"]), "--out", str(o)],
                                         "fifo.json")

@@ -430,3 +430,64 @@ def test_bench_drop_by_size_on_a_tiny_json():
     # the GT masks themselves as the proxy (no proxy json)
     res_gt = bench.flag_shares(None, gt, drop=0.95)
     assert {r["size"]: r["n"] for r in res_gt["variants"]["per-instance"]}["all"] == 4
+
+
+def drop_threshold_reference(gt, drop, slack):
+    """A box's drop threshold in plain Python: min(drop, (w - slack)(h - slack) / (w h))."""
+    w, h = float(gt[2]) - float(gt[0]), float(gt[3]) - float(gt[1])
+    if w <= 0 or h <= 0:
+        return drop
+    return min(drop, max(w - slack, 0.0) * max(h - slack, 0.0) / (w * h))
+
+
+def test_drop_thresholds_match_plain_python_on_random_boxes():
+    from boxcaseg.proxy.merge_drop import drop_thresholds, ignore_flags
+
+    rng = np.random.default_rng()
+    for _ in range(20):
+        n = int(rng.integers(1, 40))
+        x0, y0 = rng.uniform(0, 100, n), rng.uniform(0, 100, n)
+        gt = np.stack([x0, y0, x0 + rng.uniform(0.2, 300, n), y0 + rng.uniform(0.2, 300, n)], 1)
+        drop, slack = float(rng.uniform(0.5, 1.0)), float(rng.choice([0.0, 0.5, rng.uniform(0, 3)]))
+        thr = drop_thresholds(gt, drop, slack)
+        ref = np.array([drop_threshold_reference(g, drop, slack) for g in gt])
+        assert np.allclose(thr, ref, rtol=0, atol=1e-12)
+        agreement = rng.uniform(0.8, 1.0, n)
+        assert (ignore_flags(agreement, gt, drop, slack) == np.array([a < t for a, t in zip(agreement, ref)])).all()
+    # slack 0: the bare threshold for every box
+    assert (drop_thresholds(gt, 0.95, 0.0) == 0.95).all()
+
+
+@pytest.mark.parametrize("side", [6, 9, 13, 19, 27, 40, 64, 120, 250])
+def test_drop_rule_by_size_a_missing_column_passes_a_wrong_mask_does_not(side):
+    """The drop rule by box size (issue 36). Box: whole-pixel columns (w = side), fractional
+    rows. A mask one fully covered column short loses half a pixel (agreement (w - 0.5)/w):
+    the bare 0.95 rule flags it below 10 px, the 0.5 px slack at no size. Two columns short
+    (agreement (w - 1.5)/w) stay flagged with the slack below 30 px, as with the bare rule;
+    a mask missing a quarter of the box is flagged at every size by both."""
+    from boxcaseg.proxy.merge_drop import ignore_flags
+
+    rng = np.random.default_rng()
+    w, h = float(side), side * float(rng.uniform(0.8, 1.25))
+    bbox = [float(rng.integers(3, 9)), float(rng.uniform(3, 9)), w, h]
+    H, W = int(bbox[1] + h) + 12, int(bbox[0] + w) + 12
+    window = box_window(bbox, W, H)
+    gt = np.array([clipped_box_xyxy(bbox, W, H)])
+    x0, y0, x1, y1 = window
+    assert x1 - x0 == side
+    full = np.ones((y1 - y0, x1 - x0), np.uint8)  # every pixel the box touches: agreement 1
+    cut = {"full": 0, "short1": 1, "short2": 2, "quarter": side // 4 + 1}
+    flags = {}
+    for name, k in cut.items():
+        m = full.copy()
+        if k:
+            m[:, side - k:] = 0
+        _, agr = merge_and_drop(np.array([window]), [m], gt, np.array([w * h]), merge=False)
+        ref = agreement_reference(m.tolist(), x0, y0, gt[0])
+        assert abs(agr[0] - ref) < 1e-12
+        assert abs(ref - (w - max(k - 0.5, 0.0)) / w) < 1e-12  # k whole columns short: k - 0.5 px lost
+        flags[name] = (bool(ignore_flags(agr, gt, 0.95, 0.0)[0]), bool(ignore_flags(agr, gt, 0.95, 0.5)[0]))
+    assert flags["full"] == (False, False)
+    assert flags["short1"] == (side < 10, False)
+    assert flags["short2"] == (side < 30, side < 30)
+    assert flags["quarter"] == (True, True)

@@ -406,9 +406,10 @@ def test_no_merge_keeps_each_box_own_mask(setup, tmp_path):
     assert (res[True][1][0] != (e_big & ~e_small.astype(bool))).sum() <= 4
     assert res[False][1][1] == pytest.approx(res[True][1][1], abs=0.05)  # tight boxes barely move here
     assert 0.8 < res[False][1][1] <= 1.0
-    for merge in (True, False):  # ignore_mask follows the agreement and --drop-thresh (0.95) in both modes
-        for _mask, agreement, ignore in res[merge].values():
-            assert ignore == (agreement < 0.95)
+    for merge in (True, False):  # ignore_mask follows the agreement, --drop-thresh (0.95) and --drop-slack
+        for aid, (_mask, agreement, ignore) in res[merge].items():  # (0.5 px) in both modes
+            w, h = (big, small)[aid - 1][2:]
+            assert ignore == (agreement < min(0.95, (w - 0.5) * (h - 0.5) / (w * h)))
 
 
 def test_summary_times_every_stage_after_a_warm_up(single_run):

@@ -9,6 +9,7 @@ import typer
 
 from boxcaseg.commands.options import (Context, Device, Engine, Merge, Model, Precision, PriorWeight, Threshold,
                                        add_command)
+from boxcaseg.proxy.options import DROP_SLACK, DROP_THRESH
 
 
 def proxy_command(
@@ -23,7 +24,8 @@ def proxy_command(
     threshold: Threshold = None,
     relative: bool = typer.Option(False, "--relative", help="Threshold the per-instance min-max normalised map (the published rule)."),
     prior_weight: PriorWeight = None,
-    drop_thresh: float = typer.Option(0.95, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask, with or without --merge."),
+    drop_thresh: float = typer.Option(DROP_THRESH, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask, with or without --merge."),
+    drop_slack: float = typer.Option(DROP_SLACK, "--drop-slack", help="Pixels per axis a small box may miss before its mask is flagged: a w x h box's threshold is min(--drop-thresh, (w-slack)(h-slack)/(w h)); 0: --drop-thresh for every box."),
     merge_masks: Merge = False,
     batch_size: int = typer.Option(32, "--batch-size", help="Instances per inference batch."),
     workers: int = typer.Option(2, "--workers", help="Decode/crop worker processes (0: in the main process)."),
@@ -71,7 +73,7 @@ def proxy_command(
         raise BoxcasegError("--images is required (except with --merge-shards)")
     cfg = ProxyConfig(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
-        relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, merge=merge_masks, batch_size=batch_size, workers=workers, threads=threads,
+        relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, drop_slack=drop_slack, merge=merge_masks, batch_size=batch_size, workers=workers, threads=threads,
         shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
         progress=not no_progress and env_rank_world()[0] == 0, device=device, precision=precision,
         channels_last=channels_last, cuda_graph=cuda_graph, post_workers=post_workers,
@@ -81,7 +83,7 @@ def proxy_command(
     if env_rank_world()[0] == 0:
         con.print(settings_line(cfg, rm))
     s = generate_proxy_torchrun(cfg, resolved)
-    for line in summary_lines(s, drop_thresh):
+    for line in summary_lines(s):
         con.print(line)
     if wrote_whole_json(s, out):
         _print(con, write_format(fmt, out, folder, skip_flagged))

@@ -64,7 +64,6 @@ def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[in
 
     results = []
     st = empty_stats()
-    drop = cfg.drop_thresh
     not_inferred = 0
     for t in tasks:
         n = len(t.ann_ids)
@@ -72,6 +71,7 @@ def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[in
         why = bad.pop(t.index, None)
         ms = masks.pop(t.index, None)
         agreement = np.zeros(len(t.crops))
+        flags = np.ones(len(t.crops), bool)
         merged: list = [None] * len(t.crops)
         if why is not None:
             st["bad_images"] += 1
@@ -80,7 +80,8 @@ def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[in
         elif len(t.crops):
             if ms is None or any(m is None for m in ms):
                 raise RuntimeError(f"image id {t.image_id!r}: masks missing at chunk end")
-            merged, agreement = finish_image(t, ms, merge=cfg.merge)
+            merged, agreement, flags = finish_image(t, ms, merge=cfg.merge, drop_thresh=cfg.drop_thresh,
+                                                    drop_slack=cfg.drop_slack)
         slot = 0
         for a in range(n):
             reason = t.reasons[a]
@@ -98,7 +99,7 @@ def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[in
                 x0, y0 = int(t.boxes[slot, 0]), int(t.boxes[slot, 1])
                 rle = encode_window_fast(m, x0, y0, t.height, t.width)
                 agr = float(agreement[slot])
-                ignore = bool(agr < drop)
+                ignore = bool(flags[slot])
                 st["masks"] += 1
                 st["agreement_sum"] += agr
                 if not m.any():

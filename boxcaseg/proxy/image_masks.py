@@ -3,8 +3,9 @@
 - :func:`crop_masks`: maps -> box-local masks for any crops (of one image or of many), with
   the :class:`~boxcaseg.infer_settings.InferSettings` in force
   (:func:`~boxcaseg.proxy.postprocess.masks_from_probs`);
-- :func:`finish_image`: one image's box-local masks -> merged masks and box agreements
-  (:func:`~boxcaseg.proxy.merge_drop.merge_and_drop`).
+- :func:`finish_image`: one image's box-local masks -> merged masks, box agreements and
+  the drop rule's ``ignore_mask`` flags (:func:`~boxcaseg.proxy.merge_drop.merge_and_drop`,
+  :func:`~boxcaseg.proxy.merge_drop.ignore_flags`).
 
 :func:`image_masks` runs the whole path for one image (the windows of
 :func:`~boxcaseg.proxy.tasks.image_task`, the crops of :func:`~boxcaseg.proxy.decode.cut_crops`,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from boxcaseg.infer_settings import InferSettings
+from boxcaseg.proxy.options import DROP_SLACK, DROP_THRESH
 from boxcaseg.proxy.tasks import ImageTask, image_task
 
 
@@ -35,13 +37,16 @@ def crop_masks(probs: np.ndarray, refs: list[tuple[ImageTask, int]], settings: I
     return masks_from_probs(probs, crops, boxes, settings, stride=stride, relative=relative, gt_xyxy=gt)
 
 
-def finish_image(task: ImageTask, masks: list[np.ndarray], *, merge: bool) -> tuple[list, np.ndarray]:
+def finish_image(task: ImageTask, masks: list[np.ndarray], *, merge: bool, drop_thresh: float = DROP_THRESH,
+                 drop_slack: float = DROP_SLACK) -> tuple[list, np.ndarray, np.ndarray]:
     """One image's box-local ``masks`` (one per usable box, in slot order) -> the masks as
-    written (``merge``: a pixel claimed by several boxes goes to the smallest) and each box's
-    agreement with its mask."""
-    from boxcaseg.proxy.merge_drop import merge_and_drop
+    written (``merge``: a pixel claimed by several boxes goes to the smallest), each box's
+    agreement with its mask, and its ``ignore_mask`` flag (agreement below the box's drop
+    threshold: ``drop_thresh`` with ``drop_slack`` px forgiven per axis)."""
+    from boxcaseg.proxy.merge_drop import ignore_flags, merge_and_drop
 
-    return merge_and_drop(task.boxes, masks, task.gt_xyxy, task.areas, merge=merge)
+    merged, agreement = merge_and_drop(task.boxes, masks, task.gt_xyxy, task.areas, merge=merge)
+    return merged, agreement, ignore_flags(agreement, task.gt_xyxy, drop_thresh, drop_slack)
 
 
 def image_masks(img, boxes_xywh: np.ndarray, settings: InferSettings, engine, *, batch_size: int = 32,
@@ -61,7 +66,7 @@ def image_masks(img, boxes_xywh: np.ndarray, settings: InferSettings, engine, *,
     batch = cut_crops(img, task.crops, settings.infer_size)
     probs = np.concatenate([engine.predict(batch[i:i + batch_size]) for i in range(0, n, batch_size)], 0)
     local = crop_masks(probs, [(task, s) for s in range(n)], settings, stride=engine.output_stride, relative=relative)
-    merged, agreement = finish_image(task, local, merge=merge)
+    merged, agreement, _ = finish_image(task, local, merge=merge)
     for k, m in enumerate(merged):
         x0, y0, x1, y1 = (int(v) for v in task.boxes[k])
         out[k, y0:y1, x0:x1] = m.astype(bool)

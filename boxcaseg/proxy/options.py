@@ -7,6 +7,7 @@ changes the answer) and the record the output json keeps (:func:`run_info`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import FIELDS, check_setting, flag_label
 from boxcaseg.io import check_output_file, file_sha256
 from boxcaseg.proxy.shards import FORMAT, Shard
+
+DROP_THRESH = 0.95  # the paper's drop rule: agreement below it flags ignore_mask
+DROP_SLACK = 0.5    # px per axis a small box's drop threshold forgives (merge_drop.drop_thresholds)
 
 
 @dataclass
@@ -30,7 +34,8 @@ class ProxyConfig:
     threshold: float | None = None   # on the probability (or min-max normalised with relative); None: the model's
     relative: bool = False           # the published per-instance min-max normalisation
     prior_weight: float | None = None  # blend of a soft inscribed-ellipse prior before the threshold; None: the model's
-    drop_thresh: float = 0.95        # agreement below -> ignore_mask
+    drop_thresh: float = DROP_THRESH  # agreement below -> ignore_mask
+    drop_slack: float = DROP_SLACK   # px per axis a small box's drop threshold forgives (merge_drop.drop_thresholds)
     merge: bool = False              # True: smaller object better across the masks of an image; False (default):
                                      # each box's own mask (trains an equal or better Mask R-CNN: RESULTS "merge_maskrcnn")
     batch_size: int = 32             # instances per inference batch (fixed; part of the fingerprint)
@@ -67,6 +72,8 @@ class ProxyConfig:
             check_setting(name, getattr(self, name), flag_label(name))
         if not 0.0 <= self.drop_thresh <= 1.0:
             raise BoxcasegError(f"--drop-thresh {self.drop_thresh}: must be in [0, 1]")
+        if not (math.isfinite(self.drop_slack) and 0.0 <= self.drop_slack <= 8.0):
+            raise BoxcasegError(f"--drop-slack {self.drop_slack}: must be in [0, 8] px")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.workers < 0:
             raise BoxcasegError("--batch-size and --checkpoint-every must be >= 1, --workers >= 0")
         if not Path(self.images).is_dir():
@@ -94,6 +101,7 @@ def fingerprint(cfg: ProxyConfig, shard: Shard, size: int) -> dict:
         **{name: FIELDS[name].kind(getattr(cfg, name)) for name in settings_flags(cfg)},
         "relative": bool(cfg.relative),
         "drop_thresh": float(cfg.drop_thresh),
+        "drop_slack": float(cfg.drop_slack),
         "merge": bool(cfg.merge),
         "batch_size": int(cfg.batch_size),
         "checkpoint_every": int(cfg.checkpoint_every),
@@ -144,5 +152,5 @@ def run_info(cfg: ProxyConfig, rm, fingerprint: dict) -> dict:
 
     return {"version": __version__, "model": rm.label, "model_sha256": fingerprint["model_sha256"],
             "engine": cfg.engine, **rm.settings.overrides_of(cfg).as_info(),
-            "relative": cfg.relative, "merge": cfg.merge, "drop_thresh": cfg.drop_thresh, **_torch_options(cfg)}
+            "relative": cfg.relative, "merge": cfg.merge, "drop_thresh": cfg.drop_thresh, "drop_slack": cfg.drop_slack, **_torch_options(cfg)}
 

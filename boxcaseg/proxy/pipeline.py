@@ -205,7 +205,7 @@ def _warm_up(engine, cfg, settings: InferSettings) -> None:
     task = image_task(8, 8, [[0, 0, 8, 8]], settings.context)
     masks = crop_masks(np.asarray(probs)[:1], [(task, 0)], settings, stride=engine.output_stride,
                        relative=cfg.relative)
-    merged, _ = finish_image(task, masks, merge=cfg.merge)
+    merged, _, _ = finish_image(task, masks, merge=cfg.merge)
     encode_window_fast(merged[0], 0, 0, 8, 8)
 
 

@@ -46,7 +46,7 @@ def settings_line(cfg, rm) -> str:
             f"S={rm.settings.infer_size}, context {cfg.context:g}, "
             f"threshold {cfg.threshold:g}, prior weight {cfg.prior_weight:g}, alpha {rm.settings.alpha:g}, "
             f"{'merge (smaller object wins)' if cfg.merge else 'no merge (each box its own mask)'}, "
-            f"drop below agreement {cfg.drop_thresh:g}")
+            f"drop below agreement {cfg.drop_thresh:g} ({cfg.drop_slack:g} px slack per axis)")
 
 
 def merged_shards_line(s: dict) -> str:
@@ -55,7 +55,7 @@ def merged_shards_line(s: dict) -> str:
             f"{s['flagged']} flagged ignore_mask")
 
 
-def summary_lines(s: dict, drop_thresh: float) -> list[str]:
+def summary_lines(s: dict) -> list[str]:
     """A run's summary (:func:`~boxcaseg.proxy.generate_proxy_torchrun`'s dict): output, counts,
     speed and time shares, stage timings when measured, the shard join on rank 0."""
     t = s["timings"]
@@ -64,7 +64,7 @@ def summary_lines(s: dict, drop_thresh: float) -> list[str]:
     speed = f"{s['instances_per_s']:.1f} inst/s" if s["instances_per_s"] else "all chunks resumed"
     lines = [
         f"[green]wrote[/] {s['output']} (shard {s['shard']}, {s['engine']}): {s['images']} images, {s['instances']} instances, "
-        f"{s['masks']} masks; flagged ignore_mask {s['flagged']} (agreement < {drop_thresh}: {s['low_agreement']}, "
+        f"{s['masks']} masks; flagged ignore_mask {s['flagged']} (low agreement: {s['low_agreement']}, "
         f"degenerate boxes: {s['degenerate']}, in {s['bad_images']} bad images: {s['bad_image_annotations']}); "
         f"empty masks {s['empty_masks']}; mean agreement {s['mean_agreement']:.3f}; crowd left as is {s['crowd']}"]
     steady = (f" ({s['steady_instances_per_s']:.1f} after a {t['warmup']:.1f} s warm-up)"
