@@ -491,3 +491,33 @@ def test_drop_rule_by_size_a_missing_column_passes_a_wrong_mask_does_not(side):
     assert flags["short1"] == (side < 10, False)
     assert flags["short2"] == (side < 30, side < 30)
     assert flags["quarter"] == (True, True)
+
+
+def test_bench_drop_by_size_flags_against_true_iou_with_and_without_slack():
+    """bench/drop_by_size.py's by-true-IoU table: a 9 x 9 box whose mask misses one column (true
+    IoU 8/9, agreement 8.5/9 < 0.95) is flagged by the bare rule only; a 9 x 9 box missing five of
+    its nine columns (true IoU 4/9: a bad mask) by both; a 40 x 30 box's perfect mask by neither."""
+    bench = _load_bench()
+    H, W = 60, 80
+    boxes = {1: [5.0, 5.0, 9.0, 9.0], 2: [20.0, 5.0, 9.0, 9.0], 3: [30.0, 20.0, 40.0, 30.0]}
+    cut = {1: 1, 2: 5, 3: 0}  # columns missing at the right
+    gt_anns, proxy_anns = [], []
+    for aid, (x, y, w, h) in boxes.items():
+        gt_anns.append({"id": aid, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [x, y, w, h],
+                        "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "area": w * h})
+        m = np.zeros((H, W), np.uint8)
+        m[int(y):int(y + h), int(x):int(x + w) - cut[aid]] = 1
+        proxy_anns.append(dict(gt_anns[-1], segmentation=encode(m)))
+    gt = {"images": [{"id": 1, "width": W, "height": H, "file_name": "a.jpg"}], "annotations": gt_anns,
+          "categories": [{"id": 1, "name": "thing"}]}
+    proxy = dict(gt, annotations=proxy_anns, info={"boxcaseg_proxy": {"merge": False}})
+    res = bench.flag_shares(proxy, gt, drop=0.95, remerge=False, slack=0.5)
+    rows = {r["side"]: r for r in res["by_true_iou"]["rows"]}
+    small, mid = rows["< 12 px"], rows["32-96 px"]
+    assert small["n"] == 2 and small["good"] == 1 and small["bad"] == 1
+    assert small["mean_iou"] == pytest.approx((8 / 9 + 4 / 9) / 2, abs=1e-6)
+    assert (small["good_flagged_bare"], small["good_flagged_slack"]) == (1, 0)
+    assert (small["bad_flagged_bare"], small["bad_flagged_slack"]) == (1, 1)
+    assert mid["n"] == 1 and mid["good"] == 1 and mid["flagged_bare"] == mid["flagged_slack"] == 0
+    assert rows["all"]["n"] == 3 and rows["all"]["flagged_bare"] == 2 and rows["all"]["flagged_slack"] == 1
+    assert "good flagged with slack %" in bench.markdown(res)
