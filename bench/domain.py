@@ -243,7 +243,7 @@ def cmd_eval(args) -> dict:
         "model": args.model, "model_sha256": file_sha256(model_file(args.model)),
         "engine_model_sha256": info["model_sha256"],
         "settings": {k: info.get(k) for k in ("infer_size", "context", "threshold", "prior_weight", "relative",
-                                              "merge", "drop_thresh")},
+                                              "merge", "drop_thresh", "drop_slack")},
         "chosen_on": args.chosen_on or _default_chosen_on(args.model, any(v is not None for v in settings.values()),
                                                           args.split),
         "engine": summary["engine"], "threads": args.threads,
@@ -295,23 +295,16 @@ class MapCache:
         self.cache.clear()
 
 
-def drop_threshold() -> float:
-    """The proxy's ``--drop-thresh`` default (a mask is flagged when its agreement is below it)."""
-    import dataclasses
-
-    from boxcaseg.proxy import ProxyConfig
-
-    return next(f.default for f in dataclasses.fields(ProxyConfig) if f.name == "drop_thresh")
-
-
 def sweep_predictions(ann: Path, images: Path, model: str, contexts, thresholds, priors, *, merge: bool = False,
-                      threads: int = 1, engine: str = "auto", progress: bool = True) -> tuple[dict, dict]:
+                      threads: int = 1, engine: str = "auto", progress: bool = True,
+                      every: int = 1) -> tuple[dict, dict]:
     """Predictions for every (context, threshold, prior weight) of the grid, the network run once
     per context and image: ``{(c, t, w): [prediction with id, image_id, segmentation, ignore_mask]}``
     and the run's timings. A value None is the model's own setting. The masks come from
     :meth:`boxcaseg.Segmenter.predict_with_agreement` (the proxy's windows, crops and post-processing);
-    a mask is flagged as the proxy flags it (agreement below the ``--drop-thresh`` default), a
-    degenerate box gets an empty flagged mask, as in a proxy run."""
+    a mask is flagged as the proxy flags it (its defaults ``--drop-thresh`` and ``--drop-slack``:
+    :func:`boxcaseg.proxy.merge_drop.ignore_flags`), a degenerate box gets an empty flagged mask,
+    as in a proxy run. ``every`` K: every K-th image of the json (by image id), for a quick look."""
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -319,6 +312,9 @@ def sweep_predictions(ann: Path, images: Path, model: str, contexts, thresholds,
     from boxcaseg.cocojson import is_crowd, load_coco
     from boxcaseg.data.transforms import open_rgb
     from boxcaseg.masks import empty_rle, encode
+    from boxcaseg.proxy.geometry import clipped_box_xyxy
+    from boxcaseg.proxy.merge_drop import ignore_flags
+    from boxcaseg.proxy.options import DROP_SLACK, DROP_THRESH
 
     gt = load_coco(ann, "COCO annotation")
     paths = gt.paths(images)
@@ -329,11 +325,11 @@ def sweep_predictions(ann: Path, images: Path, model: str, contexts, thresholds,
     contexts = contexts or [own.context]
     thresholds = thresholds or [own.threshold]
     priors = priors or [own.prior_weight]
-    drop = drop_threshold()
     grid = [(c, t, w) for c in contexts for t in thresholds for w in priors]
     preds: dict = {g: [] for g in grid}
     work = [(i, [a for a in anns if not is_crowd(a)]) for i, anns in gt.by_image.items()]
     work = [(i, anns) for i, anns in work if anns]
+    work = sorted(work, key=lambda x: str(x[0]))[::max(1, every)]
     t0 = time.perf_counter()
     with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress) as prog:
@@ -345,17 +341,19 @@ def sweep_predictions(ann: Path, images: Path, model: str, contexts, thresholds,
                 img = np.asarray(open_rgb(paths[image_id], "image", (w_, h_), f" (image id {image_id})"))
                 usable = [a for a in anns if gt.box_problem(a) is None]
                 boxes = np.array([[float(v) for v in a["bbox"]] for a in usable], np.float64).reshape(-1, 4)
+                gt_xyxy = np.array([clipped_box_xyxy(b, w_, h_) for b in boxes], np.float64).reshape(-1, 4)
                 for t in thresholds:
                     for w in priors:
                         seg.threshold, seg.prior_weight = t, w
                         masks, agreement = seg.predict_with_agreement(img, boxes, merge=merge)
-                        got = {a["id"]: (encode(m), float(g)) for a, m, g in zip(usable, masks, agreement)}
+                        flags = ignore_flags(agreement, gt_xyxy, DROP_THRESH, DROP_SLACK)
+                        got = {a["id"]: (encode(m), float(g), bool(f))
+                               for a, m, g, f in zip(usable, masks, agreement, flags)}
                         for a in anns:
-                            rle, agr = got.get(a["id"], (empty_rle(h_, w_), 0.0))
+                            rle, agr, flag = got.get(a["id"], (empty_rle(h_, w_), 0.0, True))
                             preds[(c, t, w)].append({"id": a["id"], "image_id": image_id,
                                                      "category_id": a.get("category_id", 1), "segmentation": rle,
-                                                     "proxy_agreement": agr, "ignore_mask": bool(agr < drop)
-                                                     or a["id"] not in got})
+                                                     "proxy_agreement": agr, "ignore_mask": flag})
                 cache.clear()
                 prog.advance(task)
     seconds = time.perf_counter() - t0
@@ -373,26 +371,45 @@ def cmd_sweep(args, name: str, ann: Path, images: Path, given: dict) -> dict:
     from boxcaseg.cocojson import load_coco
     from boxcaseg.io import file_sha256
 
+    from boxcaseg.proxy.options import DROP_SLACK, DROP_THRESH
+
     preds, timing = sweep_predictions(ann, images, args.model, given["context"], given["threshold"],
                                       given["prior_weight"], merge=args.merge, threads=args.threads,
-                                      engine=args.engine, progress=not args.no_progress)
-    gt = load_coco(ann, "ground-truth")
+                                      engine=args.engine, progress=not args.no_progress, every=args.every)
+    gt = None if args.boxes_only else load_coco(ann, "ground-truth")
     rows = []
     for (c, t, w), p in preds.items():
-        figs = figures(gt, p, flags=True)
-        rows.append({"context": c, "threshold": t, "prior_weight": w, "figures": figs})
-        print(f"c{c:g} t{t:g} p{w:g}: {figures_line({'all': figs['all']})}", flush=True)
+        row = {"context": c, "threshold": t, "prior_weight": w,
+               "mean_agreement": _mean([q["proxy_agreement"] for q in p]),
+               "flagged_share": _mean([float(q["ignore_mask"]) for q in p])}
+        if gt is not None:
+            row["figures"] = figures(gt, p, flags=True)
+        rows.append(row)
+        print(f"c{c:g} t{t:g} p{w:g}: mean agreement {row['mean_agreement']:.4f}, flagged "
+              f"{100 * row['flagged_share']:.1f}%" + (f"; {figures_line({'all': row['figures']['all']})}"
+                                                      if gt is not None else ""), flush=True)
     record = {
         "name": name, "kind": "sweep", "label": args.label, "split": f"{DATASET}/{args.split}", "model": args.model,
-        "model_sha256": file_sha256(model_file(args.model)), "merge": args.merge, "drop_thresh": drop_threshold(),
+        "model_sha256": file_sha256(model_file(args.model)), "merge": args.merge, "drop_thresh": DROP_THRESH,
+        "drop_slack": DROP_SLACK, "boxes_only": bool(args.boxes_only), "every": args.every,
         "threads": args.threads, **timing, **model_provenance(args.model), "rows": rows,
         "command": command_line(), "load_average": _load(),
     }
     path = write_record(name, record)
+    if gt is None:
+        top = agreement_row(rows)
+        print(f"{name}: highest mean agreement on {args.split}'s boxes c{top['context']:g} t{top['threshold']:g} "
+              f"p{top['prior_weight']:g} ({top['mean_agreement']:.4f}) -> {_shown(path)}")
+        return record
     best = best_row(rows)
     print(f"{name}: best on {args.split} itself c{best['context']:g} t{best['threshold']:g} "
           f"p{best['prior_weight']:g}: {figures_line({'all': best['figures']['all']})} -> {_shown(path)}")
     return record
+
+
+def agreement_row(rows: list[dict]) -> dict:
+    """The mask-free choice: the grid's row with the highest mean box agreement (the boxes alone)."""
+    return max(rows, key=lambda r: r["mean_agreement"])
 
 
 def best_row(rows: list[dict]) -> dict:
@@ -587,7 +604,7 @@ def sweep_table(records: dict[str, dict], split: str) -> str:
 
     rows = []
     for name, rec in records.items():
-        if rec.get("kind") != "sweep" or rec.get("split") != f"{DATASET}/{split}":
+        if rec.get("kind") != "sweep" or rec.get("split") != f"{DATASET}/{split}" or rec.get("boxes_only"):
             continue
         best = best_row(rec["rows"])
         own = rec.get("model_settings", {})
@@ -604,6 +621,42 @@ def sweep_table(records: dict[str, dict], split: str) -> str:
     if not rows:
         return ""
     return markdown_table(["sweep", "row", "setting", "all", *[TYPE_NAMES[t] for t in TYPES], "flagged"], rows)
+
+
+def _setting(r: dict) -> tuple:
+    return (r["context"], r["threshold"], r["prior_weight"])
+
+
+def settings_rule_table(records: dict[str, dict], split: str) -> str:
+    """Issue 36's question, per model with a scored grid on ``split`` (dev): how the settings a
+    rule without masks picks score there against the best on ``split`` itself (an upper bound
+    that needs its masks). Rules: the model's own settings (fixed: the shipped ones, carried
+    by a fine-tuned model); the highest mean box agreement on the same grid over the *train*
+    split's boxes (a boxes-only sweep of the same model file: ``eval --sweep --boxes-only
+    --split train``); the highest mean box agreement on ``split``'s own boxes (no masks read)."""
+    from boxcaseg.report import markdown_table
+
+    rows = []
+    for name, rec in records.items():
+        if rec.get("kind") != "sweep" or rec.get("split") != f"{DATASET}/{split}" or rec.get("boxes_only"):
+            continue
+        by_setting = {_setting(r): r for r in rec["rows"]}
+        own = rec.get("model_settings", {})
+        picks = [("the model's own settings (fixed)", (own.get("context"), own.get("threshold"), own.get("prior_weight")))]
+        for other_name, other in records.items():
+            if (other.get("kind") == "sweep" and other.get("boxes_only") and other.get("model_sha256") == rec.get(
+                    "model_sha256") and other.get("split") != rec.get("split")):
+                top = agreement_row(other["rows"])
+                picks.append((f"highest box agreement on {other['split']}'s boxes ({other_name})", _setting(top)))
+        picks.append((f"highest box agreement on {split}'s own boxes (no masks)", _setting(agreement_row(rec["rows"]))))
+        picks.append((f"best on {split} (its masks: upper bound)", _setting(best_row(rec["rows"]))))
+        for what, key in picks:
+            r = by_setting.get(key)
+            cells = [_cell(r["figures"].get(g)) if r else "not in the grid" for g in ("all", *TYPES)]
+            rows.append([name, what, "c{:g} t{:g} p{:g}".format(*key) if None not in key else "-", *cells])
+    if not rows:
+        return ""
+    return markdown_table(["grid", "rule", "setting", "all", *[TYPE_NAMES[t] for t in TYPES]], rows)
 
 
 def machine_note(records) -> str:
@@ -650,6 +703,7 @@ def cmd_report(args) -> str:
     table = markdown_table(header, table_rows)
     text = conclusions(rows, groups)
     sweeps = sweep_table(records, args.split)
+    rules = settings_rule_table(records, args.split)
     tp = records.get(THROUGHPUT)
     body = (f"## domain: masks from GT boxes on {DATASET}/{args.split}, by image type "
             "(`python bench/domain.py report --write`)\n\n"
@@ -665,6 +719,9 @@ def cmd_report(args) -> str:
     if sweeps:
         body += ("\nSettings grids (`eval --sweep`): the best row is chosen on the split it is scored on, an upper "
                  "bound for a rule that needs no masks.\n\n" + sweeps + "\n")
+    if rules:
+        body += ("\nSettings without masks: what each rule picks on the same grid, scored on "
+                 f"{args.split} (a user has no masks; the last row needs them).\n\n" + rules + "\n")
     if tp:
         body += "\n" + throughput_line(tp) + "\n"
     if args.write:
@@ -696,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "trt"],
                    help="the proxy's --engine (default auto: ONNX Runtime on a CPU, PyTorch on a GPU)")
     p.add_argument("--sweep", action="store_true", help="score every setting of the grid, the network once per context")
+    p.add_argument("--boxes-only", action="store_true", help="with --sweep: no masks read, each setting's mean box "
+                   "agreement and flagged share only (the mask-free rule, e.g. on --split train)")
+    p.add_argument("--every", type=int, default=1, help="with --sweep: every K-th image of the split (default 1)")
     p.add_argument("--label", help="the row's name in the report (default: NAME)")
     p.add_argument("--chosen-on", help="which set the settings were chosen on, for the report "
                    "(default: the model's own settings / given on the command line)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def typed_set(tmp_path_factory):
     for k, im in enumerate(data["images"]):
         im["type"] = ("fluo", "he", "fluo", "brightfield", "he", "fluo")[k]
     (dev / "instances.json").write_text(json.dumps(data))
+    train = root / "dsb2018-nuclei" / "train"  # the same images, boxes only (no segmentation to read)
+    shutil.copytree(dev / "images", train / "images")
+    boxes = dict(data, annotations=[{k: v for k, v in a.items() if k != "segmentation"} for a in data["annotations"]])
+    (train / "instances.json").write_text(json.dumps(boxes))
     return root, dev / "instances.json", dev / "images", data
 
 
@@ -164,6 +169,29 @@ def test_eval_sweep_and_baselines_write_records(typed_set, tiny_ckpt, tmp_path, 
     # the grid's row at the model's own settings is the plain eval's figures
     own = next(r for r in grid["rows"] if r["threshold"] == one["settings"]["threshold"])
     assert own["figures"] == one["figures"] and len(grid["rows"]) == 2
+    # its mean agreement and flagged share are the proxy output's (drop rule with the slack)
+    out = json.loads((tmp_path / "runs" / "tiny-dev.json").read_text())
+    agr = [a["proxy_agreement"] for a in out["annotations"] if not a.get("iscrowd")]
+    assert own["mean_agreement"] == pytest.approx(float(np.mean(agr)), abs=1e-9)
+    assert own["flagged_share"] == pytest.approx(float(np.mean([a["ignore_mask"] for a in out["annotations"]
+                                                                if not a.get("iscrowd")])), abs=1e-12)
+    # the mask-free rule: a boxes-only grid on the train split (no segmentation there) ...
+    assert domain.main(["eval", "--name", "tiny-train", "--model", str(tiny_ckpt), "--sweep", "--boxes-only",
+                        "--split", "train", "--threshold", "0.4,0.5", *torch_engine]) == 0
+    boxes_only = domain.load_records()["tiny-train"]
+    assert boxes_only["boxes_only"] and all("figures" not in r for r in boxes_only["rows"])
+    # ... whose rows equal the dev grid's agreement (same images here), and the report scores its pick on dev
+    for r, d in zip(boxes_only["rows"], grid["rows"]):
+        assert r["mean_agreement"] == pytest.approx(d["mean_agreement"], abs=1e-12)
+    pick = max(boxes_only["rows"], key=lambda r: r["mean_agreement"])
+    table = domain.settings_rule_table(domain.load_records(), "dev")
+    line = next(ln for ln in table.splitlines() if "train's boxes (tiny-train)" in ln)
+    dev_row = next(r for r in grid["rows"] if r["threshold"] == pick["threshold"])
+    assert f"t{pick['threshold']:g}" in line and domain._cell(dev_row["figures"]["all"]) in line
+    best = max(grid["rows"], key=lambda r: (r["figures"]["all"]["miou_star"], r["figures"]["all"]["iou75"]))
+    assert domain._cell(best["figures"]["all"]) in next(ln for ln in table.splitlines() if "upper bound" in ln)
+    for name in ("tiny-train",):
+        (tmp_path / "records" / f"{name}.json").unlink()
     # a bad name or model file: one line, nothing written
     with pytest.raises(SystemExit, match="--name"):
         domain.main(["eval", "--name", "../x", "--model", str(tiny_ckpt)])
