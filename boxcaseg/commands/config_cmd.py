@@ -26,7 +26,7 @@ def config_list_command() -> None:
     shipped = shipped_configs()
     width = max((len(n) for n in shipped), default=0)
     for name, path in shipped.items():
-        typer.echo(f"{name:<{width}}  {describe(read_text(path, "config"))}")
+        typer.echo(f"{name:<{width}}  {describe(read_text(path, 'config'))}")
 
 
 def config_show_command(
