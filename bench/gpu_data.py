@@ -70,7 +70,7 @@ def copy_set(src: Path, dst: Path, n_images: int | None, quality: int | None = N
     """``src``'s first ``n_images`` images by id (all: None) with their annotations: byte-identical, or
     with ``quality`` re-encoded as JPEG of that quality in the frame the json uses (EXIF orientation
     applied; the json, its file names and sizes unchanged)."""
-    from boxcaseg.images import read_image
+    from boxcaseg.images import open_rgb, read_image
 
     data = json.loads((src / "instances.json").read_text())
     images = sorted(data["images"], key=lambda im: im["id"])[:n_images or None]
@@ -84,8 +84,9 @@ def copy_set(src: Path, dst: Path, n_images: int | None, quality: int | None = N
         if quality is None:
             shutil.copyfile(path, target)
             continue
-        pic = read_image(path, size=(int(im["width"]), int(im["height"])))
-        pic = pic if pic.mode in ("RGB", "L") else pic.convert("RGB")
+        size = (int(im["width"]), int(im["height"]))
+        pic = read_image(path, size=size)
+        pic = pic if pic.mode in ("RGB", "L") else open_rgb(path, "image", size)  # the one pixel rule
         pic.save(target, "JPEG", quality=quality, optimize=True)
     (dst / "instances.json").write_text(json.dumps(out))
     rec = {"images": len(images), "boxes": sum(1 for a in out["annotations"] if not a.get("iscrowd")),

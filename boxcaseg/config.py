@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import FIELDS as INFER_FIELDS
 from boxcaseg.infer_settings import InferSettings, check_setting
+from boxcaseg.io import read_text
 
 T = TypeVar("T")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -393,9 +394,10 @@ def load_toml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BoxcasegError(f"{path}: config file not found")
+    text = read_text(path, "config")  # UTF-8, a byte-order mark allowed
     try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise BoxcasegError(f"{path}: malformed TOML ({e})") from e
     except RecursionError:
         raise BoxcasegError(f"{path}: malformed TOML (nested too deeply)") from None

@@ -46,7 +46,7 @@ import numpy as np
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.images import image_size
-from boxcaseg.io import atomic_write_bytes, atomic_write_json, check_input_file
+from boxcaseg.io import atomic_write_bytes, atomic_write_json, check_input_file, read_text
 from boxcaseg.masks import decode, tight_box_xyxy
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def read_names(names: str | os.PathLike) -> list[str]:
     """Class names from a names.txt (one per line) or an Ultralytics data.yaml (``names:``
     as a list or a dict ``{id: name}`` with ids 0..n-1)."""
     path = check_input_file(names, "class names")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path, "class names", errors="replace")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml  # PyYAML, a dependency of timm
@@ -195,10 +195,7 @@ def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
         if not lab.is_file():
             n_without += 1
             continue
-        try:
-            text = lab.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise BoxcasegError(f"{lab}: unreadable label file ({e})") from e
+        text = read_text(lab, "label")
         for lineno, line in enumerate(text.splitlines(), start=1):
             tokens = line.split()
             if not tokens:

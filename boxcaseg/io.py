@@ -108,6 +108,21 @@ def check_input_file(path: str | os.PathLike, what: str = "input") -> Path:
     return path
 
 
+def read_text(path: str | os.PathLike, what: str = "text", errors: str = "strict") -> str:
+    """A text file users hand us (class names, data.yaml, YOLO labels, image lists, TOML
+    configs): UTF-8 with or without a byte-order mark (``utf-8-sig``; Windows editors write
+    one, and it must not become part of the first class name). ``errors``: Python's decoding
+    errors setting. A missing file, a folder or text that is not UTF-8 is a BoxcasegError
+    naming the file."""
+    path = check_input_file(path, what)
+    try:
+        return path.read_text(encoding="utf-8-sig", errors=errors)
+    except UnicodeDecodeError as e:
+        raise BoxcasegError(f"{path}: {what} file is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise BoxcasegError(f"{path}: cannot read the {what} file ({e.strerror or type(e).__name__})") from e
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     """Load a checkpoint or weight file with ``weights_only=True``: no code runs."""
     import pickle
@@ -233,7 +248,7 @@ class JsonlWriter:
         if truncate_after_iter is not None and self.path.exists():
             # a resumed run: keep the lines up to the checkpoint's iteration only
             kept = []
-            for line in self.path.read_text().splitlines():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     if json.loads(line).get("iter", 0) <= truncate_after_iter:
                         kept.append(line)
@@ -251,4 +266,4 @@ class JsonlWriter:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in read_text(path, "JSON Lines").splitlines() if line.strip()]

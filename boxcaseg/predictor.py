@@ -25,27 +25,28 @@ BOX_FORMATS = ("xywh", "xyxy")
 
 
 def as_rgb_image(image: Any, what: str = "image"):
-    """A path, a PIL image or an HxWx3 (or HxW) uint8 array -> PIL RGB image.
+    """A path, a PIL image or an array [H, W] / [H, W, C] (C = 1..4: grey, grey + alpha, RGB,
+    RGBA; uint8, 16-bit, 32-bit or float) -> PIL RGB image, by the one pixel rule
+    (:func:`boxcaseg.images.to_rgb8`: 8-bit unchanged, other types scaled).
 
     A file or a PIL image with an EXIF orientation is turned upright (as displayed: the
     frame people draw boxes in; :mod:`boxcaseg.images`).
     """
     from PIL import Image
 
-    from boxcaseg.data.transforms import open_rgb, to_rgb
-    from boxcaseg.images import upright
+    from boxcaseg.images import open_rgb, to_rgb_image, upright
 
     if isinstance(image, (str, Path)):
         return open_rgb(image, what)
     if isinstance(image, Image.Image):
-        return to_rgb(upright(image))
+        return to_rgb_image(upright(image), what)
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise BoxcasegError(f"{what}: expected an HxWx3 uint8 array, got {image.dtype} {list(image.shape)}")
+        if image.ndim not in (2, 3):
+            raise BoxcasegError(f"{what}: expected an HxW or HxWxC array, got {image.dtype} {list(image.shape)}")
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise BoxcasegError(f"{what}: empty array {list(image.shape)}")
-        return to_rgb(Image.fromarray(np.ascontiguousarray(image)))
-    raise BoxcasegError(f"{what}: expected a file path, a PIL image or a uint8 array, got {type(image).__name__}")
+        return to_rgb_image(image, what)
+    raise BoxcasegError(f"{what}: expected a file path, a PIL image or an array, got {type(image).__name__}")
 
 
 def boxes_xywh(boxes: Any, box_format: str = "xywh") -> np.ndarray:
@@ -112,8 +113,9 @@ class Segmenter:
     def predict(self, image: Any, boxes: Sequence, box_format: str = "xywh", merge: bool = False) -> np.ndarray:
         """Masks [K, H, W] bool for ``boxes`` (K x 4, ``box_format`` xywh or xyxy) on ``image``.
 
-        ``image``: a path, a PIL image or an HxWx3 uint8 RGB array. A box partly outside
-        the image is clipped to it (the mask stays inside the box); a box of zero size,
+        ``image``: a path, a PIL image or an array (HxWx3 uint8 RGB; grey, RGBA, 16-bit and
+        float arrays by :func:`~boxcaseg.images.to_rgb8`). A box partly outside the image
+        is clipped to it (the mask stays inside the box); a box of zero size,
         non-finite or entirely outside raises BoxcasegError naming it. ``merge``: a pixel
         claimed by several boxes goes to the smallest (the proxy's merge); default off,
         every box gets its own mask.

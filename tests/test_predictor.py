@@ -229,8 +229,10 @@ def test_segmenter_bad_images(segmenter, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(BoxcasegError, match="bad.jpg: unreadable image"):
         segmenter.predict(tmp_path / "bad.jpg", [[0, 0, 5, 5]])
-    with pytest.raises(BoxcasegError, match="expected an HxWx3 uint8 array"):
-        segmenter.predict(np.zeros((10, 10, 3), np.float32), [[0, 0, 5, 5]])
+    with pytest.raises(BoxcasegError, match="5 channels"):
+        segmenter.predict(np.zeros((10, 10, 5), np.uint8), [[0, 0, 5, 5]])
+    with pytest.raises(BoxcasegError, match="pixels of type complex"):
+        segmenter.predict(np.zeros((10, 10, 3), np.complex64), [[0, 0, 5, 5]])
 
 
 # --------------------------------------------------------------------------- boxcaseg segment

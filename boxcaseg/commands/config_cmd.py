@@ -21,11 +21,12 @@ def describe(text: str) -> str:
 def config_list_command() -> None:
     """Each shipped config: its name (for --config) and what it is (its first comment line)."""
     from boxcaseg.config import shipped_configs
+    from boxcaseg.io import read_text
 
     shipped = shipped_configs()
     width = max((len(n) for n in shipped), default=0)
     for name, path in shipped.items():
-        typer.echo(f"{name:<{width}}  {describe(path.read_text())}")
+        typer.echo(f"{name:<{width}}  {describe(read_text(path, 'config'))}")
 
 
 def config_show_command(
@@ -34,8 +35,9 @@ def config_show_command(
 ) -> None:
     """Print a config's TOML text, e.g. to start your own: boxcaseg config show cpu > my.toml"""
     from boxcaseg.config import resolve_config
+    from boxcaseg.io import read_text
 
-    typer.echo(resolve_config(name).read_text(), nl=False)
+    typer.echo(read_text(resolve_config(name), "config"), nl=False)
 
 
 def register(app: typer.Typer) -> None:

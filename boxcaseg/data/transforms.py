@@ -1,4 +1,6 @@
-"""Image loading and the one crop-and-resize (the normalisation is :mod:`boxcaseg.imageops`'s)."""
+"""Image loading and the one crop-and-resize (the normalisation is :mod:`boxcaseg.imageops`'s).
+
+Files become RGB in :mod:`boxcaseg.images` (``open_rgb``, re-exported here for the readers)."""
 
 from __future__ import annotations
 
@@ -9,38 +11,18 @@ import numpy as np
 from PIL import Image
 
 from boxcaseg.imageops import MEAN
-from boxcaseg.images import read_image
+from boxcaseg import images
+from boxcaseg.images import open_rgb  # noqa: F401 - the readers' import
 
 MEAN_RGB255 = tuple(int(round(m * 255)) for m in MEAN)  # fill colour for padding
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode (L, LA, P, CMYK, RGBA, I;16, I, F ...) -> RGB (alpha dropped)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0.0
-        scale = 255.0 / hi if hi > 255 else 1.0
-        arr = np.clip(arr * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        return img.convert("RGBA").convert("RGB")
-    return img.convert("RGB")
-
-
-def open_rgb(path: str | Path, what: str = "image", size: tuple[int, int] | None = None, where: str = "") -> Image.Image:
-    """Decode an image file to RGB (:func:`boxcaseg.images.read_image`: regular files only,
-    in the frame of ``size`` (width, height) when given, else as displayed); a missing or
-    corrupt file raises BoxcasegError naming it."""
-    return to_rgb(read_image(path, what, where, size))
-
-
 def read_rgb(path: str | Path, image_id=None, size: tuple[int, int] | None = None) -> np.ndarray:
-    """An image file as [H, W, 3] uint8 RGB; errors name the file and the image id.
-    ``size``: the (width, height) its json records (picks the frame, see :mod:`boxcaseg.images`)."""
+    """An image file as [H, W, 3] uint8 RGB (:func:`boxcaseg.images.read_rgb`: the one pixel
+    rule); errors name the file and the image id. ``size``: the (width, height) its json
+    records (picks the frame, see :mod:`boxcaseg.images`)."""
     where = f" (image id {image_id})" if image_id is not None else ""
-    return np.asarray(open_rgb(path, "image", size, where))
+    return images.read_rgb(path, "image", size, where)
 
 
 def crop_resize(img: Image.Image, region, size: int, fill=None) -> Image.Image:

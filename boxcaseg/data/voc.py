@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.io import read_text
 from boxcaseg.masks import area as rle_area
 from boxcaseg.masks import encode
 
@@ -134,7 +135,7 @@ def read_image_set(root: Path, split: str | None) -> list[str]:
     for c in candidates:
         if c.suffix == ".txt" and c.is_file():
             # Main/ lists of one class hold "name flag"; keep the first column
-            return [line.split()[0] for line in c.read_text().splitlines() if line.strip()]
+            return [line.split()[0] for line in read_text(c, "image list").splitlines() if line.strip()]
     raise BoxcasegError(f"{root}: image set {split!r} not found (looked for "
                         f"{', '.join(str(c) for c in candidates[1:])})")
 

@@ -36,7 +36,9 @@ def weights_dir() -> Path:
 
 def model_card() -> str:
     """The shipped model's card (MODEL.md)."""
-    return (weights_dir() / "MODEL.md").read_text()
+    from boxcaseg.io import read_text
+
+    return read_text(weights_dir() / "MODEL.md", "model card")
 
 
 def _shipped_file(name: str, sha256: str, what: str, check: bool) -> Path:
