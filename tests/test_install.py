@@ -352,11 +352,29 @@ def test_ci_finds_the_data_of_the_repository_it_was_cloned_from(tmp_path):
 # --------------------------------------------------------------------------- nothing written into the package
 
 
+def _see_this_environments_packages(py: Path) -> None:
+    """Let the venv of ``py`` import what this interpreter imports (torch and the rest): its
+    site-packages folders go into a ``.pth`` file of the new venv. ``system_site_packages`` alone
+    gives the *base* Python's packages, not those of the venv this test runs in (a fresh
+    ``python3 -m venv`` for the README's command). The new venv's own site-packages stays first
+    on its path, so the wheel installed there is the copy that runs (the test checks it)."""
+    import site
+    import sysconfig
+
+    ours = [*site.getsitepackages(), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    folders = list(dict.fromkeys(str(Path(p).resolve()) for p in ours if Path(p).is_dir()))
+    probe = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    theirs = Path(subprocess.run([str(py), "-c", probe], capture_output=True, text=True, check=True).stdout.strip())
+    assert theirs.is_dir() and str(theirs.resolve()) not in folders, theirs
+    (theirs / "_boxcaseg_test_parent_env.pth").write_text("".join(f"{f}\n" for f in folders))
+
+
 @pytest.mark.slow
 def test_a_wheel_install_holds_exactly_the_wheels_files_after_a_proxy_run(ckpt, tmp_path):
-    """pip-install the wheel into a venv (torch and the rest from this environment), run the
-    proxy (Numba compiles its kernels), and the installed package is still exactly what the
-    wheel's RECORD lists: compiled caches went to the user cache ($BOXCASEG_CACHE/numba)."""
+    """pip-install the wheel into a new venv (torch and the rest from this environment, through a
+    .pth file: this environment may itself be a venv), run the proxy (Numba compiles its kernels),
+    and the installed package is still exactly what the wheel's RECORD lists: compiled caches
+    went to the user cache ($BOXCASEG_CACHE/numba)."""
     pytest.importorskip("setuptools")
     pytest.importorskip("wheel")
     import csv
@@ -375,6 +393,7 @@ def test_a_wheel_install_holds_exactly_the_wheels_files_after_a_proxy_run(ckpt, 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)
     py = env_dir / "bin" / "python"
+    _see_this_environments_packages(py)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NUMBA_CACHE_DIR")}
     env.update({"BOXCASEG_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
                 "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
