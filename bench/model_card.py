@@ -12,7 +12,8 @@ says so). ``pack`` writes ``boxcaseg/weights/boxcaseg-lite0.pt`` (fp16, the sett
 its config) and then, as ``int8`` does, its int8 graph ``boxcaseg-lite0.int8.onnx``: the
 packed file's ONNX graph quantized by ONNX Runtime, calibrated on ``--calib-crops`` crops
 of the model's own training boxes (``--calib-ann`` / ``--calib-images``, default
-``${BOXCASEG_DATA}/coco-train``; the same inputs and library versions give the same bytes).
+``${BOXCASEG_DATA}/coco-train``; the same inputs and library versions give the same bytes on
+one machine, and on another the same scales and zero points within 1% / 2 steps).
 Both sha256 go into ``boxcaseg/weights/__init__.py``, the int8 graph's size and calibration
 into ``MODEL.md``. ``card`` runs
 the shipped model exactly as ``boxcaseg proxy`` does without flags (and with
@@ -127,7 +128,8 @@ def int8(args) -> None:
         f"segment`, `Segmenter(precision=\"int8\")`). Quantization: {meta[QUANT_KEY]}; the crops are cut as a proxy "
         f"run cuts them (S={meta['boxcaseg.infer_size']}, context {float(meta['boxcaseg.context']):g}) from the "
         "model's own training boxes (never coco-val). Built by `python bench/model_card.py pack` with the model file "
-        "(alone: `python bench/model_card.py int8`); the same inputs and library versions give the same bytes. "
+        "(alone: `python bench/model_card.py int8`); the same inputs and library versions give the same bytes on one machine, "
+        "and on another the same scales and zero points within 1% / 2 steps. "
         "Speed and masks against fp32: bench/RESULTS.md \"int8\" (`python bench/int8.py`)."))
     print(f"wrote {dst}: {mb:.2f} MB, sha256 {sha} ({meta[QUANT_KEY]})")
 

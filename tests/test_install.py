@@ -20,7 +20,8 @@ from PIL import Image
 from conftest import REPO, run_cli
 
 ORT_MISSING_LINE = 'error: --engine onnx needs ONNX Runtime: pip install "boxcaseg[cpu]" (or [gpu] for onnxruntime-gpu)'
-CI_TEST_COMMAND = 'pip install -e ".[dev,cpu]" -c constraints.txt && pytest -q'
+VENV_LINE = "python3 -m venv .venv && . .venv/bin/activate"  # the README's first command, and CI's
+CI_MARKER = "# --- the README's \"Development\" commands, verbatim:"  # in .ci/run, above them
 
 
 # --------------------------------------------------------------------------- dependencies
@@ -86,11 +87,76 @@ def test_onnx_runtime_is_an_extra_cpu_or_gpu():
     assert "dev" in extras and "trt" in extras
 
 
-def test_ci_runs_the_readme_test_command_with_the_constraints():
-    run = (REPO / ".ci" / "run").read_text()
-    assert CI_TEST_COMMAND in run
-    assert "find-data.sh" in run
-    assert CI_TEST_COMMAND in (REPO / "README.md").read_text(), "README's test command differs from .ci/run's"
+def _readme_bash_lines(heading: str | None) -> list[str]:
+    """The lines of the README's ```bash blocks, as written (blank lines dropped): the section
+    under ``heading``, or (None) the lines before the first section (the README's opening)."""
+    readme = (REPO / "README.md").read_text()
+    if heading is None:
+        text = readme[:readme.index("\n## ")]
+    else:
+        assert f"\n{heading}\n" in readme, f"README.md has no section {heading!r}"
+        start = readme.index(f"\n{heading}\n") + 1
+        end = readme.find("\n## ", start)
+        text = readme[start:end if end >= 0 else None]
+    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+            for line in block.splitlines() if line.strip()]
+
+
+def _ci_run_lines() -> tuple[list[str], list[str]]:
+    """.ci/run's command lines (comments and blank lines dropped), before and after CI_MARKER."""
+    text = (REPO / ".ci" / "run").read_text()
+    assert text.count(CI_MARKER + "\n") == 1, f".ci/run has no line {CI_MARKER!r} above the README's commands"
+    before, after = text.split(CI_MARKER + "\n")
+
+    def commands(part: str) -> list[str]:
+        return [ln.strip() for ln in part.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+    return commands(before), commands(after)
+
+
+def test_ci_runs_the_readmes_development_commands():
+    """.ci/run, after finding the data, runs exactly the README's "Development" lines: a fresh
+    virtual environment, the editable install at the pinned versions, pytest."""
+    readme = _readme_bash_lines("## Development")
+    before, ci = _ci_run_lines()
+    assert ci == readme, (
+        "README.md's \"Development\" commands and the ones .ci/run runs differ; keep them identical:\n"
+        f"  README.md: {readme}\n  .ci/run:   {ci}")
+    assert readme[0] == VENV_LINE, readme
+    install, _, test = readme[1].partition(" && ")
+    assert install.split()[:3] == ["pip", "install", "-e"] and "-c constraints.txt" in install, install
+    assert test.split()[0] == "pytest", test
+    assert [ln for ln in before if ln.startswith("source ")] == ["source .ci/find-data.sh"]
+    assert before[-1] == 'boxcaseg_find_data "$PWD"', before  # data found, then the README's lines
+
+
+def test_readme_opens_with_the_python_versions_and_a_virtual_environment():
+    readme = (REPO / "README.md").read_text()
+    opening = readme[:readme.index("\n## ")].replace("**", "")
+    floor = re.fullmatch(r">=\s*(3\.\d+)", _pyproject()["project"]["requires-python"].strip()).group(1)
+    assert f"Python {floor} or newer" in opening, f"the README's opening should say: Python {floor} or newer"
+    lines = _readme_bash_lines(None)
+    assert lines[0] == VENV_LINE and lines[1].startswith("pip install "), lines
+    assert ".venv/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_pytest_leaves_a_venv_in_the_checkout_alone(tmp_path):
+    """`pytest -q` in a checkout holding .venv (the README's) collects tests/ only, never the
+    tests of packages installed in .venv: by the repository's own pytest settings (testpaths),
+    even without pytest's own virtual-environment detection (--collect-in-virtualenv)."""
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_ours.py").write_text("def test_ours():\n    pass\n")
+    theirs = tmp_path / ".venv" / "lib" / "python3" / "site-packages" / "pkg" / "tests"
+    theirs.mkdir(parents=True)
+    (theirs / "test_theirs.py").write_text("def test_theirs():\n    pass\n")
+    (tmp_path / ".venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        "--collect-in-virtualenv"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    collected = [ln for ln in r.stdout.splitlines() if "::" in ln]
+    assert collected == ["tests/test_ours.py::test_ours"], r.stdout
 
 
 # --------------------------------------------------------------------------- the wheel
@@ -352,11 +418,29 @@ def test_ci_finds_the_data_of_the_repository_it_was_cloned_from(tmp_path):
 # --------------------------------------------------------------------------- nothing written into the package
 
 
+def _see_this_environments_packages(py: Path) -> None:
+    """Let the venv of ``py`` import what this interpreter imports (torch and the rest): its
+    site-packages folders go into a ``.pth`` file of the new venv. ``system_site_packages`` alone
+    gives the *base* Python's packages, not those of the venv this test runs in (a fresh
+    ``python3 -m venv`` for the README's command). The new venv's own site-packages stays first
+    on its path, so the wheel installed there is the copy that runs (the test checks it)."""
+    import site
+    import sysconfig
+
+    ours = [*site.getsitepackages(), sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    folders = list(dict.fromkeys(str(Path(p).resolve()) for p in ours if Path(p).is_dir()))
+    probe = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    theirs = Path(subprocess.run([str(py), "-c", probe], capture_output=True, text=True, check=True).stdout.strip())
+    assert theirs.is_dir() and str(theirs.resolve()) not in folders, theirs
+    (theirs / "_boxcaseg_test_parent_env.pth").write_text("".join(f"{f}\n" for f in folders))
+
+
 @pytest.mark.slow
 def test_a_wheel_install_holds_exactly_the_wheels_files_after_a_proxy_run(ckpt, tmp_path):
-    """pip-install the wheel into a venv (torch and the rest from this environment), run the
-    proxy (Numba compiles its kernels), and the installed package is still exactly what the
-    wheel's RECORD lists: compiled caches went to the user cache ($BOXCASEG_CACHE/numba)."""
+    """pip-install the wheel into a new venv (torch and the rest from this environment, through a
+    .pth file: this environment may itself be a venv), run the proxy (Numba compiles its kernels),
+    and the installed package is still exactly what the wheel's RECORD lists: compiled caches
+    went to the user cache ($BOXCASEG_CACHE/numba)."""
     pytest.importorskip("setuptools")
     pytest.importorskip("wheel")
     import csv
@@ -375,6 +459,7 @@ def test_a_wheel_install_holds_exactly_the_wheels_files_after_a_proxy_run(ckpt, 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)
     py = env_dir / "bin" / "python"
+    _see_this_environments_packages(py)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NUMBA_CACHE_DIR")}
     env.update({"BOXCASEG_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
                 "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})

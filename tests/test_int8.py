@@ -322,12 +322,37 @@ def test_pack_builds_the_model_and_its_int8_graph_the_same_bytes(data, tmp_path,
     assert shas[0] == shas[1]
 
 
+# How close a rebuild of the shipped int8 graph must come to the shipped file. Byte equality holds
+# only on the machine that built it (another CPU's arithmetic, or image decoder, moves a calibrated
+# activation range a little); a different recipe moves them a lot: calibrating on another seed or on
+# 128 crops instead of 256 moved scales by up to 23-29% and zero points by up to 22-28.
+REBUILD_SCALE_RTOL = 0.01   # each quantization scale: relative difference
+REBUILD_ZERO_POINT_ATOL = 2  # each zero point: integer steps
+
+
+def _quantization_params(path: Path) -> dict[str, np.ndarray]:
+    """The graph's quantization scales and zero points: its initializers named ``*_scale`` /
+    ``*_zero_point`` (read with the onnx package, not through boxcaseg)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return {i.name: numpy_helper.to_array(i) for i in graph.initializer
+            if i.name.endswith(("_scale", "_zero_point"))}
+
+
 @pytest.mark.slow
-def test_the_shipped_int8_graph_rebuilds_to_its_bytes(data_root, tmp_path, monkeypatch, one_thread):
-    """`python bench/model_card.py int8` on the shipped .pt and coco-train gives the shipped file's
-    bytes (with the library versions it was built with)."""
+def test_the_shipped_int8_graph_rebuilds_to_its_quantization(data_root, tmp_path, monkeypatch, one_thread):
+    """`python bench/model_card.py int8` on the shipped .pt and coco-train gives the shipped graph's
+    quantization (the same scale and zero-point initializers, each within REBUILD_*) and its masks
+    on the pinned test image (within tests/test_golden_masks.py's tolerance), with the library
+    versions it was built with."""
     import onnxruntime
     import torch
+    from golden_image import golden_image_and_boxes
+    from test_golden_masks import assert_same_masks, golden_masks
+
+    from boxcaseg.predictor import Segmenter
 
     made_with = read_onnx_metadata(weights.int8_path())[QUANT_KEY]
     here = f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__.split('+')[0]}"
@@ -338,7 +363,28 @@ def test_the_shipped_int8_graph_rebuilds_to_its_bytes(data_root, tmp_path, monke
     shutil.copy(weights.pretrained_path(), folder / weights.FILE)
     mc.int8(argparse.Namespace(calib_ann=str(data_root / "coco-train" / "instances.json"), calib_images=None,
                                calib_crops=256, calib_seed=0))
-    assert file_sha256(folder / weights.INT8_FILE) == weights.INT8_SHA256
+    rebuilt = folder / weights.INT8_FILE
+    meta = read_onnx_metadata(rebuilt)
+    assert meta[QUANT_KEY] == made_with and meta["boxcaseg.checkpoint_sha256"] == weights.SHA256
+
+    want, got = _quantization_params(weights.int8_path()), _quantization_params(rebuilt)
+    scales = [k for k in want if k.endswith("_scale")]
+    assert len(scales) > 50 and len(want) == 2 * len(scales), sorted(want)[:10]  # a scale and a zero point each
+    assert set(got) == set(want), f"names differ: {sorted(set(got) ^ set(want))[:10]}"
+    for name, w in want.items():
+        g = got[name]
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        if name.endswith("_scale"):
+            np.testing.assert_allclose(g, w, rtol=REBUILD_SCALE_RTOL, atol=0, err_msg=name)
+        else:
+            diff = np.abs(g.astype(np.int64) - w.astype(np.int64))
+            assert diff.max() <= REBUILD_ZERO_POINT_ATOL, f"{name}: zero points differ by up to {diff.max()} steps"
+
+    img, boxes = golden_image_and_boxes()
+    masks = Segmenter(rebuilt, precision="int8", threads=1).predict(img, boxes)
+    shipped = Segmenter(None, precision="int8", threads=1).predict(img, boxes)
+    assert_same_masks(masks, shipped, "rebuilt int8 vs the shipped int8 graph")
+    assert_same_masks(masks, golden_masks("int8", *img.shape[:2]), "rebuilt int8 vs the recorded int8 masks")
 
 
 def test_check_calibration_is_the_librarys(tmp_path):

@@ -7,7 +7,8 @@ int8 graph: weights int8 per output channel, activations uint8 with ranges calib
 float32 input (RGB 0..255) and output (probabilities) and every ``boxcaseg.*`` metadata
 entry, so every engine, ``proxy`` and ``segment`` take it like the float32 file;
 ``boxcaseg.quantization`` says how it was made (crops, their source, method, library
-versions: the same versions give the same bytes). :func:`boxcaseg.proxy.calibration.quantize_calibrated`
+versions: the same versions give the same bytes on one machine, and on another the same
+scales and zero points within the tolerances tests/test_int8.py states). :func:`boxcaseg.proxy.calibration.quantize_calibrated`
 is the whole recipe (``boxcaseg export --int8``, the shipped model's int8 graph).
 """
 
