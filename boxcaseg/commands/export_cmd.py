@@ -52,11 +52,15 @@ def export_command(
     if tta not in ("none", "flip"):
         raise BoxcasegError(f"--tta {tta!r}: choose none or flip")
     ckpt = checkpoint_path(ckpt)
+    from boxcaseg.io import check_outputs
+    from boxcaseg.proxy.calibration import check_calibration, int8_path
+
+    check_outputs({"-o": out, "--engine-out": (engine_out or out.with_suffix(".engine")) if trt else None,
+                   "-o (int8)": int8_path(out) if int8 else None},
+                  {"CKPT": ckpt, "--calib-ann": calib_ann, "--calib-images": calib_images})  # before any work
     calib = None
     if int8:  # before any work: the int8 graph is written last, from crops of the calibration json's boxes
-        from boxcaseg.proxy.calibration import check_calibration
-
-        calib = check_calibration(calib_ann, calib_images, calib_crops, out, inputs=[ckpt])
+        calib = check_calibration(calib_ann, calib_images, calib_crops, out, inputs={"CKPT": ckpt})
     rep = export_onnx(ckpt, out, trt=trt, fp16=fp16, max_batch=max_batch, engine_out=engine_out,
                       infer_size=infer_size, flip_tta=tta == "flip", alpha=alpha)
     con = Console(highlight=False, soft_wrap=True)

@@ -61,7 +61,10 @@ def proxy_command(
                                        write_format, wrote_whole_json)
 
     con = Console(highlight=False, soft_wrap=True, stderr=False)
-    out, folder = output_paths(out, fmt, ann, images)
+    from boxcaseg.model_files import user_model_file
+
+    inputs = {"--ann": ann} if join_shards else {"--ann": ann, "--images": images, "--model": user_model_file(model)}
+    out, folder = output_paths(out, fmt, inputs)
     if join_shards:
         s = merge_shards(ann, out)
         con.print(merged_shards_line(s))

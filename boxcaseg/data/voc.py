@@ -208,9 +208,13 @@ def voc_to_coco(root: str | os.PathLike, split: str | None = None,
 
 def write_voc_as_coco(root: str | os.PathLike, out: str | os.PathLike, split: str | None = None) -> dict:
     """:func:`voc_to_coco` written atomically to ``out``; returns the dict."""
-    from boxcaseg.io import atomic_write_json, check_output_file
+    from boxcaseg.io import atomic_write_json, check_output_file, check_outputs
 
-    check_output_file(out, "-o")  # before any work
+    check_output_file(out, "-o")  # before any work; never among the files it reads
+    r = Path(root)
+    check_outputs({"-o": out}, {f"VOC_ROOT/{d}": r / d for d in ("Annotations", "SegmentationObject",
+                                                                  "SegmentationClass", "ImageSets", "inst", "cls")}
+                  | {"--split": split if split and Path(split).is_file() else None})
     coco = voc_to_coco(root, split)
     atomic_write_json(out, coco)
     return coco

@@ -14,7 +14,7 @@ import torch
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.cocojson import load_coco
-from boxcaseg.io import atomic_write_json, check_output_file
+from boxcaseg.io import atomic_write_json, check_output_file, check_outputs
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.dist import check_device_name, resolve_device
 from boxcaseg.maskrcnn.trainer import load_checkpoint, model_from_checkpoint
@@ -70,7 +70,8 @@ def predict_maskrcnn(
     """
     check_device_name(device, "--device")
     if out is not None:
-        check_output_file(out, "-o", inputs=[checkpoint, ann])  # before any work
+        check_output_file(out, "-o")  # before any work
+        check_outputs({"-o": out}, {"--checkpoint": checkpoint, "--images": images, "--ann": ann})
     items = list_images(images, ann, image_ids)  # a bad json or file name stops before the model loads
     ckpt = load_checkpoint(checkpoint)
     model, cfg, cats = model_from_checkpoint(ckpt, str(checkpoint))

@@ -13,7 +13,7 @@ from typing import Any
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import FIELDS, check_setting, flag_label
-from boxcaseg.io import check_output_file, file_sha256
+from boxcaseg.io import check_output_file, check_outputs, file_sha256
 from boxcaseg.proxy.shards import FORMAT, Shard
 
 
@@ -71,7 +71,16 @@ class ProxyConfig:
             raise BoxcasegError("--batch-size and --checkpoint-every must be >= 1, --workers >= 0")
         if not Path(self.images).is_dir():
             raise BoxcasegError(f"{self.images}: image folder not found")
-        check_output_file(self.out, "-o", inputs=[self.ann])
+        check_proxy_output(self)
+
+
+def check_proxy_output(cfg: ProxyConfig) -> None:
+    """``cfg.out`` can be written and is none of the run's inputs (the json, the image folder
+    or a file in it, the user's model file): :func:`~boxcaseg.io.check_outputs`."""
+    from boxcaseg.model_files import user_model_file
+
+    check_output_file(cfg.out, "-o")
+    check_outputs({"-o": cfg.out}, {"--ann": cfg.ann, "--images": cfg.images, "--model": user_model_file(cfg.model)})
 
 
 def settings_flags(cfg: ProxyConfig) -> list[str]:
@@ -127,7 +136,7 @@ def resolve_proxy_config(cfg: ProxyConfig):
 
     if not Path(cfg.images).is_dir():
         raise BoxcasegError(f"{cfg.images}: image folder not found")
-    check_output_file(cfg.out, "-o", inputs=[cfg.ann])  # before the model is resolved (maybe exported)
+    check_proxy_output(cfg)  # before the model is resolved (maybe exported)
     rm = resolve_model(cfg.model, cfg.engine, cfg.device, cfg.precision)
     st = rm.settings.overrides_of(cfg)
     out = ProxyConfig(**{

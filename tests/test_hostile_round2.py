@@ -1,0 +1,191 @@
+"""Hostile inputs, round 2 (issue 37): nothing a user gave is ever overwritten, and no run
+leaves a trap for the next.
+
+Built on :mod:`test_hostile` (its corpus, its command builders, ``run`` and ``snapshot``):
+each case runs the real command and asserts exit status 2, one line naming the clash,
+nothing written and every input untouched. An output is spelt several ways that all name
+an input (``..``, a link to the file, a link to its folder, a hard link with another case,
+a file inside the images folder), so the rule is tested, not one spelling of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from test_hostile import TINY_MASKRCNN, Corpus, corpus, no_hang, proxy, run, segment, snapshot, train  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --------------------------------------------------------------------------- section 1: an output that is an input
+
+
+def spellings(target: Path, tmp: Path) -> dict[str, Path]:
+    """Paths under ``tmp`` (or through ``..``) that all name the existing file ``target``."""
+    (tmp / "links").mkdir(exist_ok=True)
+    link = tmp / "links" / f"link{target.suffix}"
+    if not link.is_symlink():
+        link.symlink_to(target)
+    folder_link = tmp / "links" / "folder"
+    if not folder_link.is_symlink():
+        folder_link.symlink_to(target.parent, target_is_directory=True)
+    hard = tmp / "links" / target.name.upper()
+    if not hard.exists():
+        os.link(target, hard)  # another case, the same file (what a case-insensitive file system does)
+    return {
+        "dotdot": target.parent / "nowhere" / ".." / target.name,
+        "dotdot-through-folder": target.parent / target.parent.name / ".." / ".." / target.parent.name / target.name,
+        "symlink": link,
+        "folder-symlink": folder_link / target.name,
+        "hardlink-other-case": hard,
+    }
+
+
+SPELLINGS = ("dotdot", "dotdot-through-folder", "symlink", "folder-symlink", "hardlink-other-case")
+
+
+@pytest.fixture(scope="module")
+def world(corpus, tmp_path_factory) -> Corpus:
+    """The corpus plus a VOC-looking root, a calibration-ready json and a label folder."""
+    voc = corpus.root / "voc"
+    if not voc.exists():
+        for d in ("Annotations", "SegmentationObject", "JPEGImages"):
+            (voc / d).mkdir(parents=True)
+    return corpus
+
+
+def yolo(c: Corpus, out: Path, names: Path | None = None) -> list[str]:
+    y = c.folders["yolo"]
+    return ["data", "yolo-to-coco", "--images", str(y / "images"), "--labels", str(y / "labels"), "--names",
+            str(names or y / "names.txt"), "-o", str(out)]
+
+
+# (argv builder from (corpus, the spelt path, tmp), the input's path in the corpus, the needle)
+INPUT_CLASH: dict[str, tuple[Callable, Callable[[Corpus], Path], str]] = {
+    "proxy -o is --model": (lambda c, p, t: proxy(c, p), lambda c: c.ckpt, "is an input of this command (--model"),
+    "proxy -o is --ann": (lambda c, p, t: proxy(c, p), lambda c: c.good, "is an input of this command (--ann"),
+    "proxy -o is an image": (lambda c, p, t: proxy(c, p), lambda c: c.images / "a.jpg", "is inside the input folder"),
+    "segment -o is --model": (lambda c, p, t: segment(c, out=p), lambda c: c.ckpt, "is an input of this command"),
+    "segment --json is --model": (lambda c, p, t: segment(c, json_out=p), lambda c: c.ckpt,
+                                  "is an input of this command (--model"),
+    "segment -o is IMAGE": (lambda c, p, t: segment(c, out=p), lambda c: c.images / "a.jpg",
+                            "is an input of this command (IMAGE"),
+    "yolo-to-coco -o is a label file": (lambda c, p, t: yolo(c, p), lambda c: c.folders["yolo"] / "labels" / "x.txt",
+                                        "is inside the input folder --labels"),
+    "yolo-to-coco -o is --names": (lambda c, p, t: yolo(c, p), lambda c: c.folders["yolo"] / "names.txt",
+                                   "is an input of this command (--names"),
+    "export -o is CKPT": (lambda c, p, t: ["export", str(c.ckpt), "-o", str(p)], lambda c: c.ckpt,
+                          "is an input of this command (CKPT"),
+    "model pack -o is CKPT": (lambda c, p, t: ["model", "pack", str(c.ckpt), "-o", str(p)], lambda c: c.ckpt,
+                              "is an input of this command (CKPT"),
+    "maskrcnn predict -o is --checkpoint": (
+        lambda c, p, t: ["maskrcnn", "predict", "--ckpt", str(c.ckpt), "--images", str(c.images), "-o", str(p)],
+        lambda c: c.ckpt, "is an input of this command (--checkpoint"),
+}
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("name", list(INPUT_CLASH))
+def test_an_output_never_names_an_input(name, spelling, world, tmp_path, capsys):
+    build, target, needle = INPUT_CLASH[name]
+    c = world
+    if "inside the input folder" in needle and spelling == "hardlink-other-case":
+        pytest.skip("a hard link outside a folder is not in it (files are not matched against whole folders)")
+    out = spellings(target(c), tmp_path)[spelling]
+    expect_fail(build(c, out, tmp_path), needle, c, tmp_path, capsys)
+
+
+def expect_fail(argv: list[str], needle: str, c: Corpus, tmp: Path, capsys) -> None:
+    """exit 2, one line holding ``needle``, nothing written under ``tmp`` or the corpus."""
+    before, tmp_before = snapshot(c.root), snapshot(tmp)
+    code, err = run(argv, capsys)
+    assert code == 2, (code, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert needle in err, (needle, err)
+    assert snapshot(c.root) == before, "an input was changed"
+    assert snapshot(tmp) == tmp_before, "something was written"
+
+
+# outputs inside an input folder (a file that does not exist yet), and two outputs that are one file
+INSIDE: dict[str, tuple[Callable, str]] = {
+    "proxy -o inside --images": (lambda c, t: proxy(c, c.images / "p.json"), "is inside the input folder --images"),
+    "proxy -o inside --images, in a new subfolder": (lambda c, t: proxy(c, c.images / "new" / "p.json"),
+                                                     "is inside the input folder --images"),
+    "proxy -o inside --images through a link": (lambda c, t: proxy(c, link_to(c.images, t) / "p.json"),
+                                                "is inside the input folder --images"),
+    "proxy --format png -o a subfolder of --images": (
+        lambda c, t: proxy(c, c.images / "masks", extra=["--format", "png"]), "is inside the input folder --images"),
+    "proxy --format yolo-seg -o --images": (lambda c, t: proxy(c, link_to(c.images, t), extra=["--format", "yolo-seg"]),
+                                            "is the input folder --images"),
+    "segment -o inside the model's folder is fine, --json is the model": (
+        lambda c, t: segment(c, out=t / "x.png", json_out=c.ckpt), "is an input of this command (--model"),
+    "segment -o and --json one file (..)": (
+        lambda c, t: segment(c, out=t / "d" / "x" / ".." / "m.out", json_out=t / "d" / "m.out"), "are the same file"),
+    "segment -o and --json one file (link)": (
+        lambda c, t: segment(c, out=link_to(t, t, "tl") / "m.out", json_out=t / "m.out"), "are the same file"),
+    "yolo-to-coco -o inside --images": (lambda c, t: yolo(c, c.folders["yolo"] / "images" / "c.json"),
+                                        "is inside the input folder --images"),
+    "voc-to-coco -o inside Annotations": (lambda c, t: ["data", "voc-to-coco", str(c.root / "voc"), "-o",
+                                                        str(c.root / "voc" / "Annotations" / "c.json")],
+                                          "is inside the input folder VOC_ROOT/Annotations"),
+    "export --int8 -o inside --calib-images": (
+        lambda c, t: ["export", str(c.ckpt), "-o", str(c.images / "m.onnx"), "--int8", "--calib-ann", str(c.good),
+                      "--calib-images", str(c.images)], "is inside the input folder --calib-images"),
+    "train --out --box-images": (lambda c, t: train(c, c.images), "is the input folder data.box_images"),
+    "train --out inside --box-images": (lambda c, t: train(c, c.images / "run"), "is inside the input folder"),
+    "train --out holds --init-from as last.pt": (
+        lambda c, t: train(c, t / "run", extra=["--init-from", str(init_in(c, t / "run"))]),
+        "is an input of this command (train.init_from"),
+    "visualize -o inside --images": (lambda c, t: ["visualize", "--ann", str(c.good), "--images", str(c.images), "-o",
+                                                   str(c.images / "viz")], "is inside the input folder --images"),
+    "maskrcnn train -o inside --images": (
+        lambda c, t: ["maskrcnn", "train", "-o", str(c.images / "mr"), "--ann", str(c.good), "--images", str(c.images),
+                      *TINY_MASKRCNN], "is inside the input folder --images"),
+    "maskrcnn predict -o inside --images": (
+        lambda c, t: ["maskrcnn", "predict", "--ckpt", str(c.ckpt), "--images", str(c.images), "-o",
+                      str(c.images / "r.json")], "is inside the input folder --images"),
+}
+
+
+def link_to(folder: Path, tmp: Path, name: str = "images-link") -> Path:
+    link = tmp / name
+    if not link.is_symlink():
+        link.symlink_to(folder, target_is_directory=True)
+    return link
+
+
+def init_in(c: Corpus, run_dir: Path) -> Path:
+    """A run folder whose last.pt is a hard link to the corpus checkpoint (given as --init-from)."""
+    run_dir.mkdir(exist_ok=True)
+    if not (run_dir / "last.pt").exists():
+        os.link(c.ckpt, run_dir / "last.pt")
+    return run_dir / "last.pt"
+
+
+@pytest.mark.parametrize("name", list(INSIDE))
+def test_an_output_never_goes_among_the_inputs(name, world, tmp_path, capsys):
+    build, needle = INSIDE[name]
+    argv = build(world, tmp_path)  # links made before the snapshot
+    expect_fail(argv, needle, world, tmp_path, capsys)
+
+
+def test_outputs_beside_the_inputs_are_fine(world, tmp_path, capsys):
+    """The rule refuses clashes only: outputs named like inputs in another folder, or in the
+    parent of the images folder, are written."""
+    c = world
+    code, err = run(segment(c, out=tmp_path / "a.jpg", json_out=tmp_path / "ckpt.pt"), capsys)
+    assert code == 0, err
+    assert (tmp_path / "a.jpg").stat().st_size > 0 and json.loads((tmp_path / "ckpt.pt").read_text())["masks"]
+    y = c.folders["yolo"]
+    code, err = run(yolo(c, tmp_path / "x.txt"), capsys)
+    assert code == 0, err
+    from boxcaseg.io import check_outputs
+
+    check_outputs({"-o": c.images.parent / "p.json"}, {"--images": c.images, "--ann": c.good})
+    check_outputs({"-o": c.images.parent / "images-masks"}, {"--images": c.images})
+    check_outputs({"-o": tmp_path / "x.json"}, {"--ann": c.good, "--model": None, "--data": ""})
