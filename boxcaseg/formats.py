@@ -48,6 +48,7 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.images import image_size
 from boxcaseg.io import atomic_write_bytes, atomic_write_json, check_input_file
 from boxcaseg.masks import decode, tight_box_xyxy
+from boxcaseg.paths import walk_files
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,7 @@ def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
     if not labels_dir.is_dir():
         raise BoxcasegError(f"{labels_dir}: label folder not found")
 
-    images = sorted(p for p in images_dir.rglob("*")
-                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    images = walk_files(images_dir, IMAGE_SUFFIXES)  # links to split folders followed
     if not images:
         raise BoxcasegError(f"{images_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     label_of: dict[Path, Path] = {}
@@ -178,8 +178,8 @@ def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
             raise BoxcasegError(f"{p}: shares the label file {lab} with {label_of[lab]}")
         label_of[lab] = p
     names_resolved = names_path.resolve()
-    for lab in sorted(labels_dir.rglob("*.txt")):
-        if lab.name.startswith(".") or lab in label_of or lab.resolve() == names_resolved:
+    for lab in walk_files(labels_dir, (".txt",)):
+        if lab in label_of or lab.resolve() == names_resolved:
             continue
         if lab.parent == labels_dir and lab.name == "classes.txt":
             continue  # LabelImg writes its class list here

@@ -189,3 +189,84 @@ def test_outputs_beside_the_inputs_are_fine(world, tmp_path, capsys):
     check_outputs({"-o": c.images.parent / "p.json"}, {"--images": c.images, "--ann": c.good})
     check_outputs({"-o": c.images.parent / "images-masks"}, {"--images": c.images})
     check_outputs({"-o": tmp_path / "x.json"}, {"--ann": c.good, "--model": None, "--data": ""})
+
+
+# --------------------------------------------------------------------------- section 2: links inside a dataset
+
+
+def yolo_with_linked_split(root: Path) -> Path:
+    """A YOLO dataset whose val split (images and labels) is a link to folders elsewhere, with a
+    link cycle inside train (train/loop -> images) and a linked image file."""
+    from test_hostile import jpeg_bytes
+
+    ds, elsewhere = root / "ds", root / "elsewhere"
+    for d in (ds / "images" / "train", ds / "labels" / "train", elsewhere / "val-images", elsewhere / "val-labels"):
+        d.mkdir(parents=True)
+    for k, folder in enumerate((ds / "images" / "train", elsewhere / "val-images")):
+        (folder / f"im{k}.jpg").write_bytes(jpeg_bytes(k))
+    (elsewhere / "single.jpg").write_bytes(jpeg_bytes(5))
+    (ds / "images" / "train" / "linked.jpg").symlink_to(elsewhere / "single.jpg")
+    (ds / "labels" / "train" / "im0.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (ds / "labels" / "train" / "linked.txt").write_text("0 0.4 0.4 0.2 0.2\n")
+    (elsewhere / "val-labels" / "im1.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    (ds / "images" / "val").symlink_to(elsewhere / "val-images", target_is_directory=True)
+    (ds / "labels" / "val").symlink_to(elsewhere / "val-labels", target_is_directory=True)
+    (ds / "images" / "train" / "loop").symlink_to(ds / "images", target_is_directory=True)  # a cycle
+    (ds / "names.txt").write_text("thing\n")
+    return ds
+
+
+def test_yolo_to_coco_follows_linked_splits(tmp_path, capsys):
+    ds = yolo_with_linked_split(tmp_path)
+    code, err = run(["data", "yolo-to-coco", "--images", str(ds / "images"), "--labels", str(ds / "labels"), "--names",
+                     str(ds / "names.txt"), "-o", str(tmp_path / "c.json")], capsys)
+    assert code == 0, err
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert [i["file_name"] for i in got["images"]] == ["train/im0.jpg", "train/linked.jpg", "val/im1.jpg"]
+    assert len(got["annotations"]) == 3 and got["info"]["images_without_label_file"] == 0
+
+
+def test_walk_files_against_os_walk(tmp_path):
+    """The walker lists what os.walk(followlinks=True) lists (a tree without a cycle), hidden
+    files and other suffixes left out; with a cycle, each real folder once per path into it."""
+    from boxcaseg.paths import walk_files
+
+    ds = yolo_with_linked_split(tmp_path)
+    (ds / "images" / "train" / "loop").unlink()
+    (ds / "images" / "train" / ".hidden.jpg").write_bytes(b"x")
+    (ds / "images" / "train" / "notes.txt").write_text("x")
+    ref = sorted(Path(d) / f for d, _, fs in os.walk(ds / "images", followlinks=True) for f in fs
+                 if f.lower().endswith(".jpg") and not f.startswith("."))
+    assert walk_files(ds / "images", (".jpg",)) == ref and len(ref) == 3
+    assert walk_files(ds / "images" / "train", (".JPG",), recursive=False) == [
+        ds / "images" / "train" / "im0.jpg", ds / "images" / "train" / "linked.jpg"]
+    (ds / "images" / "train" / "loop").symlink_to(ds / "images", target_is_directory=True)
+    (ds / "images" / "val" / "up").symlink_to(ds, target_is_directory=True)  # a cycle through the linked split
+    assert walk_files(ds / "images", (".jpg",)) == ref  # finite, and nothing twice
+    from boxcaseg.errors import BoxcasegError
+
+    with pytest.raises(BoxcasegError, match="cannot list the folder"):
+        walk_files(tmp_path / "missing")
+
+
+def test_salient_and_predict_listings_follow_links(tmp_path):
+    """A salient folder and a folder to predict on list linked files like any other."""
+    from test_hostile import jpeg_bytes
+
+    from boxcaseg.data.salient import SalientDataset
+    from boxcaseg.maskrcnn.predict import list_images
+    from PIL import Image
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "b.jpg").write_bytes(jpeg_bytes(2))
+    Image.new("L", (64, 48), 255).save(tmp_path / "real" / "b.png")
+    sal = tmp_path / "sal"
+    (sal / "images").mkdir(parents=True)
+    (sal / "masks").mkdir()
+    (sal / "images" / "a.jpg").write_bytes(jpeg_bytes(1))
+    Image.new("L", (64, 48), 255).save(sal / "masks" / "a.png")
+    (sal / "images" / "b.jpg").symlink_to(tmp_path / "real" / "b.jpg")
+    (sal / "masks" / "b.png").symlink_to(tmp_path / "real" / "b.png")
+    ds = SalientDataset(sal, resize=64, patch_size=32)
+    assert [p.name for p, _ in ds.pairs] == ["a.jpg", "b.jpg"]
+    assert [p.name for _, p, _ in list_images(sal / "images", None)] == ["a.jpg", "b.jpg"]

@@ -34,6 +34,7 @@ import numpy as np
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.masks import area as rle_area
 from boxcaseg.masks import encode
+from boxcaseg.paths import walk_files
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def read_image_set(root: Path, split: str | None) -> list[str]:
     """Image names of ``split`` (a name under ImageSets/Segmentation or ImageSets/Main, or a
     path to a list file); all ``Annotations/*.xml`` in sorted order when ``split`` is None."""
     if split is None:
-        names = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+        names = sorted(p.stem for p in walk_files(root / "Annotations", (".xml",), recursive=False))
         if not names:
             raise BoxcasegError(f"{root / 'Annotations'}: no VOC annotation XML files")
         return names
