@@ -270,3 +270,86 @@ def test_salient_and_predict_listings_follow_links(tmp_path):
     ds = SalientDataset(sal, resize=64, patch_size=32)
     assert [p.name for p, _ in ds.pairs] == ["a.jpg", "b.jpg"]
     assert [p.name for _, p, _ in list_images(sal / "images", None)] == ["a.jpg", "b.jpg"]
+
+
+# --------------------------------------------------------------------------- section 3: no trap for the next run
+
+
+def two_image_set(c: Corpus, root: Path, second: bytes | None = None, size2=None) -> tuple[Path, Path]:
+    """(json, image folder): a.jpg and b.jpg, a box on each; b.jpg's bytes ``second`` (default good)
+    and the size the json gives it ``size2`` (default the real one)."""
+    from test_hostile import BOXES, H, W, jpeg_bytes
+
+    images = root / "imgs"
+    images.mkdir(parents=True, exist_ok=True)
+    (images / "a.jpg").write_bytes(jpeg_bytes(0))
+    (images / "b.jpg").write_bytes(second if second is not None else jpeg_bytes(3))
+    w2, h2 = size2 or (W, H)
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": W, "height": H},
+                       {"id": 2, "file_name": "b.jpg", "width": w2, "height": h2}],
+            "annotations": [{"id": k + 1, "image_id": k + 1, "category_id": 1, "iscrowd": 0, "bbox": list(BOXES[k]),
+                             "area": BOXES[k][2] * BOXES[k][3]} for k in range(2)],
+            "categories": [{"id": 1, "name": "thing"}]}
+    ann = root / "ann.json"
+    ann.write_text(json.dumps(data))
+    return ann, images
+
+
+@pytest.mark.parametrize("problem", ["wrong size", "missing", "not an image", "a folder"])
+def test_proxy_checks_every_image_header_before_any_work(problem, corpus, tmp_path, capsys):
+    """The second image is bad: the run stops before the first chunk is done, leaving nothing."""
+    from test_hostile import H, W
+
+    data = tmp_path / "in"
+    ann, images = two_image_set(corpus, data, size2=(W + 8, H) if problem == "wrong size" else None)
+    b = images / "b.jpg"
+    if problem == "missing":
+        b.unlink()
+    elif problem == "not an image":
+        b.write_text("no pixels here\n")
+    elif problem == "a folder":
+        b.unlink()
+        b.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = proxy(corpus, out / "p.json", ann=ann, images=images, extra=["--checkpoint-every", "1"])
+    before, out_before = snapshot(data), snapshot(out)
+    code, err = run(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "image id 2" in err and "b.jpg" in err, err
+    if problem == "wrong size":
+        assert f"the json says {W + 8}x{H}" in err, err
+    assert snapshot(out) == out_before, "a run that stops before any work leaves nothing"
+    assert snapshot(data) == before
+
+
+def test_changed_inputs_say_restart_and_restart_starts_over(corpus, tmp_path, capsys):
+    """A run killed after its first chunk leaves progress (and a temporary file); after the json
+    is changed, the rerun names --restart in one line, and --restart gives the bytes of a fresh
+    run, with no progress left behind."""
+    from boxcaseg.proxy import ProxyConfig
+    from boxcaseg.proxy.options import fingerprint, resolve_proxy_config
+    from boxcaseg.proxy.shards import ProgressStore, Shard, empty_stats, progress_dir
+
+    ann, images = two_image_set(corpus, tmp_path / "in")
+    out = tmp_path / "out" / "p.json"
+    argv = lambda *extra: proxy(corpus, out, ann=ann, images=images, extra=["--checkpoint-every", "1", *extra])  # noqa: E731
+    cfg, rm = resolve_proxy_config(ProxyConfig(ann=ann, images=images, out=out, model=corpus.ckpt, engine="torch",
+                                               device="cpu", workers=0, batch_size=2, checkpoint_every=1))
+    store = ProgressStore(progress_dir(out, Shard(0, 1)), fingerprint(cfg, Shard(0, 1), rm.settings.infer_size))
+    store.save(0, {"image_ids": [1], "stats": empty_stats(), "results": []})  # what the killed run had finished
+    (store.root / ".meta.json.x1y2.tmp").write_text("{")
+    d = json.loads(ann.read_text())  # the json changes (a box moved)
+    d["annotations"][1]["bbox"] = [10, 10, 20, 20]
+    ann.write_text(json.dumps(d))
+    progress = out.with_name("p.json.progress")
+    before = snapshot(progress)
+    code, err = run(argv(), capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "--restart" in err and "ann_sha256" in err, err
+    assert snapshot(progress) == before
+    code, err = run(argv("--restart"), capsys)
+    assert code == 0, err
+    assert not progress.exists()
+    fresh = tmp_path / "fresh" / "p.json"
+    code, err = run(proxy(corpus, fresh, ann=ann, images=images, extra=["--checkpoint-every", "1"]), capsys)
+    assert code == 0, err
+    assert out.read_bytes() == fresh.read_bytes()

@@ -30,6 +30,7 @@ def proxy_command(
     threads: int = typer.Option(0, "--threads", help="Inference CPU threads (0: the engine's default)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: process shard K (0-based) of N; default torchrun's RANK/WORLD_SIZE."),
     checkpoint_every: int = typer.Option(256, "--checkpoint-every", help="Save progress every N images (resume by rerunning the command)."),
+    restart: bool = typer.Option(False, "--restart", help="Start over: delete the unfinished progress an earlier, killed or failed run of this -o left (OUT.progress/), instead of resuming it."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="A missing/corrupt image flags its annotations instead of stopping."),
     strict: bool = typer.Option(False, "--strict", help="A degenerate box stops the run instead of being flagged."),
     join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
@@ -75,7 +76,7 @@ def proxy_command(
     cfg = ProxyConfig(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
         relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, merge=merge_masks, batch_size=batch_size, workers=workers, threads=threads,
-        shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
+        shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict, restart=restart,
         progress=not no_progress and env_rank_world()[0] == 0, device=device, precision=precision,
         channels_last=channels_last, cuda_graph=cuda_graph, post_workers=post_workers,
     )

@@ -47,6 +47,8 @@ class ProxyConfig:
     channels_last: bool | None = None  # torch engine: NHWC memory format; None: on the CPU yes, on CUDA no
                                      # (engines.torch_channels_last; fingerprinted: other kernels, other last bits)
     cuda_graph: bool = False         # torch engine on CUDA: the fixed-size batch replayed from a CUDA graph
+    restart: bool = False            # unfinished progress of this output (a killed or failed run) is deleted,
+                                     # not resumed: the run starts over (not fingerprinted)
     post_workers: int | None = None  # post-processing processes, one chunk each (0: one thread; None: by the cores,
                                      # pipeline.default_post_workers); the same bytes either way
 

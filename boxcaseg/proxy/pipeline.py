@@ -106,8 +106,10 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
         mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
         per = cfg.checkpoint_every
         chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
-        store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size))
+        store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size), restart=cfg.restart)
         pending = [c for c in range(len(chunks)) if not store.done(c)]
+        if not cfg.skip_bad:  # before any work: a size the json does not give stops the run now, not midway
+            check_image_headers([t for c in pending for t in chunks[c] if len(t.crops)], paths)
         total = sum(len(t.ann_ids) for t in mine)
         done_before = sum(len(t.ann_ids) for c in range(len(chunks)) if c not in set(pending) for t in chunks[c])
         timers.prepare = time.perf_counter() - t_start
@@ -131,6 +133,27 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
         summary["output"] = str(path)
     store.remove()
     return summary
+
+
+def check_image_headers(tasks: list, paths: dict, threads: int = 8) -> None:
+    """Every image of ``tasks`` read up to its header (no decoding; :func:`boxcaseg.images.check_image`):
+    there, a regular file, readable, its size (either frame, EXIF orientation) the json's.
+    BoxcasegError naming the first bad one in work order, the same line its decoding would give."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from boxcaseg.images import check_image
+
+    if not tasks:
+        return
+    ex = ThreadPoolExecutor(max_workers=max(1, min(threads, len(tasks))), thread_name_prefix="proxy-headers")
+    try:
+        problems = ex.map(lambda t: check_image(paths[t.image_id], "image", "", size=(t.width, t.height)), tasks,
+                          chunksize=64)
+        for t, problem in zip(tasks, problems):
+            if problem is not None:
+                raise BoxcasegError(f"image id {t.image_id!r}: {problem}")
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def _summary(stats, n_images, shard, chunks, pending, timers, seconds, data, engine_desc) -> dict:
