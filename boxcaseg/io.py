@@ -270,6 +270,65 @@ def check_outputs(files: dict[str, str | os.PathLike | None] | None = None,
         seen[key] = (what, out)
 
 
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock file of an output (:func:`output_lock`): hidden, beside it (``..`` and links
+    resolved, so every spelling of the output has one lock)."""
+    out = Path(os.path.realpath(out))
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike, what: str = "-o") -> Iterator[None]:
+    """Hold the lock of output ``out`` while the block runs: a second run writing the same
+    output stops at once (BoxcasegError, one line) instead of mixing its files with this one's.
+
+    An advisory ``flock`` on :func:`lock_path` (non-blocking; the kernel drops it when the
+    process dies, so a killed run leaves no lock held). The lock file, and folders made for it,
+    are removed at the end. Where ``fcntl`` is missing (Windows) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    out = Path(out)
+    lock = lock_path(out)
+    made = []
+    p = lock.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    for d in reversed(made):
+        d.mkdir()
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BoxcasegError(f"{what} {out}: another run is writing this output now (it holds {lock}); "
+                                f"wait for it to end, or give another {what}") from None
+        try:  # the run that held it may have removed the file meanwhile: lock the file that is there
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        for d in made:  # innermost first; a folder that now holds the output stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
 @contextmanager
 def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
     """A folder to write a command's files in; they appear in ``out`` only when the block

@@ -353,3 +353,32 @@ def test_changed_inputs_say_restart_and_restart_starts_over(corpus, tmp_path, ca
     code, err = run(proxy(corpus, fresh, ann=ann, images=images, extra=["--checkpoint-every", "1"]), capsys)
     assert code == 0, err
     assert out.read_bytes() == fresh.read_bytes()
+
+
+def test_a_second_run_on_the_same_output_stops_in_one_line(corpus, tmp_path, capsys):
+    """While a run holds -o (its lock), another proxy run on it, by any spelling, stops at once:
+    exit 2, one line, nothing written; once released the lock file is gone and a run goes through."""
+    from boxcaseg.io import lock_path, output_lock
+
+    out = tmp_path / "out" / "p.json"
+    with output_lock(out):
+        assert lock_path(out).is_file()
+        before = snapshot(tmp_path)
+        for spelt in (out, tmp_path / "out" / "x" / ".." / "p.json"):
+            code, err = run(proxy(corpus, spelt), capsys)
+            assert code == 2 and len(err.splitlines()) == 1 and "another run is writing this output" in err, err
+            assert snapshot(tmp_path) == before
+    assert not (tmp_path / "out").exists(), "the lock's folder goes with it"
+    code, err = run(proxy(corpus, out), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.json"]  # no lock file, no progress left
+
+
+def test_shards_of_one_output_lock_apart(corpus, tmp_path):
+    """Shards K/N of one -o (torchrun ranks) write different files: each its own lock."""
+    from boxcaseg.io import output_lock
+    from boxcaseg.proxy.shards import Shard, shard_file
+
+    out = tmp_path / "p.json"
+    with output_lock(shard_file(out, Shard(0, 2))), output_lock(shard_file(out, Shard(1, 2))):
+        pass

@@ -34,19 +34,20 @@ import logging
 import os
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import InferSettings
-from boxcaseg.io import atomic_write_json, load_json
+from boxcaseg.io import atomic_write_json, load_json, output_lock
 from boxcaseg.paths import check_image_paths
 from boxcaseg.proxy.tasks import apply_results, build_tasks, validate_coco
 from boxcaseg.proxy.options import ProxyConfig, fingerprint, resolve_proxy_config, run_info
 from boxcaseg.proxy.decode import decoded_stream
 from boxcaseg.proxy.chunk_writer import PostPool, PostThread, Timers
-from boxcaseg.proxy.shards import ProgressStore, Shard, progress_dir, stats_summary, write_shard_file
+from boxcaseg.proxy.shards import ProgressStore, Shard, progress_dir, shard_file, stats_summary, write_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
     shard file ``<out stem>.shard-K-of-N<suffix>`` (join them with
     :func:`~boxcaseg.proxy.shards.merge_shards`).
     Progress is saved every ``checkpoint_every`` images; rerunning the same command
-    after a kill continues and gives the same output as an uninterrupted run.
+    after a kill continues and gives the same output as an uninterrupted run
+    (``cfg.restart``: starts over instead). One run at a time writes an output
+    (:func:`~boxcaseg.io.output_lock`): a second one stops before any work.
 
     Summary keys: images, instances, masks, flagged, low_agreement, empty_masks,
     degenerate, bad_images, bad_image_annotations, crowd, mean_agreement, seconds,
@@ -98,40 +101,46 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
     size = settings.infer_size
     timers = Timers()
     warm = EngineWarmUp(cfg, settings)  # beside the json read below
-    try:
-        data = load_json(cfg.ann, "COCO annotation json")
-        validate_coco(data, cfg.ann)
-        tasks = build_tasks(data, settings.context, cfg.strict, cfg.ann)
-        paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))  # before any work: inside --images
-        mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
-        per = cfg.checkpoint_every
-        chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
-        store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size), restart=cfg.restart)
-        pending = [c for c in range(len(chunks)) if not store.done(c)]
-        if not cfg.skip_bad:  # before any work: a size the json does not give stops the run now, not midway
-            check_image_headers([t for c in pending for t in chunks[c] if len(t.crops)], paths)
-        total = sum(len(t.ann_ids) for t in mine)
-        done_before = sum(len(t.ann_ids) for c in range(len(chunks)) if c not in set(pending) for t in chunks[c])
-        timers.prepare = time.perf_counter() - t_start
-        engine_desc = cfg.engine
-        if pending:
-            engine_desc = _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm, paths)
-    finally:
-        warm.join()  # never leave the engine loading behind an error (nor a CUDA init at exit)
+    with ExitStack() as held:
+        try:
+            data = load_json(cfg.ann, "COCO annotation json")
+            validate_coco(data, cfg.ann)
+            tasks = build_tasks(data, settings.context, cfg.strict, cfg.ann)
+            # before any work: every name inside --images
+            paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))
+            mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
+            per = cfg.checkpoint_every
+            chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
+            # one run per output: a second one stops here, before touching its progress
+            held.enter_context(output_lock(cfg.out if shard.count == 1 else shard_file(cfg.out, shard)))
+            store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size), restart=cfg.restart)
+            pending = [c for c in range(len(chunks)) if not store.done(c)]
+            if not cfg.skip_bad:  # before any work: a size the json does not give stops the run now, not midway
+                check_image_headers([t for c in pending for t in chunks[c] if len(t.crops)], paths)
+            total = sum(len(t.ann_ids) for t in mine)
+            done_before = sum(len(t.ann_ids) for c in range(len(chunks)) if c not in set(pending)
+                              for t in chunks[c])
+            timers.prepare = time.perf_counter() - t_start
+            engine_desc = cfg.engine
+            if pending:
+                engine_desc = _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm,
+                                          paths)
+        finally:
+            warm.join()  # never leave the engine loading behind an error (nor a CUDA init at exit)
 
-    stats, results = store.collect([[t.image_id for t in chunk] for chunk in chunks])
-    seconds = time.perf_counter() - t_start
-    summary = _summary(stats, len(mine), shard, chunks, pending, timers, seconds, data, engine_desc)
-    summary["post_workers"] = cfg.post_workers
-    info = run_info(cfg, rm, store.fingerprint)
-    summary["settings"] = info
-    if shard.count == 1:
-        atomic_write_json(cfg.out, apply_results(data, results, info))
-        summary["output"] = str(cfg.out)
-    else:
-        path = write_shard_file(cfg.out, shard, store.fingerprint, stats, info, results, summary)
-        summary["output"] = str(path)
-    store.remove()
+        stats, results = store.collect([[t.image_id for t in chunk] for chunk in chunks])
+        seconds = time.perf_counter() - t_start
+        summary = _summary(stats, len(mine), shard, chunks, pending, timers, seconds, data, engine_desc)
+        summary["post_workers"] = cfg.post_workers
+        info = run_info(cfg, rm, store.fingerprint)
+        summary["settings"] = info
+        if shard.count == 1:
+            atomic_write_json(cfg.out, apply_results(data, results, info))
+            summary["output"] = str(cfg.out)
+        else:
+            path = write_shard_file(cfg.out, shard, store.fingerprint, stats, info, results, summary)
+            summary["output"] = str(path)
+        store.remove()
     return summary
 
 
