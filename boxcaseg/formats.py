@@ -39,7 +39,8 @@ import io
 import logging
 import math
 import os
-from pathlib import Path, PurePosixPath
+import posixpath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -347,14 +348,19 @@ def _image_size_of(img: dict, src: str = "COCO json") -> tuple[int, int]:
 
 
 def _out_path(out_dir: Path, file_name: Any, suffix: str, image_id: Any) -> Path:
-    """``out_dir/<file_name without suffix><suffix>``, subfolders kept; never outside out_dir."""
+    """``out_dir/<file_name without suffix><suffix>``, subfolders kept; never outside out_dir.
+
+    The name is read as the proxy reads it (:func:`boxcaseg.paths.resolve_image_path`):
+    relative, normalised (``sub/../x.jpg`` is ``x.jpg``), a ``:`` is a character of the name
+    (ISO timestamps), only a Windows drive (``C:``) or a leading slash makes it absolute."""
     if not isinstance(file_name, str) or not file_name:
         raise BoxcasegError(f"image id {image_id!r}: missing file_name")
-    rel = PurePosixPath(file_name.replace("\\", "/"))
-    if rel.is_absolute() or ".." in rel.parts or (rel.parts and ":" in rel.parts[0]):
+    rel = file_name.replace("\\", "/")
+    norm = posixpath.normpath(rel)
+    if rel.startswith("/") or PureWindowsPath(file_name).anchor or norm in (".", "..") or norm.startswith("../"):
         raise BoxcasegError(f"image id {image_id!r}: file_name {file_name!r} must be a relative path inside "
                             "the image folder")
-    return out_dir.joinpath(*rel.with_suffix(suffix).parts)
+    return out_dir.joinpath(*PurePosixPath(norm).with_suffix(suffix).parts)
 
 
 class _Plan:
@@ -367,7 +373,12 @@ class _Plan:
         cats = coco.get("categories") or []
         if not isinstance(cats, list) or not all(isinstance(c, dict) and "id" in c for c in cats):
             raise BoxcasegError("malformed COCO json ('categories' must be a list of {id, name})")
-        self.categories = sorted(cats, key=lambda c: c["id"])
+        try:
+            self.categories = sorted(cats, key=lambda c: c["id"])
+        except TypeError:
+            kinds = sorted({type(c["id"]).__name__ for c in cats})
+            raise BoxcasegError(f"categories: ids of mixed types ({', '.join(kinds)}) cannot be put in class order; "
+                                "give every category an integer id") from None
         self.class_of = {c["id"]: k for k, c in enumerate(self.categories)}
         self.images: list[dict] = []
         self.paths: list[Path] = []
@@ -515,6 +526,21 @@ def write_instance_pngs(coco: dict, out_dir: str | os.PathLike, skip_flagged: bo
                                 "images": records, "categories": plan.categories})
     summary["mapping_file"] = str(mapping)
     return summary
+
+
+SUFFIX = {"yolo-seg": ".txt", "png": ".png"}  # the per-image file of each folder format
+
+
+def check_format_names(coco: dict, fmt: str, out: str | os.PathLike) -> int:
+    """Before any work: ``coco`` (the input json: the proxy keeps its images, annotations and
+    categories) can be written as ``fmt`` into ``out``: every file_name gives a file inside
+    ``out``, no two images give one file, every category is listed and the ids can be
+    ordered. BoxcasegError (one line) otherwise; returns the number of per-image files."""
+    if fmt == "coco":
+        return 0
+    if fmt not in SUFFIX:
+        raise BoxcasegError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return len(_Plan(coco, Path(out), SUFFIX[fmt]).paths)
 
 
 def write_outputs(coco: dict, fmt: str, out: str | os.PathLike, skip_flagged: bool = False) -> dict:

@@ -382,3 +382,52 @@ def test_shards_of_one_output_lock_apart(corpus, tmp_path):
     out = tmp_path / "p.json"
     with output_lock(shard_file(out, Shard(0, 2))), output_lock(shard_file(out, Shard(1, 2))):
         pass
+
+
+def format_set(root: Path, names: list[str], cats=None, cat_of=None) -> tuple[Path, Path]:
+    """(json, folder): one W x H image per name (a box on each), categories ``cats``."""
+    from test_hostile import BOXES, H, W, jpeg_bytes
+
+    images = root / "imgs"
+    for k, n in enumerate(names):
+        (images / n).parent.mkdir(parents=True, exist_ok=True)
+        if not (images / n).exists():
+            (images / n).write_bytes(jpeg_bytes(k))
+    data = {"images": [{"id": k + 1, "file_name": n, "width": W, "height": H} for k, n in enumerate(names)],
+            "annotations": [{"id": k + 1, "image_id": k + 1, "category_id": (cat_of or {}).get(k, 1), "iscrowd": 0,
+                             "bbox": list(BOXES[0]), "area": 1.0} for k in range(len(names))],
+            "categories": cats if cats is not None else [{"id": 1, "name": "thing"}]}
+    ann = root / "ann.json"
+    ann.write_text(json.dumps(data))
+    return ann, images
+
+
+BAD_FORMAT_NAMES = {  # name: (file names, categories, category of annotation k, needle)
+    "same stem twice": (["a.jpg", "a.png"], None, None, "both map to"),
+    "same file after ..": (["x.jpg", "sub/../x.png"], None, None, "both map to"),
+    "category missing": (["a.jpg", "b.jpg"], None, {1: 7}, "annotation 2: category id 7 is not in 'categories'"),
+    "category ids of mixed types": (["a.jpg"], [{"id": 1, "name": "a"}, {"id": "2", "name": "b"}], None,
+                                    "categories: ids of mixed types (int, str)"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["yolo-seg", "png"])
+@pytest.mark.parametrize("case", list(BAD_FORMAT_NAMES))
+def test_format_names_are_checked_before_any_work(case, fmt, corpus, tmp_path, capsys):
+    names, cats, cat_of, needle = BAD_FORMAT_NAMES[case]
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    ann, images = format_set(tmp_path, names, cats, cat_of)
+    expect_fail(proxy(corpus, tmp_path / "out", ann=ann, images=images, extra=["--format", fmt]), needle, corpus,
+                tmp_path, capsys)
+
+
+@pytest.mark.parametrize("fmt", ["yolo-seg", "png"])
+def test_format_accepts_colons_and_normalises_dotdot(fmt, corpus, tmp_path, capsys):
+    """An ISO-timestamp name (':' is legal on Linux) and ``sub/../y.jpg`` (read as y.jpg) are written."""
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    ann, images = format_set(tmp_path, ["2024-05-01T10:20:30.jpg", "sub/../y.jpg", "sub/z.jpg"])
+    code, err = run(proxy(corpus, tmp_path / "out", ann=ann, images=images, extra=["--format", fmt]), capsys)
+    assert code == 0, err
+    ext = ".txt" if fmt == "yolo-seg" else ".png"
+    got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob(f"*{ext}"))
+    assert set(got) - {"classes.txt"} == {f"2024-05-01T10:20:30{ext}", f"sub/z{ext}", f"y{ext}"}, got

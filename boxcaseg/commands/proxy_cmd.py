@@ -66,7 +66,16 @@ def proxy_command(
 
     inputs = {"--ann": ann} if join_shards else {"--ann": ann, "--images": images, "--model": user_model_file(model)}
     out, folder = output_paths(out, fmt, inputs)
+    check_names = None
+    if folder is not None:  # --format yolo-seg|png: its file names checked before any work
+        from boxcaseg.formats import check_format_names
+
+        check_names = lambda data: check_format_names(data, fmt, folder)  # noqa: E731
     if join_shards:
+        if check_names is not None:
+            from boxcaseg.io import load_json
+
+            check_names(load_json(ann, "COCO annotation json"))
         s = merge_shards(ann, out)
         con.print(merged_shards_line(s))
         _print(con, write_format(fmt, out, folder, skip_flagged))
@@ -84,7 +93,7 @@ def proxy_command(
     cfg, rm = resolved
     if env_rank_world()[0] == 0:
         con.print(settings_line(cfg, rm))
-    s = generate_proxy_torchrun(cfg, resolved)
+    s = generate_proxy_torchrun(cfg, resolved, check_names)
     for line in summary_lines(s, drop_thresh):
         con.print(line)
     if wrote_whole_json(s, out):

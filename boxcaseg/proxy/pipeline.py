@@ -69,11 +69,13 @@ def _make_progress(enabled: bool, total: int, done: int):
     return prog, task
 
 
-def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
+def generate_proxy(cfg: ProxyConfig, resolved=None, check_data=None) -> dict:
     """Turn every non-crowd box of ``cfg.ann`` into a proxy mask; returns a summary dict.
 
     ``resolved``: what :func:`resolve_proxy_config` returned for ``cfg``, when the caller
     has resolved it already (the model is then not looked up, hashed or exported again).
+    ``check_data``: called with the loaded, validated json before any work (what the caller
+    will write from the output must be writable: ``--format yolo-seg|png``'s names).
 
     Writes ``cfg.out`` (the input json with RLE ``segmentation``, ``proxy_agreement`` and
     ``ignore_mask`` on every non-crowd annotation), or, for shard K/N with N > 1, the
@@ -105,6 +107,8 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
         try:
             data = load_json(cfg.ann, "COCO annotation json")
             validate_coco(data, cfg.ann)
+            if check_data is not None:
+                check_data(data)
             tasks = build_tasks(data, settings.context, cfg.strict, cfg.ann)
             # before any work: every name inside --images
             paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))
