@@ -270,6 +270,48 @@ def check_outputs(files: dict[str, str | os.PathLike | None] | None = None,
         seen[key] = (what, out)
 
 
+@contextmanager
+def staged_files(*paths: str | os.PathLike | None) -> Iterator[list[Path | None]]:
+    """A temporary path beside each of ``paths`` (None stays None) for the block to write; when
+    it ends without an error each is renamed into place (with the mode ``open(path, "w")``
+    would leave), else removed with the folders made for it: a command that fails midway
+    leaves every output as it was (an existing file is not replaced by half of a result)."""
+    temps: list[Path | None] = []
+    made: list[Path] = []
+    try:
+        for p in paths:
+            if p is None:
+                temps.append(None)
+                continue
+            p = Path(p)
+            d = p.parent
+            while not d.exists():
+                made.append(d)
+                d = d.parent
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".partial{p.suffix}", dir=p.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield temps
+        for p, tmp in zip(paths, temps):
+            if tmp is not None:
+                os.chmod(tmp, _final_mode(Path(p)))
+                os.replace(tmp, p)
+    except BaseException:
+        for tmp in temps:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        for d in sorted(set(made), key=lambda x: len(x.parts), reverse=True):  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
 def lock_path(out: str | os.PathLike) -> Path:
     """The lock file of an output (:func:`output_lock`): hidden, beside it (``..`` and links
     resolved, so every spelling of the output has one lock)."""

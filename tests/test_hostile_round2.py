@@ -431,3 +431,30 @@ def test_format_accepts_colons_and_normalises_dotdot(fmt, corpus, tmp_path, caps
     ext = ".txt" if fmt == "yolo-seg" else ".png"
     got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob(f"*{ext}"))
     assert set(got) - {"classes.txt"} == {f"2024-05-01T10:20:30{ext}", f"sub/z{ext}", f"y{ext}"}, got
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_export_int8_failing_on_a_calibration_image_leaves_the_onnx_as_it_was(existing, corpus, tmp_path, capsys):
+    """A calibration image that does not decode stops `export --int8` after the float32 graph is
+    made: m.onnx (an older one, or none) is as it was, no temporary file is left."""
+    out = tmp_path / "models" / "m.onnx"
+    if existing:
+        out.parent.mkdir()
+        out.write_bytes(b"an older graph the user keeps\n")
+    argv = ["export", str(corpus.ckpt), "-o", str(out), "--int8", "--calib-ann", str(corpus.good), "--calib-images",
+            str(corpus.folders["image-text"]), "--calib-crops", "2"]
+    expect_fail(argv, "a.jpg", corpus, tmp_path, capsys)
+
+
+def test_export_int8_writes_both_graphs_in_place(corpus, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old\n")
+    os.chmod(out, 0o640)
+    code, err = run(["export", str(corpus.ckpt), "-o", str(out), "--int8", "--calib-ann", str(corpus.good),
+                     "--calib-images", str(corpus.images), "--calib-crops", "2"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx"]
+    assert out.stat().st_size > 1000 and (out.stat().st_mode & 0o777) == 0o640
+    from boxcaseg.export.onnx_export import read_onnx_metadata
+
+    assert read_onnx_metadata(tmp_path / "m.int8.onnx")["boxcaseg.infer_size"] == "64"
