@@ -458,3 +458,56 @@ def test_export_int8_writes_both_graphs_in_place(corpus, tmp_path, capsys):
     from boxcaseg.export.onnx_export import read_onnx_metadata
 
     assert read_onnx_metadata(tmp_path / "m.int8.onnx")["boxcaseg.infer_size"] == "64"
+
+
+def test_ctrl_c_during_proxy_with_workers_says_where_it_stopped(corpus, tmp_path, capsys):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during a run with
+    decode and post-processing workers: exit 130, one line (images saved of the total, rerun
+    to resume), no traceback from any worker, no lock left; the rerun resumes and gives the
+    bytes of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    n = 1000
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1, n + 1):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 48} for i in range(1, n + 1)],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "bbox": [4, 4, 30, 30], "area": 900}
+                        for i in range(1, n + 1)],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    out = tmp_path / "out" / "p.json"
+    argv = ["proxy", "--ann", str(ann), "--images", str(images), "-o", str(out), "--model", str(corpus.ckpt),
+            "--engine", "torch", "--device", "cpu", "--no-progress", "--checkpoint-every", "5", "--batch-size", "4",
+            "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "boxcaseg", *argv, "--workers", "2", "--post-workers", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+    progress = out.with_name("p.json.progress")
+    t0 = time.time()
+    while not any(progress.rglob("chunk-*.json")) and p.poll() is None and time.time() - t0 < 100:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=100)
+    assert p.returncode == 130, (p.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("interrupted: ") and f" of {n} images" in lines[0] and "rerun the same command" in err
+    saved = int(lines[0].split()[1])
+    assert 5 <= saved < n and not out.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.json.progress"], "no lock file left"
+    code, err = run([*argv, "--workers", "2", "--post-workers", "2"], capsys)
+    assert code == 0, err
+    ref = tmp_path / "ref.json"
+    code, err = run([*argv[:6], str(ref), *argv[7:], "--workers", "0", "--post-workers", "0"], capsys)
+    assert code == 0, err
+    assert out.read_bytes() == ref.read_bytes()

@@ -55,12 +55,12 @@ def export_command(
     from boxcaseg.io import check_outputs
     from boxcaseg.proxy.calibration import check_calibration, int8_path
 
-    check_outputs({"-o": out, "--engine-out": (engine_out or out.with_suffix(".engine")) if trt else None,
-                   "-o (int8)": int8_path(out) if int8 else None},
-                  {"CKPT": ckpt, "--calib-ann": calib_ann, "--calib-images": calib_images})  # before any work
     calib = None
     if int8:  # before any work: the int8 graph is written last, from crops of the calibration json's boxes
         calib = check_calibration(calib_ann, calib_images, calib_crops, out, inputs={"CKPT": ckpt})
+    check_outputs({"-o": out, "--engine-out": (engine_out or out.with_suffix(".engine")) if trt else None,
+                   "-o (int8)": int8_path(out) if int8 else None},
+                  {"CKPT": ckpt, "--calib-ann": calib_ann, "--calib-images": calib_images})  # before any work
     from boxcaseg.io import staged_files
 
     engine_path = (engine_out or out.with_suffix(".engine")) if trt else None

@@ -127,8 +127,13 @@ def generate_proxy(cfg: ProxyConfig, resolved=None, check_data=None) -> dict:
             timers.prepare = time.perf_counter() - t_start
             engine_desc = cfg.engine
             if pending:
-                engine_desc = _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm,
-                                          paths)
+                try:
+                    engine_desc = _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm,
+                                              paths)
+                except KeyboardInterrupt:
+                    saved = sum(len(chunks[c]) for c in range(len(chunks)) if store.done(c))
+                    raise KeyboardInterrupt(f"{saved} of {len(mine)} images of {cfg.out} are saved in {store.root}; "
+                                            "rerun the same command to resume") from None
         finally:
             warm.join()  # never leave the engine loading behind an error (nor a CUDA init at exit)
 
