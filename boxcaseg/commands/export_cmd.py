@@ -52,9 +52,12 @@ def export_command(
     if tta not in ("none", "flip"):
         raise BoxcasegError(f"--tta {tta!r}: choose none or flip")
     ckpt = checkpoint_path(ckpt)
-    from boxcaseg.io import check_outputs
+    from boxcaseg.io import check_output_file, check_outputs
     from boxcaseg.proxy.calibration import check_calibration, int8_path
 
+    check_output_file(out, "-o")  # a folder, an unwritable place: said before any work
+    if trt:
+        check_output_file(engine_out or out.with_suffix(".engine"), "--engine-out")
     calib = None
     if int8:  # before any work: the int8 graph is written last, from crops of the calibration json's boxes
         calib = check_calibration(calib_ann, calib_images, calib_crops, out, inputs={"CKPT": ckpt})
