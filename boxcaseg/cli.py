@@ -13,7 +13,7 @@ import typer
 
 from boxcaseg.commands import (config_cmd, data_cmd, demo_cmd, evaluate_cmd, export_cmd, maskrcnn_cmd, model_cmd,
                                proxy_cmd, segment_cmd, train_cmd, visualize_cmd)
-from boxcaseg.errors import BoxcasegError, one_line_from_worker
+from boxcaseg.errors import BoxcasegError, Interrupted, one_line_from_worker
 
 app = typer.Typer(
     name="boxcaseg",
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         msg = one_line_from_worker(e) if "Traceback" in str(e) else e.one_line()
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:  # a long run says where it stopped and how to go on
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         sys.exit(130)
 
 

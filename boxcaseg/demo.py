@@ -58,13 +58,14 @@ def run_demo(opt: DemoOptions, console=None) -> dict:
     from boxcaseg.data.synthetic import make_synthetic_dataset
     from boxcaseg.evaluate import mask_quality
     from boxcaseg.export import export_onnx
-    from boxcaseg.io import atomic_write_json, check_output_dir
+    from boxcaseg.io import atomic_write_json, check_output_dir, check_outputs
     from boxcaseg.proxy import ProxyConfig, generate_proxy
     from boxcaseg.report import markdown_table, plot_loss_curve
     from boxcaseg.joint_training import train
 
     con = console or Console(highlight=False)
     out = check_output_dir(opt.out, "--out")  # before any work
+    check_outputs(folders={"--out": out}, inputs={"--backbone-weights": opt.backbone_weights})
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     timings = {}

@@ -14,6 +14,12 @@ class BoxcasegError(Exception):
         return " ".join(str(self).split())
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a command, carried past typer (which turns a KeyboardInterrupt into a
+    silent exit): its message says where the run stopped and how to go on; the CLI prints
+    it in one line and exits with status 130."""
+
+
 def one_line_from_worker(exc: BaseException) -> str:
     """Extract the one-line message of a BoxcasegError re-raised by a DataLoader worker.
 

@@ -39,7 +39,8 @@ import io
 import logging
 import math
 import os
-from pathlib import Path, PurePosixPath
+import posixpath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.images import image_size
 from boxcaseg.io import atomic_write_bytes, atomic_write_json, check_input_file, read_text
 from boxcaseg.masks import decode, tight_box_xyxy
+from boxcaseg.paths import walk_files
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,7 @@ def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
     if not labels_dir.is_dir():
         raise BoxcasegError(f"{labels_dir}: label folder not found")
 
-    images = sorted(p for p in images_dir.rglob("*")
-                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    images = walk_files(images_dir, IMAGE_SUFFIXES)  # links to split folders followed
     if not images:
         raise BoxcasegError(f"{images_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     label_of: dict[Path, Path] = {}
@@ -178,8 +179,8 @@ def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
             raise BoxcasegError(f"{p}: shares the label file {lab} with {label_of[lab]}")
         label_of[lab] = p
     names_resolved = names_path.resolve()
-    for lab in sorted(labels_dir.rglob("*.txt")):
-        if lab.name.startswith(".") or lab in label_of or lab.resolve() == names_resolved:
+    for lab in walk_files(labels_dir, (".txt",)):
+        if lab in label_of or lab.resolve() == names_resolved:
             continue
         if lab.parent == labels_dir and lab.name == "classes.txt":
             continue  # LabelImg writes its class list here
@@ -344,14 +345,19 @@ def _image_size_of(img: dict, src: str = "COCO json") -> tuple[int, int]:
 
 
 def _out_path(out_dir: Path, file_name: Any, suffix: str, image_id: Any) -> Path:
-    """``out_dir/<file_name without suffix><suffix>``, subfolders kept; never outside out_dir."""
+    """``out_dir/<file_name without suffix><suffix>``, subfolders kept; never outside out_dir.
+
+    The name is read as the proxy reads it (:func:`boxcaseg.paths.resolve_image_path`):
+    relative, normalised (``sub/../x.jpg`` is ``x.jpg``), a ``:`` is a character of the name
+    (ISO timestamps), only a Windows drive (``C:``) or a leading slash makes it absolute."""
     if not isinstance(file_name, str) or not file_name:
         raise BoxcasegError(f"image id {image_id!r}: missing file_name")
-    rel = PurePosixPath(file_name.replace("\\", "/"))
-    if rel.is_absolute() or ".." in rel.parts or (rel.parts and ":" in rel.parts[0]):
+    rel = file_name.replace("\\", "/")
+    norm = posixpath.normpath(rel)
+    if rel.startswith("/") or PureWindowsPath(file_name).anchor or norm in (".", "..") or norm.startswith("../"):
         raise BoxcasegError(f"image id {image_id!r}: file_name {file_name!r} must be a relative path inside "
                             "the image folder")
-    return out_dir.joinpath(*rel.with_suffix(suffix).parts)
+    return out_dir.joinpath(*PurePosixPath(norm).with_suffix(suffix).parts)
 
 
 class _Plan:
@@ -364,7 +370,12 @@ class _Plan:
         cats = coco.get("categories") or []
         if not isinstance(cats, list) or not all(isinstance(c, dict) and "id" in c for c in cats):
             raise BoxcasegError("malformed COCO json ('categories' must be a list of {id, name})")
-        self.categories = sorted(cats, key=lambda c: c["id"])
+        try:
+            self.categories = sorted(cats, key=lambda c: c["id"])
+        except TypeError:
+            kinds = sorted({type(c["id"]).__name__ for c in cats})
+            raise BoxcasegError(f"categories: ids of mixed types ({', '.join(kinds)}) cannot be put in class order; "
+                                "give every category an integer id") from None
         self.class_of = {c["id"]: k for k, c in enumerate(self.categories)}
         self.images: list[dict] = []
         self.paths: list[Path] = []
@@ -512,6 +523,21 @@ def write_instance_pngs(coco: dict, out_dir: str | os.PathLike, skip_flagged: bo
                                 "images": records, "categories": plan.categories})
     summary["mapping_file"] = str(mapping)
     return summary
+
+
+SUFFIX = {"yolo-seg": ".txt", "png": ".png"}  # the per-image file of each folder format
+
+
+def check_format_names(coco: dict, fmt: str, out: str | os.PathLike) -> int:
+    """Before any work: ``coco`` (the input json: the proxy keeps its images, annotations and
+    categories) can be written as ``fmt`` into ``out``: every file_name gives a file inside
+    ``out``, no two images give one file, every category is listed and the ids can be
+    ordered. BoxcasegError (one line) otherwise; returns the number of per-image files."""
+    if fmt == "coco":
+        return 0
+    if fmt not in SUFFIX:
+        raise BoxcasegError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return len(_Plan(coco, Path(out), SUFFIX[fmt]).paths)
 
 
 def write_outputs(coco: dict, fmt: str, out: str | os.PathLike, skip_flagged: bool = False) -> dict:

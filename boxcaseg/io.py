@@ -152,11 +152,42 @@ def load_json(path: str | os.PathLike, what: str = "json") -> Any:
 # --------------------------------------------------------------------------- outputs
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what ``path`` names (links followed), None when nothing is there."""
     try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def path_key(path: str | os.PathLike) -> tuple:
+    """What ``path`` names on this machine, for comparing two spellings of it.
+
+    ``..`` and links are resolved (:func:`os.path.realpath`), the deepest part that exists
+    is known by its (st_dev, st_ino) (so hard links, bind mounts and another case on a
+    case-insensitive file system give one key) and the parts below it are compared by
+    name (:func:`os.path.normcase`). Two paths name one file iff their keys are equal.
+    """
+    cur = Path(os.path.realpath(path))
+    rest: list[str] = []
+    while True:
+        fid = _file_id(cur)
+        if fid is not None or cur.parent == cur:
+            return fid, tuple(os.path.normcase(part) for part in reversed(rest))
+        rest.append(cur.name)
+        cur = cur.parent
+
+
+def _folder_ids_above(path: str | os.PathLike) -> set[tuple[int, int]]:
+    """The (st_dev, st_ino) of every existing folder ``path`` lies in (itself included), links resolved."""
+    cur = Path(os.path.realpath(path))
+    ids = set()
+    for p in (cur, *cur.parents):
+        fid = _file_id(p)
+        if fid is not None:
+            ids.add(fid)
+    return ids
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -174,36 +205,185 @@ def _check_writable(path: Path, what: str) -> None:
 
 def check_output_file(path: str | os.PathLike, what: str = "-o",
                       inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Before any work: ``path`` can be written as a file, and is none of ``inputs``.
+    """Before any work: ``path`` can be written as a file (and is none of ``inputs``:
+    :func:`check_outputs`, which commands call with every output and input they have).
 
     BoxcasegError (one line, ``what`` naming the option) when it is a folder or another
-    non-regular file, when its folder is a file or cannot be written, or when it is one
-    of the command's inputs (a command never writes over what it reads).
+    non-regular file, or when its folder is a file or cannot be written.
     """
     path = Path(path)
     if path.is_dir():
         raise BoxcasegError(f"{what} {path}: is a folder, not a file")
     if path.exists() and not path.is_file():
         raise BoxcasegError(f"{what} {path}: exists and is not a regular file")
-    for inp in inputs:
-        if inp is not None and Path(inp).exists() and path.exists() and _same_file(path, Path(inp)):
-            raise BoxcasegError(f"{what} {path}: is an input of this command ({inp}); it is never written over")
     _check_writable(path, what)
+    check_outputs({what: path}, inputs=list(inputs))
     return path
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "-o",
                      input_dirs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Before any work: ``path`` is (or can be made) a folder to write files in, and none of
-    ``input_dirs`` (files named after the inputs would replace them)."""
+    """Before any work: ``path`` is (or can be made) a folder to write files in (and none of
+    ``input_dirs``, nor inside one: :func:`check_outputs`)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise BoxcasegError(f"{what} {path}: is a file, not a folder")
-    for inp in input_dirs:
-        if inp is not None and path.is_dir() and Path(inp).is_dir() and _same_file(path, Path(inp)):
-            raise BoxcasegError(f"{what} {path}: is the input folder {inp}; write elsewhere")
     _check_writable(path / ".boxcaseg-probe", what)
+    check_outputs(folders={what: path}, inputs=list(input_dirs))
     return path
+
+
+def check_outputs(files: dict[str, str | os.PathLike | None] | None = None,
+                  inputs: dict[str, str | os.PathLike | None] | Iterable[str | os.PathLike | None] | None = None,
+                  folders: dict[str, str | os.PathLike | None] | None = None) -> None:
+    """The one rule for what a command writes, checked before any work: nothing a user gave
+    is ever written over.
+
+    ``files``: {option: output file}; ``folders``: {option: output folder (the command writes
+    files inside it)}; ``inputs``: {option: file or folder the command reads} (a folder: every
+    file inside it is read, as an images folder; or a list of paths or (option, path) pairs).
+    None values are skipped, and so are inputs that do not exist (nothing there to lose).
+    Paths are compared by :func:`path_key`, so ``..``, symbolic links, hard links and case on
+    a case-insensitive file system do not hide a clash. BoxcasegError (one line naming both)
+    when an output file is an input file or lies in an input folder, when an output folder is
+    an input folder or lies in one, or when two output files are one file.
+    """
+    def given(v) -> bool:  # an unset config path is "" (Path("") would be the working folder)
+        return v is not None and str(v) != ""
+
+    out_files = [(k, Path(v)) for k, v in (files or {}).items() if given(v)]
+    out_dirs = [(k, Path(v)) for k, v in (folders or {}).items() if given(v)]
+    pairs = (inputs or {}).items() if isinstance(inputs, dict) else \
+        (v if isinstance(v, tuple) else ("", v) for v in inputs or ())
+    ins = [(k, Path(v)) for k, v in pairs if given(v) and os.path.exists(v)]
+
+    def name(label: str, p: Path) -> str:
+        return f"{label} {p}" if label else str(p)
+
+    for label, inp in ins:
+        if os.path.isdir(inp):
+            in_id = _file_id(inp)
+            for what, out in out_dirs:
+                if path_key(out) == path_key(inp):
+                    raise BoxcasegError(f"{what} {out}: is the input folder {name(label, inp)}; write elsewhere")
+            for what, out in (*out_files, *out_dirs):
+                if in_id in _folder_ids_above(out):
+                    raise BoxcasegError(f"{what} {out}: is inside the input folder {name(label, inp)}; "
+                                        "write elsewhere (a command never writes among what it reads)")
+        else:
+            key = path_key(inp)
+            for what, out in out_files:
+                if path_key(out) == key:
+                    raise BoxcasegError(f"{what} {out}: is an input of this command ({name(label, inp)}); "
+                                        "it is never written over")
+    seen: dict[tuple, tuple[str, Path]] = {}
+    for what, out in out_files:
+        key = path_key(out)
+        if key in seen:
+            w0, o0 = seen[key]
+            raise BoxcasegError(f"{w0} {o0} and {what} {out} are the same file: give two files")
+        seen[key] = (what, out)
+
+
+@contextmanager
+def staged_files(*paths: str | os.PathLike | None) -> Iterator[list[Path | None]]:
+    """A temporary path beside each of ``paths`` (None stays None) for the block to write; when
+    it ends without an error each is renamed into place (with the mode ``open(path, "w")``
+    would leave), else removed with the folders made for it: a command that fails midway
+    leaves every output as it was (an existing file is not replaced by half of a result)."""
+    temps: list[Path | None] = []
+    made: list[Path] = []
+    try:
+        for p in paths:
+            if p is None:
+                temps.append(None)
+                continue
+            p = Path(p)
+            d = p.parent
+            while not d.exists():
+                made.append(d)
+                d = d.parent
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".partial{p.suffix}", dir=p.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield temps
+        for p, tmp in zip(paths, temps):
+            if tmp is not None:
+                os.chmod(tmp, _final_mode(Path(p)))
+                os.replace(tmp, p)
+    except BaseException:
+        for tmp in temps:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        for d in sorted(set(made), key=lambda x: len(x.parts), reverse=True):  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock file of an output (:func:`output_lock`): hidden, beside it (``..`` and links
+    resolved, so every spelling of the output has one lock)."""
+    out = Path(os.path.realpath(out))
+    return out.with_name(f".{out.name}.lock")
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike, what: str = "-o") -> Iterator[None]:
+    """Hold the lock of output ``out`` while the block runs: a second run writing the same
+    output stops at once (BoxcasegError, one line) instead of mixing its files with this one's.
+
+    An advisory ``flock`` on :func:`lock_path` (non-blocking; the kernel drops it when the
+    process dies, so a killed run leaves no lock held). The lock file, and folders made for it,
+    are removed at the end. Where ``fcntl`` is missing (Windows) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    out = Path(out)
+    lock = lock_path(out)
+    made = []
+    p = lock.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    for d in reversed(made):
+        d.mkdir()
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BoxcasegError(f"{what} {out}: another run is writing this output now (it holds {lock}); "
+                                f"wait for it to end, or give another {what}") from None
+        try:  # the run that held it may have removed the file meanwhile: lock the file that is there
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        for d in made:  # innermost first; a folder that now holds the output stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from boxcaseg.config import Config, check_model_values, config_from_checkpoint
+from boxcaseg.config import Config, _as_list, check_model_values, config_from_checkpoint
 from boxcaseg.data.box_patches import BoxPatchDataset
 from boxcaseg.data.salient import SalientDataset
 from boxcaseg.data.sampler import ConcatSets, MixedBatchSampler, MixedDataset, SetMix, collate
@@ -103,6 +103,19 @@ def architecture(m) -> dict:
     return {k: getattr(m, k) for k in ARCHITECTURE_FIELDS}
 
 
+def train_inputs(cfg: Config, resume: bool) -> list[tuple[str, str]]:
+    """Every file and folder a training run reads, as (setting, path): what ``--out`` must not write over."""
+    from boxcaseg.model_files import user_model_file
+
+    d = cfg.data
+    pairs = [("data.box_ann", a) for a in _as_list(d.box_ann)] + [("data.box_images", a) for a in _as_list(d.box_images)]
+    pairs += [("data.salient_dir", a) for a in _as_list(d.salient_dir)] + [("data.pseudo_ann", d.pseudo_ann),
+                                                                          ("model.backbone_weights", cfg.model.backbone_weights)]
+    if not resume and cfg.train.init_from:
+        pairs.append(("train.init_from", user_model_file(cfg.train.init_from)))
+    return pairs
+
+
 def resolve_init(spec: str) -> Path:
     """``train.init_from``: "pretrained" (the shipped model) or a checkpoint path."""
     from boxcaseg import weights
@@ -157,7 +170,7 @@ def train(
     to ``cfg.train.max_iters`` (used to test exact resumption).
     """
     t = cfg.train
-    run = Run(out_dir, t.device, "train")
+    run = Run(out_dir, t.device, "train", train_inputs(cfg, resume))
     if t.threads:
         torch.set_num_threads(t.threads)
     ckpt = load_resume(run, cfg) if resume else None

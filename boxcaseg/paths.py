@@ -17,7 +17,7 @@ import ntpath
 import os
 import posixpath
 from pathlib import Path, PureWindowsPath
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from boxcaseg.errors import BoxcasegError
 
@@ -61,3 +61,60 @@ def check_image_paths(image_dir: str | os.PathLike, images: Iterable[tuple[Any, 
     """
     image_dir = Path(image_dir)
     return {image_id: resolve_image_path(image_dir, name, image_id) for image_id, name in images}
+
+
+def walk_files(root: str | os.PathLike, suffixes: Iterable[str] | None = None, recursive: bool = True) -> list[Path]:
+    """The regular files under ``root`` (sorted paths spelt from ``root``, links not resolved).
+
+    Links are followed, to files and to folders alike; a folder link that leads back to a
+    folder above it (a cycle) is not entered again. Hidden files (a name starting with
+    ``.``) are left out; ``suffixes`` (lower-case, with the dot) keeps only those, in any
+    case. ``recursive=False`` lists ``root`` itself only. A folder that cannot be listed is a
+    BoxcasegError naming it.
+    """
+    keep = None if suffixes is None else tuple(s.lower() for s in suffixes)
+    root = Path(root)
+    out: list[Path] = []
+    stack: list[tuple[Path, frozenset]] = [(root, frozenset({_dir_id(root)}))]
+    while stack:
+        folder, above = stack.pop()
+        for entry in _entries(folder):
+            path = folder / entry.name
+            if _is_dir(entry):
+                if recursive:
+                    fid = _dir_id(path)
+                    if fid not in above:  # else a link back up the tree: listed once already
+                        stack.append((path, above | {fid}))
+            elif _is_file(entry) and not entry.name.startswith(".") and (keep is None or path.suffix.lower() in keep):
+                out.append(path)
+    return sorted(out)
+
+
+def _entries(folder: Path) -> Iterator[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return iter(list(it))
+    except OSError as e:
+        raise BoxcasegError(f"{folder}: cannot list the folder ({e.strerror or type(e).__name__})") from e
+
+
+def _dir_id(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BoxcasegError(f"{path}: cannot list the folder ({e.strerror or type(e).__name__})") from e
+    return st.st_dev, st.st_ino
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # a link to a folder counts
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()  # a link to a file counts; a dangling link, a FIFO, a device do not
+    except OSError:
+        return False

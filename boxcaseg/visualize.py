@@ -27,7 +27,7 @@ from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import instance_ious
-from boxcaseg.io import atomic_write_bytes, check_output_dir, staged_folder
+from boxcaseg.io import atomic_write_bytes, check_output_dir, check_outputs, staged_folder
 from boxcaseg.masks import decode
 from boxcaseg.paths import resolve_image_path
 
@@ -209,7 +209,8 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     image_dir = Path(images)
     if not image_dir.is_dir():
         raise BoxcasegError(f"{image_dir}: image folder not found")
-    out = check_output_dir(out_dir, "-o", input_dirs=[image_dir])  # before any work; overlays never replace images
+    out = check_output_dir(out_dir, "-o")  # before any work; overlays never replace images nor go among them
+    check_outputs(folders={"-o": out}, inputs={"--images": image_dir, "--ann": ann, "--gt": gt})
     gt_data = load_coco(gt, "ground-truth") if gt is not None else None
     coco = load_coco(ann, "annotation", images_from=gt_data)
     if not coco.images:

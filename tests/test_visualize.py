@@ -74,5 +74,6 @@ def test_visualize_limit_without_gt_and_cli(proxy_case, tmp_path, capsys):
 
 def test_visualize_missing_image_names_it(proxy_case, tmp_path):
     paths, proxy_path, _ = proxy_case
+    (tmp_path / "no-images").mkdir()  # (overlays are never written inside the image folder: -o beside it)
     with pytest.raises(BoxcasegError, match="image file not found"):
-        visualize(proxy_path, tmp_path, tmp_path / "x")
+        visualize(proxy_path, tmp_path / "no-images", tmp_path / "x")

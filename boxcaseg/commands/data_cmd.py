@@ -48,9 +48,10 @@ def data_yolo_to_coco_command(
     0..1 is an error naming the file and line.
     """
     from boxcaseg.formats import yolo_to_coco as convert
-    from boxcaseg.io import atomic_write_json, check_output_file
+    from boxcaseg.io import atomic_write_json, check_output_file, check_outputs
 
-    check_output_file(out, "-o", inputs=[names])  # before any work
+    check_output_file(out, "-o")  # before any work
+    check_outputs({"-o": out}, {"--images": images, "--labels": labels, "--names": names})
     coco = convert(images, labels, names)
     atomic_write_json(out, coco)
     info = coco["info"]

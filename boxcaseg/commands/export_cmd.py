@@ -52,32 +52,49 @@ def export_command(
     if tta not in ("none", "flip"):
         raise BoxcasegError(f"--tta {tta!r}: choose none or flip")
     ckpt = checkpoint_path(ckpt)
+    from boxcaseg.io import check_output_file, check_outputs
+    from boxcaseg.proxy.calibration import check_calibration, int8_path
+
+    check_output_file(out, "-o")  # a folder, an unwritable place: said before any work
+    if trt:
+        check_output_file(engine_out or out.with_suffix(".engine"), "--engine-out")
     calib = None
     if int8:  # before any work: the int8 graph is written last, from crops of the calibration json's boxes
-        from boxcaseg.proxy.calibration import check_calibration
+        calib = check_calibration(calib_ann, calib_images, calib_crops, out, inputs={"CKPT": ckpt})
+    check_outputs({"-o": out, "--engine-out": (engine_out or out.with_suffix(".engine")) if trt else None,
+                   "-o (int8)": int8_path(out) if int8 else None},
+                  {"CKPT": ckpt, "--calib-ann": calib_ann, "--calib-images": calib_images})  # before any work
+    from boxcaseg.io import staged_files
 
-        calib = check_calibration(calib_ann, calib_images, calib_crops, out, inputs=[ckpt])
-    rep = export_onnx(ckpt, out, trt=trt, fp16=fp16, max_batch=max_batch, engine_out=engine_out,
-                      infer_size=infer_size, flip_tta=tta == "flip", alpha=alpha)
+    engine_path = (engine_out or out.with_suffix(".engine")) if trt else None
+    int8_out = int8_path(out) if calib is not None else None
+    # every file is written beside its place and moved there at the end: a failure (a bad calibration
+    # image, TensorRT) leaves the files that were there as they were
+    with staged_files(out, engine_path, int8_out) as (tmp_onnx, tmp_engine, tmp_int8):
+        rep = export_onnx(ckpt, tmp_onnx, trt=trt, fp16=fp16, max_batch=max_batch, engine_out=tmp_engine,
+                          infer_size=infer_size, flip_tta=tta == "flip", alpha=alpha)
+        if calib is not None:
+            from boxcaseg.proxy.calibration import quantize_calibrated
+
+            quantize_calibrated(tmp_onnx, tmp_int8, calib.ann, calib.images, calib.crops)
     con = Console(highlight=False, soft_wrap=True)
     if rep.check_skipped:
         con.print(f"onnx.checker: ok; ONNX Runtime check skipped ({rep.check_skipped})")
     else:
         con.print(f"onnx.checker: ok; ONNX Runtime vs PyTorch max abs diff {rep.max_abs_diff:.3g} (limit 1e-4, float32)")
     con.print(
-        f"[green]wrote[/] {rep.onnx_path}: input image [B,3,{rep.infer_size},{rep.infer_size}] float32 RGB 0..255, "
+        f"[green]wrote[/] {out}: input image [B,3,{rep.infer_size},{rep.infer_size}] float32 RGB 0..255, "
         f"output probs at stride {rep.output_stride}; {rep.bn_folded} BatchNorm folded"
         + ("; flip TTA" if tta == "flip" else "")
         + (f", {rep.bn_left} left" if rep.bn_left else "") + f"; exporter {rep.exporter}")
-    if rep.engine_path:
-        con.print(f"[green]wrote[/] {rep.engine_path} (TensorRT, batch 1..{max_batch}, fp16={fp16})")
-    if calib is not None:
+    if engine_path is not None:
+        con.print(f"[green]wrote[/] {engine_path} (TensorRT, batch 1..{max_batch}, fp16={fp16})")
+    if int8_out is not None:
         from boxcaseg.export.onnx_export import read_onnx_metadata
         from boxcaseg.export.quantize import QUANT_KEY
-        from boxcaseg.proxy.calibration import int8_path, quantize_calibrated
 
-        q = quantize_calibrated(rep.onnx_path, int8_path(out), calib.ann, calib.images, calib.crops)
-        con.print(f"[green]wrote[/] {q}: int8 ({q.stat().st_size / 1e6:.1f} MB, float32 {rep.onnx_path.stat().st_size / 1e6:.1f} MB), "
+        q = int8_out
+        con.print(f"[green]wrote[/] {q}: int8 ({q.stat().st_size / 1e6:.1f} MB, float32 {out.stat().st_size / 1e6:.1f} MB), "
                   f"{read_onnx_metadata(q)[QUANT_KEY]}; run it with --model {q}")
 
 

@@ -30,8 +30,20 @@ def prose(doc: str | None) -> str:
 
 
 def add_command(app: typer.Typer, name: str, fn: Callable) -> None:
-    """Register ``fn`` as command ``name`` of ``app``, its docstring as its help."""
-    app.command(name, help=prose(fn.__doc__))(fn)
+    """Register ``fn`` as command ``name`` of ``app``, its docstring as its help; Ctrl-C in it
+    reaches the CLI as :class:`~boxcaseg.errors.Interrupted` with what the run said."""
+    import functools
+
+    from boxcaseg.errors import Interrupted
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise Interrupted(" ".join(str(e).split())) from None
+
+    app.command(name, help=prose(fn.__doc__))(command)
 
 
 def command_group(app: typer.Typer, name: str, help: str, commands: dict[str, Callable]) -> None:

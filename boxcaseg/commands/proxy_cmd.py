@@ -32,6 +32,7 @@ def proxy_command(
     threads: int = typer.Option(0, "--threads", help="Inference CPU threads (0: the engine's default)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: process shard K (0-based) of N; default torchrun's RANK/WORLD_SIZE."),
     checkpoint_every: int = typer.Option(256, "--checkpoint-every", help="Save progress every N images (resume by rerunning the command)."),
+    restart: bool = typer.Option(False, "--restart", help="Start over: delete the unfinished progress an earlier, killed or failed run of this -o left (OUT.progress/), instead of resuming it."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="A missing/corrupt image flags its annotations instead of stopping."),
     strict: bool = typer.Option(False, "--strict", help="A degenerate box stops the run instead of being flagged."),
     join_shards: bool = typer.Option(False, "--merge-shards", help="Join OUT's shard files (OUT-stem.shard-K-of-N.json, from --shard K/N runs) into OUT (no --images needed)."),
@@ -63,8 +64,20 @@ def proxy_command(
                                        write_format, wrote_whole_json)
 
     con = Console(highlight=False, soft_wrap=True, stderr=False)
-    out, folder = output_paths(out, fmt, ann, images)
+    from boxcaseg.model_files import user_model_file
+
+    inputs = {"--ann": ann} if join_shards else {"--ann": ann, "--images": images, "--model": user_model_file(model)}
+    out, folder = output_paths(out, fmt, inputs)
+    check_names = None
+    if folder is not None:  # --format yolo-seg|png: its file names checked before any work
+        from boxcaseg.formats import check_format_names
+
+        check_names = lambda data: check_format_names(data, fmt, folder)  # noqa: E731
     if join_shards:
+        if check_names is not None:
+            from boxcaseg.io import load_json
+
+            check_names(load_json(ann, "COCO annotation json"))
         s = merge_shards(ann, out)
         con.print(merged_shards_line(s))
         _print(con, write_format(fmt, out, folder, skip_flagged))
@@ -74,7 +87,7 @@ def proxy_command(
     cfg = ProxyConfig(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
         relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, drop_slack=drop_slack, merge=merge_masks, batch_size=batch_size, workers=workers, threads=threads,
-        shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict,
+        shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict, restart=restart,
         progress=not no_progress and env_rank_world()[0] == 0, device=device, precision=precision,
         channels_last=channels_last, cuda_graph=cuda_graph, post_workers=post_workers,
     )
@@ -82,7 +95,7 @@ def proxy_command(
     cfg, rm = resolved
     if env_rank_world()[0] == 0:
         con.print(settings_line(cfg, rm))
-    s = generate_proxy_torchrun(cfg, resolved)
+    s = generate_proxy_torchrun(cfg, resolved, check_names)
     for line in summary_lines(s):
         con.print(line)
     if wrote_whole_json(s, out):

@@ -48,18 +48,17 @@ def segment_command(
 
     Example: boxcaseg segment street.jpg --box 48,30,120,200 --box 300,60,80,90 -o overlay.png --json masks.json
     """
-    from boxcaseg.errors import BoxcasegError
-    from boxcaseg.io import atomic_write_json, check_output_file
+    from boxcaseg.io import atomic_write_json, check_output_file, check_outputs
     from boxcaseg.masks import encode
+    from boxcaseg.model_files import user_model_file
     from boxcaseg.predictor import Segmenter, as_rgb_image
 
     boxes = [parse_box(b) for b in box]
     fmt = "xyxy" if xyxy else "xywh"
-    for path, what in ((out, "-o"), (json_out, "--json")):  # before any work; never over the image
+    for path, what in ((out, "-o"), (json_out, "--json")):  # before any work
         if path is not None:
-            check_output_file(path, what, inputs=[image])
-    if out is not None and json_out is not None and out.absolute() == json_out.absolute():
-        raise BoxcasegError(f"-o and --json are both {out}: give two files")
+            check_output_file(path, what)
+    check_outputs({"-o": out, "--json": json_out}, {"IMAGE": image, "--model": user_model_file(model)})
     img = as_rgb_image(image)
     seg = Segmenter(model, engine=engine, device=device, precision=precision, context=context, threshold=threshold,
                     prior_weight=prior_weight)

@@ -27,6 +27,7 @@ from boxcaseg.data.transforms import crop_resize, open_rgb
 from boxcaseg.images import read_image
 from boxcaseg.imageops import normalize
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.paths import walk_files
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -73,11 +74,9 @@ class SalientDataset(torch.utils.data.Dataset):
         img_dir, mask_dir = root / "images", root / "masks"
         if not img_dir.is_dir() or not mask_dir.is_dir():
             raise BoxcasegError(f"{root}: salient folder needs images/ and masks/ subfolders")
-        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS}
+        masks = {p.stem: p for p in walk_files(mask_dir, IMAGE_EXTS, recursive=False)}
         pairs, missing = [], []
-        for p in sorted(img_dir.iterdir()):
-            if p.suffix.lower() not in IMAGE_EXTS:
-                continue
+        for p in walk_files(img_dir, IMAGE_EXTS, recursive=False):
             if p.stem in masks:
                 pairs.append((p, masks[p.stem]))
             else:

@@ -35,6 +35,7 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import read_text
 from boxcaseg.masks import area as rle_area
 from boxcaseg.masks import encode
+from boxcaseg.paths import walk_files
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def read_image_set(root: Path, split: str | None) -> list[str]:
     """Image names of ``split`` (a name under ImageSets/Segmentation or ImageSets/Main, or a
     path to a list file); all ``Annotations/*.xml`` in sorted order when ``split`` is None."""
     if split is None:
-        names = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+        names = sorted(p.stem for p in walk_files(root / "Annotations", (".xml",), recursive=False))
         if not names:
             raise BoxcasegError(f"{root / 'Annotations'}: no VOC annotation XML files")
         return names
@@ -209,9 +210,13 @@ def voc_to_coco(root: str | os.PathLike, split: str | None = None,
 
 def write_voc_as_coco(root: str | os.PathLike, out: str | os.PathLike, split: str | None = None) -> dict:
     """:func:`voc_to_coco` written atomically to ``out``; returns the dict."""
-    from boxcaseg.io import atomic_write_json, check_output_file
+    from boxcaseg.io import atomic_write_json, check_output_file, check_outputs
 
-    check_output_file(out, "-o")  # before any work
+    check_output_file(out, "-o")  # before any work; never among the files it reads
+    r = Path(root)
+    check_outputs({"-o": out}, {f"VOC_ROOT/{d}": r / d for d in ("Annotations", "SegmentationObject",
+                                                                  "SegmentationClass", "ImageSets", "inst", "cls")}
+                  | {"--split": split if split and Path(split).is_file() else None})
     coco = voc_to_coco(root, split)
     atomic_write_json(out, coco)
     return coco

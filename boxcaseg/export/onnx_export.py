@@ -203,7 +203,7 @@ def export_onnx(
     from boxcaseg.export.ort import ONNXRUNTIME_HINT, onnxruntime_available
     from boxcaseg.export.tensorrt import build_trt_engine, trt_missing
     from boxcaseg.export.wrapper import ProxyExportModel
-    from boxcaseg.io import atomic_write_bytes, check_output_file
+    from boxcaseg.io import atomic_write_bytes, check_output_file, check_outputs
     from boxcaseg.model import load_checkpoint_model
 
     if trt:
@@ -213,9 +213,11 @@ def export_onnx(
     if max_batch < 1:
         raise BoxcasegError(f"--max-batch must be >= 1 (got {max_batch})")
     ckpt, out = Path(ckpt), Path(out)
-    check_output_file(out, "-o", inputs=[ckpt])  # before any work; never over the checkpoint
-    if trt:
-        check_output_file(Path(engine_out) if engine_out else out.with_suffix(".engine"), "--engine-out", inputs=[ckpt])
+    check_output_file(out, "-o")  # before any work; never over the checkpoint
+    trt_out = (Path(engine_out) if engine_out else out.with_suffix(".engine")) if trt else None
+    if trt_out is not None:
+        check_output_file(trt_out, "--engine-out")
+    check_outputs({"-o": out, "--engine-out": trt_out}, {"CKPT": ckpt})
     if alpha is not None:
         check_setting("alpha", alpha, "--alpha")
     if infer_size is not None:

@@ -14,12 +14,12 @@ import torch
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.cocojson import load_coco
-from boxcaseg.io import atomic_write_json, check_output_file
+from boxcaseg.io import atomic_write_json, check_output_file, check_outputs
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.dist import check_device_name, resolve_device
 from boxcaseg.maskrcnn.trainer import load_checkpoint, model_from_checkpoint
 from boxcaseg.masks import encode
-from boxcaseg.paths import check_image_paths
+from boxcaseg.paths import check_image_paths, walk_files
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -41,7 +41,7 @@ def list_images(images: str | os.PathLike, ann: str | os.PathLike | None = None,
             raise BoxcasegError(f"{ann}: image ids {missing[:5]} not in the json")
         paths = check_image_paths(images, ((i, coco.images[i].get("file_name")) for i in ids))  # inside --images
         return [(i, paths[i], (int(coco.images[i]["width"]), int(coco.images[i]["height"]))) for i in ids]
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = walk_files(images, IMAGE_SUFFIXES, recursive=False)
     if not files:
         raise BoxcasegError(f"{images}: no image files")
     return [(i, p, None) for i, p in enumerate(files, start=1)]
@@ -70,7 +70,8 @@ def predict_maskrcnn(
     """
     check_device_name(device, "--device")
     if out is not None:
-        check_output_file(out, "-o", inputs=[checkpoint, ann])  # before any work
+        check_output_file(out, "-o")  # before any work
+        check_outputs({"-o": out}, {"--checkpoint": checkpoint, "--images": images, "--ann": ann})
     items = list_images(images, ann, image_ids)  # a bad json or file name stops before the model loads
     ckpt = load_checkpoint(checkpoint)
     model, cfg, cats = model_from_checkpoint(ckpt, str(checkpoint))

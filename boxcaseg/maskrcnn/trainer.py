@@ -77,7 +77,8 @@ def train_maskrcnn(cfg: MaskRCNNConfig, out_dir: str | os.PathLike, resume: bool
 def _train(cfg: MaskRCNNConfig, out_dir: Path, resume: bool, stop_at: int | None,
            show_progress: bool) -> TrainResult:
     t = cfg.train
-    run = Run(out_dir, t.device, "maskrcnn")
+    run = Run(out_dir, t.device, "maskrcnn", [("--ann", cfg.data.ann), ("--images", cfg.data.images),
+                                              ("model.backbone_weights", cfg.model.backbone_weights)])
     if not cfg.data.ann or not cfg.data.images:
         raise BoxcasegError("no training data: set data.ann (COCO json) and data.images (its image folder)")
     ckpt = load_resume(run, cfg) if resume else None

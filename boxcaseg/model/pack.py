@@ -23,11 +23,12 @@ def pack_checkpoint(ckpt: str | Path, out: str | Path, *, context: float | None 
     from boxcaseg.config import config_from_checkpoint
     from boxcaseg.io import file_sha256
     from boxcaseg.infer_settings import check_setting
-    from boxcaseg.io import atomic_torch_save, check_output_file, safe_torch_load
+    from boxcaseg.io import atomic_torch_save, check_output_file, check_outputs, safe_torch_load
     from boxcaseg.model import build_checkpoint_model
 
     ckpt = Path(ckpt)
-    check_output_file(out, "-o", inputs=[ckpt])  # before any work; never over the checkpoint it reads
+    check_output_file(out, "-o")  # before any work
+    check_outputs({"-o": out}, {"CKPT": ckpt})  # never over the checkpoint it reads
     src = safe_torch_load(ckpt)
     if not isinstance(src, dict) or "model" not in src or "config" not in src:
         raise BoxcasegError(f"{ckpt}: not a boxcaseg checkpoint (no 'model'/'config' entries)")

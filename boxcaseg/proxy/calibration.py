@@ -33,13 +33,13 @@ def int8_path(onnx_out: str | Path) -> Path:
 
 
 def check_calibration(ann: str | Path | None, images: str | Path | None, crops: int, onnx_out: str | Path,
-                      inputs: list) -> Calibration:
+                      inputs: dict | list) -> Calibration:
     """Everything ``--int8`` needs, checked before any work (each problem: BoxcasegError, one
     line): both ``ann`` and ``images`` given, ``crops`` >= 1, the json readable and valid, its
     images inside ``images``, and the int8 output (:func:`int8_path` of ``onnx_out``) writable
-    and none of ``inputs``."""
+    and none of ``inputs`` ({option: path}) nor of the calibration set (:func:`~boxcaseg.io.check_outputs`)."""
     from boxcaseg.cocojson import load_coco
-    from boxcaseg.io import check_input_file, check_output_file
+    from boxcaseg.io import check_input_file, check_output_file, check_outputs
 
     if not (ann and images):
         raise BoxcasegError("--int8 needs --calib-ann and --calib-images (boxes to calibrate on)")
@@ -48,7 +48,10 @@ def check_calibration(ann: str | Path | None, images: str | Path | None, crops: 
     check_input_file(ann, "calibration")
     if not Path(images).is_dir():
         raise BoxcasegError(f"{images}: not a folder (--calib-images)")
-    check_output_file(int8_path(onnx_out), "-o", inputs=[*inputs, ann])
+    check_output_file(int8_path(onnx_out), "-o (int8)")
+    check_outputs({"-o": onnx_out, "-o (int8)": int8_path(onnx_out)},
+                  [*(inputs.items() if isinstance(inputs, dict) else inputs), ("--calib-ann", ann),
+                   ("--calib-images", images)])
     load_coco(ann, "calibration").paths(images)
     return Calibration(Path(ann), Path(images), crops)
 

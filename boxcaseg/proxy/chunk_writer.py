@@ -211,11 +211,13 @@ _POOL_STATE: dict = {}
 def _pool_init(state: dict) -> None:
     """In each worker: the run's state, and death with the parent -- the run (forked) or the
     fork server, which exits with the run -- so a killed run leaves no writer behind."""
+    import signal
+
     parent = os.getppid()
     _POOL_STATE.update(state, parent=parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle (it ends the pool), not a traceback here
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

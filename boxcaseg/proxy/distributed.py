@@ -12,7 +12,7 @@ from boxcaseg.proxy.pipeline import generate_proxy
 from boxcaseg.proxy.shards import merge_shards
 
 
-def generate_proxy_torchrun(cfg: ProxyConfig, resolved=None) -> dict:
+def generate_proxy_torchrun(cfg: ProxyConfig, resolved=None, check_data=None) -> dict:
     """:func:`generate_proxy`, and under torchrun (WORLD_SIZE > 1, no explicit shard) a
     barrier after which rank 0 joins the shard files into ``cfg.out``.
 
@@ -20,7 +20,7 @@ def generate_proxy_torchrun(cfg: ProxyConfig, resolved=None) -> dict:
     """
     from boxcaseg import dist
 
-    summary = generate_proxy(cfg, resolved)
+    summary = generate_proxy(cfg, resolved, check_data)
     rank, world = dist.env_rank_world()
     if cfg.shard is None and world > 1:
         dist.init_from_env()

@@ -14,7 +14,7 @@ from typing import Any
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import FIELDS, check_setting, flag_label
-from boxcaseg.io import check_output_file, file_sha256
+from boxcaseg.io import check_output_file, check_outputs, file_sha256
 from boxcaseg.proxy.shards import FORMAT, Shard
 
 DROP_THRESH = 0.95  # the paper's drop rule: agreement below it flags ignore_mask
@@ -52,6 +52,8 @@ class ProxyConfig:
     channels_last: bool | None = None  # torch engine: NHWC memory format; None: on the CPU yes, on CUDA no
                                      # (engines.torch_channels_last; fingerprinted: other kernels, other last bits)
     cuda_graph: bool = False         # torch engine on CUDA: the fixed-size batch replayed from a CUDA graph
+    restart: bool = False            # unfinished progress of this output (a killed or failed run) is deleted,
+                                     # not resumed: the run starts over (not fingerprinted)
     post_workers: int | None = None  # post-processing processes, one chunk each (0: one thread; None: by the cores,
                                      # pipeline.default_post_workers); the same bytes either way
 
@@ -78,7 +80,16 @@ class ProxyConfig:
             raise BoxcasegError("--batch-size and --checkpoint-every must be >= 1, --workers >= 0")
         if not Path(self.images).is_dir():
             raise BoxcasegError(f"{self.images}: image folder not found")
-        check_output_file(self.out, "-o", inputs=[self.ann])
+        check_proxy_output(self)
+
+
+def check_proxy_output(cfg: ProxyConfig) -> None:
+    """``cfg.out`` can be written and is none of the run's inputs (the json, the image folder
+    or a file in it, the user's model file): :func:`~boxcaseg.io.check_outputs`."""
+    from boxcaseg.model_files import user_model_file
+
+    check_output_file(cfg.out, "-o")
+    check_outputs({"-o": cfg.out}, {"--ann": cfg.ann, "--images": cfg.images, "--model": user_model_file(cfg.model)})
 
 
 def settings_flags(cfg: ProxyConfig) -> list[str]:
@@ -135,7 +146,7 @@ def resolve_proxy_config(cfg: ProxyConfig):
 
     if not Path(cfg.images).is_dir():
         raise BoxcasegError(f"{cfg.images}: image folder not found")
-    check_output_file(cfg.out, "-o", inputs=[cfg.ann])  # before the model is resolved (maybe exported)
+    check_proxy_output(cfg)  # before the model is resolved (maybe exported)
     rm = resolve_model(cfg.model, cfg.engine, cfg.device, cfg.precision)
     st = rm.settings.overrides_of(cfg)
     out = ProxyConfig(**{

@@ -34,19 +34,20 @@ import logging
 import os
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import InferSettings
-from boxcaseg.io import atomic_write_json, load_json
+from boxcaseg.io import atomic_write_json, load_json, output_lock
 from boxcaseg.paths import check_image_paths
 from boxcaseg.proxy.tasks import apply_results, build_tasks, validate_coco
 from boxcaseg.proxy.options import ProxyConfig, fingerprint, resolve_proxy_config, run_info
 from boxcaseg.proxy.decode import decoded_stream
 from boxcaseg.proxy.chunk_writer import PostPool, PostThread, Timers
-from boxcaseg.proxy.shards import ProgressStore, Shard, progress_dir, stats_summary, write_shard_file
+from boxcaseg.proxy.shards import ProgressStore, Shard, progress_dir, shard_file, stats_summary, write_shard_file
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +69,22 @@ def _make_progress(enabled: bool, total: int, done: int):
     return prog, task
 
 
-def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
+def generate_proxy(cfg: ProxyConfig, resolved=None, check_data=None) -> dict:
     """Turn every non-crowd box of ``cfg.ann`` into a proxy mask; returns a summary dict.
 
     ``resolved``: what :func:`resolve_proxy_config` returned for ``cfg``, when the caller
     has resolved it already (the model is then not looked up, hashed or exported again).
+    ``check_data``: called with the loaded, validated json before any work (what the caller
+    will write from the output must be writable: ``--format yolo-seg|png``'s names).
 
     Writes ``cfg.out`` (the input json with RLE ``segmentation``, ``proxy_agreement`` and
     ``ignore_mask`` on every non-crowd annotation), or, for shard K/N with N > 1, the
     shard file ``<out stem>.shard-K-of-N<suffix>`` (join them with
     :func:`~boxcaseg.proxy.shards.merge_shards`).
     Progress is saved every ``checkpoint_every`` images; rerunning the same command
-    after a kill continues and gives the same output as an uninterrupted run.
+    after a kill continues and gives the same output as an uninterrupted run
+    (``cfg.restart``: starts over instead). One run at a time writes an output
+    (:func:`~boxcaseg.io.output_lock`): a second one stops before any work.
 
     Summary keys: images, instances, masks, flagged, low_agreement, empty_masks,
     degenerate, bad_images, bad_image_annotations, crowd, mean_agreement, seconds,
@@ -98,39 +103,75 @@ def generate_proxy(cfg: ProxyConfig, resolved=None) -> dict:
     size = settings.infer_size
     timers = Timers()
     warm = EngineWarmUp(cfg, settings)  # beside the json read below
-    try:
-        data = load_json(cfg.ann, "COCO annotation json")
-        validate_coco(data, cfg.ann)
-        tasks = build_tasks(data, settings.context, cfg.strict, cfg.ann)
-        paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))  # before any work: inside --images
-        mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
-        per = cfg.checkpoint_every
-        chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
-        store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size))
-        pending = [c for c in range(len(chunks)) if not store.done(c)]
-        total = sum(len(t.ann_ids) for t in mine)
-        done_before = sum(len(t.ann_ids) for c in range(len(chunks)) if c not in set(pending) for t in chunks[c])
-        timers.prepare = time.perf_counter() - t_start
-        engine_desc = cfg.engine
-        if pending:
-            engine_desc = _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm, paths)
-    finally:
-        warm.join()  # never leave the engine loading behind an error (nor a CUDA init at exit)
+    with ExitStack() as held:
+        try:
+            data = load_json(cfg.ann, "COCO annotation json")
+            validate_coco(data, cfg.ann)
+            if check_data is not None:
+                check_data(data)
+            tasks = build_tasks(data, settings.context, cfg.strict, cfg.ann)
+            # before any work: every name inside --images
+            paths = check_image_paths(cfg.images, ((t.image_id, t.file_name) for t in tasks))
+            mine = [t for t in tasks[shard.index::shard.count] if t.ann_ids]
+            per = cfg.checkpoint_every
+            chunks = [mine[i:i + per] for i in range(0, len(mine), per)]
+            # one run per output: a second one stops here, before touching its progress
+            held.enter_context(output_lock(cfg.out if shard.count == 1 else shard_file(cfg.out, shard)))
+            store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size), restart=cfg.restart)
+            pending = [c for c in range(len(chunks)) if not store.done(c)]
+            if not cfg.skip_bad:  # before any work: a size the json does not give stops the run now, not midway
+                check_image_headers([t for c in pending for t in chunks[c] if len(t.crops)], paths)
+            total = sum(len(t.ann_ids) for t in mine)
+            done_before = sum(len(t.ann_ids) for c in range(len(chunks)) if c not in set(pending)
+                              for t in chunks[c])
+            timers.prepare = time.perf_counter() - t_start
+            engine_desc = cfg.engine
+            if pending:
+                try:
+                    engine_desc = _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm,
+                                              paths)
+                except KeyboardInterrupt:
+                    saved = sum(len(chunks[c]) for c in range(len(chunks)) if store.done(c))
+                    raise KeyboardInterrupt(f"{saved} of {len(mine)} images of {cfg.out} are saved in {store.root}; "
+                                            "rerun the same command to resume") from None
+        finally:
+            warm.join()  # never leave the engine loading behind an error (nor a CUDA init at exit)
 
-    stats, results = store.collect([[t.image_id for t in chunk] for chunk in chunks])
-    seconds = time.perf_counter() - t_start
-    summary = _summary(stats, len(mine), shard, chunks, pending, timers, seconds, data, engine_desc)
-    summary["post_workers"] = cfg.post_workers
-    info = run_info(cfg, rm, store.fingerprint)
-    summary["settings"] = info
-    if shard.count == 1:
-        atomic_write_json(cfg.out, apply_results(data, results, info))
-        summary["output"] = str(cfg.out)
-    else:
-        path = write_shard_file(cfg.out, shard, store.fingerprint, stats, info, results, summary)
-        summary["output"] = str(path)
-    store.remove()
+        stats, results = store.collect([[t.image_id for t in chunk] for chunk in chunks])
+        seconds = time.perf_counter() - t_start
+        summary = _summary(stats, len(mine), shard, chunks, pending, timers, seconds, data, engine_desc)
+        summary["post_workers"] = cfg.post_workers
+        info = run_info(cfg, rm, store.fingerprint)
+        summary["settings"] = info
+        if shard.count == 1:
+            atomic_write_json(cfg.out, apply_results(data, results, info))
+            summary["output"] = str(cfg.out)
+        else:
+            path = write_shard_file(cfg.out, shard, store.fingerprint, stats, info, results, summary)
+            summary["output"] = str(path)
+        store.remove()
     return summary
+
+
+def check_image_headers(tasks: list, paths: dict, threads: int = 8) -> None:
+    """Every image of ``tasks`` read up to its header (no decoding; :func:`boxcaseg.images.check_image`):
+    there, a regular file, readable, its size (either frame, EXIF orientation) the json's.
+    BoxcasegError naming the first bad one in work order, the same line its decoding would give."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from boxcaseg.images import check_image
+
+    if not tasks:
+        return
+    ex = ThreadPoolExecutor(max_workers=max(1, min(threads, len(tasks))), thread_name_prefix="proxy-headers")
+    try:
+        problems = ex.map(lambda t: check_image(paths[t.image_id], "image", "", size=(t.width, t.height)), tasks,
+                          chunksize=64)
+        for t, problem in zip(tasks, problems):
+            if problem is not None:
+                raise BoxcasegError(f"image id {t.image_id!r}: {problem}")
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def _summary(stats, n_images, shard, chunks, pending, timers, seconds, data, engine_desc) -> dict:

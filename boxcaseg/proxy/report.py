@@ -14,15 +14,16 @@ from boxcaseg.errors import BoxcasegError
 STAGES = ("prepare", "warmup", "decode", "wait", "pack", "inference", "h2d", "gpu", "post", "masks", "write")
 
 
-def output_paths(out: Path, fmt: str, ann: Path, images: Path | None) -> tuple[Path, Path | None]:
-    """(the COCO json to write, the folder for ``fmt``'s files or None), checked before any work.
+def output_paths(out: Path, fmt: str, inputs: dict) -> tuple[Path, Path | None]:
+    """(the COCO json to write, the folder for ``fmt``'s files or None), checked before any work
+    against the run's ``inputs`` ({option: path}, :func:`~boxcaseg.io.check_outputs`).
 
     With ``--format yolo-seg|png``, ``out`` is a folder and the json goes inside it as
     ``boxcaseg-proxy.json``; png files are named after the images, so never into the image
     folder itself.
     """
     from boxcaseg.formats import FORMAT_INDEX, FORMATS
-    from boxcaseg.io import check_output_dir, check_output_file
+    from boxcaseg.io import check_output_dir, check_output_file, check_outputs
 
     if fmt not in FORMATS:
         raise BoxcasegError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
@@ -30,10 +31,12 @@ def output_paths(out: Path, fmt: str, ann: Path, images: Path | None) -> tuple[P
     if fmt != "coco":
         if out.suffix.lower() == ".json":
             raise BoxcasegError(f"-o {out}: with --format {fmt} the output is a folder, not a .json file")
-        check_output_dir(out, "-o", input_dirs=[images] if fmt == "png" else [])
+        check_output_dir(out, "-o")
         folder, out = out, out / "boxcaseg-proxy.json"
-        check_output_file(folder / FORMAT_INDEX[fmt], "-o", inputs=[ann])
-    check_output_file(out, "-o", inputs=[ann])  # before any work (a model export, inference)
+        check_output_file(folder / FORMAT_INDEX[fmt], "-o")
+    check_output_file(out, "-o")  # before any work (a model export, inference)
+    check_outputs({"-o": out, f"--format {fmt}": folder / FORMAT_INDEX[fmt] if folder else None}, inputs,
+                  folders={"-o": folder})
     return out, folder
 
 

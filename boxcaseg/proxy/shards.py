@@ -68,17 +68,25 @@ def progress_dir(out: Path, shard: Shard) -> Path:
 class ProgressStore:
     """Finished chunks of one shard, on disk (atomic writes)."""
 
-    def __init__(self, root: Path, fingerprint: dict):
+    def __init__(self, root: Path, fingerprint: dict, restart: bool = False):
         self.root = Path(root)
         self.fingerprint = fingerprint
+        if restart:  # --restart: whatever an earlier run left here (chunks, a meta.json, temporary files) goes
+            self.remove()
+            return
         meta = self.root / "meta.json"
         if meta.is_file():
-            old = load_json(meta, "progress metadata")
+            try:
+                old = load_json(meta, "progress metadata")
+            except BoxcasegError:
+                old = None  # a damaged meta.json: progress that cannot be trusted
             if old != fingerprint:
-                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)) if isinstance(old, dict) else ["all"]
+                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)) \
+                    if isinstance(old, dict) else ["all"]
                 raise BoxcasegError(
-                    f"{self.root}: unfinished progress of a run with other inputs or options ({', '.join(diff)} differ); "
-                    "rerun that command, or delete this folder to start over")
+                    f"{self.root}: unfinished progress of a run with other inputs or options ({', '.join(diff)} "
+                    "differ): add --restart to start over (it deletes that progress), or rerun the earlier command "
+                    "to finish it")
         # else: written with the first finished chunk (a run that fails before one leaves nothing)
 
     def path(self, chunk: int) -> Path:
@@ -94,8 +102,9 @@ class ProgressStore:
 
     def load(self, chunk: int, image_ids: list) -> dict:
         payload = load_json(self.path(chunk), "progress chunk")
-        if payload.get("image_ids") != image_ids:
-            raise BoxcasegError(f"{self.path(chunk)}: holds other images than this run's chunk {chunk}; delete {self.root}")
+        if not isinstance(payload, dict) or payload.get("image_ids") != image_ids:
+            raise BoxcasegError(f"{self.path(chunk)}: holds other images than this run's chunk {chunk}; "
+                                "add --restart to start over")
         return payload
 
     def collect(self, chunk_image_ids: list[list]) -> tuple[dict, dict[str, tuple]]:

@@ -22,11 +22,12 @@ import torch
 
 from boxcaseg import dist
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.io import JsonlWriter, atomic_torch_save, check_output_dir, safe_torch_load
+from boxcaseg.io import JsonlWriter, atomic_torch_save, check_output_dir, check_outputs, safe_torch_load
 from boxcaseg.training.state import WeightEMA, checkpoint_rng_and_buffers, set_rng_state
 
 log = logging.getLogger(__name__)
 CKPT_NAME = "last.pt"
+METRICS_NAME = "metrics.jsonl"
 StepFn = Callable[[Any, int], "tuple[dict[str, torch.Tensor], int]"]
 
 
@@ -62,8 +63,10 @@ class Run:
     (``train.device``; "auto" is this rank's GPU, else the CPU).
     """
 
-    def __init__(self, out_dir: str | Path, device: str, label: str):
+    def __init__(self, out_dir: str | Path, device: str, label: str, inputs: Iterable = ()):
         self.out_dir = check_output_dir(out_dir, "--out")  # before any work: a folder last.pt can be written in
+        check_outputs({f"--out ({name})": self.out_dir / name for name in (CKPT_NAME, METRICS_NAME)}, list(inputs),
+                      folders={"--out": self.out_dir})  # never over (nor among) the data, the weights it reads
         self.ckpt_path = self.out_dir / CKPT_NAME
         self.label = label
         self.distributed = dist.init_from_env()
@@ -115,7 +118,7 @@ class Run:
         optimizer, schedule, iteration, ``config``, ``extra_state``, world size and every
         rank's RNG state; ``what`` names the loss in the non-finite error.
         """
-        metrics = JsonlWriter(self.out_dir / "metrics.jsonl", truncate_after_iter=start) if self.is_main else None
+        metrics = JsonlWriter(self.out_dir / METRICS_NAME, truncate_after_iter=start) if self.is_main else None
         params = [p for p in model.parameters() if p.requires_grad]
         first_loss = last_loss = float("nan")
         t0 = time.perf_counter()
