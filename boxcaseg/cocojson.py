@@ -143,15 +143,16 @@ class CocoData:
 
 
 def load_coco(src: str | os.PathLike | dict | list, what: str = "annotation", images_from: CocoData | None = None,
-              *, skip_orphans: bool = False) -> CocoData:
+              *, skip_orphans: bool = False, unique_ids: bool = True) -> CocoData:
     """Read and validate a COCO json (a path, or the json object itself) by the module's rules.
 
     ``what`` names the file in messages (``"<what> file not found"``); ``images_from``:
-    the ground truth whose images a results list refers to.
+    the ground truth whose images a results list refers to; ``unique_ids=False``: an
+    annotation id may repeat (predictions whose consumer counts repeats, ``evaluate masks``).
     """
     if isinstance(src, (str, os.PathLike)):
-        return parse_coco(load_json(src, what), src, images_from, skip_orphans=skip_orphans)
-    return parse_coco(src, f"<{what}>", images_from, skip_orphans=skip_orphans)
+        return parse_coco(load_json(src, what), src, images_from, skip_orphans=skip_orphans, unique_ids=unique_ids)
+    return parse_coco(src, f"<{what}>", images_from, skip_orphans=skip_orphans, unique_ids=unique_ids)
 
 
 def _check_id(value: Any, src: str, what: str) -> None:
@@ -200,7 +201,7 @@ def _categories(entries: Any, src: str) -> dict[Any, dict]:
 
 
 def parse_coco(data: Any, source: str | os.PathLike, images_from: CocoData | None = None,
-               *, skip_orphans: bool = False) -> CocoData:
+               *, skip_orphans: bool = False, unique_ids: bool = True) -> CocoData:
     """Validate a COCO json already loaded (``source`` names it in messages); see :func:`load_coco`."""
     src = str(source)
     if isinstance(data, list):
@@ -228,7 +229,7 @@ def parse_coco(data: Any, source: str | os.PathLike, images_from: CocoData | Non
         name = f"annotation {a['id']!r}" if "id" in a else f"annotation #{k} (no id)"
         if "id" in a:
             _check_id(a["id"], src, "annotation")
-            if a["id"] in seen:
+            if unique_ids and a["id"] in seen:
                 raise BoxcasegError(f"{src}: annotation id {a['id']!r} appears twice")
             seen.add(a["id"])
         if "image_id" not in a:

@@ -35,7 +35,7 @@ from boxcaseg.boxes import box_numbers_problem
 from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.masks import area as rle_area
-from boxcaseg.masks import UnreadableMask, mask_iou, to_rle
+from boxcaseg.masks import UnreadableMask, mask_iou, mask_iou_pairs, to_rle
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,49 @@ NO_MASK = "no segmentation"
 UNREADABLE_MASK = "unreadable RLE"
 
 
+def _load_pair(gt, pred) -> tuple[CocoData, CocoData]:
+    gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
+    if not isinstance(pred, CocoData):  # a repeated id is counted (match_predictions), not refused
+        pred = load_coco(pred, "prediction", images_from=gt, unique_ids=False)
+    return gt, pred
+
+
+def match_predictions(gt: CocoData, pred: CocoData, strict: bool = False) -> tuple[dict[Any, dict], dict[str, int]]:
+    """The predictions of ``pred`` by annotation id, and what did not match.
+
+    Returns ``({id: prediction}, {"unmatched_predictions", "duplicate_predictions",
+    "crowd_predictions"})``: predictions whose id is no GT annotation's (a proxy json of
+    the whole set scored on a few checked images has many), later predictions repeating
+    an id (the first in file order is the one scored; ``strict``: an error) and
+    predictions for a crowd GT annotation (not scored). Predictions none of which has the
+    id of a scored GT annotation are an error: the ids come from another numbering.
+    """
+    by_id: dict[Any, dict] = {}
+    duplicates = 0
+    for a in pred.anns:
+        if "id" not in a:
+            raise BoxcasegError(f"{pred.source}: a prediction on image {a.get('image_id')} has no annotation id "
+                                "(mask quality matches predictions to GT by annotation id)")
+        if a["id"] in by_id:
+            if strict:
+                raise BoxcasegError(f"{pred.source}: annotation id {a['id']!r} appears twice (--strict; without it "
+                                    "the first is scored and the others counted)")
+            duplicates += 1
+            continue
+        by_id[a["id"]] = a
+    gt_ids = {a["id"]: is_crowd(a) for a in gt.anns}
+    matched = sum(1 for i in by_id if i in gt_ids and not gt_ids[i])
+    counts = {"unmatched_predictions": sum(1 for i in by_id if i not in gt_ids),
+              "duplicate_predictions": duplicates,
+              "crowd_predictions": sum(1 for i in by_id if gt_ids.get(i, False))}
+    if by_id and not matched and any(not c for c in gt_ids.values()):
+        example = next(iter(by_id))
+        raise BoxcasegError(f"{pred.source}: none of its {len(by_id)} prediction id(s) (e.g. {example!r}) is the id of "
+                            f"a non-crowd annotation of {gt.source} (mask quality matches predictions to GT by "
+                            "annotation id)")
+    return by_id, counts
+
+
 def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list,
                   strict: bool = False) -> list[InstanceIoU]:
     """IoU of every non-crowd GT annotation with the prediction of the same annotation id.
@@ -84,17 +127,12 @@ def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pa
     without a segmentation, or whose RLE counts do not decode to a mask of its size
     (:class:`boxcaseg.masks.UnreadableMask`), scores 0 and says so in ``problem``
     (``strict``: a BoxcasegError naming it). Any other malformed mask (a polygon with
-    NaN, an RLE size that is not two integers) is a BoxcasegError.
+    NaN, an RLE size that is not two integers) is a BoxcasegError; so are predictions
+    none of which matches (:func:`match_predictions`, which also says what a repeated
+    id means).
     """
-    gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
-    if not isinstance(pred, CocoData):
-        pred = load_coco(pred, "prediction", images_from=gt)
-    by_id: dict[Any, dict] = {}  # the reader has checked that no id appears twice
-    for a in pred.anns:
-        if "id" not in a:
-            raise BoxcasegError(f"{pred.source}: a prediction on image {a.get('image_id')} has no annotation id "
-                                "(mask quality matches predictions to GT by annotation id)")
-        by_id[a["id"]] = a
+    gt, pred = _load_pair(gt, pred)
+    by_id, _ = match_predictions(gt, pred, strict)
 
     out: list[InstanceIoU] = []
     for image_id, anns in gt.by_image.items():
@@ -130,7 +168,7 @@ def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pa
                                    rle is not None, bool(p.get("ignore_mask", False)) if rle is not None else False,
                                    problem))
         if slots:
-            ious = np.diagonal(mask_iou(gt_rles, pred_rles))
+            ious = mask_iou_pairs(gt_rles, pred_rles)
             for slot, v in zip(slots, ious):
                 out[slot].iou = float(v)
     return out
@@ -167,7 +205,11 @@ def mask_quality(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pat
     five keys. ``missing``: GT instances scored 0 for want of a usable prediction, among
     them ``without_mask`` (the prediction has no segmentation) and ``unreadable_mask``
     (its RLE does not decode); ``strict`` makes those two an error (:func:`instance_ious`).
+    Also ``unmatched_predictions``, ``duplicate_predictions`` and ``crowd_predictions``:
+    predictions not scored (:func:`match_predictions`).
     """
+    gt, pred = _load_pair(gt, pred)
+    _, counts = match_predictions(gt, pred, strict)
     records = instance_ious(gt, pred, strict)
     result = summarize_ious(records)
     result["missing"] = sum(1 for r in records if not r.found)
@@ -175,6 +217,7 @@ def mask_quality(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pat
     result["unreadable_mask"] = sum(1 for r in records if r.problem == UNREADABLE_MASK)
     for size in SIZE_NAMES:
         result[size] = summarize_ious([r for r in records if _coco_size(r.area) == size])
+    result.update(counts)
     return result
 
 

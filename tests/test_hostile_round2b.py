@@ -1,0 +1,200 @@
+"""Hostile inputs, round 2b (issue 37 section 4 and `evaluate masks`' matching).
+
+Each kind of failure gets several variants, run against the real commands with the
+corpus, the tiny model and the assertions of :mod:`test_hostile`: an error is exit
+status 2, one line naming the culprit, nothing written, every input untouched; the
+cases whose right answer is not an error are checked against an independent reference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from boxcaseg.errors import BoxcasegError
+from test_hostile import H, W, coco, corpus, no_hang, predictions, run, snapshot, with_ann  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def assert_refused(argv: list[str], needle: str, c, tmp_path: Path, capsys, out: Path | None = None) -> str:
+    """exit 2, one line containing ``needle``, the corpus and ``tmp_path`` unchanged."""
+    before, out_before = snapshot(c.root), snapshot(tmp_path)
+    code, err = run(argv, capsys)
+    assert code == 2, (code, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert needle in err, (needle, err)
+    assert snapshot(c.root) == before, "an input was changed"
+    assert snapshot(tmp_path) == out_before, "something was written"
+    return err
+
+
+def write(tmp_path: Path, name: str, obj) -> Path:
+    p = tmp_path / name
+    p.write_text(json.dumps(obj))
+    return p
+
+
+# --------------------------------------------------------------------------- evaluate masks: matching
+
+
+def _renumbered(shift=None, as_str=False, results_list=False) -> dict | list:
+    """good.json's annotations (the masks equal the GT's) with ids from another numbering."""
+    d = coco()
+    for a in d["annotations"]:
+        a["id"] = str(a["id"]) if as_str else a["id"] + shift
+    return d["annotations"] if results_list else d
+
+
+NONE_MATCH = {  # name: predictions whose ids match no GT annotation
+    "shifted-ids": _renumbered(shift=100),
+    "string-ids": _renumbered(as_str=True),            # "1" is not 1
+    "results-list-shifted": _renumbered(shift=1000, results_list=True),
+    "only-crowd": None,                                 # built in the test: matches the GT's crowd only
+}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("name", list(NONE_MATCH))
+def test_evaluate_masks_none_matched_is_an_error(name, strict, corpus, tmp_path, capsys):
+    gt = corpus.good
+    pred = NONE_MATCH[name]
+    if name == "only-crowd":
+        d = coco()
+        d["annotations"].append({**d["annotations"][0], "id": 3, "iscrowd": 1})
+        gt = write(tmp_path, "gt-crowd.json", d)
+        pred = [dict(d["annotations"][2])]
+    pred_file = write(tmp_path, "pred.json", pred)
+    argv = ["evaluate", "masks", "--gt", str(gt), "--pred", str(pred_file)] + (["--strict"] if strict else [])
+    assert_refused(argv, f"{pred_file}: none of its", corpus, tmp_path, capsys)
+    with pytest.raises(BoxcasegError, match="none of its"):  # visualize --gt goes through the same matching
+        from boxcaseg.evaluate import instance_ious
+
+        instance_ious(gt, pred_file)
+
+
+def test_evaluate_masks_counts_unmatched_duplicated_and_crowd_predictions(corpus, tmp_path, capsys):
+    d = coco()
+    d["annotations"].append({**d["annotations"][0], "id": 3, "iscrowd": 1})
+    gt = write(tmp_path, "gt.json", d)
+    good = [a for a in d["annotations"] if a["id"] in (1, 2)]
+    from boxcaseg.masks import encode
+
+    empty = encode(np.zeros((H, W), np.uint8))  # the repeats' masks: scored, they would lower the mIoU
+    pred = good + [{**good[0], "id": 7}, {**good[0], "id": "1"}, {**good[0], "id": 8},   # 3 unmatched
+                   {**good[1], "segmentation": empty}, {**good[0], "segmentation": empty},  # 2 repeats, empty
+                   {**d["annotations"][2]}]                                              # 1 on the crowd
+    pred_file = write(tmp_path, "pred.json", pred)
+    code, err = run(["evaluate", "masks", "--gt", str(gt), "--pred", str(pred_file), "--json"], capsys)
+    assert code == 0, err
+    capsys.readouterr()
+    from boxcaseg.evaluate import mask_quality, mask_quality_table
+
+    r = mask_quality(gt, pred_file)
+    assert (r["unmatched_predictions"], r["duplicate_predictions"], r["crowd_predictions"]) == (3, 2, 1)
+    assert r["miou"] == 1.0 and r["n"] == 2 and r["missing"] == 0  # the first of each id is scored
+    caption = str(mask_quality_table(r).caption)
+    for line in ("3 prediction(s) whose id is no GT annotation's", "2 prediction(s) repeating an id",
+                 "1 prediction(s) for a crowd GT annotation"):
+        assert line in caption, caption
+    # the json output carries them
+    import io
+    from contextlib import redirect_stdout
+
+    from boxcaseg.cli import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        try:
+            main(["evaluate", "masks", "--gt", str(gt), "--pred", str(pred_file), "--json"])
+        except SystemExit as e:
+            assert not e.code
+    got = json.loads(buf.getvalue())
+    assert (got["unmatched_predictions"], got["duplicate_predictions"], got["crowd_predictions"]) == (3, 2, 1)
+    # --strict: a repeated id is ambiguous, an error naming it; extra ids are not (a proxy json of the whole set)
+    assert_refused(["evaluate", "masks", "--gt", str(gt), "--pred", str(pred_file), "--strict"],
+                   "annotation id 2 appears twice (--strict", corpus, tmp_path, capsys)
+    extra = write(tmp_path, "extra.json", good + [{**good[0], "id": 9}])
+    code, err = run(["evaluate", "masks", "--gt", str(gt), "--pred", str(extra), "--strict"], capsys)
+    assert code == 0, err
+
+
+def test_evaluate_masks_empty_predictions_still_score_zero(corpus, tmp_path, capsys):
+    """No prediction at all is not an id mismatch: every GT instance counts as missing (IoU 0)."""
+    from boxcaseg.evaluate import mask_quality
+
+    r = mask_quality(corpus.good, write(tmp_path, "empty.json", []))
+    assert r["n"] == 2 and r["missing"] == 2 and r["miou"] == 0.0 and r["unmatched_predictions"] == 0
+
+
+# --------------------------------------------------------------------------- evaluate masks: pairs, not the matrix
+
+
+def _random_masks(rng, n, h, w):
+    from boxcaseg.masks import encode
+
+    out = []
+    for k in range(n):
+        m = np.zeros((h, w), np.uint8)
+        if k % 9 != 0:  # every ninth empty (IoU of two empty masks: 0)
+            y0, x0 = rng.integers(0, h - 2), rng.integers(0, w - 2)
+            y1, x1 = rng.integers(y0 + 1, h + 1), rng.integers(x0 + 1, w + 1)
+            m[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < rng.uniform(0.3, 1.0)
+        out.append(encode(m))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pair_ious_equal_the_old_matrix_diagonal(seed):
+    """The reference: pycocotools' K x K matrix, its diagonal (what evaluate masks kept before)."""
+    from pycocotools import mask as mask_utils
+
+    from boxcaseg.evaluate import instance_ious
+    from boxcaseg.masks import mask_iou_pairs
+
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(8, 60, 2))
+    n = int(rng.integers(1, 80))
+    a, b = _random_masks(rng, n, h, w), _random_masks(rng, n, h, w)
+    as_bytes = [[{"size": r["size"], "counts": r["counts"].encode()} for r in x] for x in (a, b)]
+    ref = np.diagonal(np.asarray(mask_utils.iou(as_bytes[0], as_bytes[1], [0] * n)).reshape(n, n))
+    assert np.array_equal(mask_iou_pairs(a, b), ref)
+    # through evaluate masks: GT and predictions on one image, ids shuffled in the prediction file
+    gt = {"images": [{"id": 1, "file_name": "x.png", "width": w, "height": h}], "categories": [{"id": 1}],
+          "annotations": [{"id": k, "image_id": 1, "category_id": 1, "segmentation": m, "bbox": [0, 0, 1, 1],
+                           "area": 1.0} for k, m in enumerate(a)]}
+    order = rng.permutation(n)
+    pred = [{"id": int(k), "image_id": 1, "category_id": 1, "segmentation": b[k]} for k in order]
+    got = [r.iou for r in instance_ious(gt, pred)]
+    assert np.array_equal(np.array(got), ref)
+
+
+def test_pair_ious_take_no_k_by_k_matrix():
+    """3,000 masks on one image: the matrix would be 72 MB of float64; pairs take kilobytes."""
+    import tracemalloc
+
+    from boxcaseg.masks import mask_iou_pairs
+
+    rng = np.random.default_rng(0)
+    a = _random_masks(rng, 3000, 24, 24)
+    tracemalloc.start()
+    ious = mask_iou_pairs(a, a)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+    from boxcaseg.masks import decode
+
+    nonempty = np.array([decode(r, 24, 24).any() for r in a], dtype=np.float64)
+    assert np.array_equal(ious, nonempty)  # a mask with itself: 1, an empty one: 0
+
+
+def test_area_of_many_masks():
+    """pycocotools' list form overflows at 256 masks under NumPy 2; the areas are the pixel counts."""
+    from boxcaseg.masks import area, decode
+
+    rng = np.random.default_rng(1)
+    a = _random_masks(rng, 600, 20, 30)
+    assert area(a).tolist() == [int(decode(r, 20, 30).sum()) for r in a]
