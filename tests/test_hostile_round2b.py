@@ -198,3 +198,82 @@ def test_area_of_many_masks():
     rng = np.random.default_rng(1)
     a = _random_masks(rng, 600, 20, 30)
     assert area(a).tolist() == [int(decode(r, 20, 30).sum()) for r in a]
+
+
+# --------------------------------------------------------------------------- proxy --batch-size: padded to what is there
+
+
+@pytest.fixture
+def batch_spy(monkeypatch):
+    """The batch sizes every engine loaded during the test is given (predict and submit)."""
+    from boxcaseg.export import engines
+
+    seen: list[int] = []
+    real = engines.load_engine
+
+    def spying(*args, **kw):
+        eng = real(*args, **kw)
+        for name in ("predict", "submit"):
+            f = getattr(eng, name)
+            setattr(eng, name, lambda batch, f=f: (seen.append(int(batch.shape[0])), f(batch))[1])
+        return eng
+
+    monkeypatch.setattr(engines, "load_engine", spying)
+    return seen
+
+
+def _proxy_masks(path: Path) -> dict:
+    return {a["id"]: (a["segmentation"]["counts"], a["proxy_agreement"]) for a in json.loads(path.read_text())["annotations"]}
+
+
+@pytest.mark.parametrize("requested,every,expect", [(512, 256, 2), (1024, 256, 2), (64, 1, 2), (3, 256, 2), (1, 1, 1)])
+def test_proxy_batch_is_padded_to_the_crops_there(requested, every, expect, corpus, tmp_path, capsys, batch_spy):
+    """good.json: 2 boxes on image 1, none on image 2. The engine never sees more than the
+    largest chunk's crops, whatever --batch-size says, and the masks equal a --batch-size 1 run."""
+    from test_hostile import proxy
+
+    out = tmp_path / "p.json"
+    code, err = run(proxy(corpus, out, extra=["--batch-size", str(requested), "--checkpoint-every", str(every)]), capsys)
+    assert code == 0, err
+    assert batch_spy and max(batch_spy) == expect and set(batch_spy) == {expect}, batch_spy
+    ref = tmp_path / "ref.json"
+    assert run(proxy(corpus, ref, extra=["--batch-size", "1"]), capsys)[0] == 0
+    assert _proxy_masks(out) == _proxy_masks(ref)
+
+
+def test_proxy_batch_is_capped_by_memory(corpus, tmp_path, capsys, caplog, monkeypatch, batch_spy):
+    """A batch whose input tensor passes the budget is capped, said in one log line, same masks."""
+    from boxcaseg.export import engines
+    from test_hostile import proxy
+
+    monkeypatch.setattr(engines, "MAX_BATCH_INPUT_BYTES", 3 * 64 * 64 * 4)  # one 64 x 64 crop
+    out = tmp_path / "p.json"
+    code, err = run(proxy(corpus, out, extra=["--batch-size", "512"]), capsys)
+    assert code == 0, err
+    assert set(batch_spy) == {1}, batch_spy
+    lines = [r.getMessage() for r in caplog.records if "--batch-size 512" in r.getMessage()]
+    assert len(lines) == 1 and "capped at 1" in lines[0] and "\n" not in lines[0], lines
+    ref = tmp_path / "ref.json"
+    assert run(proxy(corpus, ref, extra=["--batch-size", "2"]), capsys)[0] == 0
+    assert _proxy_masks(out) == _proxy_masks(ref)
+
+
+@pytest.mark.parametrize("size,cap", [(64, 2730), (256, 170), (320, 109), (4096, 1)])
+def test_batch_cap_arithmetic(size, cap, caplog):
+    from boxcaseg.export.engines import MAX_BATCH_INPUT_BYTES, capped_batch_size
+
+    assert cap == max(1, MAX_BATCH_INPUT_BYTES // (3 * size * size * 4))
+    assert capped_batch_size(cap, size) == cap and not caplog.records
+    assert capped_batch_size(cap + 1, size) == cap and len(caplog.records) == 1
+    assert capped_batch_size(10**6, size) == cap
+
+
+def test_segmenter_batch_is_capped(corpus, monkeypatch, batch_spy):
+    from boxcaseg.export import engines
+    from boxcaseg.predictor import Segmenter
+
+    monkeypatch.setattr(engines, "MAX_BATCH_INPUT_BYTES", 3 * 64 * 64 * 4)
+    seg = Segmenter(corpus.ckpt, engine="torch", device="cpu", batch_size=4096)
+    assert seg.batch_size == 1
+    masks = seg.predict(corpus.images / "a.jpg", [[6, 6, 30, 24], [30, 16, 28, 26]])
+    assert masks.shape == (2, H, W) and set(batch_spy) == {1}

@@ -39,6 +39,25 @@ log = logging.getLogger(__name__)
 ENGINE_KINDS = ("torch", "onnx", "trt")
 
 
+# The most a batch's input tensor (B x 3 x S x S float32) may take. The network's activations are
+# tens of times more (--batch-size 512 at S = 256, 768 MiB of input, took 15 GB on the CPU; 1024
+# failed in ONNX Runtime's allocator), and batches past a few dozen crops run no faster.
+MAX_BATCH_INPUT_BYTES = 128 * 2**20
+
+
+def capped_batch_size(requested: int, infer_size: int, flag: str = "--batch-size") -> int:
+    """``requested``, or the largest batch whose float32 input fits :data:`MAX_BATCH_INPUT_BYTES`
+    (logged in one line when it caps: 170 crops at S = 256, 109 at S = 320)."""
+    per_crop = 3 * int(infer_size) ** 2 * 4
+    cap = max(1, MAX_BATCH_INPUT_BYTES // per_crop)
+    if requested <= cap:
+        return int(requested)
+    log.warning("%s %d: a batch of %dx%d crops would take %.0f MiB of input (float32, and tens of times that "
+                "while the network runs); capped at %d (%d MiB of input)", flag, requested, infer_size, infer_size,
+                requested * per_crop / 2**20, cap, MAX_BATCH_INPUT_BYTES // 2**20)
+    return int(cap)
+
+
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # fp16 / bf16: the torch engine's network; int8: an int8 ONNX graph
                                                 # on ONNX Runtime's CPU provider (model_files.resolve_model)
 
