@@ -27,7 +27,7 @@ from boxcaseg.cocojson import CocoData, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import instance_ious
-from boxcaseg.io import atomic_write_bytes, check_output_dir, staged_folder
+from boxcaseg.io import atomic_write_bytes, check_output_dir, short_name, staged_folder
 from boxcaseg.masks import decode
 from boxcaseg.paths import resolve_image_path
 
@@ -241,9 +241,10 @@ def _write_overlays(coco, gt_data, ids, paths, ious, image_dir, worst, out, stag
         gt_anns = gt_data.by_image.get(image_id, []) if gt_data is not None else None
         overlay = render_overlay(rgb, anns, coco, gt_anns, gt_data, {k: ious[k] for k in
                                  (a.get("id") for a in anns) if k in ious})
-        path = out / f"{Path(img['file_name']).stem}.png"
+        stem = Path(img["file_name"]).stem  # cut where the overlay's name would pass 255 bytes
+        path = out / f"{short_name(stem, 4)}.png"
         if path in written or path.name == "worst_iou.png":
-            path = out / f"{Path(img['file_name']).stem}-{image_id}.png"
+            path = out / f"{short_name(stem, len(f'-{image_id}.png'.encode()))}-{image_id}.png"
         _save_png(overlay, stage / path.name)
         written.append(path)
     if gt_data is not None and worst > 0 and ious:

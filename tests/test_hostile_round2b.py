@@ -277,3 +277,111 @@ def test_segmenter_batch_is_capped(corpus, monkeypatch, batch_spy):
     assert seg.batch_size == 1
     masks = seg.predict(corpus.images / "a.jpg", [[6, 6, 30, 24], [30, 16, 28, 26]])
     assert masks.shape == (2, H, W) and set(batch_spy) == {1}
+
+
+# --------------------------------------------------------------------------- names near 255 bytes
+
+
+def long_name(n_bytes: int, suffix: str, char: str = "n") -> str:
+    """A file name of exactly ``n_bytes`` UTF-8 bytes ending in ``suffix`` (``char``: 1 or more bytes)."""
+    room = n_bytes - len(suffix.encode())
+    w = len(char.encode())
+    body = char * (room // w) + "n" * (room % w)
+    name = body + suffix
+    assert len(name.encode()) == n_bytes
+    return name
+
+
+def no_temp_left(folder: Path) -> None:
+    left = [p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".partial")) or ".progress" in p.name]
+    assert not left, left
+
+
+@pytest.mark.parametrize("char", ["n", "é", "€", "😀"])  # 1, 2, 3, 4 bytes a character
+def test_proxy_output_name_of_255_bytes(char, corpus, tmp_path, capsys):
+    """The longest name a file can have is written; the temporary names made from it fit too."""
+    from test_hostile import proxy
+
+    out = tmp_path / long_name(255, ".json", char)
+    code, err = run(proxy(corpus, out, extra=["--checkpoint-every", "1"]), capsys)
+    assert code == 0, err
+    assert out.is_file() and len(json.loads(out.read_text())["annotations"]) == 2
+    no_temp_left(tmp_path)
+
+
+@pytest.mark.parametrize("n,extra,needle", [(256, [], "is 256 bytes; a file name holds at most 255"),
+                                            (300, [], "is 300 bytes"),
+                                            (250, ["--shard", "0/2"], "-o (its shard file)")])
+def test_proxy_output_name_too_long_is_refused_before_any_work(n, extra, needle, corpus, tmp_path, capsys):
+    from test_hostile import proxy
+
+    out = tmp_path / long_name(n, ".json")
+    assert_refused(proxy(corpus, out, extra=extra), needle, corpus, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("flag,suffix", [("--json", ".json"), ("-o", ".png")])
+def test_segment_outputs_of_255_bytes(flag, suffix, corpus, tmp_path, capsys):
+    from test_hostile import segment
+
+    out = tmp_path / long_name(255, suffix, "é")
+    argv = segment(corpus, json_out=out) if flag == "--json" else segment(corpus, out=out)
+    code, err = run(argv, capsys)
+    assert code == 0, err
+    assert out.is_file()
+    no_temp_left(tmp_path)
+    assert_refused(segment(corpus, json_out=tmp_path / long_name(256, suffix)) if flag == "--json"
+                   else segment(corpus, out=tmp_path / long_name(256, suffix)), "is 256 bytes", corpus, tmp_path, capsys)
+
+
+def test_model_pack_output_of_255_bytes(corpus, tmp_path, capsys):
+    out = tmp_path / long_name(255, ".pt", "€")
+    code, err = run(["model", "pack", str(corpus.ckpt), "-o", str(out)], capsys)
+    assert code == 0, err
+    assert out.is_file()
+    no_temp_left(tmp_path)
+
+
+@pytest.mark.parametrize("image_name", [long_name(255, ".jpg"), long_name(255, ".j"), long_name(254, ".jpeg", "é")])
+def test_visualize_overlays_of_images_with_long_names(image_name, corpus, tmp_path, capsys):
+    """An overlay is named after its image (.png): cut to fit when the image's name already filled 255 bytes."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / image_name).write_bytes((corpus.images / "a.jpg").read_bytes())
+    d = coco(file_names=(image_name,))
+    d["annotations"] = d["annotations"][:1]
+    ann = write(tmp_path, "ann.json", d)
+    out = tmp_path / "overlays"
+    code, err = run(["visualize", "--ann", str(ann), "--images", str(images), "-o", str(out)], capsys)
+    assert code == 0, err
+    written = [p.name for p in out.iterdir()]
+    assert len(written) == 1 and written[0].endswith(".png") and len(written[0].encode()) <= 255, written
+    assert image_name.startswith(written[0][:-4][:200])
+    no_temp_left(tmp_path)
+
+
+def test_cached_onnx_of_a_checkpoint_with_a_long_name(corpus, tmp_path, monkeypatch):
+    """The ONNX graph cached for a checkpoint is named after it: a 255-byte checkpoint name fits."""
+    pytest.importorskip("onnxruntime")
+    from boxcaseg.model_files import cached_onnx
+
+    monkeypatch.setenv("BOXCASEG_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / long_name(255, ".pt", "€")
+    ckpt.write_bytes(corpus.ckpt.read_bytes())
+    path = cached_onnx(ckpt)
+    assert path.is_file() and len(path.name.encode()) <= 255
+    assert cached_onnx(ckpt) == path  # found again
+
+
+def test_short_name():
+    from boxcaseg.io import NAME_MAX, short_name
+
+    for char in ("a", "é", "€", "😀"):
+        for n in (10, 250, 255, 300):
+            name = char * n
+            for room in (0, 14, 18, 40):
+                got = short_name(name, room)
+                assert name.startswith(got) and len(got.encode()) <= NAME_MAX - room
+                if len(name.encode()) + room <= NAME_MAX:
+                    assert got == name
+                else:  # as long as whole characters allow
+                    assert len(got.encode()) > NAME_MAX - room - len(char.encode())

@@ -13,7 +13,7 @@ from typing import Any
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import FIELDS, check_setting, flag_label
-from boxcaseg.io import check_output_file, file_sha256
+from boxcaseg.io import check_name_length, check_output_file, file_sha256
 from boxcaseg.proxy.shards import FORMAT, Shard
 
 
@@ -72,6 +72,12 @@ class ProxyConfig:
         if not Path(self.images).is_dir():
             raise BoxcasegError(f"{self.images}: image folder not found")
         check_output_file(self.out, "-o", inputs=[self.ann])
+        from boxcaseg.proxy.shards import progress_dir, shard_file
+
+        shard = Shard.parse(self.shard)  # the names made from -o's, before any work
+        check_name_length(progress_dir(Path(self.out), shard), "-o (its progress folder)")
+        if shard.count > 1:
+            check_name_length(shard_file(Path(self.out), shard), "-o (its shard file)")
 
 
 def settings_flags(cfg: ProxyConfig) -> list[str]:
