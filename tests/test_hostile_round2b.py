@@ -385,3 +385,59 @@ def test_short_name():
                     assert got == name
                 else:  # as long as whole characters allow
                     assert len(got.encode()) > NAME_MAX - room - len(char.encode())
+
+
+# --------------------------------------------------------------------------- ONNX graphs of a fixed batch
+
+
+def shaped_onnx(path: Path, shape: list, meta: dict | None = None) -> Path:
+    """An Identity graph whose input ``image`` has ``shape``, with boxcaseg metadata (S = 64)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from test_hostile import GOOD_META
+
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)
+    out = helper.make_tensor_value_info("probs", TensorProto.FLOAT, shape)
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["image"], ["probs"])], "g", [inp], [out]))
+    for k, v in (meta or GOOD_META).items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+    return path
+
+
+BAD_SHAPES = {  # name: (input shape, needle)
+    "batch-1": ([1, 3, 64, 64], "the graph has a fixed batch of 1"),
+    "batch-4": ([4, 3, 64, 64], "the graph has a fixed batch of 4"),
+    "batch-32": ([32, 3, 64, 64], "the graph has a fixed batch of 32"),
+    "size-32": (["B", 3, 32, 32], "its metadata says [batch, 3, 64, 64]"),
+    "channels-1": (["B", 1, 64, 64], "its metadata says [batch, 3, 64, 64]"),
+    "rank-3": (["B", 3, 64], "not [batch, 3, S, S]"),
+}
+
+
+@pytest.mark.parametrize("command", ["segment", "proxy"])
+@pytest.mark.parametrize("name", list(BAD_SHAPES))
+def test_onnx_graph_of_a_fixed_batch_is_refused_when_loaded(name, command, corpus, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from test_hostile import proxy, segment
+
+    shape, needle = BAD_SHAPES[name]
+    model = shaped_onnx(corpus.root / f"shape-{name}.onnx", shape)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = (segment(corpus, model=model, json_out=out / "m.json") if command == "segment"
+            else proxy(corpus, out / "p.json", model=model))
+    argv[argv.index("--engine") + 1] = "onnx"
+    err = assert_refused(argv, needle, corpus, tmp_path, capsys)
+    assert str(model) in err and ("re-export it with `boxcaseg export`" in err or "rank" in name)
+
+
+@pytest.mark.parametrize("shape", [["B", 3, 64, 64], [None, 3, 64, 64], ["batch", 3, "S", "S"]])
+def test_onnx_graph_of_any_batch_loads(shape, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from boxcaseg.export.engines import OnnxEngine
+
+    eng = OnnxEngine(shaped_onnx(tmp_path / "m.onnx", shape))
+    for b in (1, 3):
+        assert eng.predict(np.zeros((b, 3, 64, 64), np.uint8)).shape == (b, 3, 64, 64)

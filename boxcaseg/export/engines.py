@@ -33,6 +33,7 @@ import numpy as np
 from boxcaseg.dist import resolve_device
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.export.ort import import_onnxruntime, onnxruntime_available
+from boxcaseg.io import short_name
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +374,24 @@ def onnx_providers(cache_dir: str | Path | None = None, device: str | None = Non
     return providers
 
 
+def check_input_shape(shape: list, infer_size: int, path: str | Path) -> None:
+    """A graph's input shape as ONNX Runtime reports it (a number where fixed, a name or None
+    where free) must be [any batch, 3, S, S] with S its ``boxcaseg.infer_size``: a graph made
+    elsewhere with a fixed batch (of 1, say) would fail at its first batch of another size."""
+    dims = list(shape)
+    fixed = [d if isinstance(d, int) else None for d in dims]
+    if len(dims) != 4:
+        raise BoxcasegError(f"{path}: the graph's input has shape {dims}, not [batch, 3, S, S]")
+    if fixed[0] is not None:
+        raise BoxcasegError(f"{path}: the graph has a fixed batch of {fixed[0]} (its input is {dims}); boxcaseg runs "
+                            "batches of any size: re-export it with `boxcaseg export`")
+    want = [3, infer_size, infer_size]
+    bad = [(d, w) for d, w in zip(fixed[1:], want) if d is not None and d != w]
+    if bad:
+        raise BoxcasegError(f"{path}: the graph's input is {dims}, its metadata says [batch, 3, {infer_size}, "
+                            f"{infer_size}]; re-export it with `boxcaseg export`")
+
+
 class OnnxEngine(_SyncEngine):
     """An exported ONNX file through ONNX Runtime."""
 
@@ -394,7 +413,7 @@ class OnnxEngine(_SyncEngine):
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         try:
-            cache = Path(path).with_name(Path(path).stem + ".ort-trt-cache")
+            cache = Path(path).with_name(short_name(Path(path).stem, len(".ort-trt-cache")) + ".ort-trt-cache")
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers or onnx_providers(cache, device))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise BoxcasegError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from e
@@ -402,6 +421,7 @@ class OnnxEngine(_SyncEngine):
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
             raise BoxcasegError(f"{path}: expected one input {INPUT_NAME!r}, found {names}")
+        check_input_shape(self.session.get_inputs()[0].shape, self.infer_size, path)
         from boxcaseg.export.quantize import is_quantized
 
         self.precision = "int8" if is_quantized(meta) else "fp32"
