@@ -441,3 +441,54 @@ def test_onnx_graph_of_any_batch_loads(shape, tmp_path):
     eng = OnnxEngine(shaped_onnx(tmp_path / "m.onnx", shape))
     for b in (1, 3):
         assert eng.predict(np.zeros((b, 3, 64, 64), np.uint8)).shape == (b, 3, 64, 64)
+
+
+# --------------------------------------------------------------------------- Numba's cache when the user cache is read-only
+
+NUMBA_PROBE = """
+import os, numpy as np
+import boxcaseg
+from boxcaseg.proxy.merge_drop import encode_window_fast
+encode_window_fast(np.ones((4, 4), np.uint8), 0, 0, 8, 8)
+print(os.environ["NUMBA_CACHE_DIR"])
+"""
+
+
+def _nb_files(folder: Path) -> set[str]:
+    return {str(p) for p in folder.rglob("*") if p.suffix in (".nbi", ".nbc")}
+
+
+@pytest.mark.parametrize("unwritable", ["BOXCASEG_CACHE", "XDG_CACHE_HOME", "HOME", "all three"])
+def test_numba_never_caches_into_the_package(unwritable, tmp_path):
+    """HOME / XDG_CACHE_HOME / BOXCASEG_CACHE under a file (not writable, root included):
+    the kernels compile into a temp folder of the user's, never beside their source."""
+    import os
+    import subprocess
+    import sys
+
+    import boxcaseg
+
+    package = Path(boxcaseg.__file__).parent
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "BOXCASEG_CACHE", "XDG_CACHE_HOME")}
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    env["HOME"] = str(tmp_path / "home")
+    names = ["BOXCASEG_CACHE", "XDG_CACHE_HOME", "HOME"] if unwritable == "all three" else [unwritable]
+    for k in names:
+        env[k] = str(a_file / k.lower())
+    before = _nb_files(package)
+    r = subprocess.run([sys.executable, "-c", NUMBA_PROBE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert _nb_files(package) == before, "Numba wrote into the package"
+    used = Path(r.stdout.strip().splitlines()[-1])
+    assert used.is_relative_to(tmp_path / "tmp") and _nb_files(used), used  # compiled into the temp folder
+    assert not a_file.is_dir() and a_file.read_text() == "not a folder\n"
+
+
+def test_numba_uses_the_user_cache_when_writable(tmp_path, monkeypatch):
+    from boxcaseg.usercache import numba_cache_dir
+
+    monkeypatch.setenv("BOXCASEG_CACHE", str(tmp_path / "c"))
+    assert numba_cache_dir() == tmp_path / "c" / "numba" and (tmp_path / "c" / "numba").is_dir()
