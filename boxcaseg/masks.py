@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from boxcaseg.boxes import is_finite_number
 from boxcaseg.errors import BoxcasegError
 
 
@@ -59,9 +60,9 @@ def polygons(segm: list, height: int, width: int, ann_id: Any = None) -> list[li
             raise BoxcasegError(f"{where} is not a list of numbers")
         if len(poly) % 2:
             raise BoxcasegError(f"{where} has an odd number of coordinates ({len(poly)}; x, y pairs)")
-        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-        if not np.isfinite(xy).all():
+        if not all(is_finite_number(v) for v in poly):  # before NumPy: 10**400 would overflow there
             raise BoxcasegError(f"{where} has non-finite coordinates")
+        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
         if (np.abs(xy[:, 0] - width / 2) > lim_x + width / 2).any() or \
                 (np.abs(xy[:, 1] - height / 2) > lim_y + height / 2).any():
             raise BoxcasegError(f"{where} reaches more than {POLYGON_REACH:g} image sizes beyond its "

@@ -492,3 +492,97 @@ def test_numba_uses_the_user_cache_when_writable(tmp_path, monkeypatch):
 
     monkeypatch.setenv("BOXCASEG_CACHE", str(tmp_path / "c"))
     assert numba_cache_dir() == tmp_path / "c" / "numba" and (tmp_path / "c" / "numba").is_dir()
+
+
+# --------------------------------------------------------------------------- numbers no float or int can hold
+
+BIG = 10**400
+
+
+def json_text(d) -> str:
+    """json with ``"@INF@"`` as 1e400 (json's way to write a number a float cannot hold)."""
+    return json.dumps(d).replace('"@INF@"', "1e400")
+
+
+def _image_size(key, v):
+    d = coco()
+    d["images"][0][key] = v
+    return d
+
+
+BAD_NUMBERS = {  # name: (json object, needle)
+    "width-10**400": (_image_size("width", BIG), "image id 1 has no valid 'width'"),
+    "width-1e400": (_image_size("width", "@INF@"), "image id 1 has no valid 'width' (inf)"),
+    "width-10**9": (_image_size("width", 10**9), "image id 1 has no valid 'width' (1000000000)"),
+    "width-0": (_image_size("width", 0), "image id 1 has no valid 'width' (0)"),
+    "height-negative": (_image_size("height", -48), "image id 1 has no valid 'height' (-48)"),
+    "height-bool": (_image_size("height", True), "image id 1 has no valid 'height' (True)"),
+    "height-string": (_image_size("height", "48"), "image id 1 has no valid 'height' ('48')"),
+    "pixels-2**33": ({**coco(), "images": [{"id": 1, "file_name": "a.jpg", "width": 2**20, "height": 2**13},
+                                           {"id": 2, "file_name": "b.png", "width": W, "height": H}]},
+                     "image id 1: 1048576x8192 is more than"),
+    "area-string": (with_ann({"area": "abc"}), "annotation 1: area 'abc' is not a finite number >= 0"),
+    "area-bool": (with_ann({"area": True}), "annotation 1: area 'True'"),
+    "area-list": (with_ann({"area": [1]}), "annotation 1: area '[1]'"),
+    "area-1e400": (with_ann({"area": "@INF@"}), "annotation 1: area 'inf'"),
+    "area-10**400": (with_ann({"area": BIG}), "annotation 1: area '1000"),
+    "area-negative": (with_ann({"area": -1}, 1), "annotation 2: area '-1'"),
+    "polygon-10**400": (with_ann({"segmentation": [[1, 2, BIG, 4, 5, 6]]}), "annotation 1: polygon 0 has non-finite"),
+    "polygon-1e400": (with_ann({"segmentation": [[1, 2, "@INF@", 4, 5, 6]]}), "annotation 1: polygon 0 has non-finite"),
+}
+NUMBER_COMMANDS = {
+    "proxy --ann": lambda c, o, f: __import__("test_hostile").proxy(c, o / "p.json", ann=f),
+    "evaluate masks --gt": lambda c, o, f: ["evaluate", "masks", "--gt", str(f), "--pred", str(c.good)],
+    "evaluate masks --pred": lambda c, o, f: ["evaluate", "masks", "--gt", str(c.good), "--pred", str(f)],
+    "evaluate coco --gt": lambda c, o, f: ["evaluate", "coco", "--gt", str(f), "--pred", str(c.good)],
+    "evaluate voc --gt": lambda c, o, f: ["evaluate", "voc", "--gt", str(f), "--pred", str(c.good)],
+    "visualize --ann": lambda c, o, f: ["visualize", "--ann", str(f), "--images", str(c.images), "-o", str(o / "v")],
+    "train --box-ann": lambda c, o, f: __import__("test_hostile").train(c, o / "run", ann=f),
+    "maskrcnn train --ann": lambda c, o, f: ["maskrcnn", "train", "-o", str(o / "mr"), "--ann", str(f), "--images",
+                                             str(c.images), *__import__("test_hostile").TINY_MASKRCNN],
+}
+READS_MASKS = {"evaluate masks --gt", "evaluate masks --pred", "evaluate coco --gt", "evaluate voc --gt",
+               "visualize --ann", "maskrcnn train --ann"}
+
+
+@pytest.mark.parametrize("command", list(NUMBER_COMMANDS))
+@pytest.mark.parametrize("name", list(BAD_NUMBERS))
+def test_numbers_are_checked_by_the_reader(name, command, corpus, tmp_path, capsys):
+    if name.startswith("polygon") and command not in READS_MASKS:
+        pytest.skip("this command reads no masks")
+    d, needle = BAD_NUMBERS[name]
+    f = corpus.root / f"num-{name}.json"
+    f.write_text(json_text(d))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_refused(NUMBER_COMMANDS[command](corpus, out, f), needle, corpus, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("score", [BIG, "@INF@", "0.9", True, None])
+def test_scores_are_checked_by_the_reader(score, corpus, tmp_path, capsys):
+    d = coco()
+    preds = [dict(a, score=score) for a in d["annotations"]]
+    f = tmp_path / "res.json"
+    f.write_text(json_text(preds))
+    for cmd in ("coco", "voc"):
+        assert_refused(["evaluate", cmd, "--gt", str(corpus.good), "--pred", str(f)],
+                       f"{f}: annotation 1: score", corpus, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("box", [[0, 0, BIG, 10], [BIG, 0, 4, 4], [0, 0, "@INF@", 10]])
+def test_boxes_no_float_can_hold_are_degenerate(box, corpus, tmp_path, capsys):
+    """A box rule matter (flagged; --strict: an error naming the annotation), never an OverflowError."""
+    from test_hostile import proxy
+
+    f = corpus.root / f"box-{abs(hash(str(box)))}.json"
+    f.write_text(json_text(with_ann({"bbox": box})))
+    out = tmp_path / "p.json"
+    assert_refused(proxy(corpus, out, ann=f, extra=["--strict"]), "annotation id 1", corpus, tmp_path, capsys)
+    code, err = run(proxy(corpus, out, ann=f), capsys)
+    assert code == 0, err
+    anns = {a["id"]: a for a in json.loads(out.read_text())["annotations"]}
+    assert anns[1]["ignore_mask"] is True
+    res = tmp_path / "res.json"
+    res.write_text(json_text([dict(a, score=0.5, bbox=box) for a in coco()["annotations"]]))
+    assert_refused(["evaluate", "coco", "--gt", str(corpus.good), "--pred", str(res), "--type", "bbox"],
+                   "bbox has non-finite values", corpus, tmp_path, capsys)

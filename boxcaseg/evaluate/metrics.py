@@ -269,6 +269,8 @@ def _coco_api(gt: CocoData):
         problem = box_numbers_problem(a.get("bbox")) if "bbox" in a or "segmentation" not in a else None
         if problem is not None:
             raise BoxcasegError(f"{gt.source}: annotation {a.get('id')!r}: {problem} ({a.get('bbox')!r:.60})")
+        if a.get("segmentation") is not None:
+            gt.check_mask(a)  # pycocotools rasterises it: the mask checks first
         if a.get("area") is None:
             a["area"] = float(rle_area([gt.rle(a)])[0]) if "segmentation" in a else float(a["bbox"][2] * a["bbox"][3])
         anns.append(a)
