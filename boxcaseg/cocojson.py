@@ -46,6 +46,21 @@ def is_crowd(ann: dict) -> bool:
     return bool(ann.get("iscrowd", 0))
 
 
+def id_order(i: Any) -> tuple:
+    """A sort key for ids that may mix integers and strings (integers first, each kind in order)."""
+    return (1, i) if isinstance(i, str) else (0, i)
+
+
+def int_ids(ids: Iterable) -> dict[Any, int]:
+    """Integer stand-ins for ids, for libraries that sort and compare them (pycocotools): each
+    id as it is when all are integers, else 1, 2, ... in :func:`id_order` (``7`` and ``"7"``
+    get two numbers). Map back with the inverse where ids are written out."""
+    uniq = set(ids)
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in uniq):
+        return {i: i for i in uniq}
+    return {i: k for k, i in enumerate(sorted(uniq, key=id_order), start=1)}
+
+
 def box_problem(bbox: Any, width: int, height: int) -> str | None:
     """The degenerate-box rule (:func:`boxcaseg.boxes.degenerate_reason`): why a COCO ``xywh``
     box on a ``width`` x ``height`` image cannot be used, or None."""
@@ -271,4 +286,5 @@ def parse_coco(data: Any, source: str | os.PathLike, images_from: CocoData | Non
     return CocoData(src, images, anns, categories, orphans=orphans, data=data)
 
 
-__all__ = ["CocoData", "box_problem", "check_image_file", "degenerate_error", "is_crowd", "load_coco", "parse_coco"]
+__all__ = ["CocoData", "box_problem", "check_image_file", "degenerate_error", "id_order", "int_ids", "is_crowd",
+           "load_coco", "parse_coco"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from boxcaseg.boxes import degenerate_reason
-from boxcaseg.cocojson import CocoData, is_crowd, load_coco
+from boxcaseg.cocojson import CocoData, id_order, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import instance_ious
@@ -170,7 +170,7 @@ def worst_iou_sheet(coco: CocoData, gt: CocoData, image_dir: Path, n: int = 24, 
     """Contact sheet (PIL image) of the ``n`` GT instances with the lowest proxy-mask IoU, or None."""
     from PIL import Image, ImageDraw
 
-    records = sorted(instance_ious(gt, coco), key=lambda r: (r.iou, r.ann_id))[:n]
+    records = sorted(instance_ious(gt, coco), key=lambda r: (r.iou, id_order(r.ann_id)))[:n]
     if not records:
         return None
     pred_by_id = {a["id"]: a for a in coco.anns if "id" in a}
@@ -218,7 +218,7 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     paths = coco.paths(image_dir)
     if gt_data is not None:
         gt_data.paths(image_dir)
-    ids = [i for i in sorted(coco.images) if coco.by_image.get(i)]
+    ids = [i for i in sorted(coco.images, key=id_order) if coco.by_image.get(i)]
     if limit is not None:
         ids = ids[:max(0, limit)]
     ious: dict[int, float] = {}

@@ -586,3 +586,85 @@ def test_boxes_no_float_can_hold_are_degenerate(box, corpus, tmp_path, capsys):
     res.write_text(json_text([dict(a, score=0.5, bbox=box) for a in coco()["annotations"]]))
     assert_refused(["evaluate", "coco", "--gt", str(corpus.good), "--pred", str(res), "--type", "bbox"],
                    "bbox has non-finite values", corpus, tmp_path, capsys)
+
+
+# --------------------------------------------------------------------------- mixed integer and string ids
+
+
+def mixed_ids(variant: str) -> dict:
+    """good.json with ids of both kinds (the reader keeps them as given)."""
+    d = coco()
+    if variant in ("image", "all"):
+        d["images"][1]["id"] = "b"
+        d["annotations"][1]["image_id"] = "b"  # its box fits image b (same size)
+    if variant in ("annotation", "all"):
+        d["annotations"][1]["id"] = "two"
+    if variant in ("category", "all"):
+        d["categories"].append({"id": "c", "name": "other"})
+        d["annotations"][1]["category_id"] = "c"
+    return d
+
+
+def renumbered(d: dict) -> dict:
+    """The same json with every id an integer: the reference."""
+    import copy
+
+    d = copy.deepcopy(d)
+    for kind, key in (("images", "image_id"), ("categories", "category_id")):
+        m = {e["id"]: k for k, e in enumerate(d[kind], start=1)}
+        for e in d[kind]:
+            e["id"] = m[e["id"]]
+        for a in d["annotations"]:
+            a[key] = m[a[key]]
+    for k, a in enumerate(d["annotations"], start=100):
+        a["id"] = k
+    return d
+
+
+MIXED = ["image", "annotation", "category", "all"]
+
+
+@pytest.mark.parametrize("variant", MIXED)
+def test_evaluate_coco_and_voc_with_mixed_ids(variant, tmp_path, capsys):
+    """The scores equal those of the same json with integer ids (the detections: the GT shifted a little)."""
+    d = mixed_ids(variant)
+    dets = [dict(a, score=0.5 + 0.1 * k, bbox=[a["bbox"][0] + 1, *a["bbox"][1:]]) for k, a in enumerate(d["annotations"])]
+    ref = renumbered({**d, "annotations": d["annotations"] + [dict(x, id=f"det{k}") for k, x in enumerate(dets)]})
+    n = len(d["annotations"])
+    ref_gt, ref_dets = {**ref, "annotations": ref["annotations"][:n]}, ref["annotations"][n:]
+    files = {name: write(tmp_path, f"{name}.json", obj) for name, obj in
+             (("gt", d), ("dets", dets), ("ref_gt", ref_gt), ("ref_dets", ref_dets))}
+    for cmd in ("coco", "voc"):
+        got = []
+        for gt, pred in (("gt", "dets"), ("ref_gt", "ref_dets")):
+            code, err = run(["evaluate", cmd, "--gt", str(files[gt]), "--pred", str(files[pred]), "--json"], capsys)
+            assert code == 0, err
+        from boxcaseg.evaluate import coco_eval, voc_instance_ap
+
+        f = coco_eval if cmd == "coco" else voc_instance_ap
+        got = [f(files["gt"], files["dets"]), f(files["ref_gt"], files["ref_dets"])]
+        if cmd == "voc":  # per class keyed by the json's own category ids
+            assert sorted(map(str, got[0].pop("per_class"))) and got[1].pop("per_class")
+        assert got[0] == got[1], (cmd, got)
+
+
+@pytest.mark.parametrize("variant", MIXED)
+def test_visualize_with_mixed_ids(variant, corpus, tmp_path, capsys):
+    f = write(tmp_path, "mixed.json", mixed_ids(variant))
+    for extra in ([], ["--gt", str(f)]):
+        out = tmp_path / f"v{len(extra)}"
+        code, err = run(["visualize", "--ann", str(f), "--images", str(corpus.images), "-o", str(out), *extra], capsys)
+        assert code == 0, err
+        assert {p.name for p in out.iterdir()} >= {"a.png"}
+
+
+@pytest.mark.parametrize("variant", ["image", "all"])
+def test_train_and_maskrcnn_train_with_mixed_ids(variant, corpus, tmp_path, capsys):
+    from test_hostile import TINY_MASKRCNN, train
+
+    f = write(tmp_path, "mixed.json", mixed_ids(variant))
+    code, err = run(train(corpus, tmp_path / "run", ann=f), capsys)
+    assert code == 0, err
+    code, err = run(["maskrcnn", "train", "-o", str(tmp_path / "mr"), "--ann", str(f), "--images", str(corpus.images),
+                     *TINY_MASKRCNN], capsys)
+    assert code == 0, err

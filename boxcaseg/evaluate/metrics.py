@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from boxcaseg.boxes import box_numbers_problem
-from boxcaseg.cocojson import CocoData, is_crowd, load_coco
+from boxcaseg.cocojson import CocoData, id_order, int_ids, is_crowd, load_coco
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.masks import area as rle_area
 from boxcaseg.masks import UnreadableMask, mask_iou, mask_iou_pairs, to_rle
@@ -259,24 +259,34 @@ def _name(a: dict) -> str:
     return f"annotation {a['id']!r}" if "id" in a else "a detection"
 
 
-def _coco_api(gt: CocoData):
+def _id_maps(gt: CocoData, results: list[dict]) -> dict[str, dict]:
+    """pycocotools sorts ids: integer stand-ins (:func:`~boxcaseg.cocojson.int_ids`) for the GT's
+    image, category and annotation ids, the detections' categories included."""
+    cats = list(gt.categories) + [a["category_id"] for a in gt.anns] + [r["category_id"] for r in results]
+    return {"image": int_ids(gt.images), "category": int_ids(cats), "ann": int_ids(a["id"] for a in gt.anns)}
+
+
+def _coco_api(gt: CocoData, maps: dict[str, dict]):
     from pycocotools.coco import COCO
 
     anns = []
-    for a in gt.anns:
-        a = dict(a)
+    for orig in gt.anns:
+        a = dict(orig)
         a.setdefault("iscrowd", 0)
         problem = box_numbers_problem(a.get("bbox")) if "bbox" in a or "segmentation" not in a else None
         if problem is not None:
             raise BoxcasegError(f"{gt.source}: annotation {a.get('id')!r}: {problem} ({a.get('bbox')!r:.60})")
         if a.get("segmentation") is not None:
-            gt.check_mask(a)  # pycocotools rasterises it: the mask checks first
+            gt.check_mask(orig)  # pycocotools rasterises it: the mask checks first
         if a.get("area") is None:
-            a["area"] = float(rle_area([gt.rle(a)])[0]) if "segmentation" in a else float(a["bbox"][2] * a["bbox"][3])
+            a["area"] = float(rle_area([gt.rle(orig)])[0]) if "segmentation" in a else float(a["bbox"][2] * a["bbox"][3])
+        a.update(id=maps["ann"][a["id"]], image_id=maps["image"][a["image_id"]],
+                 category_id=maps["category"][a["category_id"]])
         anns.append(a)
     api = COCO()
-    api.dataset = {"images": list(gt.images.values()), "annotations": anns,
-                   "categories": list(gt.categories.values()) or [{"id": c} for c in sorted({a["category_id"] for a in anns})]}
+    api.dataset = {"images": [dict(img, id=maps["image"][i]) for i, img in gt.images.items()], "annotations": anns,
+                   "categories": [dict(c, id=maps["category"][i]) for i, c in gt.categories.items()]
+                   or [{"id": c} for c in sorted({a["category_id"] for a in anns})]}
     with contextlib.redirect_stdout(_io.StringIO()):
         api.createIndex()
     return api
@@ -297,7 +307,10 @@ def coco_eval(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLi
     if not isinstance(pred, CocoData):
         pred = load_coco(pred, "results", images_from=gt)
     results = _results_list(pred, gt)
-    api = _coco_api(gt)
+    maps = _id_maps(gt, results)
+    results = [dict(r, image_id=maps["image"][r["image_id"]], category_id=maps["category"][r["category_id"]])
+               for r in results]
+    api = _coco_api(gt, maps)
     out: dict[str, dict[str, float] | None] = {}
     for iou_type in iou_types:
         if iou_type not in ("segm", "bbox"):
@@ -406,7 +419,7 @@ def voc_instance_ap(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.
     for r in results:
         det_by[(r["image_id"], r["category_id"])].append(r)
 
-    classes = sorted({c for (_, c), anns in gt_by.items() if any(not is_crowd(a) for a in anns)})
+    classes = sorted({c for (_, c), anns in gt_by.items() if any(not is_crowd(a) for a in anns)}, key=id_order)
     npos = defaultdict(int)
     for (_, c), anns in gt_by.items():
         npos[c] += sum(1 for a in anns if not is_crowd(a))
