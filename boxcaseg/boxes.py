@@ -21,6 +21,17 @@ def xyxy_to_xywh(box: Sequence[float]) -> tuple[float, float, float, float]:
     return x0, y0, x1 - x0, y1 - y0
 
 
+def is_finite_number(v: Any) -> bool:
+    """A real number a float can hold: not a bool or a string, not inf / NaN (json's 1e400),
+    not an int past float's range (10**400)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def box_numbers_problem(box: Any) -> str | None:
     """Why ``box`` is not four finite numbers, or None.
 
@@ -30,7 +41,7 @@ def box_numbers_problem(box: Any) -> str | None:
         return "bbox is not 4 numbers"
     if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) for v in box):
         return "bbox is not numeric (4 numbers; strings and booleans are not numbers)"
-    if not all(math.isfinite(float(v)) for v in box):
+    if not all(is_finite_number(v) for v in box):
         return "bbox has non-finite values"
     return None
 

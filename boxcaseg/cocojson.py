@@ -11,7 +11,9 @@ visualize and the baselines load their json through :func:`load_coco` (or
   or strings, kept as given, never cast: ``7`` and ``"7"`` are two different ids. An id
   appears once. An annotation needs an ``id`` (in a results list it may lack one) and the
   ``image_id`` of an image of the json (``skip_orphans``: set aside in ``orphans`` instead).
-- an image needs a non-empty ``file_name`` and positive integer ``width`` and ``height``;
+- an image needs a non-empty ``file_name`` and whole-number ``width`` and ``height`` from 1
+  to ``MAX_SIDE`` (at most ``MAX_PIXELS`` in all; json's 1e400 and 10**400 are not numbers);
+- an annotation's ``area``, when given, is a finite number >= 0, its ``score`` a finite number;
   its file is found through :mod:`boxcaseg.paths`'s resolver (:meth:`CocoData.paths`).
 - ``iscrowd`` is absent, 0, 1, false or true; a crowd annotation is one where it is true
   (:func:`is_crowd`).
@@ -27,14 +29,13 @@ This module reads json only: it imports no model, command, proxy or evaluation c
 
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from boxcaseg.boxes import degenerate_reason
+from boxcaseg.boxes import degenerate_reason, is_finite_number
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.io import load_json
 from boxcaseg.paths import check_image_paths
@@ -43,6 +44,21 @@ from boxcaseg.paths import check_image_paths
 def is_crowd(ann: dict) -> bool:
     """The crowd rule: ``iscrowd`` true (1); absent counts as 0."""
     return bool(ann.get("iscrowd", 0))
+
+
+def id_order(i: Any) -> tuple:
+    """A sort key for ids that may mix integers and strings (integers first, each kind in order)."""
+    return (1, i) if isinstance(i, str) else (0, i)
+
+
+def int_ids(ids: Iterable) -> dict[Any, int]:
+    """Integer stand-ins for ids, for libraries that sort and compare them (pycocotools): each
+    id as it is when all are integers, else 1, 2, ... in :func:`id_order` (``7`` and ``"7"``
+    get two numbers). Map back with the inverse where ids are written out."""
+    uniq = set(ids)
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in uniq):
+        return {i: i for i in uniq}
+    return {i: k for k, i in enumerate(sorted(uniq, key=id_order), start=1)}
 
 
 def box_problem(bbox: Any, width: int, height: int) -> str | None:
@@ -143,15 +159,16 @@ class CocoData:
 
 
 def load_coco(src: str | os.PathLike | dict | list, what: str = "annotation", images_from: CocoData | None = None,
-              *, skip_orphans: bool = False) -> CocoData:
+              *, skip_orphans: bool = False, unique_ids: bool = True) -> CocoData:
     """Read and validate a COCO json (a path, or the json object itself) by the module's rules.
 
     ``what`` names the file in messages (``"<what> file not found"``); ``images_from``:
-    the ground truth whose images a results list refers to.
+    the ground truth whose images a results list refers to; ``unique_ids=False``: an
+    annotation id may repeat (predictions whose consumer counts repeats, ``evaluate masks``).
     """
     if isinstance(src, (str, os.PathLike)):
-        return parse_coco(load_json(src, what), src, images_from, skip_orphans=skip_orphans)
-    return parse_coco(src, f"<{what}>", images_from, skip_orphans=skip_orphans)
+        return parse_coco(load_json(src, what), src, images_from, skip_orphans=skip_orphans, unique_ids=unique_ids)
+    return parse_coco(src, f"<{what}>", images_from, skip_orphans=skip_orphans, unique_ids=unique_ids)
 
 
 def _check_id(value: Any, src: str, what: str) -> None:
@@ -159,11 +176,27 @@ def _check_id(value: Any, src: str, what: str) -> None:
         raise BoxcasegError(f"{src}: {what} id {value!r} is neither an integer nor a string")
 
 
+MAX_SIDE = 1 << 20  # pixels a recorded width or height may have (a mask of it is rasterised)
+MAX_PIXELS = 1 << 32  # and their product
+
+
 def _int_size(img: dict, key: str, src: str) -> int:
     v = img.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 or int(v) != v:
-        raise BoxcasegError(f"{src}: image id {img.get('id')!r} has no valid {key!r} ({v!r})")
+    if not is_finite_number(v) or v <= 0 or int(v) != v or v > MAX_SIDE:
+        raise BoxcasegError(f"{src}: image id {img.get('id')!r} has no valid {key!r} ({repr(v)[:40]}): a whole "
+                            f"number from 1 to {MAX_SIDE}")
     return int(v)
+
+
+def _check_numbers(a: dict, src: str, name: str) -> None:
+    """The numbers of an annotation that no other rule checks: ``area`` (absent, null or a
+    finite number >= 0) and ``score`` (absent or a finite number); a box's go through the
+    box rule (:func:`box_problem`), a mask's through :mod:`boxcaseg.masks`."""
+    area = a.get("area")
+    if area is not None and (not is_finite_number(area) or area < 0):
+        raise BoxcasegError(f"{src}: {name}: area {str(area)[:40]!r} is not a finite number >= 0")
+    if "score" in a and not is_finite_number(a["score"]):
+        raise BoxcasegError(f"{src}: {name}: score {str(a['score'])[:40]!r} is not a finite number")
 
 
 def _images(entries: list, src: str) -> dict[Any, dict]:
@@ -177,8 +210,9 @@ def _images(entries: list, src: str) -> dict[Any, dict]:
             raise BoxcasegError(f"{src}: image id {iid!r} appears twice")
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise BoxcasegError(f"{src}: image id {iid!r} has no 'file_name'")
-        _int_size(img, "width", src)
-        _int_size(img, "height", src)
+        if _int_size(img, "width", src) * _int_size(img, "height", src) > MAX_PIXELS:
+            raise BoxcasegError(f"{src}: image id {iid!r}: {img['width']}x{img['height']} is more than {MAX_PIXELS} "
+                                "pixels")
         images[iid] = img
     return images
 
@@ -200,7 +234,7 @@ def _categories(entries: Any, src: str) -> dict[Any, dict]:
 
 
 def parse_coco(data: Any, source: str | os.PathLike, images_from: CocoData | None = None,
-               *, skip_orphans: bool = False) -> CocoData:
+               *, skip_orphans: bool = False, unique_ids: bool = True) -> CocoData:
     """Validate a COCO json already loaded (``source`` names it in messages); see :func:`load_coco`."""
     src = str(source)
     if isinstance(data, list):
@@ -228,13 +262,14 @@ def parse_coco(data: Any, source: str | os.PathLike, images_from: CocoData | Non
         name = f"annotation {a['id']!r}" if "id" in a else f"annotation #{k} (no id)"
         if "id" in a:
             _check_id(a["id"], src, "annotation")
-            if a["id"] in seen:
+            if unique_ids and a["id"] in seen:
                 raise BoxcasegError(f"{src}: annotation id {a['id']!r} appears twice")
             seen.add(a["id"])
         if "image_id" not in a:
             raise BoxcasegError(f"{src}: {name} has no image_id")
         if "category_id" in a:
             _check_id(a["category_id"], f"{src}: {name}", "category")
+        _check_numbers(a, src, name)
         crowd = a.get("iscrowd", 0)
         if not (isinstance(crowd, bool) or (isinstance(crowd, int) and crowd in (0, 1))):
             raise BoxcasegError(f"{src}: {name}: iscrowd {crowd!r} is not 0 or 1")
@@ -251,4 +286,5 @@ def parse_coco(data: Any, source: str | os.PathLike, images_from: CocoData | Non
     return CocoData(src, images, anns, categories, orphans=orphans, data=data)
 
 
-__all__ = ["CocoData", "box_problem", "check_image_file", "degenerate_error", "is_crowd", "load_coco", "parse_coco"]
+__all__ = ["CocoData", "box_problem", "check_image_file", "degenerate_error", "id_order", "int_ids", "is_crowd",
+           "load_coco", "parse_coco"]

@@ -48,16 +48,39 @@ def _final_mode(path: Path) -> int:
         return 0o666 & ~current_umask()
 
 
+NAME_MAX = 255  # bytes in one file or folder name (ext4, XFS, btrfs, APFS, NTFS in UTF-16 units)
+
+
+def short_name(name: str, room: int) -> str:
+    """``name`` cut (at a character, from its end) so that it and ``room`` more bytes fit one
+    file name (:data:`NAME_MAX`): for the names made from a user's (temporary files, caches)."""
+    budget = max(1, NAME_MAX - room)
+    data = name.encode("utf-8", "surrogateescape")
+    if len(data) <= budget:
+        return name
+    return data[:budget].decode("utf-8", "ignore") or "_"
+
+
+def check_name_length(path: str | os.PathLike, what: str) -> None:
+    """BoxcasegError (one line naming it) when a part of ``path`` is longer than a file name can be."""
+    for part in Path(path).parts:
+        n = len(part.encode("utf-8", "surrogateescape"))
+        if n > NAME_MAX:
+            raise BoxcasegError(f"{what} {path}: the name {part[:40]}... is {n} bytes; a file name holds at most "
+                                f"{NAME_MAX}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file in the same folder and rename it into place.
 
     The file ends up with the mode ``open(path, "w")`` would give it: a file it replaces
-    keeps its mode, a new one gets 0o666 less the umask (not mkstemp's 0600).
+    keeps its mode, a new one gets 0o666 less the umask (not mkstemp's 0600). The temporary
+    name is the file's, cut to leave room for what mkstemp adds (a 255-byte name works).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = _final_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{short_name(path.name, 14)}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
@@ -212,6 +235,7 @@ def check_output_file(path: str | os.PathLike, what: str = "-o",
     non-regular file, or when its folder is a file or cannot be written.
     """
     path = Path(path)
+    check_name_length(path, what)  # first: stat() on such a name raises
     if path.is_dir():
         raise BoxcasegError(f"{what} {path}: is a folder, not a file")
     if path.exists() and not path.is_file():
@@ -226,6 +250,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "-o",
     """Before any work: ``path`` is (or can be made) a folder to write files in (and none of
     ``input_dirs``, nor inside one: :func:`check_outputs`)."""
     path = Path(path)
+    check_name_length(path, what)  # first: stat() on such a name raises
     if path.exists() and not path.is_dir():
         raise BoxcasegError(f"{what} {path}: is a file, not a folder")
     _check_writable(path / ".boxcaseg-probe", what)
@@ -399,7 +424,7 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
         p = p.parent
     for d in reversed(missing):
         d.mkdir()
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{short_name(out.name, 18)}.", suffix=".partial", dir=out.parent))
     try:
         yield stage
         out.mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from boxcaseg.boxes import is_finite_number
 from boxcaseg.errors import BoxcasegError
 
 
@@ -59,9 +60,9 @@ def polygons(segm: list, height: int, width: int, ann_id: Any = None) -> list[li
             raise BoxcasegError(f"{where} is not a list of numbers")
         if len(poly) % 2:
             raise BoxcasegError(f"{where} has an odd number of coordinates ({len(poly)}; x, y pairs)")
-        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
-        if not np.isfinite(xy).all():
+        if not all(is_finite_number(v) for v in poly):  # before NumPy: 10**400 would overflow there
             raise BoxcasegError(f"{where} has non-finite coordinates")
+        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
         if (np.abs(xy[:, 0] - width / 2) > lim_x + width / 2).any() or \
                 (np.abs(xy[:, 1] - height / 2) > lim_y + height / 2).any():
             raise BoxcasegError(f"{where} reaches more than {POLYGON_REACH:g} image sizes beyond its "
@@ -203,6 +204,21 @@ def mask_iou(a: Any, b: Any) -> np.ndarray | float:
     return np.asarray(mask_utils.iou(a, b, [0] * len(b)), dtype=np.float64).reshape(len(a), len(b))
 
 
+def mask_iou_pairs(a: Sequence[dict], b: Sequence[dict]) -> np.ndarray:
+    """IoU of ``a[i]`` with ``b[i]`` for each i: the diagonal of :func:`mask_iou` (``[K]`` float64)
+    without its ``K x K`` matrix (8,000 masks on one image would take 0.5 GB, 130,000 126 GiB).
+
+    ``a``, ``b``: equal-length lists of compressed RLEs. Each pair goes through
+    pycocotools' ``iou`` on its own, the computation of the matrix's diagonal entry.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"mask_iou_pairs: {len(a)} masks against {len(b)}")
+    out = np.zeros(len(a), dtype=np.float64)
+    for i, (x, y) in enumerate(zip(a, b)):
+        out[i] = np.asarray(mask_utils.iou([_as_bytes_rle(x)], [_as_bytes_rle(y)], [0]), dtype=np.float64)[0, 0]
+    return out
+
+
 def tight_box_xyxy(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     """Tight box of a binary mask in pixel-edge ``xyxy`` (x1, y1 exclusive), None if empty."""
     ys = np.flatnonzero(mask.any(axis=1))
@@ -213,7 +229,9 @@ def tight_box_xyxy(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 
 
 def area(rles: Sequence[dict]) -> np.ndarray:
-    return np.asarray(mask_utils.area([_as_bytes_rle(r) for r in rles]))
+    """Pixel counts ``[len(rles)]`` uint32 of compressed RLEs. One at a time: pycocotools'
+    list form sizes its loop counter as uint8 under NumPy 2 (OverflowError at 256 masks)."""
+    return np.array([mask_utils.area(_as_bytes_rle(r)) for r in rles], dtype=np.uint32)
 
 
 def encode_window(window: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:

@@ -24,7 +24,7 @@ from boxcaseg.errors import BoxcasegError
 from boxcaseg.export.engines import ENGINE_KINDS, check_engine_options, check_precision
 from boxcaseg.export.ort import import_onnxruntime, onnxruntime_available
 from boxcaseg.infer_settings import InferSettings
-from boxcaseg.io import file_sha256, safe_torch_load
+from boxcaseg.io import file_sha256, safe_torch_load, short_name
 from boxcaseg.usercache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def cached_onnx(ckpt: Path) -> Path:
     from boxcaseg.export.onnx_export import FORMAT_VERSION, export_onnx, read_onnx_metadata
 
     sha = file_sha256(ckpt)
-    out = cache_dir() / "onnx" / f"{ckpt.stem}-{sha[:20]}-v{FORMAT_VERSION}.onnx"
+    tail = f"-{sha[:20]}-v{FORMAT_VERSION}.onnx"
+    out = cache_dir() / "onnx" / f"{short_name(ckpt.stem, len(tail))}{tail}"
     if out.is_file():
         try:
             if read_onnx_metadata(out).get("boxcaseg.checkpoint_sha256") == sha:

@@ -83,7 +83,7 @@ class Segmenter:
     def __init__(self, model: str | Path | None = None, *, engine: str = "auto", device: str | None = None,
                  precision: str = "fp32", threads: int = 0, context: float | None = None,
                  threshold: float | None = None, prior_weight: float | None = None, batch_size: int = 32):
-        from boxcaseg.export.engines import load_engine
+        from boxcaseg.export.engines import capped_batch_size, load_engine
         from boxcaseg.model_files import resolve_model
 
         self.model = resolve_model(model, engine, device, precision)
@@ -97,6 +97,7 @@ class Segmenter:
         self.engine = load_engine(self.model.kind, self.model.path, threads=threads, device=device,
                                   precision=self.precision)
         self.infer_size = int(self.engine.infer_size)
+        self.batch_size = capped_batch_size(self.batch_size, self.infer_size, "batch_size")
 
     # the overridable settings as attributes, as before (setting one merges it into self.settings, checked)
     def _set(self, name: str, value: float) -> None:

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from boxcaseg.boxes import degenerate_reason
-from boxcaseg.cocojson import CocoData, is_crowd, load_coco
+from boxcaseg.cocojson import CocoData, id_order, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.evaluate import instance_ious
-from boxcaseg.io import atomic_write_bytes, check_output_dir, check_outputs, staged_folder
+from boxcaseg.io import atomic_write_bytes, check_output_dir, check_outputs, short_name, staged_folder
 from boxcaseg.masks import decode
 from boxcaseg.paths import resolve_image_path
 
@@ -170,7 +170,7 @@ def worst_iou_sheet(coco: CocoData, gt: CocoData, image_dir: Path, n: int = 24, 
     """Contact sheet (PIL image) of the ``n`` GT instances with the lowest proxy-mask IoU, or None."""
     from PIL import Image, ImageDraw
 
-    records = sorted(instance_ious(gt, coco), key=lambda r: (r.iou, r.ann_id))[:n]
+    records = sorted(instance_ious(gt, coco), key=lambda r: (r.iou, id_order(r.ann_id)))[:n]
     if not records:
         return None
     pred_by_id = {a["id"]: a for a in coco.anns if "id" in a}
@@ -219,7 +219,7 @@ def visualize(ann: str | os.PathLike, images: str | os.PathLike, out_dir: str | 
     paths = coco.paths(image_dir)
     if gt_data is not None:
         gt_data.paths(image_dir)
-    ids = [i for i in sorted(coco.images) if coco.by_image.get(i)]
+    ids = [i for i in sorted(coco.images, key=id_order) if coco.by_image.get(i)]
     if limit is not None:
         ids = ids[:max(0, limit)]
     ious: dict[int, float] = {}
@@ -242,9 +242,10 @@ def _write_overlays(coco, gt_data, ids, paths, ious, image_dir, worst, out, stag
         gt_anns = gt_data.by_image.get(image_id, []) if gt_data is not None else None
         overlay = render_overlay(rgb, anns, coco, gt_anns, gt_data, {k: ious[k] for k in
                                  (a.get("id") for a in anns) if k in ious})
-        path = out / f"{Path(img['file_name']).stem}.png"
+        stem = Path(img["file_name"]).stem  # cut where the overlay's name would pass 255 bytes
+        path = out / f"{short_name(stem, 4)}.png"
         if path in written or path.name == "worst_iou.png":
-            path = out / f"{Path(img['file_name']).stem}-{image_id}.png"
+            path = out / f"{short_name(stem, len(f'-{image_id}.png'.encode()))}-{image_id}.png"
         _save_png(overlay, stage / path.name)
         written.append(path)
     if gt_data is not None and worst > 0 and ious:

@@ -95,9 +95,11 @@ def test_mask_quality_errors_name_the_annotation():
     with pytest.raises(BoxcasegError, match="annotation 1"):
         mask_quality(gt, pred)
     _, pred = _quality_case()
-    pred["annotations"].append(dict(pred["annotations"][0]))
-    with pytest.raises(BoxcasegError, match="annotation id 1 appears twice"):
-        mask_quality(gt, pred)
+    pred["annotations"].append(dict(pred["annotations"][0], segmentation=encode(np.zeros((100, 100), np.uint8))))
+    with pytest.raises(BoxcasegError, match="annotation id 1 appears twice .--strict"):
+        mask_quality(gt, pred, strict=True)
+    r = mask_quality(gt, pred)  # without --strict: the first is scored, the repeat counted
+    assert r["duplicate_predictions"] == 1 and r["miou"] == pytest.approx((0.5 + 1.0 + 0.0 + 0.8) / 4)
 
 
 # --------------------------------------------------------------------------- VOC AP

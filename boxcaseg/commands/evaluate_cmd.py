@@ -19,12 +19,15 @@ def evaluate_masks_command(
                               "annotation ids match the GT's."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
     strict: bool = typer.Option(False, "--strict", help="A prediction without a segmentation or with an "
-                                "unreadable RLE is an error (default: scored 0 and counted in the table's header)."),
+                                "unreadable RLE, or an id that repeats, is an error (default: scored 0 and counted "
+                                "in the table's header; a repeat: the first scored)."),
 ) -> None:
     """Class-agnostic mask quality given GT boxes: mIoU*, mIoU, IoU@50, IoU@75, by COCO size.
 
     Each non-crowd GT annotation is compared with the predicted mask of the same
-    annotation id (missing = IoU 0). Values are fractions in JSON, percentages in the table.
+    annotation id (missing = IoU 0); predictions with other ids are counted, not scored,
+    and when none has a GT annotation's id it is an error. Values are fractions in JSON,
+    percentages in the table.
     """
     from boxcaseg.evaluate import mask_quality, mask_quality_table
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from boxcaseg.boxes import xywh_to_xyxy
-from boxcaseg.cocojson import check_image_file, degenerate_error, is_crowd, load_coco
+from boxcaseg.cocojson import check_image_file, degenerate_error, id_order, is_crowd, load_coco
 from boxcaseg.data.transforms import crop_resize, open_rgb
 from boxcaseg.imageops import normalize
 from boxcaseg.errors import BoxcasegError
@@ -97,7 +97,7 @@ def read_coco_boxes(
             continue
         boxes.append((aid, ann["image_id"], tuple(float(v) for v in ann["bbox"])))
     if check_images:
-        used = sorted({b[1] for b in boxes})
+        used = sorted({b[1] for b in boxes}, key=id_order)
         for iid in used:
             # with skip_bad every image is decoded: a truncated file is skipped here, not met mid-run
             err = check_image_file(paths[iid], iid, decode=skip_bad, size=coco.image_size(iid))

@@ -32,10 +32,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from boxcaseg.boxes import box_numbers_problem
-from boxcaseg.cocojson import CocoData, is_crowd, load_coco
+from boxcaseg.cocojson import CocoData, id_order, int_ids, is_crowd, load_coco
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.masks import area as rle_area
-from boxcaseg.masks import UnreadableMask, mask_iou, to_rle
+from boxcaseg.masks import UnreadableMask, mask_iou, mask_iou_pairs, to_rle
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,49 @@ NO_MASK = "no segmentation"
 UNREADABLE_MASK = "unreadable RLE"
 
 
+def _load_pair(gt, pred) -> tuple[CocoData, CocoData]:
+    gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
+    if not isinstance(pred, CocoData):  # a repeated id is counted (match_predictions), not refused
+        pred = load_coco(pred, "prediction", images_from=gt, unique_ids=False)
+    return gt, pred
+
+
+def match_predictions(gt: CocoData, pred: CocoData, strict: bool = False) -> tuple[dict[Any, dict], dict[str, int]]:
+    """The predictions of ``pred`` by annotation id, and what did not match.
+
+    Returns ``({id: prediction}, {"unmatched_predictions", "duplicate_predictions",
+    "crowd_predictions"})``: predictions whose id is no GT annotation's (a proxy json of
+    the whole set scored on a few checked images has many), later predictions repeating
+    an id (the first in file order is the one scored; ``strict``: an error) and
+    predictions for a crowd GT annotation (not scored). Predictions none of which has the
+    id of a scored GT annotation are an error: the ids come from another numbering.
+    """
+    by_id: dict[Any, dict] = {}
+    duplicates = 0
+    for a in pred.anns:
+        if "id" not in a:
+            raise BoxcasegError(f"{pred.source}: a prediction on image {a.get('image_id')} has no annotation id "
+                                "(mask quality matches predictions to GT by annotation id)")
+        if a["id"] in by_id:
+            if strict:
+                raise BoxcasegError(f"{pred.source}: annotation id {a['id']!r} appears twice (--strict; without it "
+                                    "the first is scored and the others counted)")
+            duplicates += 1
+            continue
+        by_id[a["id"]] = a
+    gt_ids = {a["id"]: is_crowd(a) for a in gt.anns}
+    matched = sum(1 for i in by_id if i in gt_ids and not gt_ids[i])
+    counts = {"unmatched_predictions": sum(1 for i in by_id if i not in gt_ids),
+              "duplicate_predictions": duplicates,
+              "crowd_predictions": sum(1 for i in by_id if gt_ids.get(i, False))}
+    if by_id and not matched and any(not c for c in gt_ids.values()):
+        example = next(iter(by_id))
+        raise BoxcasegError(f"{pred.source}: none of its {len(by_id)} prediction id(s) (e.g. {example!r}) is the id of "
+                            f"a non-crowd annotation of {gt.source} (mask quality matches predictions to GT by "
+                            "annotation id)")
+    return by_id, counts
+
+
 def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLike | list,
                   strict: bool = False) -> list[InstanceIoU]:
     """IoU of every non-crowd GT annotation with the prediction of the same annotation id.
@@ -84,17 +127,12 @@ def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pa
     without a segmentation, or whose RLE counts do not decode to a mask of its size
     (:class:`boxcaseg.masks.UnreadableMask`), scores 0 and says so in ``problem``
     (``strict``: a BoxcasegError naming it). Any other malformed mask (a polygon with
-    NaN, an RLE size that is not two integers) is a BoxcasegError.
+    NaN, an RLE size that is not two integers) is a BoxcasegError; so are predictions
+    none of which matches (:func:`match_predictions`, which also says what a repeated
+    id means).
     """
-    gt = gt if isinstance(gt, CocoData) else load_coco(gt, "ground-truth")
-    if not isinstance(pred, CocoData):
-        pred = load_coco(pred, "prediction", images_from=gt)
-    by_id: dict[Any, dict] = {}  # the reader has checked that no id appears twice
-    for a in pred.anns:
-        if "id" not in a:
-            raise BoxcasegError(f"{pred.source}: a prediction on image {a.get('image_id')} has no annotation id "
-                                "(mask quality matches predictions to GT by annotation id)")
-        by_id[a["id"]] = a
+    gt, pred = _load_pair(gt, pred)
+    by_id, _ = match_predictions(gt, pred, strict)
 
     out: list[InstanceIoU] = []
     for image_id, anns in gt.by_image.items():
@@ -130,7 +168,7 @@ def instance_ious(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pa
                                    rle is not None, bool(p.get("ignore_mask", False)) if rle is not None else False,
                                    problem))
         if slots:
-            ious = np.diagonal(mask_iou(gt_rles, pred_rles))
+            ious = mask_iou_pairs(gt_rles, pred_rles)
             for slot, v in zip(slots, ious):
                 out[slot].iou = float(v)
     return out
@@ -167,7 +205,11 @@ def mask_quality(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pat
     five keys. ``missing``: GT instances scored 0 for want of a usable prediction, among
     them ``without_mask`` (the prediction has no segmentation) and ``unreadable_mask``
     (its RLE does not decode); ``strict`` makes those two an error (:func:`instance_ious`).
+    Also ``unmatched_predictions``, ``duplicate_predictions`` and ``crowd_predictions``:
+    predictions not scored (:func:`match_predictions`).
     """
+    gt, pred = _load_pair(gt, pred)
+    _, counts = match_predictions(gt, pred, strict)
     records = instance_ious(gt, pred, strict)
     result = summarize_ious(records)
     result["missing"] = sum(1 for r in records if not r.found)
@@ -175,6 +217,7 @@ def mask_quality(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.Pat
     result["unreadable_mask"] = sum(1 for r in records if r.problem == UNREADABLE_MASK)
     for size in SIZE_NAMES:
         result[size] = summarize_ious([r for r in records if _coco_size(r.area) == size])
+    result.update(counts)
     return result
 
 
@@ -216,22 +259,34 @@ def _name(a: dict) -> str:
     return f"annotation {a['id']!r}" if "id" in a else "a detection"
 
 
-def _coco_api(gt: CocoData):
+def _id_maps(gt: CocoData, results: list[dict]) -> dict[str, dict]:
+    """pycocotools sorts ids: integer stand-ins (:func:`~boxcaseg.cocojson.int_ids`) for the GT's
+    image, category and annotation ids, the detections' categories included."""
+    cats = list(gt.categories) + [a["category_id"] for a in gt.anns] + [r["category_id"] for r in results]
+    return {"image": int_ids(gt.images), "category": int_ids(cats), "ann": int_ids(a["id"] for a in gt.anns)}
+
+
+def _coco_api(gt: CocoData, maps: dict[str, dict]):
     from pycocotools.coco import COCO
 
     anns = []
-    for a in gt.anns:
-        a = dict(a)
+    for orig in gt.anns:
+        a = dict(orig)
         a.setdefault("iscrowd", 0)
         problem = box_numbers_problem(a.get("bbox")) if "bbox" in a or "segmentation" not in a else None
         if problem is not None:
             raise BoxcasegError(f"{gt.source}: annotation {a.get('id')!r}: {problem} ({a.get('bbox')!r:.60})")
+        if a.get("segmentation") is not None:
+            gt.check_mask(orig)  # pycocotools rasterises it: the mask checks first
         if a.get("area") is None:
-            a["area"] = float(rle_area([gt.rle(a)])[0]) if "segmentation" in a else float(a["bbox"][2] * a["bbox"][3])
+            a["area"] = float(rle_area([gt.rle(orig)])[0]) if "segmentation" in a else float(a["bbox"][2] * a["bbox"][3])
+        a.update(id=maps["ann"][a["id"]], image_id=maps["image"][a["image_id"]],
+                 category_id=maps["category"][a["category_id"]])
         anns.append(a)
     api = COCO()
-    api.dataset = {"images": list(gt.images.values()), "annotations": anns,
-                   "categories": list(gt.categories.values()) or [{"id": c} for c in sorted({a["category_id"] for a in anns})]}
+    api.dataset = {"images": [dict(img, id=maps["image"][i]) for i, img in gt.images.items()], "annotations": anns,
+                   "categories": [dict(c, id=maps["category"][i]) for i, c in gt.categories.items()]
+                   or [{"id": c} for c in sorted({a["category_id"] for a in anns})]}
     with contextlib.redirect_stdout(_io.StringIO()):
         api.createIndex()
     return api
@@ -252,7 +307,10 @@ def coco_eval(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.PathLi
     if not isinstance(pred, CocoData):
         pred = load_coco(pred, "results", images_from=gt)
     results = _results_list(pred, gt)
-    api = _coco_api(gt)
+    maps = _id_maps(gt, results)
+    results = [dict(r, image_id=maps["image"][r["image_id"]], category_id=maps["category"][r["category_id"]])
+               for r in results]
+    api = _coco_api(gt, maps)
     out: dict[str, dict[str, float] | None] = {}
     for iou_type in iou_types:
         if iou_type not in ("segm", "bbox"):
@@ -361,7 +419,7 @@ def voc_instance_ap(gt: CocoData | str | os.PathLike, pred: CocoData | str | os.
     for r in results:
         det_by[(r["image_id"], r["category_id"])].append(r)
 
-    classes = sorted({c for (_, c), anns in gt_by.items() if any(not is_crowd(a) for a in anns)})
+    classes = sorted({c for (_, c), anns in gt_by.items() if any(not is_crowd(a) for a in anns)}, key=id_order)
     npos = defaultdict(int)
     for (_, c), anns in gt_by.items():
         npos[c] += sum(1 for a in anns if not is_crowd(a))

@@ -26,8 +26,16 @@ def mask_quality_table(result: dict):
         t.add_column(col, justify="right" if col != "subset" else "left")
     for name, r in [("all", result)] + [(s, result[s]) for s in SIZE_NAMES]:
         t.add_row(name, str(r["n"]), _pct(r["miou_star"]), _pct(r["miou"]), _pct(r["iou50"]), _pct(r["iou75"]))
+    caption = []
     if result.get("missing"):
-        t.caption = f"{result['missing']} GT instance(s) without a prediction counted as IoU 0"
+        caption.append(f"{result['missing']} GT instance(s) without a prediction counted as IoU 0")
+    for key, what in (("unmatched_predictions", "whose id is no GT annotation's"),
+                      ("duplicate_predictions", "repeating an id (the first is scored)"),
+                      ("crowd_predictions", "for a crowd GT annotation")):
+        if result.get(key):
+            caption.append(f"{result[key]} prediction(s) {what}: not scored")
+    if caption:
+        t.caption = "\n".join(caption)
     return t
 
 

@@ -33,10 +33,30 @@ import numpy as np
 from boxcaseg.dist import resolve_device
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.export.ort import import_onnxruntime, onnxruntime_available
+from boxcaseg.io import short_name
 
 log = logging.getLogger(__name__)
 
 ENGINE_KINDS = ("torch", "onnx", "trt")
+
+
+# The most a batch's input tensor (B x 3 x S x S float32) may take. The network's activations are
+# tens of times more (--batch-size 512 at S = 256, 768 MiB of input, took 15 GB on the CPU; 1024
+# failed in ONNX Runtime's allocator), and batches past a few dozen crops run no faster.
+MAX_BATCH_INPUT_BYTES = 128 * 2**20
+
+
+def capped_batch_size(requested: int, infer_size: int, flag: str = "--batch-size") -> int:
+    """``requested``, or the largest batch whose float32 input fits :data:`MAX_BATCH_INPUT_BYTES`
+    (logged in one line when it caps: 170 crops at S = 256, 109 at S = 320)."""
+    per_crop = 3 * int(infer_size) ** 2 * 4
+    cap = max(1, MAX_BATCH_INPUT_BYTES // per_crop)
+    if requested <= cap:
+        return int(requested)
+    log.warning("%s %d: a batch of %dx%d crops would take %.0f MiB of input (float32, and tens of times that "
+                "while the network runs); capped at %d (%d MiB of input)", flag, requested, infer_size, infer_size,
+                requested * per_crop / 2**20, cap, MAX_BATCH_INPUT_BYTES // 2**20)
+    return int(cap)
 
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # fp16 / bf16: the torch engine's network; int8: an int8 ONNX graph
@@ -354,6 +374,24 @@ def onnx_providers(cache_dir: str | Path | None = None, device: str | None = Non
     return providers
 
 
+def check_input_shape(shape: list, infer_size: int, path: str | Path) -> None:
+    """A graph's input shape as ONNX Runtime reports it (a number where fixed, a name or None
+    where free) must be [any batch, 3, S, S] with S its ``boxcaseg.infer_size``: a graph made
+    elsewhere with a fixed batch (of 1, say) would fail at its first batch of another size."""
+    dims = list(shape)
+    fixed = [d if isinstance(d, int) else None for d in dims]
+    if len(dims) != 4:
+        raise BoxcasegError(f"{path}: the graph's input has shape {dims}, not [batch, 3, S, S]")
+    if fixed[0] is not None:
+        raise BoxcasegError(f"{path}: the graph has a fixed batch of {fixed[0]} (its input is {dims}); boxcaseg runs "
+                            "batches of any size: re-export it with `boxcaseg export`")
+    want = [3, infer_size, infer_size]
+    bad = [(d, w) for d, w in zip(fixed[1:], want) if d is not None and d != w]
+    if bad:
+        raise BoxcasegError(f"{path}: the graph's input is {dims}, its metadata says [batch, 3, {infer_size}, "
+                            f"{infer_size}]; re-export it with `boxcaseg export`")
+
+
 class OnnxEngine(_SyncEngine):
     """An exported ONNX file through ONNX Runtime."""
 
@@ -375,7 +413,7 @@ class OnnxEngine(_SyncEngine):
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         try:
-            cache = Path(path).with_name(Path(path).stem + ".ort-trt-cache")
+            cache = Path(path).with_name(short_name(Path(path).stem, len(".ort-trt-cache")) + ".ort-trt-cache")
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers or onnx_providers(cache, device))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise BoxcasegError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from e
@@ -383,6 +421,7 @@ class OnnxEngine(_SyncEngine):
         names = [i.name for i in self.session.get_inputs()]
         if names != [INPUT_NAME]:
             raise BoxcasegError(f"{path}: expected one input {INPUT_NAME!r}, found {names}")
+        check_input_shape(self.session.get_inputs()[0].shape, self.infer_size, path)
         from boxcaseg.export.quantize import is_quantized
 
         self.precision = "int8" if is_quantized(meta) else "fp32"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from boxcaseg.cocojson import CocoData, check_image_file, is_crowd, load_coco
+from boxcaseg.cocojson import CocoData, check_image_file, id_order, int_ids, is_crowd, load_coco
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.masks import decode
@@ -30,7 +30,7 @@ class CocoMaskDataset(Dataset):
     ``load(i, flip)`` returns ``(image [3, H, W] float32 in 0..1, target)`` with target
     ``{boxes [G, 4] float32 xyxy, labels [G] int64 (1..K), masks [G, H, W] uint8,
     ignore_mask [G] bool, image_id int64}``. The json is read by :mod:`boxcaseg.cocojson`
-    (image ids must be integers here: they become ``image_id``). Crowd annotations are left
+    (a string image id becomes an integer ``image_id``: :func:`~boxcaseg.cocojson.int_ids`). Crowd annotations are left
     out; degenerate boxes (the reader's rule) and boxes under one pixel inside their image
     are skipped with a warning; every mask is checked (not rasterised) and every image's
     header read up front; an annotation without segmentation keeps its box
@@ -42,22 +42,22 @@ class CocoMaskDataset(Dataset):
                  category_ids: list[int] | None = None, use_ignore: bool = True, skip_empty: bool = True,
                  image_ids: list[int] | None = None):
         self.coco: CocoData = load_coco(ann_file, "annotation")
-        if bad := [i for i in self.coco.images if not isinstance(i, int)]:
-            raise BoxcasegError(f"{ann_file}: image id {bad[0]!r} is not an integer (Mask R-CNN needs integer image ids)")
+        self.int_id = int_ids(self.coco.images)  # the target's image_id tensor: integer stand-ins for string ids
         self.image_dir = Path(image_dir)
         # every file_name must stay inside the image folder: checked before any work
         self.paths = self.coco.paths(self.image_dir)
         if category_ids is None:
-            category_ids = sorted(self.coco.categories) or sorted({a["category_id"] for a in self.coco.anns})
+            category_ids = (sorted(self.coco.categories, key=id_order)
+                            or sorted({a["category_id"] for a in self.coco.anns}, key=id_order))
         self.category_ids = list(category_ids)
         self.label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
         self.use_ignore = use_ignore
         wanted = set(image_ids) if image_ids else None
         if wanted is not None and (missing := wanted - set(self.coco.images)):
-            raise BoxcasegError(f"{ann_file}: data.image_ids lists ids the json lacks: {sorted(missing)[:5]}")
+            raise BoxcasegError(f"{ann_file}: data.image_ids lists ids the json lacks: {sorted(missing, key=id_order)[:5]}")
         self.entries: list[tuple[dict, list[dict]]] = []
         skipped = 0
-        for image_id in sorted(self.coco.images):
+        for image_id in sorted(self.coco.images, key=id_order):
             if wanted is not None and image_id not in wanted:
                 continue
             img = self.coco.images[image_id]
@@ -102,7 +102,7 @@ class CocoMaskDataset(Dataset):
 
     def load(self, index: int, flip: bool = False) -> tuple[torch.Tensor, dict]:
         img, anns = self.entries[index]
-        image_id = int(img["id"])
+        image_id = img["id"]
         h, w = int(img["height"]), int(img["width"])
         path = self.paths[image_id]
         rgb = read_rgb(path, image_id, (w, h))  # in the frame of the json's size (EXIF orientation)
@@ -127,7 +127,7 @@ class CocoMaskDataset(Dataset):
         target = {
             "boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
             "masks": torch.from_numpy(np.ascontiguousarray(masks)), "ignore_mask": torch.from_numpy(ignore),
-            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "image_id": torch.tensor(self.int_id[image_id], dtype=torch.int64),
         }
         return image, target
 

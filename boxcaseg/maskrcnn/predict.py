@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.cocojson import load_coco
+from boxcaseg.cocojson import id_order, load_coco
 from boxcaseg.io import atomic_write_json, check_output_file, check_outputs
 from boxcaseg.data.transforms import read_rgb
 from boxcaseg.dist import check_device_name, resolve_device
@@ -35,7 +35,7 @@ def list_images(images: str | os.PathLike, ann: str | os.PathLike | None = None,
         raise BoxcasegError(f"{images}: image folder not found")
     if ann is not None:
         coco = load_coco(ann, "annotation")
-        ids = sorted(coco.images) if not image_ids else list(image_ids)
+        ids = sorted(coco.images, key=id_order) if not image_ids else list(image_ids)
         missing = [i for i in ids if i not in coco.images]
         if missing:
             raise BoxcasegError(f"{ann}: image ids {missing[:5]} not in the json")

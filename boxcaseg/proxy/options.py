@@ -14,7 +14,7 @@ from typing import Any
 
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.infer_settings import FIELDS, check_setting, flag_label
-from boxcaseg.io import check_output_file, check_outputs, file_sha256
+from boxcaseg.io import check_name_length, check_output_file, check_outputs, file_sha256
 from boxcaseg.proxy.shards import FORMAT, Shard
 
 DROP_THRESH = 0.95  # the paper's drop rule: agreement below it flags ignore_mask
@@ -85,11 +85,17 @@ class ProxyConfig:
 
 def check_proxy_output(cfg: ProxyConfig) -> None:
     """``cfg.out`` can be written and is none of the run's inputs (the json, the image folder
-    or a file in it, the user's model file): :func:`~boxcaseg.io.check_outputs`."""
+    or a file in it, the user's model file): :func:`~boxcaseg.io.check_outputs`; the names made
+    from it (progress folder, shard file) fit a file name."""
     from boxcaseg.model_files import user_model_file
+    from boxcaseg.proxy.shards import progress_dir, shard_file
 
     check_output_file(cfg.out, "-o")
     check_outputs({"-o": cfg.out}, {"--ann": cfg.ann, "--images": cfg.images, "--model": user_model_file(cfg.model)})
+    shard = Shard.parse(cfg.shard)  # the names made from -o's, before any work
+    check_name_length(progress_dir(Path(cfg.out), shard), "-o (its progress folder)")
+    if shard.count > 1:
+        check_name_length(shard_file(Path(cfg.out), shard), "-o (its shard file)")
 
 
 def settings_flags(cfg: ProxyConfig) -> list[str]:

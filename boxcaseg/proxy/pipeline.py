@@ -7,9 +7,9 @@ Flow (one shard):
    (:class:`~boxcaseg.proxy.shards.ProgressStore`);
 2. worker processes decode each image once and crop + resize all its usable boxes to
    S x S (:mod:`boxcaseg.proxy.decode`);
-3. the main process packs crops of consecutive images into batches of exactly
-   ``batch_size`` (the last batch of a chunk is padded, so every sample is always
-   computed in a batch of the same size) and submits them to the engine, one batch in
+3. the main process packs crops of consecutive images into batches of exactly B crops
+   (the last batch of a chunk is padded, so every sample is always computed in a batch of
+   the same size) and submits them to the engine, one batch in
    flight: batch k+1 is submitted before batch k's maps are collected, and packed into
    the other of two host buffers while batch k runs (on a GPU; on the CPU ``submit``
    computes at once, the same code);
@@ -20,9 +20,14 @@ Flow (one shard):
 5. the finished run writes the output json (or the shard file,
    :mod:`boxcaseg.proxy.shards`) atomically.
 
-The engine is loaded and warmed up (its first batch, a CUDA graph's capture, the Numba
-kernels' compilation) in a thread while step 1 reads the json; the steady clock starts
-when both are done.
+B (:func:`run_batch_size`) is ``batch_size``, capped by memory
+(:func:`~boxcaseg.export.engines.capped_batch_size`) and by the crops of the shard's
+largest chunk: 4 boxes with ``--batch-size 512`` run in batches of 4, not 512 (15 GB).
+It depends only on what the fingerprint holds, so a resumed run batches alike.
+
+The engine is loaded in a thread while step 1 reads the json, then warmed up (its first
+batch of B, a CUDA graph's capture, the Numba kernels' compilation) once B is known; the
+steady clock starts when both are done.
 
 Options and their resolution from the model: :mod:`boxcaseg.proxy.options`; one shard
 per torchrun rank and the rank-0 join: :mod:`boxcaseg.proxy.distributed`.
@@ -118,6 +123,8 @@ def generate_proxy(cfg: ProxyConfig, resolved=None, check_data=None) -> dict:
             # one run per output: a second one stops here, before touching its progress
             held.enter_context(output_lock(cfg.out if shard.count == 1 else shard_file(cfg.out, shard)))
             store = ProgressStore(progress_dir(cfg.out, shard), fingerprint(cfg, shard, size), restart=cfg.restart)
+            batch = run_batch_size(cfg, chunks, size)
+            warm.release(batch)
             pending = [c for c in range(len(chunks)) if not store.done(c)]
             if not cfg.skip_bad:  # before any work: a size the json does not give stops the run now, not midway
                 check_image_headers([t for c in pending for t in chunks[c] if len(t.crops)], paths)
@@ -129,18 +136,20 @@ def generate_proxy(cfg: ProxyConfig, resolved=None, check_data=None) -> dict:
             if pending:
                 try:
                     engine_desc = _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm,
-                                              paths)
+                                              paths, batch)
                 except KeyboardInterrupt:
                     saved = sum(len(chunks[c]) for c in range(len(chunks)) if store.done(c))
                     raise KeyboardInterrupt(f"{saved} of {len(mine)} images of {cfg.out} are saved in {store.root}; "
                                             "rerun the same command to resume") from None
         finally:
+            warm.release(None)  # no-op once released; after an error: load, no warm-up
             warm.join()  # never leave the engine loading behind an error (nor a CUDA init at exit)
 
         stats, results = store.collect([[t.image_id for t in chunk] for chunk in chunks])
         seconds = time.perf_counter() - t_start
         summary = _summary(stats, len(mine), shard, chunks, pending, timers, seconds, data, engine_desc)
         summary["post_workers"] = cfg.post_workers
+        summary["batch_size"] = batch
         info = run_info(cfg, rm, store.fingerprint)
         summary["settings"] = info
         if shard.count == 1:
@@ -200,7 +209,8 @@ def default_post_workers(cpus: int | None = None) -> int:
 
 
 class EngineWarmUp(threading.Thread):
-    """Loads the engine and warms it up (:func:`_warm_up`) in a thread, beside the json read."""
+    """Loads the engine in a thread, beside the json read, and warms it up (:func:`_warm_up`)
+    with the batch size :meth:`release` gives (None: no warm-up, the run stops)."""
 
     def __init__(self, cfg: ProxyConfig, settings: InferSettings):
         super().__init__(daemon=True, name="proxy-engine")
@@ -208,7 +218,15 @@ class EngineWarmUp(threading.Thread):
         self.engine = None
         self.error: BaseException | None = None
         self.seconds = 0.0
+        self._batch: int | None = None
+        self._released = threading.Event()
         self.start()
+
+    def release(self, batch: int | None) -> None:
+        """The run's batch size is known (the first call counts)."""
+        if not self._released.is_set():
+            self._batch = batch
+            self._released.set()
 
     def run(self) -> None:
         from boxcaseg.export.engines import load_engine
@@ -220,7 +238,11 @@ class EngineWarmUp(threading.Thread):
                                  channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph)
             if engine.infer_size != self.size:
                 raise BoxcasegError(f"{cfg.model}: engine input size {engine.infer_size} != metadata {self.size}")
-            _warm_up(engine, cfg, self.settings)
+            t_wait = time.perf_counter()
+            self._released.wait()
+            t0 += time.perf_counter() - t_wait  # the json read is not the engine's time
+            if self._batch is not None:
+                _warm_up(engine, self._batch, cfg, self.settings)
             self.engine = engine
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self.error = e
@@ -234,7 +256,16 @@ class EngineWarmUp(threading.Thread):
         return self.engine
 
 
-def _warm_up(engine, cfg, settings: InferSettings) -> None:
+def run_batch_size(cfg: ProxyConfig, chunks: list, size: int) -> int:
+    """The run's batch B: ``cfg.batch_size`` capped by memory (:func:`~boxcaseg.export.engines.capped_batch_size`)
+    and by the crops of the largest chunk (a batch never spans two chunks), at least 1."""
+    from boxcaseg.export.engines import capped_batch_size
+
+    most = max((sum(len(t.crops) for t in chunk) for chunk in chunks), default=1)
+    return max(1, min(capped_batch_size(cfg.batch_size, size), most))
+
+
+def _warm_up(engine, batch: int, cfg, settings: InferSettings) -> None:
     """One batch through the engine (a CUDA graph is captured then) and the post-processing
     kernels (their compilation), so that the run's per-stage times describe the steady state."""
     from boxcaseg.proxy.image_masks import crop_masks, finish_image
@@ -242,7 +273,7 @@ def _warm_up(engine, cfg, settings: InferSettings) -> None:
     from boxcaseg.proxy.tasks import image_task
 
     size = settings.infer_size
-    probs = engine.predict(np.zeros((cfg.batch_size, 3, size, size), np.uint8))
+    probs = engine.predict(np.zeros((batch, 3, size, size), np.uint8))
     task = image_task(8, 8, [[0, 0, 8, 8]], settings.context)
     masks = crop_masks(np.asarray(probs)[:1], [(task, 0)], settings, stride=engine.output_stride,
                        relative=cfg.relative)
@@ -259,7 +290,7 @@ def uses_cuda(cfg: ProxyConfig) -> bool:
     return where == "cuda" or where.startswith(("CUDA", "Tensorrt"))
 
 
-def _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm, paths) -> str:
+def _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_before, warm, paths, B: int) -> str:
     """Decode -> batch -> infer -> post for the pending chunks; returns the engine description."""
     size = settings.infer_size
     work = [t for c in pending for t in chunks[c] if len(t.crops)]
@@ -279,7 +310,6 @@ def _run_chunks(cfg, chunks, pending, store, settings, timers, total, done_befor
         post = PostPool(cfg, chunks, store, settings, engine.output_stride, timers, advance, cfg.post_workers, cuda)
     else:
         post = PostThread(cfg, chunks, store, settings, engine.output_stride, timers, advance)
-    B = cfg.batch_size
     bufs = engine.input_buffers(B, 2)  # page-locked on CUDA: batch k+1 is packed in one while batch k runs
     cur = 0
     refs: list = []

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from boxcaseg.errors import BoxcasegError
-from boxcaseg.io import atomic_write_json, load_json
+from boxcaseg.io import atomic_write_json, load_json, short_name
 from boxcaseg.proxy.tasks import ann_key, apply_results, validate_coco
 
 FORMAT = 1
@@ -62,7 +62,8 @@ def shard_file(out: Path, shard: Shard) -> Path:
 
 
 def progress_dir(out: Path, shard: Shard) -> Path:
-    return out.with_name(f"{out.name}.progress") / shard.tag
+    """``<out name>.progress/shard-K-of-N`` (the name cut to fit 255 bytes with its suffix)."""
+    return out.with_name(f"{short_name(out.name, len('.progress'))}.progress") / shard.tag
 
 
 class ProgressStore:
