@@ -105,7 +105,7 @@ def architecture(m) -> dict:
 
 def train_inputs(cfg: Config, resume: bool) -> list[tuple[str, str]]:
     """Every file and folder a training run reads, as (setting, path): what ``--out`` must not write over."""
-    from boxcaseg.model_files import user_model_file
+    from boxcaseg.weights import user_model_file
 
     d = cfg.data
     pairs = [("data.box_ann", a) for a in _as_list(d.box_ann)] + [("data.box_images", a) for a in _as_list(d.box_images)]

@@ -149,14 +149,6 @@ def checkpoint_path(name: str | Path) -> Path:
     return weights.pretrained_path() if weights.is_alias(name) else Path(name)
 
 
-def user_model_file(model) -> Path | None:
-    """The user's own model file a name means (None for the shipped model): an input
-    outputs are checked against (:func:`boxcaseg.io.check_outputs`)."""
-    from boxcaseg import weights
-
-    return None if weights.is_alias(model) else Path(model)
-
-
 def _named_model(model, shipped) -> tuple[Path, str]:
     """The file a model name means and how to name it to the user: the shipped file
     (``shipped()``) for None / "pretrained", else the user's file, which must exist."""

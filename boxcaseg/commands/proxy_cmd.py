@@ -64,7 +64,7 @@ def proxy_command(
                                        write_format, wrote_whole_json)
 
     con = Console(highlight=False, soft_wrap=True, stderr=False)
-    from boxcaseg.model_files import user_model_file
+    from boxcaseg.weights import user_model_file
 
     inputs = {"--ann": ann} if join_shards else {"--ann": ann, "--images": images, "--model": user_model_file(model)}
     out, folder = output_paths(out, fmt, inputs)

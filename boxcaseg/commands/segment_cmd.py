@@ -50,8 +50,8 @@ def segment_command(
     """
     from boxcaseg.io import atomic_write_json, check_output_file, check_outputs
     from boxcaseg.masks import encode
-    from boxcaseg.model_files import user_model_file
     from boxcaseg.predictor import Segmenter, as_rgb_image
+    from boxcaseg.weights import user_model_file
 
     boxes = [parse_box(b) for b in box]
     fmt = "xyxy" if xyxy else "xywh"

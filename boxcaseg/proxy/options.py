@@ -87,8 +87,8 @@ def check_proxy_output(cfg: ProxyConfig) -> None:
     """``cfg.out`` can be written and is none of the run's inputs (the json, the image folder
     or a file in it, the user's model file): :func:`~boxcaseg.io.check_outputs`; the names made
     from it (progress folder, shard file) fit a file name."""
-    from boxcaseg.model_files import user_model_file
     from boxcaseg.proxy.shards import progress_dir, shard_file
+    from boxcaseg.weights import user_model_file
 
     check_output_file(cfg.out, "-o")
     check_outputs({"-o": cfg.out}, {"--ann": cfg.ann, "--images": cfg.images, "--model": user_model_file(cfg.model)})

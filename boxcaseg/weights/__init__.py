@@ -69,3 +69,9 @@ def int8_path(check: bool = True) -> Path:
 
 def is_alias(spec) -> bool:
     return spec is None or str(spec) in ALIASES
+
+
+def user_model_file(model) -> Path | None:
+    """The user's own model file a name means (None for the shipped model): an input
+    outputs are checked against (:func:`boxcaseg.io.check_outputs`)."""
+    return None if is_alias(model) else Path(model)
