@@ -183,7 +183,8 @@ class _ModuleReader:
             return [m for n in names for m in self._loaded(n)]
         if lazy and self._is_lazy_export_call(name):
             return [m for v in self.exports.values() for m in self._loaded(f"{self.module}.{v}")]
-        self._error(node, f"{ast.unparse(node.func)}(...) with a computed name ({ast.unparse(name) if name else 'none'})")
+        shown = ast.unparse(name) if name else "none"
+        self._error(node, f"{ast.unparse(node.func)}(...) with a computed name ({shown})")
         return []
 
     def _literal_exports(self) -> dict[str, str]:
@@ -560,7 +561,8 @@ def test_planted_bottom_reaches_above_through_errors(copy):
     plant(copy, "errors.py", "def _late():\n    from boxcaseg import io\n\n    return io\n")
     g = import_graph(copy)
     bad = {(m, t): chain for m, t, chain in bottom_violations(g)}
-    assert bad[("boxcaseg.kernels.dispatch", "boxcaseg.io")] == "boxcaseg.kernels.dispatch -> boxcaseg.errors -> boxcaseg.io"
+    assert bad[("boxcaseg.kernels.dispatch", "boxcaseg.io")] == \
+        "boxcaseg.kernels.dispatch -> boxcaseg.errors -> boxcaseg.io"
 
 
 def test_planted_module_without_a_layer(copy):
