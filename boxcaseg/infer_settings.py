@@ -151,10 +151,6 @@ class InferSettings:
         return ", ".join(FIELDS[n].describe.format(getattr(self, n)) for n in order)
 
 
-DEFAULTS = {name: getattr(InferSettings, name) for name in FIELDS if name != "infer_size"}  # files from before
-SETTINGS = tuple(FIELDS)
-
-
 def setting_problem(name: str, value: Any) -> str | None:
     """Why ``value`` cannot be the inference setting ``name``, or None."""
     if name not in FIELDS:
