@@ -16,11 +16,6 @@ def xywh_to_xyxy(box: Sequence[float]) -> tuple[float, float, float, float]:
     return x, y, x + w, y + h
 
 
-def xyxy_to_xywh(box: Sequence[float]) -> tuple[float, float, float, float]:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return x0, y0, x1 - x0, y1 - y0
-
-
 def is_finite_number(v: Any) -> bool:
     """A real number a float can hold: not a bool or a string, not inf / NaN (json's 1e400),
     not an int past float's range (10**400)."""
