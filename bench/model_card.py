@@ -1,7 +1,7 @@
 """The shipped model: choose its inference settings, pack it, and measure its model card.
 
     python bench/model_card.py sweep --ckpt runs/pretrained/last.pt   # settings on coco-val
-    python bench/model_card.py pack --ckpt runs/pretrained/last.pt --context 1.1 --threshold 0.4 --prior-weight 0.3
+    python bench/model_card.py pack --ckpt runs/pretrained/last.pt --context 1.2 --threshold 0.4 --prior-weight 0.3
     python bench/model_card.py int8                                    # the int8 graph alone (pack does it too)
     python bench/model_card.py card                                    # the shipped model, no flags
 

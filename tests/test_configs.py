@@ -48,6 +48,20 @@ def test_every_shipped_config_loads_by_name(name, env):
     assert load_config(f"{name}.toml", cls=config_class(name)) == load_config(name, cls=config_class(name))
 
 
+def test_the_pretrained_recipe_says_what_the_shipped_model_carries():
+    """configs/pretrained.toml's [model] (the network and the inference settings) is what the
+    shipped checkpoint's own config holds: read raw from both files (tomllib, torch.load)."""
+    import tomllib
+
+    from boxcaseg import weights
+
+    recipe = tomllib.loads((importlib.resources.files("boxcaseg") / "configs" / "pretrained.toml").read_text())
+    shipped = torch.load(weights.pretrained_path(), map_location="cpu", weights_only=True)["config"]["model"]
+    compared = {k: v for k, v in recipe["model"].items() if k != "backbone_weights"}  # packed without it
+    assert {"infer_size", "infer_context", "infer_threshold", "infer_prior_weight", "alpha", "backbone"} <= set(compared)
+    assert compared == {k: shipped[k] for k in compared}
+
+
 def test_the_maskrcnn_coco_config_uses_imagenet_weights(env):
     cfg = load_config("maskrcnn-coco", cls=MaskRCNNConfig)
     assert cfg.model.backbone == "resnet101" and cfg.model.pretrained and not cfg.model.backbone_weights
