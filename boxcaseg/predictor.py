@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from boxcaseg.errors import BoxcasegError
+from boxcaseg.proxy.options import DROP_SLACK, DROP_THRESH, check_drop_rule
 
 BOX_FORMATS = ("xywh", "xyxy")
 
@@ -77,15 +78,21 @@ class Segmenter:
     precision: ``fp32`` (default), ``int8`` (the shipped model's int8 graph on ONNX
     Runtime's CPU provider, or ``model`` = your own int8 graph), ``fp16`` / ``bf16`` (the
     torch engine); the masks of anything but fp32 differ a little.
-    context / threshold / prior_weight: None takes the model's own settings.
+    context / threshold / prior_weight: None takes the model's own settings. relative:
+    threshold the per-instance min-max normalised map (``boxcaseg proxy --relative``).
+    drop_thresh / drop_slack: the proxy's drop rule (``--drop-thresh`` / ``--drop-slack``),
+    which flags a mask ``ignore_mask`` (:meth:`predict_with_flags`).
     """
 
     def __init__(self, model: str | Path | None = None, *, engine: str = "auto", device: str | None = None,
                  precision: str = "fp32", threads: int = 0, context: float | None = None,
-                 threshold: float | None = None, prior_weight: float | None = None, batch_size: int = 32):
+                 threshold: float | None = None, prior_weight: float | None = None, relative: bool = False,
+                 drop_thresh: float = DROP_THRESH, drop_slack: float = DROP_SLACK, batch_size: int = 32):
         from boxcaseg.export.engines import capped_batch_size, load_engine
         from boxcaseg.model_files import resolve_model
 
+        self._drop = check_drop_rule(drop_thresh, drop_slack, ("drop_thresh", "drop_slack"))  # before any work
+        self.relative = bool(relative)
         self.model = resolve_model(model, engine, device, precision)
         self.precision = self.model.precision
         # the settings in force: the model's, merged with what was given here (None keeps the model's)
@@ -107,6 +114,13 @@ class Segmenter:
     threshold = property(lambda self: self.settings.threshold, lambda self, v: self._set("threshold", v))
     prior_weight = property(lambda self: self.settings.prior_weight, lambda self, v: self._set("prior_weight", v))
 
+    # the drop rule, checked when set
+    def _set_drop(self, thresh: float, slack: float) -> None:
+        self._drop = check_drop_rule(thresh, slack, ("drop_thresh", "drop_slack"))
+
+    drop_thresh = property(lambda self: self._drop[0], lambda self, v: self._set_drop(v, self._drop[1]))
+    drop_slack = property(lambda self: self._drop[1], lambda self, v: self._set_drop(self._drop[0], v))
+
     def describe(self) -> str:
         """One line: the model, the engine and the settings in force."""
         return f"model {self.model.label} on {self.engine.description}: {self.settings.describe()}"
@@ -121,11 +135,18 @@ class Segmenter:
         claimed by several boxes goes to the smallest (the proxy's merge); default off,
         every box gets its own mask.
         """
-        return self.predict_with_agreement(image, boxes, box_format, merge)[0]
+        return self.predict_with_flags(image, boxes, box_format, merge)[0]
 
     def predict_with_agreement(self, image: Any, boxes: Sequence, box_format: str = "xywh",
                                merge: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`predict` and each mask's box agreement (IoU of its tight box and the box)."""
+        return self.predict_with_flags(image, boxes, box_format, merge)[:2]
+
+    def predict_with_flags(self, image: Any, boxes: Sequence, box_format: str = "xywh",
+                           merge: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`predict`, each mask's box agreement and its ``ignore_mask`` flag [K] bool: the
+        agreement below the box's drop threshold (:attr:`drop_thresh`, lowered for a small box
+        by :attr:`drop_slack` px per axis), the verdict ``boxcaseg proxy`` writes."""
         from boxcaseg.boxes import degenerate_reason
         from boxcaseg.proxy.image_masks import image_masks
 
@@ -138,4 +159,5 @@ class Segmenter:
             if reason is not None:
                 raise BoxcasegError(f"box {k} {[round(float(v), 3) for v in given[k]]} ({box_format}) "
                                     f"on a {W}x{H} image: {reason.removeprefix('bbox ')}")
-        return image_masks(img, xywh, self.settings, self.engine, batch_size=self.batch_size, merge=merge)
+        return image_masks(img, xywh, self.settings, self.engine, batch_size=self.batch_size, merge=merge,
+                           relative=self.relative, drop_thresh=self.drop_thresh, drop_slack=self.drop_slack)

@@ -126,6 +126,6 @@ def test_segment_and_proxy_declare_their_inference_options_once():
 
     segment, proxy = options("segment"), options("proxy")
     inference = [("--model",), ("--engine",), ("--context",), ("--threshold",), ("--prior-weight",),
-                 ("--merge", "--no-merge"), ("--device",), ("--precision",)]
+                 ("--merge", "--no-merge"), ("--drop-thresh",), ("--drop-slack",), ("--device",), ("--precision",)]
     for opt in inference:
         assert segment[opt] == proxy[opt], opt

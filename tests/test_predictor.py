@@ -166,6 +166,20 @@ def test_shipped_model_loads_with_its_settings():
 # --------------------------------------------------------------------------- Segmenter
 
 
+def _folder(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _one_image_coco(tmp_path, p, boxes):
+    coco = {"images": [{"id": 7, "file_name": p.name, "width": 90, "height": 70}],
+            "annotations": [{"id": k + 1, "image_id": 7, "category_id": 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
+                            for k, b in enumerate(boxes)],
+            "categories": [{"id": 1, "name": "x"}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    return tmp_path / "a.json"
+
+
 @pytest.fixture(scope="module")
 def segmenter(models):
     from boxcaseg.predictor import Segmenter
@@ -177,16 +191,12 @@ def test_segmenter_matches_the_proxy_pipeline(models, segmenter, tmp_path, cache
     """Same boxes, same model and settings: the masks of `Segmenter` are the proxy's."""
     from boxcaseg.proxy import ProxyConfig, generate_proxy
 
-    p, arr = _image(tmp_path, 1)
+    p, arr = _image(_folder(tmp_path / "img"), 1)
     boxes = [[10.3, 5.7, 40.2, 30.9], [30.0, 20.0, 45.5, 40.0], [0.0, 0.0, 90.0, 70.0], [60.2, 50.1, 3.4, 2.2]]
-    coco = {"images": [{"id": 7, "file_name": p.name, "width": 90, "height": 70}],
-            "annotations": [{"id": k + 1, "image_id": 7, "category_id": 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
-                            for k, b in enumerate(boxes)],
-            "categories": [{"id": 1, "name": "x"}]}
-    (tmp_path / "a.json").write_text(json.dumps(coco))
+    ann = _one_image_coco(tmp_path, p, boxes)
     for merge in (False, True):
         out = tmp_path / f"p{merge}.json"
-        generate_proxy(ProxyConfig(ann=tmp_path / "a.json", images=tmp_path, out=out, model=models["tuned"],
+        generate_proxy(ProxyConfig(ann=ann, images=p.parent, out=out, model=models["tuned"],
                                    engine="torch", device="cpu", merge=merge, batch_size=len(boxes), workers=0,
                                    progress=False))
         res = json.loads(out.read_text())["annotations"]
@@ -194,6 +204,71 @@ def test_segmenter_matches_the_proxy_pipeline(models, segmenter, tmp_path, cache
         assert masks.shape == (len(boxes), 70, 90) and masks.dtype == bool
         for k, a in enumerate(res):
             np.testing.assert_array_equal(masks[k], decode(a["segmentation"], 70, 90).astype(bool))
+
+
+# settings under which the tiny model's masks fall short of some boxes, not of others
+# (an ellipse-shaped map thresholded high), so the drop rule flags some and not others
+SHORT = {"threshold": 0.7, "prior_weight": 0.8}
+FLAG_BOXES = [[10.3, 5.7, 40.2, 30.9], [30.0, 20.0, 45.5, 40.0], [0.0, 0.0, 90.0, 70.0], [60.2, 50.1, 3.4, 2.2],
+              [40.0, 40.0, 8.0, 6.0]]
+
+
+def test_segmenter_flags_are_the_proxy_runs_ignore_mask(models, tmp_path, cache):
+    """Same boxes, model, settings and drop rule: `Segmenter.predict_with_flags` gives the
+    masks, agreements and ``ignore_mask`` flags of the proxy run, with and without merge,
+    with the default drop rule and another one; the flags are not all alike."""
+    from boxcaseg.predictor import Segmenter
+    from boxcaseg.proxy import ProxyConfig, generate_proxy
+
+    p, _ = _image(_folder(tmp_path / "img"), 1)
+    ann = _one_image_coco(tmp_path, p, FLAG_BOXES)
+    seen = set()
+    for drop in ({}, {"drop_thresh": 0.9, "drop_slack": 0.0}):
+        seg = Segmenter(models["tuned"], engine="torch", device="cpu", **SHORT, **drop)
+        for merge in (False, True):
+            out = tmp_path / f"p{merge}{len(drop)}.json"
+            generate_proxy(ProxyConfig(ann=ann, images=p.parent, out=out, model=models["tuned"], engine="torch",
+                                       device="cpu", merge=merge, batch_size=len(FLAG_BOXES), workers=0,
+                                       progress=False, **SHORT, **drop))
+            res = json.loads(out.read_text())["annotations"]
+            masks, agreement, flags = seg.predict_with_flags(p, FLAG_BOXES, merge=merge)
+            assert flags.dtype == bool and flags.shape == (len(FLAG_BOXES),)
+            assert flags.tolist() == [a["ignore_mask"] for a in res], (drop, merge)
+            assert agreement.tolist() == [a["proxy_agreement"] for a in res]
+            for k, a in enumerate(res):
+                np.testing.assert_array_equal(masks[k], decode(a["segmentation"], 70, 90).astype(bool))
+            m2, a2 = seg.predict_with_agreement(p, FLAG_BOXES, merge=merge)  # the former call: the same two
+            np.testing.assert_array_equal(m2, masks)
+            np.testing.assert_array_equal(a2, agreement)
+            seen.add(tuple(flags.tolist()))
+    assert any(True in f and False in f for f in seen), seen  # the flags can tell boxes apart ...
+    assert len(seen) > 1, seen  # ... and the drop rule's settings reach them
+
+
+def test_segmenter_drop_rule_and_relative_are_settings(models, tmp_path):
+    """drop_thresh / drop_slack / relative: keywords and attributes, checked; relative reaches the masks."""
+    from boxcaseg.predictor import Segmenter
+    from boxcaseg.proxy.options import DROP_SLACK, DROP_THRESH
+
+    seg = Segmenter(models["tuned"], engine="torch", device="cpu", **SHORT)
+    assert (seg.drop_thresh, seg.drop_slack, seg.relative) == (DROP_THRESH, DROP_SLACK, False)
+    p, _ = _image(tmp_path, 1)
+    _, agreement, flags = seg.predict_with_flags(p, FLAG_BOXES)
+    seg.drop_thresh = 0.0  # nothing is below 0
+    assert not seg.predict_with_flags(p, FLAG_BOXES)[2].any()
+    seg.drop_thresh, seg.drop_slack = 1.0, 0.0  # everything short of a perfect agreement
+    np.testing.assert_array_equal(seg.predict_with_flags(p, FLAG_BOXES)[2], agreement < 1.0)
+    for bad, match in (({"drop_thresh": 1.5}, r"drop_thresh 1.5: must be in \[0, 1\]"),
+                       ({"drop_slack": -1}, r"drop_slack -1: must be in \[0, 8\] px"),
+                       ({"drop_thresh": "high"}, r"drop_thresh 'high': not a number")):
+        with pytest.raises(BoxcasegError, match=match):
+            Segmenter(models["tuned"], engine="torch", device="cpu", **bad)
+    with pytest.raises(BoxcasegError, match="drop_slack"):
+        seg.drop_slack = float("nan")
+    assert seg.drop_slack == 0.0  # a refused value leaves the setting as it was
+    plain = seg.predict(p, FLAG_BOXES)
+    seg.relative = True
+    assert (seg.predict(p, FLAG_BOXES) != plain).any()  # the min-max normalised map thresholds elsewhere
 
 
 def test_segmenter_inputs_and_box_formats_agree(segmenter, tmp_path):
@@ -250,6 +325,8 @@ def test_segment_cli_writes_overlay_and_rle_json(models, segmenter, tmp_path, ca
     assert ov.size == (90, 70)
     js = json.loads((tmp_path / "m.json").read_text())
     ref = segmenter.predict(p, [[12, 8, 40, 33], [50, 30, 30, 35]])
+    assert all(m["ignore_mask"] is False for m in js["masks"])  # these masks reach their boxes
+    assert (js["settings"]["drop_thresh"], js["settings"]["drop_slack"]) == (0.95, 0.5)
     assert [m["box"] for m in js["masks"]] == [[12, 8, 40, 33], [50, 30, 30, 35]]
     for k, m in enumerate(js["masks"]):
         assert set(m["segmentation"]) == {"size", "counts"} and m["segmentation"]["size"] == [70, 90]
@@ -259,11 +336,35 @@ def test_segment_cli_writes_overlay_and_rle_json(models, segmenter, tmp_path, ca
     assert diff[ref[0]].mean() > 0.9 and not diff[:, 85:].any()
 
 
+def test_segment_cli_json_carries_the_flags_of_the_drop_rule(models, tmp_path):
+    """segment --json: each mask's ignore_mask, the proxy's verdict (Segmenter's flags) under
+    --drop-thresh / --drop-slack, next to its agreement; the settings record the rule."""
+    from boxcaseg.predictor import Segmenter
+
+    p, _ = _image(tmp_path, 1)
+    ref = Segmenter(models["tuned"], engine="torch", device="cpu", **SHORT)
+    default_flags = ref.predict_with_flags(p, FLAG_BOXES)[2]
+    ref.drop_thresh, ref.drop_slack = 0.8, 0.0
+    masks, agreement, flags = ref.predict_with_flags(p, FLAG_BOXES)
+    assert flags.any() and not flags.all() and (flags != default_flags).any()
+    boxes = sum((["--box", ",".join(map(str, b))] for b in FLAG_BOXES), [])
+    code = run_cli(["segment", str(p), *boxes, "--json", str(tmp_path / "m.json"), "--model", str(models["tuned"]),
+                    "--engine", "torch", "--device", "cpu", "--threshold", "0.7", "--prior-weight", "0.8",
+                    "--drop-thresh", "0.8", "--drop-slack", "0"])
+    assert code == 0
+    js = json.loads((tmp_path / "m.json").read_text())
+    assert [m["ignore_mask"] for m in js["masks"]] == flags.tolist()
+    assert [m["box_agreement"] for m in js["masks"]] == [round(float(a), 6) for a in agreement]
+    assert (js["settings"]["drop_thresh"], js["settings"]["drop_slack"]) == (0.8, 0.0)
+
+
 @pytest.mark.parametrize("args, match", [
     (["--box", "1,2,3"], "--box '1,2,3': expected 4 numbers"),
     (["--box", "a,b,c,d"], "expected 4 numbers"),
     (["--box", "10,10,0,5"], "box 0 .* non-positive size"),
     (["--box", "500,10,5,5"], "box 0 .* outside its image"),
+    (["--box", "1,1,4,4", "--drop-thresh", "2"], r"--drop-thresh 2.0: must be in \[0, 1\]"),
+    (["--box", "1,1,4,4", "--drop-slack", "-1"], r"--drop-slack -1.0: must be in \[0, 8\] px"),
 ])
 def test_segment_cli_bad_input_is_one_line_exit_2(models, tmp_path, capsys, args, match):
     import re

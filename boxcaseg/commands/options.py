@@ -2,7 +2,7 @@
 
 An option two commands take is declared here once, as an ``Annotated`` type, so both spell,
 default and explain it the same way: the inference options of ``segment`` and ``proxy``
-(model, engine, settings overrides, merge, device, precision) and the run options of
+(model, engine, settings overrides, merge, the drop rule, device, precision) and the run options of
 ``train`` and ``maskrcnn train`` (resume, --set, the hidden --stop-at). A command writes
 ``model: Model = None``; the default stays in the signature.
 """
@@ -75,6 +75,12 @@ Merge = Annotated[bool, typer.Option(
     "of an image goes to the smallest). Default --no-merge: each box keeps its own mask; it scores higher on COCO "
     "(mIoU*, as `evaluate masks` measures it) and trained an equal or better Mask R-CNN on PennFudan "
     "(bench/RESULTS.md \"merge_maskrcnn\").")]
+DropThresh = Annotated[float, typer.Option(
+    "--drop-thresh", help="Agreement (IoU of the mask's tight box and its box) below this flags ignore_mask, with or "
+    "without --merge.")]
+DropSlack = Annotated[float, typer.Option(
+    "--drop-slack", help="Pixels per axis a small box may miss before its mask is flagged: a w x h box's threshold "
+    "is min(--drop-thresh, (w-slack)(h-slack)/(w h)); 0: --drop-thresh for every box.")]
 Device = Annotated[Optional[str], typer.Option(
     "--device", help="Where the engine runs: cpu, cuda or cuda:K (default: cuda when available). Under torchrun "
     "cuda is this rank's GPU (LOCAL_RANK), else GPU 0.")]

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from boxcaseg.commands.options import (Context, Device, Engine, Merge, Model, Precision, PriorWeight, Threshold,
-                                       add_command)
+from boxcaseg.commands.options import (Context, Device, DropSlack, DropThresh, Engine, Merge, Model, Precision,
+                                       PriorWeight, Threshold, add_command)
 from boxcaseg.proxy.options import DROP_SLACK, DROP_THRESH
 
 
@@ -24,8 +24,8 @@ def proxy_command(
     threshold: Threshold = None,
     relative: bool = typer.Option(False, "--relative", help="Threshold the per-instance min-max normalised map (the published rule)."),
     prior_weight: PriorWeight = None,
-    drop_thresh: float = typer.Option(DROP_THRESH, "--drop-thresh", help="Agreement (IoU of mask tight box and GT box) below this flags ignore_mask, with or without --merge."),
-    drop_slack: float = typer.Option(DROP_SLACK, "--drop-slack", help="Pixels per axis a small box may miss before its mask is flagged: a w x h box's threshold is min(--drop-thresh, (w-slack)(h-slack)/(w h)); 0: --drop-thresh for every box."),
+    drop_thresh: DropThresh = DROP_THRESH,
+    drop_slack: DropSlack = DROP_SLACK,
     merge_masks: Merge = False,
     batch_size: int = typer.Option(32, "--batch-size", help="Instances per inference batch."),
     workers: int = typer.Option(2, "--workers", help="Decode/crop worker processes (0: in the main process)."),

@@ -50,11 +50,14 @@ def finish_image(task: ImageTask, masks: list[np.ndarray], *, merge: bool, drop_
 
 
 def image_masks(img, boxes_xywh: np.ndarray, settings: InferSettings, engine, *, batch_size: int = 32,
-                merge: bool = False, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Masks [K, H, W] bool and box agreements [K] for ``boxes_xywh`` [K, 4] (COCO xywh, checked
-    by the caller) on ``img`` (PIL RGB, W x H), with ``settings`` (context, threshold, prior
-    weight, S) and ``engine`` (``predict(batch [B, 3, S, S]) -> probs``, batches of at most
-    ``batch_size``). ``merge``: a pixel claimed by several boxes goes to the smallest."""
+                merge: bool = False, relative: bool = False, drop_thresh: float = DROP_THRESH,
+                drop_slack: float = DROP_SLACK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks [K, H, W] bool, box agreements [K] and ``ignore_mask`` flags [K] bool for
+    ``boxes_xywh`` [K, 4] (COCO xywh, checked by the caller) on ``img`` (PIL RGB, W x H), with
+    ``settings`` (context, threshold, prior weight, S) and ``engine`` (``predict(batch [B, 3, S, S])
+    -> probs``, batches of at most ``batch_size``). ``merge``: a pixel claimed by several boxes
+    goes to the smallest; ``relative``: threshold the per-instance min-max normalised map;
+    ``drop_thresh`` / ``drop_slack``: the drop rule of :func:`finish_image`."""
     from boxcaseg.proxy.decode import cut_crops
 
     W, H = img.size
@@ -62,12 +65,12 @@ def image_masks(img, boxes_xywh: np.ndarray, settings: InferSettings, engine, *,
     n = len(task.crops)
     out = np.zeros((n, H, W), bool)
     if n == 0:
-        return out, np.zeros(0)
+        return out, np.zeros(0), np.zeros(0, bool)
     batch = cut_crops(img, task.crops, settings.infer_size)
     probs = np.concatenate([engine.predict(batch[i:i + batch_size]) for i in range(0, n, batch_size)], 0)
     local = crop_masks(probs, [(task, s) for s in range(n)], settings, stride=engine.output_stride, relative=relative)
-    merged, agreement, _ = finish_image(task, local, merge=merge)
+    merged, agreement, flags = finish_image(task, local, merge=merge, drop_thresh=drop_thresh, drop_slack=drop_slack)
     for k, m in enumerate(merged):
         x0, y0, x1, y1 = (int(v) for v in task.boxes[k])
         out[k, y0:y1, x0:x1] = m.astype(bool)
-    return out, agreement
+    return out, agreement, flags

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,26 @@ class ProxyConfig:
             raise RuntimeError("ProxyConfig.check() before resolve_proxy_config()")
         for name in names:
             check_setting(name, getattr(self, name), flag_label(name))
-        if not 0.0 <= self.drop_thresh <= 1.0:
-            raise BoxcasegError(f"--drop-thresh {self.drop_thresh}: must be in [0, 1]")
-        if not (math.isfinite(self.drop_slack) and 0.0 <= self.drop_slack <= 8.0):
-            raise BoxcasegError(f"--drop-slack {self.drop_slack}: must be in [0, 8] px")
+        check_drop_rule(self.drop_thresh, self.drop_slack)
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.workers < 0:
             raise BoxcasegError("--batch-size and --checkpoint-every must be >= 1, --workers >= 0")
         if not Path(self.images).is_dir():
             raise BoxcasegError(f"{self.images}: image folder not found")
         check_proxy_output(self)
+
+
+def check_drop_rule(drop_thresh: float, drop_slack: float, labels: tuple[str, str] = ("--drop-thresh", "--drop-slack")):
+    """The drop rule's settings (:func:`~boxcaseg.proxy.merge_drop.ignore_flags`) as floats:
+    ``drop_thresh`` in [0, 1], ``drop_slack`` in [0, 8] px; else a BoxcasegError naming them
+    by ``labels`` (the flags, or the Python keywords)."""
+    for value, label in zip((drop_thresh, drop_slack), labels):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise BoxcasegError(f"{label} {value!r}: not a number")
+    if not 0.0 <= drop_thresh <= 1.0:
+        raise BoxcasegError(f"{labels[0]} {drop_thresh}: must be in [0, 1]")
+    if not (math.isfinite(drop_slack) and 0.0 <= drop_slack <= 8.0):
+        raise BoxcasegError(f"{labels[1]} {drop_slack}: must be in [0, 8] px")
+    return float(drop_thresh), float(drop_slack)
 
 
 def check_proxy_output(cfg: ProxyConfig) -> None:
