@@ -13,7 +13,7 @@ gives before and after without rerunning the model.
 
 - ``--proxy``: a ``boxcaseg proxy`` output json (RLE masks). Written with ``--no-merge``
   (``info.boxcaseg_proxy.merge`` false), its masks are the per-instance ones, and the
-  merged masks are recomputed from them with :func:`boxcaseg.proxy.merge_and_drop`,
+  merged masks are recomputed from them with :func:`boxcaseg.proxy.merge_masks`,
   exactly as the default run merges the same model masks: both are reported. Written
   with the default merge: the merged masks only. Without ``--proxy``: the GT json's own
   masks, each cropped to its box window, stand for the proxy (per-instance and merged):
@@ -84,9 +84,9 @@ def _size(gt_ann: dict, h: int, w: int) -> tuple[float, str]:
 def _agreements(windows, masks, gt_xyxy, areas, merge: bool) -> tuple[np.ndarray, np.ndarray]:
     """(former, current) agreement of the masks of one image after (optional) merging."""
     from boxcaseg.masks import tight_box_xyxy
-    from boxcaseg.proxy.merge_drop import box_agreement, merge_and_drop
+    from boxcaseg.proxy.merge_drop import box_agreement, merge_masks
 
-    merged, new = merge_and_drop(windows, masks, gt_xyxy, areas, merge=merge)
+    merged, new = merge_masks(windows, masks, gt_xyxy, areas, merge=merge)
     old = np.zeros(len(masks))
     for k, m in enumerate(merged):
         tb = None if m is None else tight_box_xyxy(m)

@@ -637,7 +637,7 @@ def test_cycle_finder_finds_a_planted_circle():
 
 #: The one inference path (proxy/image_masks.py): the post-processing steps it wraps are called
 #: from there alone, so a change to them is made once for the proxy run, Segmenter and segment.
-ONE_PATH = {"masks_from_probs": "boxcaseg.proxy.image_masks", "merge_and_drop": "boxcaseg.proxy.image_masks"}
+ONE_PATH = {"masks_from_probs": "boxcaseg.proxy.image_masks", "merge_masks": "boxcaseg.proxy.image_masks"}
 
 
 def call_sites(name: str, sources: dict[str, str]) -> set[str]:

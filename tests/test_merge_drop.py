@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 
 from boxcaseg.masks import decode, encode, encode_window, mask_iou, tight_box_xyxy
 from boxcaseg.infer_settings import InferSettings
-from boxcaseg.proxy import encode_window_fast, masks_from_probs, merge_and_drop
+from boxcaseg.proxy import encode_window_fast, masks_from_probs, merge_masks
 from boxcaseg.proxy.geometry import box_window, clipped_box_xyxy
 from boxcaseg.proxy.merge_drop import box_agreement
 from boxcaseg.proxy.postprocess import resize_bilinear
@@ -68,7 +68,7 @@ def test_merge_hand_made_overlaps_expected_pixels():
     masks = [np.ones((7, 7), np.uint8), np.ones((6, 6), np.uint8), np.array([[1, 0], [1, 0]], np.uint8)]
     gt = windows.astype(float)
     areas = np.array([49.0, 36.0, 4.0])
-    merged, agreement = merge_and_drop(windows, masks, gt, areas)
+    merged, agreement = merge_masks(windows, masks, gt, areas)
     full = [paste(h, w, windows[k], merged[k]) for k in range(3)]
     exp_c = np.zeros((h, w), np.uint8)
     exp_c[4:6, 5] = 1
@@ -94,7 +94,7 @@ def test_merge_ties_go_to_the_first_listed_and_missing_masks_take_nothing():
     windows = np.array([[0, 0, 4, 4], [2, 0, 6, 4], [0, 0, 6, 4]])
     masks = [np.ones((4, 4), np.uint8), np.ones((4, 4), np.uint8), None]
     areas = np.array([16.0, 16.0, 1.0])  # the smallest box has no mask: it takes no pixel
-    merged, agreement = merge_and_drop(windows, masks, windows.astype(float), areas)
+    merged, agreement = merge_masks(windows, masks, windows.astype(float), areas)
     assert merged[2] is None and agreement[2] == 0.0
     assert merged[0].all()  # first listed wins the tie
     np.testing.assert_array_equal(merged[1][:, :2], 0)
@@ -104,7 +104,7 @@ def test_merge_ties_go_to_the_first_listed_and_missing_masks_take_nothing():
 
 
 def test_drop_empty_mask_has_zero_agreement():
-    merged, agreement = merge_and_drop(np.array([[1, 1, 4, 4]]), [np.zeros((3, 3), np.uint8)],
+    merged, agreement = merge_masks(np.array([[1, 1, 4, 4]]), [np.zeros((3, 3), np.uint8)],
                                        np.array([[1.0, 1.0, 4.0, 4.0]]), np.array([9.0]))
     assert not merged[0].any() and agreement[0] == 0.0
 
@@ -125,7 +125,7 @@ def test_merge_drop_equals_label_map_reference_on_random_images():
             gt.append(bx)
             areas.append(float(rng.choice([4.0, 9.0, (bx[2] - bx[0]) * (bx[3] - bx[1])])))  # ties happen
         windows, gt, areas = np.array(windows), np.array(gt), np.array(areas)
-        merged, agreement = merge_and_drop(windows, masks, gt, areas)
+        merged, agreement = merge_masks(windows, masks, gt, areas)
         ref = label_map_reference(h, w, windows, masks, gt, areas)
         for k in range(n):
             got = np.zeros((h, w), np.uint8) if merged[k] is None else paste(h, w, windows[k], merged[k])
@@ -236,7 +236,7 @@ def test_merge_off_keeps_masks_and_scores_each_alone():
             gt.append([x0 + rng.uniform(0, 0.9), y0 + rng.uniform(0, 0.9), x1 - rng.uniform(0, 0.9), y1 - rng.uniform(0, 0.9)])
         windows, gt = np.array(windows), np.array(gt)
         areas = rng.uniform(1, 50, n)
-        merged, agreement = merge_and_drop(windows, masks, gt, areas, merge=False)
+        merged, agreement = merge_masks(windows, masks, gt, areas, merge=False)
         for k in range(n):
             if masks[k] is None:
                 assert merged[k] is None and agreement[k] == 0.0
@@ -280,7 +280,7 @@ def test_perfect_masks_of_fractional_boxes_have_agreement_one(bw):
             window = box_window(bbox, W, H)
             gt = clipped_box_xyxy(bbox, W, H)
             masks = [raster(gt, window, "touch"), raster(gt, window, "centre")]
-            _, agreement = merge_and_drop(np.array([window, window]), masks, np.array([gt, gt]),
+            _, agreement = merge_masks(np.array([window, window]), masks, np.array([gt, gt]),
                                           np.array([bw * bh] * 2), merge=False)
             assert agreement[0] == pytest.approx(1.0, abs=1e-12), (bbox, "touch")
             assert agreement[1] == pytest.approx(1.0, abs=1e-12), (bbox, "centre")
@@ -288,7 +288,7 @@ def test_perfect_masks_of_fractional_boxes_have_agreement_one(bw):
     for bbox in ([-bw / 2 - 0.3, 10.6, bw, 7.3], [W - bw / 2 + 0.3, H - 2.2, bw, 9.1]):
         window, gt = box_window(bbox, W, H), clipped_box_xyxy(bbox, W, H)
         for conv in ("touch", "centre"):
-            _, agreement = merge_and_drop(np.array([window]), [raster(gt, window, conv)], np.array([gt]),
+            _, agreement = merge_masks(np.array([window]), [raster(gt, window, conv)], np.array([gt]),
                                           np.array([1.0]), merge=False)
             assert agreement[0] == pytest.approx(1.0, abs=1e-12), (bbox, conv)
 
@@ -302,15 +302,15 @@ def test_mask_a_pixel_short_or_past_the_box_loses():
     no_last_row = full.copy()
     no_last_row[-1] = 0
     for m in (no_first_col, no_last_row):
-        _, agreement = merge_and_drop(window, [m], gt, np.array([400.0]), merge=False)
+        _, agreement = merge_masks(window, [m], gt, np.array([400.0]), merge=False)
         ref = agreement_reference(m.tolist(), 10, 5, gt[0])
         assert agreement[0] < 1.0 and agreement[0] == pytest.approx(ref, abs=1e-12)
         assert ref == pytest.approx(19.5 * 20 / 400)  # a fully covered column missing: half a pixel lost
-    _, agreement = merge_and_drop(window, [full], gt, np.array([400.0]), merge=False)
+    _, agreement = merge_masks(window, [full], gt, np.array([400.0]), merge=False)
     assert agreement[0] == 1.0
     # a mask reaching column 9, which the box [10.2, 30) does not touch: the 0.2 px past it lose
     window2, gt2 = np.array([[9, 5, 30, 25]]), np.array([[10.2, 5.0, 30.0, 25.0]])
-    _, agreement = merge_and_drop(window2, [np.ones((20, 21), np.uint8)], gt2, np.array([400.0]), merge=False)
+    _, agreement = merge_masks(window2, [np.ones((20, 21), np.uint8)], gt2, np.array([400.0]), merge=False)
     ref = agreement_reference(np.ones((20, 21)).tolist(), 9, 5, gt2[0])
     assert agreement[0] < 1.0 and agreement[0] == pytest.approx(ref, abs=1e-12)
     assert ref == pytest.approx(19.8 * 20 / (20.0 * 20))
@@ -353,7 +353,7 @@ def test_drop_rule_matches_plain_python_reference_on_random_masks():
             masks.append(m)
             gt.append(g)
             areas.append(bw * bh)
-        _, agreement = merge_and_drop(np.array(windows), masks, np.array(gt), np.array(areas), merge=False)
+        _, agreement = merge_masks(np.array(windows), masks, np.array(gt), np.array(areas), merge=False)
         for k in range(n):
             ref = agreement_reference(masks[k].tolist(), windows[k][0], windows[k][1], gt[k])
             assert agreement[k] == pytest.approx(ref, abs=1e-12), (windows[k], gt[k])
@@ -482,7 +482,7 @@ def test_drop_rule_by_size_a_missing_column_passes_a_wrong_mask_does_not(side):
         m = full.copy()
         if k:
             m[:, side - k:] = 0
-        _, agr = merge_and_drop(np.array([window]), [m], gt, np.array([w * h]), merge=False)
+        _, agr = merge_masks(np.array([window]), [m], gt, np.array([w * h]), merge=False)
         ref = agreement_reference(m.tolist(), x0, y0, gt[0])
         assert abs(agr[0] - ref) < 1e-12
         assert abs(ref - (w - max(k - 0.5, 0.0)) / w) < 1e-12  # k whole columns short: k - 0.5 px lost

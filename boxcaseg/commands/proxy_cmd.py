@@ -26,7 +26,7 @@ def proxy_command(
     prior_weight: PriorWeight = None,
     drop_thresh: DropThresh = DROP_THRESH,
     drop_slack: DropSlack = DROP_SLACK,
-    merge_masks: Merge = False,
+    merge: Merge = False,
     batch_size: int = typer.Option(32, "--batch-size", help="Instances per inference batch."),
     workers: int = typer.Option(2, "--workers", help="Decode/crop worker processes (0: in the main process)."),
     threads: int = typer.Option(0, "--threads", help="Inference CPU threads (0: the engine's default)."),
@@ -86,7 +86,7 @@ def proxy_command(
         raise BoxcasegError("--images is required (except with --merge-shards)")
     cfg = ProxyConfig(
         ann=ann, images=images, out=out, model=model, engine=engine, context=context, threshold=threshold,
-        relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, drop_slack=drop_slack, merge=merge_masks, batch_size=batch_size, workers=workers, threads=threads,
+        relative=relative, prior_weight=prior_weight, drop_thresh=drop_thresh, drop_slack=drop_slack, merge=merge, batch_size=batch_size, workers=workers, threads=threads,
         shard=shard, checkpoint_every=checkpoint_every, skip_bad=skip_bad, strict=strict, restart=restart,
         progress=not no_progress and env_rank_world()[0] == 0, device=device, precision=precision,
         channels_last=channels_last, cuda_graph=cuda_graph, post_workers=post_workers,

@@ -8,7 +8,7 @@
   progress chunks, shard files);
 - :func:`generate_proxy_torchrun` runs one shard per torchrun rank and rank 0 joins them
   (:mod:`~boxcaseg.proxy.distributed`);
-- :func:`merge_and_drop`: smaller-object-better merge and proxy box agreement (Numba,
+- :func:`merge_masks`: smaller-object-better merge and proxy box agreement (Numba,
   box-local windows);
 - :func:`masks_from_probs`: probability maps -> box-local binary masks (Numba);
 - :func:`~boxcaseg.proxy.image_masks.image_masks`: one image's boxes -> masks, the same parts
@@ -27,7 +27,7 @@ _EXPORTS = {
     "generate_proxy": "pipeline",
     "generate_proxy_torchrun": "distributed",
     "encode_window_fast": "merge_drop",
-    "merge_and_drop": "merge_drop",
+    "merge_masks": "merge_drop",
     "masks_from_probs": "postprocess",
     "merge_shards": "shards",
 }

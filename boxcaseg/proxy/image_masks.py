@@ -4,7 +4,7 @@
   the :class:`~boxcaseg.infer_settings.InferSettings` in force
   (:func:`~boxcaseg.proxy.postprocess.masks_from_probs`);
 - :func:`finish_image`: one image's box-local masks -> merged masks, box agreements and
-  the drop rule's ``ignore_mask`` flags (:func:`~boxcaseg.proxy.merge_drop.merge_and_drop`,
+  the drop rule's ``ignore_mask`` flags (:func:`~boxcaseg.proxy.merge_drop.merge_masks`,
   :func:`~boxcaseg.proxy.merge_drop.ignore_flags`).
 
 :func:`image_masks` runs the whole path for one image (the windows of
@@ -43,9 +43,9 @@ def finish_image(task: ImageTask, masks: list[np.ndarray], *, merge: bool, drop_
     written (``merge``: a pixel claimed by several boxes goes to the smallest), each box's
     agreement with its mask, and its ``ignore_mask`` flag (agreement below the box's drop
     threshold: ``drop_thresh`` with ``drop_slack`` px forgiven per axis)."""
-    from boxcaseg.proxy.merge_drop import ignore_flags, merge_and_drop
+    from boxcaseg.proxy.merge_drop import ignore_flags, merge_masks
 
-    merged, agreement = merge_and_drop(task.boxes, masks, task.gt_xyxy, task.areas, merge=merge)
+    merged, agreement = merge_masks(task.boxes, masks, task.gt_xyxy, task.areas, merge=merge)
     return merged, agreement, ignore_flags(agreement, task.gt_xyxy, drop_thresh, drop_slack)
 
 

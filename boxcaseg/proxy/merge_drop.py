@@ -65,7 +65,7 @@ def _wins(areas, j, i):
 
 
 @njit(cache=True, nogil=True)
-def merge_drop_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged, agreement, do_merge=True):
+def merge_masks_kernel(windows, masks, offsets, gt_xyxy, areas, has_mask, merged, agreement, do_merge=True):
     """windows: [N, 4] int64 (x0, y0, x1, y1); masks/merged: uint8 flat, instance i at
     ``offsets[i]`` row-major [y1-y0, x1-x0]; gt_xyxy: [N, 4] float64; areas: [N] float64;
     has_mask: [N] bool (False: no mask, takes no pixel, agreement 0). Fills ``merged``
@@ -190,7 +190,7 @@ def mask_box_in_gt_frame(tight_xyxy: np.ndarray, gt_xyxy: np.ndarray) -> np.ndar
 
 def box_agreement(tight_xyxy: np.ndarray, gt_xyxy: np.ndarray, grid: bool = False) -> np.ndarray:
     """Agreement [...] of masks with tight boxes ``tight_xyxy`` (pixel edges) and GT boxes,
-    as :func:`merge_and_drop` scores it (bit-identical); ``grid`` True: the former rule,
+    as :func:`merge_masks` scores it (bit-identical); ``grid`` True: the former rule,
     the tight box in pixel edges itself against the GT (kept for before/after reports).
     Empty masks are the caller's (agreement 0)."""
     g = np.asarray(gt_xyxy, np.float64)
@@ -221,7 +221,7 @@ def ignore_flags(agreement: np.ndarray, gt_xyxy: np.ndarray, drop_thresh: float,
     return np.asarray(agreement, np.float64) < drop_thresholds(gt_xyxy, drop_thresh, slack)
 
 
-def merge_and_drop(
+def merge_masks(
     windows: np.ndarray,
     masks: list[np.ndarray | None],
     gt_xyxy: np.ndarray,
@@ -232,7 +232,8 @@ def merge_and_drop(
 
     windows: [N, 4] int (x0, y0, x1, y1) box windows; masks: N uint8/bool arrays
     [y1-y0, x1-x0] (None: no mask); gt_xyxy: [N, 4] GT boxes clipped to the image;
-    areas: [N] GT box areas (merge priority). Returns (merged masks, agreement [N]).
+    areas: [N] GT box areas (merge priority). Returns (merged masks, agreement [N]); the
+    drop rule's flags come from the agreement (:func:`ignore_flags`).
     """
     n = len(masks)
     windows = np.ascontiguousarray(windows, dtype=np.int64).reshape(n, 4)
@@ -249,7 +250,7 @@ def merge_and_drop(
             has[i] = True
     merged = np.zeros_like(flat)
     agreement = np.zeros(n, np.float64)
-    merge_drop_kernel(windows, flat, offsets, np.ascontiguousarray(gt_xyxy, dtype=np.float64).reshape(n, 4),
+    merge_masks_kernel(windows, flat, offsets, np.ascontiguousarray(gt_xyxy, dtype=np.float64).reshape(n, 4),
                       np.ascontiguousarray(areas, dtype=np.float64), has, merged, agreement, bool(merge))
     out = [None if not has[i] else merged[offsets[i]:offsets[i + 1]].reshape(masks[i].shape) for i in range(n)]
     return out, agreement
