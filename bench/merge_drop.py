@@ -17,7 +17,7 @@ masks of neighbouring boxes overlap as real proxy masks do).
   pixel-edge box itself, biased against small boxes), GT box clipped to the image, IoU
   by boxcaseg.boxes.box_iou_xyxy;
 - ours: boxcaseg.proxy.merge_masks on box-local windows (Numba) + RLE from the
-  windows (boxcaseg.proxy.encode_window_fast).
+  windows (boxcaseg.proxy.encode_window).
 
 Both start from what their pipeline holds (full-image RLEs / box windows) and end with
 RLEs + agreement + flag. Asserts identical RLEs, agreements and flags; prints ms per
@@ -103,11 +103,11 @@ def published(item, drop: float):
 
 
 def ours(item, drop: float):
-    from boxcaseg.proxy import encode_window_fast, merge_masks
+    from boxcaseg.proxy import encode_window, merge_masks
 
     merged, agreement = merge_masks(item["windows"], item["win_masks"], item["gt"], item["areas"])
     h, w = item["h"], item["w"]
-    return [(encode_window_fast(m, int(item["windows"][k, 0]), int(item["windows"][k, 1]), h, w),
+    return [(encode_window(m, int(item["windows"][k, 0]), int(item["windows"][k, 1]), h, w),
              float(agreement[k]), bool(agreement[k] < drop)) for k, m in enumerate(merged)]
 
 

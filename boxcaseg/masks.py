@@ -234,37 +234,10 @@ def area(rles: Sequence[dict]) -> np.ndarray:
     return np.array([mask_utils.area(_as_bytes_rle(r)) for r in rles], dtype=np.uint32)
 
 
-def encode_window(window: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
-    """Compressed RLE (``counts`` as str) of a ``height`` x ``width`` mask that is zero
-    outside the box-local ``window`` [h, w] placed with its top-left pixel at (x0, y0).
-
-    Equal to ``encode(full)`` with ``full[y0:y0+h, x0:x0+w] = window``, without building
-    the full-image mask: O(window area). The window must lie inside the image.
-    """
-    wh, ww = window.shape
-    if x0 < 0 or y0 < 0 or x0 + ww > width or y0 + wh > height:
-        raise ValueError(f"window {ww}x{wh} at ({x0}, {y0}) is not inside a {width}x{height} image")
-    total = int(height) * int(width)
-    if wh == 0 or ww == 0:
-        changes = np.zeros(0, dtype=np.int64)
-    else:
-        # column-major (COCO/Fortran) order: one padded row of zeros above and below each column
-        cols = np.zeros((ww, wh + 2), dtype=np.int8)
-        cols[:, 1:-1] = window.T.astype(bool)
-        c, j = np.nonzero(np.diff(cols, axis=1))
-        changes = (x0 + c).astype(np.int64) * height + y0 + j
-        if wh == height and changes.size > 1:
-            # a full-height window: a run may go on from the bottom of one column to the top
-            # of the next; the two transitions at that position cancel
-            pos, n = np.unique(changes, return_counts=True)
-            changes = pos[n % 2 == 1]
-        changes = changes[changes < total]  # a run that ends with the image has no transition
-    counts = np.diff(np.concatenate(([0], changes, [total]))).astype(np.uint32)
-    rle = mask_utils.frPyObjects({"size": [int(height), int(width)], "counts": counts.tolist()}, int(height), int(width))
+def empty_rle(height: int, width: int) -> dict:
+    """Compressed RLE (str counts) of an all-zero ``height`` x ``width`` mask: one run of zeros.
+    (A mask's RLE from its box window: :func:`boxcaseg.proxy.merge_drop.encode_window`.)"""
+    h, w = int(height), int(width)
+    rle = mask_utils.frPyObjects({"size": [h, w], "counts": [h * w]}, h, w)
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
-
-
-def empty_rle(height: int, width: int) -> dict:
-    """Compressed RLE (str counts) of an all-zero ``height`` x ``width`` mask."""
-    return encode_window(np.zeros((0, 0), np.uint8), 0, 0, height, width)

@@ -448,8 +448,8 @@ def test_onnx_graph_of_any_batch_loads(shape, tmp_path):
 NUMBA_PROBE = """
 import os, numpy as np
 import boxcaseg
-from boxcaseg.proxy.merge_drop import encode_window_fast
-encode_window_fast(np.ones((4, 4), np.uint8), 0, 0, 8, 8)
+from boxcaseg.proxy.merge_drop import encode_window
+encode_window(np.ones((4, 4), np.uint8), 0, 0, 8, 8)
 print(os.environ["NUMBA_CACHE_DIR"])
 """
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from boxcaseg.masks import decode, encode, encode_window, mask_iou, tight_box_xyxy
+from boxcaseg.masks import decode, empty_rle, encode, mask_iou, tight_box_xyxy
 from boxcaseg.infer_settings import InferSettings
-from boxcaseg.proxy import encode_window_fast, masks_from_probs, merge_masks
+from boxcaseg.proxy import encode_window, masks_from_probs, merge_masks
 from boxcaseg.proxy.geometry import box_window, clipped_box_xyxy
 from boxcaseg.proxy.merge_drop import box_agreement
 from boxcaseg.proxy.postprocess import resize_bilinear
@@ -133,24 +133,33 @@ def test_merge_drop_equals_label_map_reference_on_random_images():
             assert agreement[k] == pytest.approx(ref[k][1], abs=1e-12)
 
 
-@pytest.mark.parametrize("encoder", [encode_window, encode_window_fast])
-def test_rle_round_trip_from_windows(encoder):
+def test_rle_from_windows_is_pycocotools_encode_of_the_pasted_mask():
+    """The one windowed encoder against pycocotools' ``mask.encode`` of the full mask, on random
+    windows (full-height ones join runs across columns; empty, full and one-pixel windows)."""
     rng = np.random.default_rng(1)
     for t in range(400):
         h, w = (int(v) for v in rng.integers(1, 30, 2))
         wh = h if t % 3 == 0 else int(rng.integers(1, h + 1))  # full-height windows join columns
         ww = int(rng.integers(1, w + 1))
+        if t % 11 == 0:
+            wh, ww = (0, ww) if t % 2 else (wh, 0)  # an empty window
         y0, x0 = int(rng.integers(0, h - wh + 1)), int(rng.integers(0, w - ww + 1))
         win = (rng.random((wh, ww)) < rng.random()).astype(np.uint8)
         if t % 7 == 0:
             win[:] = 1
         full = paste(h, w, (x0, y0, x0 + ww, y0 + wh), win)
-        rle = encoder(win, x0, y0, h, w)
+        ref = mask_utils.encode(np.asfortranarray(full))
+        rle = encode_window(win.astype(bool) if t % 5 == 0 else win, x0, y0, h, w)
         assert isinstance(rle["counts"], str) and rle["size"] == [h, w]
-        assert rle == encode(full)
+        assert rle == {"size": [h, w], "counts": ref["counts"].decode("ascii")}, t
         np.testing.assert_array_equal(decode(rle, h, w), full)
         assert mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode()}) == full.sum()
     assert mask_iou(decode(encode(full), h, w), full) in (0.0, 1.0)
+    for h, w in ((1, 1), (7, 3), (40, 25)):
+        assert empty_rle(h, w) == encode(np.zeros((h, w), np.uint8))
+    for x0, y0 in ((-1, 0), (0, -1), (3, 0), (0, 5)):  # a window that does not fit the image
+        with pytest.raises(ValueError, match="not inside"):
+            encode_window(np.ones((3, 3), np.uint8), x0, y0, 7, 5)
 
 
 def test_resize_matches_torch_bilinear():

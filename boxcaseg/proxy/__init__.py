@@ -26,7 +26,7 @@ _EXPORTS = {
     "ProxyConfig": "options",
     "generate_proxy": "pipeline",
     "generate_proxy_torchrun": "distributed",
-    "encode_window_fast": "merge_drop",
+    "encode_window": "merge_drop",
     "merge_masks": "merge_drop",
     "masks_from_probs": "postprocess",
     "merge_shards": "shards",

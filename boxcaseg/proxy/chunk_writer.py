@@ -60,7 +60,7 @@ def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[in
     """Chunk ``c``: merge + drop per image, RLE, stats, saved atomically; returns the number of
     annotations not inferred (degenerate boxes, bad images). ``masks``/``bad``: task index ->
     masks per usable slot / why the image is unusable (the chunk's entries are popped)."""
-    from boxcaseg.proxy.merge_drop import encode_window_fast
+    from boxcaseg.proxy.merge_drop import encode_window
 
     results = []
     st = empty_stats()
@@ -97,7 +97,7 @@ def write_chunk(cfg: ProxyConfig, c: int, tasks: list[ImageTask], masks: dict[in
                 st["flagged"] += 1
             else:
                 x0, y0 = int(t.boxes[slot, 0]), int(t.boxes[slot, 1])
-                rle = encode_window_fast(m, x0, y0, t.height, t.width)
+                rle = encode_window(m, x0, y0, t.height, t.width)
                 agr = float(agreement[slot])
                 ignore = bool(flags[slot])
                 st["masks"] += 1

@@ -18,7 +18,7 @@ Numba kernels; no full-image label map is ever built.
   truth and 35% of those under 0.5; the slack flags 10.9% and 35% (of boxes under 12 px:
   15.6% -> 1.4% of the good ones); bench/drop_by_size.py, RESULTS "drop_by_size_dev".
 - **encode**: COCO RLE straight from a window (column-major runs), compressed by
-  pycocotools.
+  pycocotools (:func:`encode_window`, the package's one windowed encoder).
 
 The mask's box in the GT's frame
 --------------------------------
@@ -167,8 +167,15 @@ def window_rle_counts(win, x0, y0, height, width):
     return out[:n]
 
 
-def encode_window_fast(win: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
-    """Same answer as :func:`boxcaseg.masks.encode_window` (RLE, str counts), Numba runs."""
+def encode_window(win: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
+    """Compressed RLE (``counts`` as str) of a ``height`` x ``width`` mask that is zero outside
+    the box-local ``win`` [h, w] placed with its top-left pixel at (x0, y0): equal to
+    :func:`boxcaseg.masks.encode` of the full mask with ``full[y0:y0+h, x0:x0+w] = win``,
+    without building it (O(window area), runs by :func:`window_rle_counts`, compressed by
+    pycocotools). The window must lie inside the image (ValueError otherwise)."""
+    wh, ww = win.shape
+    if x0 < 0 or y0 < 0 or x0 + ww > width or y0 + wh > height:
+        raise ValueError(f"window {ww}x{wh} at ({x0}, {y0}) is not inside a {width}x{height} image")
     counts = window_rle_counts(np.ascontiguousarray(win, dtype=np.uint8), int(x0), int(y0), int(height), int(width))
     rle = mask_utils.frPyObjects({"size": [int(height), int(width)], "counts": counts.tolist()}, int(height), int(width))
     rle["counts"] = rle["counts"].decode("ascii")

@@ -269,7 +269,7 @@ def _warm_up(engine, batch: int, cfg, settings: InferSettings) -> None:
     """One batch through the engine (a CUDA graph is captured then) and the post-processing
     kernels (their compilation), so that the run's per-stage times describe the steady state."""
     from boxcaseg.proxy.image_masks import crop_masks, finish_image
-    from boxcaseg.proxy.merge_drop import encode_window_fast
+    from boxcaseg.proxy.merge_drop import encode_window
     from boxcaseg.proxy.tasks import image_task
 
     size = settings.infer_size
@@ -278,7 +278,7 @@ def _warm_up(engine, batch: int, cfg, settings: InferSettings) -> None:
     masks = crop_masks(np.asarray(probs)[:1], [(task, 0)], settings, stride=engine.output_stride,
                        relative=cfg.relative)
     merged, _, _ = finish_image(task, masks, merge=cfg.merge)
-    encode_window_fast(merged[0], 0, 0, 8, 8)
+    encode_window(merged[0], 0, 0, 8, 8)
 
 
 def uses_cuda(cfg: ProxyConfig) -> bool:
