@@ -70,3 +70,14 @@ def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> float:
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union) if union > 0 else 0.0
+
+
+def merge_order(areas: Sequence[float]) -> np.ndarray:
+    """The smaller-object-better order of one image's instances, [N] int64 indices, the winner
+    first: by box area ascending, equal areas in the order listed (the one listed first wins).
+    A pixel claimed by several instances goes to the earliest of them in this order: the
+    proxy's merge (:func:`boxcaseg.proxy.merge_drop.merge_masks`, whose Numba kernel asks
+    the same question pairwise) and the png writer's painting order
+    (:func:`boxcaseg.formats.write_instance_pngs`, which paints it backwards) follow it.
+    ``areas``: finite numbers (a GT box's ``w * h``)."""
+    return np.argsort(np.asarray(areas, np.float64).reshape(-1), kind="stable")

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from boxcaseg.boxes import merge_order
 from boxcaseg.errors import BoxcasegError
 from boxcaseg.images import image_size
 from boxcaseg.io import atomic_write_bytes, atomic_write_json, check_input_file, read_text
@@ -471,10 +472,10 @@ def write_instance_pngs(coco: dict, out_dir: str | os.PathLike, skip_flagged: bo
 
     ``out_dir/<file_name stem>.png``: single channel, 8-bit when the image has < 256
     written instances, else 16-bit; 0 = background, ``k`` = the k-th written annotation of
-    the image in json order. Overlaps: painted in order of decreasing box area (the
-    annotation's ``bbox``, else the mask's tight box), so the smaller object is on top;
-    for equal areas the earlier annotation is on top. ``out_dir/instances.json``:
-    ``{"images": [{"image_id", "file_name", "png", "instances": [{"value",
+    the image in json order. Overlaps: the smaller object is on top (box area: the
+    annotation's ``bbox``, else the mask's tight box), for equal areas the earlier
+    annotation: the proxy merge's order, :func:`boxcaseg.boxes.merge_order`.
+    ``out_dir/instances.json``: ``{"images": [{"image_id", "file_name", "png", "instances": [{"value",
     "annotation_id", "category_id", "visible_pixels"}]}], "categories": [...]}``.
     Returns the summary: images, labels_written, skipped_empty, skipped_flagged,
     skipped_crowd, fully_hidden (instances with no visible pixel), mapping_file.
@@ -502,8 +503,8 @@ def write_instance_pngs(coco: dict, out_dir: str | os.PathLike, skip_flagged: bo
             x0, y0, x1, y1 = tight_box_xyxy(m)
             return float((x1 - x0) * (y1 - y0))
 
-        # larger boxes first; among equal boxes the later annotation first (the earlier ends on top)
-        for k in sorted(range(len(kept)), key=lambda k: (-box_area(k), -k)):
+        # the merge order painted backwards: the winner (smaller box, else listed first) ends on top
+        for k in merge_order([box_area(k) for k in range(len(kept))])[::-1]:
             canvas[kept[k][1].astype(bool)] = k + 1
         visible = np.bincount(canvas.reshape(-1), minlength=len(kept) + 1)
         instances = []

@@ -530,3 +530,68 @@ def test_bench_drop_by_size_flags_against_true_iou_with_and_without_slack():
     assert mid["n"] == 1 and mid["good"] == 1 and mid["flagged_bare"] == mid["flagged_slack"] == 0
     assert rows["all"]["n"] == 3 and rows["all"]["flagged_bare"] == 2 and rows["all"]["flagged_slack"] == 1
     assert "good flagged with slack %" in bench.markdown(res)
+
+
+# --------------------------------------------------------------------------- the one merge order
+
+
+def test_kernel_wins_is_merge_order():
+    """The kernel's pairwise question (:func:`_wins`) and :func:`boxcaseg.boxes.merge_order`
+    agree on every pair, on random areas with many ties."""
+    from boxcaseg.boxes import merge_order
+    from boxcaseg.proxy.merge_drop import _wins
+
+    rng = np.random.default_rng(11)
+    tied = 0
+    for t in range(200):
+        n = int(rng.integers(1, 14))
+        areas = rng.integers(1, 5, n).astype(np.float64) * (0.5 if t % 2 else 37.25)  # few values: ties
+        order = merge_order(areas)
+        assert sorted(order.tolist()) == list(range(n))
+        rank = np.empty(n, np.int64)
+        rank[order] = np.arange(n)
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    assert _wins(areas, j, i) == (rank[j] < rank[i]), (areas.tolist(), j, i)
+                    tied += int(areas[i] == areas[j])
+    assert tied > 100
+    assert merge_order([4.0, 1.0, 4.0, 1.0, 9.0]).tolist() == [1, 3, 0, 2, 4]
+
+
+def test_png_writer_paints_the_proxy_merge(tmp_path):
+    """Overlapping masks with equal and unequal boxes: each pixel of the instance PNG belongs
+    to the instance that :func:`merge_masks` keeps it for (one merge order, two users)."""
+    from PIL import Image
+
+    from boxcaseg.formats import write_instance_pngs
+
+    rng = np.random.default_rng(12)
+    h, w = 40, 50
+    for t in range(6):
+        n = int(rng.integers(2, 9))
+        boxes, masks = [], []
+        for k in range(n):
+            if k and rng.random() < 0.4:  # the same box as an earlier one: a tie
+                boxes.append(list(boxes[int(rng.integers(0, k))]))
+            else:
+                x0, y0 = int(rng.integers(0, w - 5)), int(rng.integers(0, h - 5))
+                boxes.append([x0, y0, int(rng.integers(4, w - x0 + 1)), int(rng.integers(4, h - y0 + 1))])
+            x, y, bw, bh = boxes[k]
+            m = np.zeros((h, w), np.uint8)
+            m[y:y + bh, x:x + bw] = rng.random((bh, bw)) < 0.7
+            m[y, x] = 1  # never empty
+            masks.append(m)
+        windows = np.array([[0, 0, w, h]] * n)
+        gt = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in boxes], np.float64)
+        areas = np.array([bw * bh for _, _, bw, bh in boxes], np.float64)
+        merged, _ = merge_masks(windows, masks, gt, areas, merge=True)
+        coco = {"images": [{"id": 1, "file_name": f"i{t}.jpg", "width": w, "height": h}],
+                "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [float(v) for v in b],
+                                 "iscrowd": 0, "segmentation": encode(masks[k])} for k, b in enumerate(boxes)],
+                "categories": [{"id": 1, "name": "x"}]}
+        write_instance_pngs(coco, tmp_path / str(t))
+        png = np.asarray(Image.open(tmp_path / str(t) / f"i{t}.png")).astype(np.int64)
+        for k in range(n):
+            np.testing.assert_array_equal(png == k + 1, merged[k].astype(bool), err_msg=f"{t} {k}")
+        assert (png > 0).sum() == np.logical_or.reduce(masks).sum()

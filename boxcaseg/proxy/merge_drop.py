@@ -4,7 +4,9 @@ Numba kernels; no full-image label map is ever built.
 
 - **merge**: a pixel claimed by several masks of one image goes to the annotation with
   the smallest GT box area (``w * h`` of its bbox); on equal areas the annotation listed
-  first in the image wins. Only overlapping windows are compared.
+  first in the image wins: the order of :func:`boxcaseg.boxes.merge_order`, the package's
+  one merge order (the png writer paints by it too), which the kernel's pairwise
+  :func:`_wins` answers. Only overlapping windows are compared.
 - **drop**: agreement = IoU (float64, the operations of
   :func:`boxcaseg.boxes.box_iou_xyxy`) between the merged mask's box *measured in the
   GT box's continuous frame* (below) and the GT box clipped to the image
@@ -60,7 +62,8 @@ from pycocotools import mask as mask_utils
 
 @njit(cache=True, nogil=True)
 def _wins(areas, j, i):
-    """Does annotation j take a pixel that i also claims?"""
+    """Does annotation j take a pixel that i also claims? (j comes before i in
+    :func:`boxcaseg.boxes.merge_order`.)"""
     return areas[j] < areas[i] or (areas[j] == areas[i] and j < i)
 
 
