@@ -364,8 +364,10 @@ def output_lock(out: str | os.PathLike, what: str = "-o") -> Iterator[None]:
     """Hold the lock of output ``out`` while the block runs: a second run writing the same
     output stops at once (BoxcasegError, one line) instead of mixing its files with this one's.
 
-    An advisory ``flock`` on :func:`lock_path` (non-blocking; the kernel drops it when the
-    process dies, so a killed run leaves no lock held). The lock file, and folders made for it,
+    An advisory POSIX record lock (``lockf``) on :func:`lock_path` (non-blocking; the kernel
+    drops it when the process dies, so a killed run leaves no lock held; unlike ``flock`` it
+    is not shared with the worker processes forked while it is held, which may outlive a
+    killed run for a moment). The lock file, and folders made for it,
     are removed at the end. Where ``fcntl`` is missing (Windows) the block runs unlocked.
     """
     try:
@@ -385,7 +387,7 @@ def output_lock(out: str | os.PathLike, what: str = "-o") -> Iterator[None]:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             raise BoxcasegError(f"{what} {out}: another run is writing this output now (it holds {lock}); "
