@@ -377,13 +377,7 @@ def output_lock(out: str | os.PathLike, what: str = "-o") -> Iterator[None]:
         return
     out = Path(out)
     lock = lock_path(out)
-    made = []
-    p = lock.parent
-    while not p.exists():
-        made.append(p)
-        p = p.parent
-    for d in reversed(made):
-        d.mkdir()
+    made = make_parents(lock)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -406,11 +400,29 @@ def output_lock(out: str | os.PathLike, what: str = "-o") -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)
-        for d in made:  # innermost first; a folder that now holds the output stays
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_empty(made)  # a folder that now holds the output stays
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Make the missing folders above ``path``; returns them innermost first (for :func:`remove_empty`)."""
+    missing = []
+    p = path.parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir()
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first, as :func:`make_parents` gives them) up to the first
+    that is not empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 @contextmanager
@@ -419,13 +431,7 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
     ends without an error (each moved into place by a rename), so a failing command leaves
     no partial output. Folders made for it are removed again on an error."""
     out = Path(out)
-    missing = []
-    p = out.parent
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        d.mkdir()
+    missing = make_parents(out)
     stage = Path(tempfile.mkdtemp(prefix=f".{short_name(out.name, 18)}.", suffix=".partial", dir=out.parent))
     try:
         yield stage
@@ -437,11 +443,7 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
                 os.replace(f, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        for d in missing:  # innermost first
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        remove_empty(missing)
         raise
     shutil.rmtree(stage, ignore_errors=True)
 
