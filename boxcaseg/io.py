@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -356,7 +357,7 @@ def lock_path(out: str | os.PathLike) -> Path:
     """The lock file of an output (:func:`output_lock`): hidden, beside it (``..`` and links
     resolved, so every spelling of the output has one lock)."""
     out = Path(os.path.realpath(out))
-    return out.with_name(f".{out.name}.lock")
+    return out.with_name(f".{short_name(out.name, len('..lock'))}.lock")
 
 
 @contextmanager
@@ -367,16 +368,41 @@ def output_lock(out: str | os.PathLike, what: str = "-o") -> Iterator[None]:
     An advisory POSIX record lock (``lockf``) on :func:`lock_path` (non-blocking; the kernel
     drops it when the process dies, so a killed run leaves no lock held; unlike ``flock`` it
     is not shared with the worker processes forked while it is held, which may outlive a
-    killed run for a moment). The lock file, and folders made for it,
-    are removed at the end. Where ``fcntl`` is missing (Windows) the block runs unlocked.
+    killed run for a moment), and, since a process's record locks never block itself, the
+    lock paths this process holds (:data:`_HELD`) for a second run in the same process. The
+    lock file, and folders made for it, are removed at the end. Where ``fcntl`` is missing
+    (Windows) the block runs unlocked.
     """
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (only: is there one)
     except ImportError:  # pragma: no cover - Windows
         yield
         return
     out = Path(out)
     lock = lock_path(out)
+    busy = BoxcasegError(f"{what} {out}: another run is writing this output now (it holds {lock}); "
+                         f"wait for it to end, or give another {what}")
+    with _HELD_GUARD:
+        if str(lock) in _HELD:
+            raise busy
+        _HELD.add(str(lock))
+    try:
+        with _file_lock(lock, busy):
+            yield
+    finally:
+        with _HELD_GUARD:
+            _HELD.discard(str(lock))
+
+
+_HELD: set[str] = set()  # lock files this process holds (output_lock)
+_HELD_GUARD = threading.Lock()
+
+
+@contextmanager
+def _file_lock(lock: Path, busy: BoxcasegError) -> Iterator[None]:
+    """``lockf`` on ``lock`` (made, with its folders, and removed at the end), or ``busy``."""
+    import fcntl
+
     made = make_parents(lock)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -384,8 +410,8 @@ def output_lock(out: str | os.PathLike, what: str = "-o") -> Iterator[None]:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise BoxcasegError(f"{what} {out}: another run is writing this output now (it holds {lock}); "
-                                f"wait for it to end, or give another {what}") from None
+            remove_empty(made)
+            raise busy from None
         try:  # the run that held it may have removed the file meanwhile: lock the file that is there
             if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                 break

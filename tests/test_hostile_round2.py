@@ -491,7 +491,11 @@ def test_ctrl_c_during_proxy_with_workers_says_where_it_stopped(corpus, tmp_path
             "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "boxcaseg", *argv, "--workers", "2", "--post-workers", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                         # a terminal's Ctrl-C reaches a program that handles SIGINT: where this test itself runs
+                         # with SIGINT ignored (a background job of a non-interactive shell; children inherit
+                         # it), the child starts with the default disposition, so Python installs its handler
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     progress = out.with_name("p.json.progress")
     t0 = time.time()
     while not any(progress.rglob("chunk-*.json")) and p.poll() is None and time.time() - t0 < 100:
