@@ -301,9 +301,9 @@ def sweep_predictions(ann: Path, images: Path, model: str, contexts, thresholds,
     """Predictions for every (context, threshold, prior weight) of the grid, the network run once
     per context and image: ``{(c, t, w): [prediction with id, image_id, segmentation, ignore_mask]}``
     and the run's timings. A value None is the model's own setting. The masks come from
-    :meth:`boxcaseg.Segmenter.predict_with_agreement` (the proxy's windows, crops and post-processing);
-    a mask is flagged as the proxy flags it (its defaults ``--drop-thresh`` and ``--drop-slack``:
-    :func:`boxcaseg.proxy.merge_drop.ignore_flags`), a degenerate box gets an empty flagged mask,
+    :meth:`boxcaseg.Segmenter.predict_with_flags` (the proxy's windows, crops and post-processing);
+    a mask is flagged as the proxy flags it (``Segmenter``'s drop rule: the proxy's defaults
+    ``--drop-thresh`` and ``--drop-slack``), a degenerate box gets an empty flagged mask,
     as in a proxy run. ``every`` K: every K-th image of the json (by image id), for a quick look."""
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -312,9 +312,6 @@ def sweep_predictions(ann: Path, images: Path, model: str, contexts, thresholds,
     from boxcaseg.cocojson import is_crowd, load_coco
     from boxcaseg.data.transforms import open_rgb
     from boxcaseg.masks import empty_rle, encode
-    from boxcaseg.proxy.geometry import clipped_box_xyxy
-    from boxcaseg.proxy.merge_drop import ignore_flags
-    from boxcaseg.proxy.options import DROP_SLACK, DROP_THRESH
 
     gt = load_coco(ann, "COCO annotation")
     paths = gt.paths(images)
@@ -341,12 +338,10 @@ def sweep_predictions(ann: Path, images: Path, model: str, contexts, thresholds,
                 img = np.asarray(open_rgb(paths[image_id], "image", (w_, h_), f" (image id {image_id})"))
                 usable = [a for a in anns if gt.box_problem(a) is None]
                 boxes = np.array([[float(v) for v in a["bbox"]] for a in usable], np.float64).reshape(-1, 4)
-                gt_xyxy = np.array([clipped_box_xyxy(b, w_, h_) for b in boxes], np.float64).reshape(-1, 4)
                 for t in thresholds:
                     for w in priors:
                         seg.threshold, seg.prior_weight = t, w
-                        masks, agreement = seg.predict_with_agreement(img, boxes, merge=merge)
-                        flags = ignore_flags(agreement, gt_xyxy, DROP_THRESH, DROP_SLACK)
+                        masks, agreement, flags = seg.predict_with_flags(img, boxes, merge=merge)
                         got = {a["id"]: (encode(m), float(g), bool(f))
                                for a, m, g, f in zip(usable, masks, agreement, flags)}
                         for a in anns:

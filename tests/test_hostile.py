@@ -454,15 +454,21 @@ def test_hostile_input(name, predictions, tmp_path, capsys):
         out.mkdir()
         (out / "keep.txt").write_text("already here\n")
     argv = case.argv(c, out)
-    before, out_before = snapshot(c.root), snapshot(tmp_path)
+    assert_refused(argv, case.needle(c) if callable(case.needle) else case.needle, c, tmp_path, capsys)
+    assert not Path("/sys/boxcaseg-test").exists()
+
+
+def assert_refused(argv: list[str], needle: str, c: Corpus, tmp: Path, capsys) -> str:
+    """exit 2, one line (``error: ...``) holding ``needle``, no traceback, nothing changed in the
+    corpus ``c`` nor written under ``tmp``; returns the line."""
+    before, tmp_before = snapshot(c.root), snapshot(tmp)
     code, err = run(argv, capsys)
-    needle = case.needle(c) if callable(case.needle) else case.needle
     assert code == 2, (code, err)
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
     assert needle in err, (needle, err)
     assert snapshot(c.root) == before, "an input was changed"
-    assert snapshot(tmp_path) == out_before, "something was written"
-    assert not Path("/sys/boxcaseg-test").exists()
+    assert snapshot(tmp) == tmp_before, "something was written"
+    return err
 
 
 # --------------------------------------------------------------------------- not errors: flagged, counted, followed

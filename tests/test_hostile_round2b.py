@@ -15,21 +15,9 @@ import numpy as np
 import pytest
 
 from boxcaseg.errors import BoxcasegError
-from test_hostile import H, W, coco, corpus, no_hang, predictions, run, snapshot, with_ann  # noqa: F401
+from test_hostile import H, W, assert_refused, coco, corpus, no_hang, predictions, run, snapshot, with_ann  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def assert_refused(argv: list[str], needle: str, c, tmp_path: Path, capsys, out: Path | None = None) -> str:
-    """exit 2, one line containing ``needle``, the corpus and ``tmp_path`` unchanged."""
-    before, out_before = snapshot(c.root), snapshot(tmp_path)
-    code, err = run(argv, capsys)
-    assert code == 2, (code, err)
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    assert needle in err, (needle, err)
-    assert snapshot(c.root) == before, "an input was changed"
-    assert snapshot(tmp_path) == out_before, "something was written"
-    return err
 
 
 def write(tmp_path: Path, name: str, obj) -> Path:
